@@ -1,0 +1,38 @@
+"""secateurs: a compiler for pruning neural networks.
+
+Capture a model into a graph IR, analyse its coupled channels, prune with passes, and rewrite the module.
+"""
+
+from secateurs import passes
+from secateurs.api import Report, prune
+from secateurs.errors import (
+    BudgetError,
+    CaptureError,
+    CheckpointError,
+    PassContractError,
+    SecateursError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from secateurs.frontends.torch_export import capture
+from secateurs.ir.graph import Graph
+from secateurs.passes.base import PassManager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "CaptureError",
+    "CheckpointError",
+    "Graph",
+    "PassContractError",
+    "PassManager",
+    "Report",
+    "SecateursError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "__version__",
+    "capture",
+    "passes",
+    "prune",
+]

@@ -1,0 +1,7 @@
+"""``python -m secateurs`` runs the command-line tool."""
+
+import sys
+
+from secateurs.cli import main
+
+sys.exit(main())

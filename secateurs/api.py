@@ -1,0 +1,136 @@
+"""The one-call entry point: ``secateurs.prune``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.frontends.torch_export import ExampleInputs, capture
+from secateurs.ir.cost import count_flops
+from secateurs.ir.depgraph import FrozenGroup
+from secateurs.passes.base import PassManager
+from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
+from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
+from secateurs.passes.importance import ScoreChannels
+
+__all__ = ["Report", "prune"]
+
+
+@dataclasses.dataclass
+class Report:
+    """What :func:`prune` did.
+
+    Attributes:
+        params_before: Parameters before pruning.
+        params_after: Parameters after pruning (measured on the rewritten module).
+        flops_before: FLOPs of one call on the example inputs before (multiply-add = 2).
+        flops_after: The same after (measured on a fresh capture of the rewritten module).
+        frozen: Channel groups left alone, each with the reason.
+        changes: Every pruned group with its size before and after.
+        unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
+        retries: How many times a plan was redone because the model's code contradicted it.
+
+    """
+
+    params_before: int
+    params_after: int
+    flops_before: float
+    flops_after: float
+    frozen: list[FrozenGroup]
+    changes: list[GroupChange]
+    unsupported_ops: list[str]
+    retries: int = 0
+
+    @property
+    def param_ratio(self) -> float:
+        """Fraction of parameters removed."""
+        return 1 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def flop_ratio(self) -> float:
+        """Fraction of FLOPs removed."""
+        return 1 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def __str__(self) -> str:
+        """A short human-readable summary."""
+        lines = [
+            f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.param_ratio:.1f}%)",
+            f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} (-{100 * self.flop_ratio:.1f}%)",
+            f"pruned groups: {len(self.changes)}",
+        ]
+        for c in self.changes[:20]:
+            lines.append(f"  {c.name}: {c.before} -> {c.after}")
+        if len(self.changes) > 20:
+            lines.append(f"  ... {len(self.changes) - 20} more")
+        lines.append(f"frozen groups: {len(self.frozen)}")
+        for f in self.frozen[:20]:
+            lines.append(f"  {f}")
+        if len(self.frozen) > 20:
+            lines.append(f"  ... {len(self.frozen) - 20} more")
+        if self.unsupported_ops:
+            lines.append("unsupported ops (channels frozen): " + ", ".join(self.unsupported_ops[:10]))
+        return "\n".join(lines)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    ratio: float = 0.3,
+    *,
+    importance: str | Callable[..., Any] = "l2",
+    scope: str = "local",
+    target: str = "channels",
+    min_keep: float = 0.1,
+    round_to: int = 8,
+    ignore: Sequence[str] = (),
+    calib: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    verify: bool = True,
+) -> Report:
+    """Prune ``model`` in place and return a :class:`Report`.
+
+    Args:
+        model: Any ``nn.Module``; it is rewritten in place (smaller tensors, updated attributes).
+        example_inputs: A tuple of positional tensors or a dict of keyword tensors (Hugging Face style).
+        ratio: Fraction to remove, in [0, 1) (see ``target``).
+        importance: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"`` or a callable
+            ``(graph, info, group) -> scores``.
+        scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking).
+        target: What ``ratio`` is a fraction of: ``"channels"``, ``"params"`` or ``"flops"``.
+        min_keep: Per-group floor as a fraction of its channels.
+        round_to: Keep every sliced dim a multiple of this (1 disables).
+        ignore: Module names (or prefixes ending in ``.``) whose groups are left alone.
+        calib: Calibration batches for ``taylor`` / ``activation`` (defaults to ``example_inputs``).
+        loss_fn: Loss on the model output for ``taylor``.
+        verify: Re-capture and check every traced shape against the plan (recommended).
+
+    Returns:
+        The report: parameters and FLOPs before and after, pruned and frozen groups.
+
+    """
+    options = ChannelOptions(
+        ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
+        verify=verify,
+    )
+    graph = capture(model, example_inputs)
+    params_before = graph.param_count()
+    flops_before = count_flops(graph)
+    pm = PassManager([AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn),
+                      PruneChannels(options)])
+    result = pm(graph)
+    record: PruneRecord = result.record(PruneRecord)
+    deps: DependencyRecord = result.record(DependencyRecord)
+    return Report(
+        params_before=params_before,
+        params_after=result.graph.param_count(),
+        flops_before=flops_before,
+        flops_after=count_flops(result.graph),
+        frozen=record.frozen,
+        changes=record.changes,
+        unsupported_ops=list(deps.unsupported_ops),
+        retries=record.retries,
+    )

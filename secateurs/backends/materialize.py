@@ -1,0 +1,189 @@
+"""Physically shrink an ``nn.Module`` according to per-group keep masks.
+
+Weights, biases, norm statistics and other buffers are sliced; module attributes (``in_features``,
+``out_channels``, ``groups``, ``num_features``, ``normalized_shape``, ...) are updated from the new shapes.
+Every change is recorded in a :class:`Snapshot` so it can be rolled back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph
+
+__all__ = ["Snapshot", "apply_keep", "check_module_attributes"]
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Old values of everything :func:`apply_keep` replaced, newest last."""
+
+    entries: list[tuple[Any, str, str, Any]] = dataclasses.field(default_factory=list)
+
+    def record(self, owner: Any, kind: str, name: str, old: Any) -> None:
+        """Remember ``owner``'s ``name`` (``kind`` is ``param``, ``buffer`` or ``attr``) before a change."""
+        self.entries.append((owner, kind, name, old))
+
+    def restore(self) -> None:
+        """Put every recorded value back, in reverse order."""
+        for owner, kind, name, old in reversed(self.entries):
+            if kind == "param":
+                owner._parameters[name] = old
+            elif kind == "buffer":
+                owner._buffers[name] = old
+            elif old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+        self.entries.clear()
+
+
+def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    path, _, leaf = fqn.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def _set_attr(snap: Snapshot, module: nn.Module, name: str, value: Any) -> None:
+    old = getattr(module, name, _MISSING)
+    if old is not _MISSING and old == value:
+        return
+    snap.record(module, "attr", name, old)
+    setattr(module, name, value)
+
+
+def apply_keep(graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) -> Snapshot:
+    """Slice every parameter and buffer of ``graph.module`` to the channels kept by ``keep``.
+
+    Args:
+        graph: The captured graph the analysis ran on.
+        info: The dependency analysis of ``graph``.
+        keep: Group id -> boolean mask of kept channels. Groups not listed keep everything.
+
+    Returns:
+        A snapshot that :meth:`Snapshot.restore` rolls back.
+
+    """
+    model = graph.module
+    snap = Snapshot()
+    aliases: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        aliases.setdefault(id(t), []).append(name)
+    touched: set[nn.Module] = set()
+    done: set[str] = set()
+    state = {**graph.params, **graph.buffers}
+    with torch.no_grad():
+        for placeholder, fqn in state.items():
+            atoms = info.values.get((placeholder, -1))
+            if not atoms or fqn in done:
+                continue
+            masks = [info.table.keep_mask(a, keep) for a in atoms]
+            if all(m.all() for m in masks):
+                continue
+            owner, leaf = _owner(model, fqn)
+            old = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+            if old is None:
+                continue
+            new = old.detach()
+            for d, m in enumerate(masks):
+                if not m.all():
+                    new = new.index_select(d, torch.from_numpy(np.flatnonzero(m)).to(new.device))
+            new = new.contiguous()
+            is_param = isinstance(old, nn.Parameter)
+            replacement: torch.Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new
+            for alias in aliases.get(id(old), [fqn]):
+                done.add(alias)
+                mod, name = _owner(model, alias)
+                kind = "param" if name in mod._parameters else "buffer"
+                snap.record(mod, kind, name, getattr(mod, name))
+                if kind == "param":
+                    mod._parameters[name] = replacement  # type: ignore[assignment]
+                else:
+                    mod._buffers[name] = replacement
+                touched.add(mod)
+        memo: dict[int, int] = {}
+        kept = {g: int(m.sum()) for g, m in keep.items()}
+        for placeholder, attr, atom in info.module_attrs:
+            weight_name = state.get(placeholder)
+            if weight_name is None:
+                continue
+            mod, _ = _owner(model, weight_name)
+            _set_attr(snap, mod, attr, info.table.sized(atom, kept, memo))
+            touched.add(mod)
+        for mod in touched:
+            _update_attributes(snap, mod)
+    return snap
+
+
+def _update_attributes(snap: Snapshot, mod: nn.Module) -> None:
+    """Make a known module's size attributes agree with its (sliced) tensors."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.Linear):
+        _set_attr(snap, mod, "in_features", mod.weight.shape[1])
+        _set_attr(snap, mod, "out_features", mod.weight.shape[0])
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        g = mod.groups
+        if mod.transposed:
+            _set_attr(snap, mod, "in_channels", mod.weight.shape[0])
+            _set_attr(snap, mod, "out_channels", mod.weight.shape[1] * g)
+        else:
+            _set_attr(snap, mod, "out_channels", mod.weight.shape[0])
+            _set_attr(snap, mod, "in_channels", mod.weight.shape[1] * g)
+    elif isinstance(mod, (nn.modules.batchnorm._NormBase,)):
+        ref = w if isinstance(w, torch.Tensor) else getattr(mod, "running_mean", None)
+        if isinstance(ref, torch.Tensor):
+            _set_attr(snap, mod, "num_features", ref.shape[0])
+    elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        if isinstance(w, torch.Tensor):
+            _set_attr(snap, mod, "normalized_shape", tuple(w.shape))
+    elif isinstance(mod, nn.GroupNorm):
+        if isinstance(w, torch.Tensor):
+            _set_attr(snap, mod, "num_channels", w.shape[0])
+    elif isinstance(mod, nn.Embedding):
+        _set_attr(snap, mod, "num_embeddings", mod.weight.shape[0])
+        _set_attr(snap, mod, "embedding_dim", mod.weight.shape[1])
+    elif isinstance(mod, nn.PReLU):
+        _set_attr(snap, mod, "num_parameters", mod.weight.shape[0])
+    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and isinstance(w, torch.Tensor):
+        # Hugging Face's GPT-2 Conv1D stores weight as [in, out].
+        _set_attr(snap, mod, "nf", w.shape[1])
+        if hasattr(mod, "nx"):
+            _set_attr(snap, mod, "nx", w.shape[0])
+
+
+def check_module_attributes(model: nn.Module) -> list[str]:
+    """Return one message per known module whose size attributes disagree with its tensors."""
+    problems: list[str] = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        checks: list[tuple[str, Any, Any]] = []
+        if isinstance(mod, nn.Linear):
+            checks = [("in_features", mod.in_features, mod.weight.shape[1]),
+                      ("out_features", mod.out_features, mod.weight.shape[0])]
+        elif isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
+            checks = [("out_channels", mod.out_channels, mod.weight.shape[0]),
+                      ("in_channels", mod.in_channels, mod.weight.shape[1] * mod.groups)]
+        elif isinstance(mod, nn.modules.batchnorm._NormBase) and isinstance(w, torch.Tensor):
+            checks = [("num_features", mod.num_features, w.shape[0])]
+        elif isinstance(mod, nn.LayerNorm) and isinstance(w, torch.Tensor):
+            checks = [("normalized_shape", tuple(mod.normalized_shape), tuple(w.shape))]
+        elif isinstance(mod, nn.GroupNorm) and isinstance(w, torch.Tensor):
+            checks = [("num_channels", mod.num_channels, w.shape[0])]
+        elif isinstance(mod, nn.Embedding):
+            checks = [("embedding_dim", mod.embedding_dim, mod.weight.shape[1])]
+        for attr, have, want in checks:
+            if have != want:
+                problems.append(f"module '{name}' ({type(mod).__name__}): {attr}={have} but tensors say {want}")
+    return problems

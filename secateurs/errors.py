@@ -1,0 +1,44 @@
+"""Typed errors raised by secateurs.
+
+Every error names the node, op, parameter or file at fault so the user can act on it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetError",
+    "CaptureError",
+    "CheckpointError",
+    "PassContractError",
+    "SecateursError",
+    "UnsupportedOpError",
+    "VerificationError",
+]
+
+
+class SecateursError(Exception):
+    """Base class of every error secateurs raises on purpose."""
+
+
+class CaptureError(SecateursError):
+    """The model could not be captured into the IR (torch.export failed or inputs are malformed)."""
+
+
+class UnsupportedOpError(SecateursError):
+    """An op rule was registered or applied incorrectly."""
+
+
+class BudgetError(SecateursError):
+    """A pruning target is invalid (ratio outside [0, 1), unknown target kind) or cannot be met."""
+
+
+class VerificationError(SecateursError):
+    """A rewritten model does not behave as the plan predicted; the model was restored."""
+
+
+class CheckpointError(SecateursError):
+    """A checkpoint file is missing, corrupt or does not match its configuration."""
+
+
+class PassContractError(SecateursError):
+    """A pass ran without what it requires, or broke an invariant it guarantees."""

@@ -1,0 +1,809 @@
+# FX node arguments are dynamically typed (``Argument`` is a wide union); rules read them by schema position.
+# mypy: disable-error-code="union-attr,arg-type,index,operator,misc"
+"""Channel rules for ATen ops (the torch.export training IR).
+
+Each function states how channels flow through one family of ops; ``op_rule`` registers it for explicit
+overloads. Ops absent from this table freeze the channels they touch.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from secateurs.ir.rules import RuleContext, Shape, ShapeOf, numel, op_rule
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+
+def _arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of an ATen call, positional or keyword, else ``default``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            if a.name == name:
+                return node.args[i] if i < len(node.args) else default
+    return default
+
+
+def _tensor_args(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        if isinstance(a, fx.Node) and ctx.is_tensor(a):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, fx.Node) and ctx.is_tensor(x))
+    return out
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# --------------------------------------------------------------------------------------------- elementwise
+_ELEMENTWISE = [
+    aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar,
+    aten.sub.Tensor, aten.sub.Scalar, aten.sub_.Tensor, aten.rsub.Scalar, aten.rsub.Tensor,
+    aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar,
+    aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar, aten.div.Tensor_mode,
+    aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
+    aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
+    aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
+    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
+    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.__and__.Tensor, aten.__or__.Tensor,
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.sigmoid.default, aten.tanh.default, aten.hardswish.default, aten.hardswish_.default,
+    aten.hardsigmoid.default, aten.hardsigmoid_.default, aten.hardtanh.default, aten.hardtanh_.default,
+    aten.relu6.default, aten.leaky_relu.default, aten.leaky_relu_.default, aten.elu.default,
+    aten.selu.default, aten.celu.default, aten.softplus.default, aten.mish.default, aten.glu.default,
+    aten.clamp.default, aten.clamp.Tensor, aten.clamp_.default, aten.clamp_min.default,
+    aten.clamp_max.default,
+    aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.neg.default,
+    aten.abs.default, aten.erf.default, aten.sin.default, aten.cos.default, aten.reciprocal.default,
+    aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.square.default,
+    aten.log1p.default, aten.expm1.default, aten.isnan.default, aten.isinf.default,
+    aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.detach_.default, aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype,
+    aten.to.device, aten.to.dtype_layout, aten.to.other, aten.type_as.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
+    aten.rand_like.default, aten.randn_like.default, aten.bernoulli.p,
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+    aten.nan_to_num.default, aten.fill.Scalar, aten.fill_.Scalar, aten.copy_.default,
+]
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+
+
+@op_rule(*_ELEMENTWISE)
+def _elementwise(ctx: RuleContext, node: fx.Node) -> None:
+    """Broadcasting op: every non-broadcast input dim is the same channels as the output dim.
+
+    ``glu`` halves its dim and ``glu``'s halves are coupled; softmax normalises along a dim but keeps its
+    channels, so both are elementwise here except for the checks below.
+    """
+    if node.target is aten.glu.default:
+        (x,) = node.args[:1]
+        shape = ctx.shape(x)
+        assert shape is not None
+        d = _dim(_arg(node, "dim", -1), len(shape))
+        for i in range(len(shape)):
+            if i != d:
+                ctx.unify_dims(x, i, node, i)
+        parts = ctx.split(ctx.dims(x)[d], "sum", (shape[d] // 2, shape[d] // 2))
+        if parts is not None:
+            ctx.unify(parts[0], parts[1])
+            ctx.unify(parts[0], ctx.dims(node)[d])
+        return
+    if node.target in (aten.copy_.default,):
+        ctx.broadcast(node.args[0], [node.args[1]])
+    ctx.broadcast(node, _tensor_args(ctx, node))
+    if node.target in _SOFTMAX:
+        x = node.args[0]
+        shape = ctx.shape(x)
+        assert shape is not None
+        ctx.mixes([ctx.dims(x)[_dim(int(node.args[1]), len(shape))]])
+
+
+@op_rule(aten.triu.default, aten.tril.default)
+def _positional(ctx: RuleContext, node: fx.Node) -> None:
+    """Triu / tril depend on positions along the last two dims: those are frozen."""
+    x = node.args[0]
+    ctx.same_dims(x, node)
+    ctx.freeze(ctx.dims(node)[-2:], "position-dependent op")
+
+
+@op_rule(aten.roll.default, aten.flip.default, aten.cumsum.default, aten.diff.default)
+def _reorder(ctx: RuleContext, node: fx.Node) -> None:
+    """Ops that mix positions along some dims: those dims are frozen, the others pass through."""
+    x = node.args[0]
+    shape = ctx.shape(x)
+    assert shape is not None
+    rank = len(shape)
+    if node.target is aten.diff.default:
+        dims = [_arg(node, "dim", -1)]
+    elif node.target is aten.roll.default:
+        dims = list(_arg(node, "dims", [])) or list(range(rank))
+    elif node.target is aten.flip.default:
+        dims = list(node.args[1])
+    else:
+        dims = [_arg(node, "dim")]
+    mixed = {_dim(int(d), rank) for d in dims}
+    for i in range(rank):
+        if i not in mixed:
+            ctx.unify_dims(x, i, node, i)
+    ctx.freeze([ctx.dims(x)[d] for d in mixed] + [ctx.dims(node)[d] for d in mixed], "position-dependent op")
+
+
+# ------------------------------------------------------------------------------------------- linear algebra
+def _linear_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    w = shape_of(node.args[1])
+    out = shape_of(node)
+    return 2.0 * numel(out) * (w[1] if w else 0)
+
+
+@op_rule(aten.linear.default, flops=_linear_flops)
+def _linear(ctx: RuleContext, node: fx.Node) -> None:
+    """Y = x W^T + b: x[..., in] ~ W[:, in]; W[out, :] ~ b ~ y[..., out]."""
+    x, w = node.args[0], node.args[1]
+    b = _arg(node, "bias")
+    xs = ctx.shape(x)
+    assert xs is not None
+    for i in range(len(xs) - 1):
+        ctx.unify_dims(x, i, node, i)
+    ctx.unify_dims(x, -1, w, 1)
+    ctx.unify_dims(w, 0, node, -1)
+    if isinstance(b, fx.Node):
+        ctx.unify_dims(b, 0, node, -1)
+    ctx.consumer(x, len(xs) - 1, w, 1)
+
+
+def _matmul_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    a = shape_of(node.args[0])
+    out = shape_of(node)
+    return 2.0 * numel(out) * (a[-1] if a else 0)
+
+
+def _matmul_core(ctx: RuleContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    assert sa is not None and sb is not None and so is not None
+    if len(sa) == 1 or len(sb) == 1:
+        # Vector products: the contracted dim is shared, the rest passes through.
+        if len(sa) == 1 and len(sb) == 1:
+            ctx.unify_dims(a, 0, b, 0)
+            return
+        if len(sa) == 1:
+            ctx.unify_dims(a, 0, b, -2)
+            for i in range(len(so)):
+                ctx.unify_dims(node, i, b, i if i < len(sb) - 2 else len(sb) - 1)
+        else:
+            ctx.unify_dims(a, -1, b, 0)
+            for i in range(len(so)):
+                ctx.unify_dims(node, i, a, i)
+        return
+    ctx.unify_dims(a, -1, b, -2)
+    ctx.unify_dims(a, -2, node, -2)
+    ctx.unify_dims(b, -1, node, -1)
+    batch_out = list(so[:-2])
+    ctx_batch_a = sa[:-2]
+    ctx_batch_b = sb[:-2]
+    for shape, value in ((ctx_batch_a, a), (ctx_batch_b, b)):
+        offset = len(batch_out) - len(shape)
+        for i, s in enumerate(shape):
+            if s == batch_out[offset + i]:
+                ctx.unify_dims(value, i, node, offset + i)
+    if b.op == "placeholder":
+        ctx.consumer(a, len(sa) - 1, b, len(sb) - 2)
+
+
+@op_rule(aten.matmul.default, aten.bmm.default, aten.mm.default, flops=_matmul_flops)
+def _matmul(ctx: RuleContext, node: fx.Node) -> None:
+    """Batched matrix product: a[..., k] ~ b[..., k, :]; rows of a and columns of b pass through."""
+    _matmul_core(ctx, node, node.args[0], node.args[1])
+
+
+def _addmm_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    a = shape_of(node.args[1])
+    return 2.0 * numel(shape_of(node)) * (a[-1] if a else 0)
+
+
+@op_rule(aten.addmm.default, aten.baddbmm.default, flops=_addmm_flops)
+def _addmm(ctx: RuleContext, node: fx.Node) -> None:
+    """Bias + a @ b (the form Hugging Face's GPT-2 Conv1D takes)."""
+    _matmul_core(ctx, node, node.args[1], node.args[2])
+    ctx.broadcast(node, [node.args[0]])
+
+
+def _sdpa_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    q, k, v = (shape_of(a) for a in node.args[:3])
+    if not (q and k and v):
+        return 0.0
+    batch = numel(q[:-2])
+    return 2.0 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@op_rule(aten.scaled_dot_product_attention.default, flops=_sdpa_flops)
+def _sdpa(ctx: RuleContext, node: fx.Node) -> None:
+    """softmax(q k^T) v over heads.
+
+    Heads (and batch) are shared by q, k, v and the output; with grouped-query attention
+    (``enable_gqa``) the query heads are the product (kv heads x queries per kv head). The head
+    dimension is frozen: pruning it changes the default softmax scale and rotary embeddings.
+    """
+    q, k, v = node.args[:3]
+    mask = _arg(node, "attn_mask")
+    sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
+    assert sq is not None and sk is not None and sv is not None and so is not None
+    ctx.unify_dims(q, -2, node, -2)
+    ctx.unify_dims(k, -2, v, -2)
+    ctx.unify_dims(q, -1, k, -1)
+    ctx.unify_dims(v, -1, node, -1)
+    ctx.freeze([ctx.dims(q)[-1], ctx.dims(v)[-1]], "attention head_dim (changes softmax scale / rotary)")
+    rank = len(sq)
+    for i in range(rank - 2):
+        ctx.unify_dims(q, i, node, i)
+        if sk[i] == sq[i]:
+            ctx.unify_dims(q, i, k, i)
+            ctx.unify_dims(q, i, v, i)
+        elif i == rank - 3 and sk[i] and sq[i] % sk[i] == 0:
+            group = ctx.new(sq[i] // sk[i])
+            ctx.unify(ctx.dims(q)[i], ctx.product([ctx.dims(k)[i], group]))
+            ctx.unify_dims(k, i, v, i)
+        else:
+            ctx.freeze([ctx.dims(q)[i], ctx.dims(k)[i], ctx.dims(v)[i]], "attention batch dims do not match")
+    if isinstance(mask, fx.Node):
+        ms = ctx.shape(mask)
+        if ms is not None:
+            offset = rank - len(ms)
+            if ms[-1] == sk[-2]:
+                ctx.unify_dims(mask, -1, k, -2)
+            for i in range(len(ms) - 1):
+                if ms[i] == so[offset + i]:
+                    ctx.unify_dims(mask, i, node, offset + i)
+
+
+# -------------------------------------------------------------------------------------------------- conv
+def _conv_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    w = shape_of(node.args[1])
+    out = shape_of(node)
+    if not w or not out:
+        return 0.0
+    transposed = node.target in _CONV_T or bool(_arg(node, "transposed", False))
+    if transposed:
+        x = shape_of(node.args[0])
+        return 2.0 * numel(x) * numel(w[1:])
+    return 2.0 * numel(out) * numel(w[1:])
+
+
+_CONV = [aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding]
+_CONV_T = [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input]
+
+
+@op_rule(*_CONV, *_CONV_T, flops=_conv_flops)
+def _conv(ctx: RuleContext, node: fx.Node) -> None:
+    """Convolution with groups.
+
+    Channels are ``groups x per_group`` on both sides: input C = G x Ci ~ weight dim 1 (Ci), weight dim 0
+    (output) = G x Co ~ output C ~ bias. For a transposed conv the weight is [Cin, Cout/G, ...]. Spatial
+    output dims are computed by the op and stay frozen.
+    """
+    x, w = node.args[0], node.args[1]
+    b = _arg(node, "bias")
+    groups = int(_arg(node, "groups", 1) or 1)
+    transposed = node.target in _CONV_T or bool(_arg(node, "transposed", False))
+    sx, sw = ctx.shape(x), ctx.shape(w)
+    assert sx is not None and sw is not None
+    batched = len(sx) == len(sw)
+    cdim = 1 if batched else 0
+    if batched:
+        ctx.unify_dims(x, 0, node, 0)
+    if transposed:
+        cin, co = sw[0], sw[1]
+        g = ctx.new(groups)
+        ci_atom = ctx.new(cin // groups)
+        co_atom = ctx.new(co)
+        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci_atom]))
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, ci_atom]))
+        ctx.unify(ctx.dims(w)[1], co_atom)
+        ctx.unify(ctx.dims(node)[cdim], ctx.product([g, co_atom]))
+        ctx.consumer(x, cdim, w, 0) if groups == 1 else None
+    else:
+        cout, ci = sw[0], sw[1]
+        g = ctx.new(groups)
+        ci_atom = ctx.new(ci)
+        co_atom = ctx.new(cout // groups)
+        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci_atom]))
+        ctx.unify(ctx.dims(w)[1], ci_atom)
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, co_atom]))
+        ctx.unify(ctx.dims(node)[cdim], ctx.dims(w)[0])
+        ctx.consumer(x, cdim, w, 1) if groups == 1 else None
+    if isinstance(b, fx.Node):
+        ctx.unify_dims(b, 0, node, cdim)
+    ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
+    if groups > 1:
+        ctx.module_attr(w, "groups", g)
+
+
+# ------------------------------------------------------------------------------------------------- norms
+@op_rule(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+         aten.instance_norm.default, aten.native_batch_norm.default,
+         aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default)
+def _batch_norm(ctx: RuleContext, node: fx.Node) -> None:
+    """Per-channel normalisation over dim 1: weight, bias and running stats follow the channels."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
+    ctx.same_dims(x, out)
+    for a in node.args[1:5]:
+        if isinstance(a, fx.Node) and ctx.is_tensor(a):
+            ctx.unify_dims(a, 0, x, 1 if len(sx) > 1 else 0)
+    if out is not node:
+        val = node.meta["val"]
+        for i in range(1, len(val)):
+            if ctx.is_tensor((node, i)):
+                shp = ctx.shape((node, i))
+                if shp and len(shp) == 1 and shp[0] == sx[1]:
+                    ctx.unify_dims((node, i), 0, x, 1)
+                else:
+                    ctx.freeze_value((node, i), "batch-norm statistics output")
+
+
+@op_rule(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
+def _layer_norm(ctx: RuleContext, node: fx.Node) -> None:
+    """Normalisation over the trailing ``normalized_shape`` dims (channels mix in the statistics).
+
+    With no affine weight the normalised size is a literal in the graph, so those dims are frozen.
+    """
+    x = node.args[0]
+    normalized = list(node.args[1])
+    weight = node.args[2] if len(node.args) > 2 else _arg(node, "weight")
+    bias = _arg(node, "bias") if node.target is not aten.rms_norm.default else None
+    out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
+    ctx.same_dims(x, out)
+    sx = ctx.shape(x)
+    assert sx is not None
+    k = len(normalized)
+    for t in (weight, bias):
+        if isinstance(t, fx.Node):
+            for i in range(k):
+                ctx.unify_dims(t, i, x, len(sx) - k + i)
+    ctx.mixes(ctx.dims(x)[len(sx) - k:])
+    if not isinstance(weight, fx.Node):
+        ctx.freeze(ctx.dims(x)[len(sx) - k:], "normalised shape is a literal (no affine weight)")
+    if out is not node:
+        for i in range(1, len(node.meta["val"])):
+            ctx.freeze_value((node, i), "normalisation statistics output")
+
+
+@op_rule(aten.group_norm.default, aten.native_group_norm.default)
+def _group_norm(ctx: RuleContext, node: fx.Node) -> None:
+    """GroupNorm: C = groups x per_group; the weight covers C; whole groups or per-group slots prune."""
+    x = node.args[0]
+    if node.target is aten.group_norm.default:
+        groups = int(node.args[1])
+        weight, bias = _arg(node, "weight"), _arg(node, "bias")
+    else:
+        weight, bias = node.args[1], node.args[2]
+        groups = int(node.args[6])
+    out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
+    ctx.same_dims(x, out)
+    sx = ctx.shape(x)
+    assert sx is not None
+    parts = ctx.split(ctx.dims(x)[1], "prod", (groups, sx[1] // groups))
+    for t in (weight, bias):
+        if isinstance(t, fx.Node):
+            ctx.unify_dims(t, 0, x, 1)
+    if parts is not None:
+        ctx.mixes([parts[1]])
+    if parts is not None and isinstance(weight, fx.Node):
+        ctx.module_attr(weight, "num_groups", parts[0])
+    elif parts is not None:
+        ctx.freeze([parts[0]], "group count is a literal (no affine weight)")
+    if out is not node:
+        for i in range(1, len(node.meta["val"])):
+            ctx.freeze_value((node, i), "normalisation statistics output")
+
+
+@op_rule(aten.embedding.default)
+def _embedding(ctx: RuleContext, node: fx.Node) -> None:
+    """Lookup: rows (vocabulary) are indexed and frozen; the embedding dim is the output's last dim."""
+    w, idx = node.args[0], node.args[1]
+    si = ctx.shape(idx)
+    assert si is not None
+    ctx.freeze([ctx.dims(w)[0]], "embedding rows are indexed by token ids")
+    ctx.unify_dims(w, 1, node, -1)
+    for i in range(len(si)):
+        ctx.unify_dims(idx, i, node, i)
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+_POOL = [
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default,
+    aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default,
+    aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
+    aten.upsample_bilinear2d.vec, aten.upsample_linear1d.vec, aten.upsample_bicubic2d.vec,
+    aten.upsample_trilinear3d.vec, aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default,
+    aten._adaptive_avg_pool2d.default,
+]
+_SPATIAL_RANK = {}
+for _op in _POOL:
+    _name = str(_op)
+    _SPATIAL_RANK[_op] = 3 if "3d" in _name else (1 if "1d" in _name else 2)
+
+
+@op_rule(*_POOL)
+def _pool(ctx: RuleContext, node: fx.Node) -> None:
+    """Pooling / resampling: leading (batch, channel) dims pass through, spatial dims are computed."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    k = _SPATIAL_RANK[node.target]
+    outs = [(node, i) for i in range(len(node.meta["val"]))] if isinstance(node.meta.get("val"), (list, tuple)) \
+        else [node]
+    for out in outs:
+        for i in range(len(sx) - k):
+            ctx.unify_dims(x, i, out, i)
+
+
+@op_rule(aten.constant_pad_nd.default, aten.pad.default, aten.reflection_pad2d.default,
+         aten.replication_pad2d.default, aten.reflection_pad1d.default)
+def _pad(ctx: RuleContext, node: fx.Node) -> None:
+    """Padding: unpadded dims pass through; padded dims are computed (frozen)."""
+    x = node.args[0]
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    for i, (a, b) in enumerate(zip(sx, so, strict=True)):
+        if a == b:
+            ctx.unify_dims(x, i, node, i)
+
+
+# ------------------------------------------------------------------------------------------- reductions
+_REDUCE = [
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
+    aten.std.correction, aten.var.dim, aten.std.dim, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
+    aten.linalg_vector_norm.default, aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.default,
+    aten.var_mean.correction, aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.mean.default,
+    aten.sum.default, aten.max.default, aten.min.default,
+]
+
+
+@op_rule(*_REDUCE)
+def _reduce(ctx: RuleContext, node: fx.Node) -> None:
+    """Reduction over some dims: the kept dims pass through, reduced ones vanish (or become size 1)."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    rank = len(sx)
+    raw = node.args[1] if len(node.args) > 1 else _arg(node, "dim")
+    if node.target in (aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim):
+        raw = node.args[2] if len(node.args) > 2 else _arg(node, "dim")
+    if node.target in (aten.mean.default, aten.sum.default, aten.max.default, aten.min.default):
+        raw = None
+    if raw is None or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+        dims = set(range(rank))
+    elif isinstance(raw, (list, tuple)):
+        dims = {_dim(int(d), rank) for d in raw}
+    else:
+        dims = {_dim(int(raw), rank)}
+    ctx.mixes([ctx.dims(x)[d] for d in dims])
+    outs = [(node, i) for i in range(len(node.meta["val"]))] if isinstance(node.meta.get("val"), (list, tuple)) \
+        else [node]
+    for out in outs:
+        so = ctx.shape(out)
+        if so is None:
+            continue
+        keep = [i for i in range(rank) if i not in dims]
+        if len(so) == rank:
+            for i in keep:
+                ctx.unify_dims(x, i, out, i)
+        else:
+            for j, i in enumerate(keep):
+                ctx.unify_dims(x, i, out, j)
+
+
+# ------------------------------------------------------------------------------------------- shape ops
+def _reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of source and destination dims with equal products (size-1 dims ignored)."""
+    si = [i for i, s in enumerate(src) if s != 1]
+    di = [i for i, s in enumerate(dst) if s != 1]
+    runs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(si) and j < len(di):
+        a, b = [si[i]], [di[j]]
+        pa, pb = src[si[i]], dst[di[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(si):
+                    return None
+                a.append(si[i])
+                pa *= src[si[i]]
+                i += 1
+            else:
+                if j >= len(di):
+                    return None
+                b.append(di[j])
+                pb *= dst[di[j]]
+                j += 1
+        runs.append((a, b))
+    if i != len(si) or j != len(di):
+        return None
+    return runs
+
+
+@op_rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+         aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+         aten.unsqueeze.default, aten.view_as.default, aten.reshape_as.default, aten.squeeze_.dim,
+         aten.unsqueeze_.default)
+def _reshape(ctx: RuleContext, node: fx.Node) -> None:
+    """Row-major reshape: runs of dims with equal products are one channel space, split as a product."""
+    x = node.args[0]
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    runs = _reshape_runs(sx, so)
+    if runs is None:
+        ctx.freeze_value(x, "reshape that cannot be factored")
+        ctx.freeze_value(node, "reshape that cannot be factored")
+        return
+    xd, od = ctx.dims(x), ctx.dims(node)
+    for a, b in runs:
+        ctx.unify(ctx.product([xd[i] for i in a]), ctx.product([od[j] for j in b]))
+        ctx.mark(*(xd[i] for i in a), *(od[j] for j in b))
+    ctx.mark(*(od[j] for j, s in enumerate(so) if s == 1))
+
+
+@op_rule(aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.swapaxes.default,
+         aten.movedim.int)
+def _permute(ctx: RuleContext, node: fx.Node) -> None:
+    """Permutation of dims: channels follow their dim."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    rank = len(sx)
+    order = list(range(rank))
+    if node.target is aten.permute.default:
+        order = [_dim(int(d), rank) for d in node.args[1]]
+    elif node.target in (aten.transpose.int, aten.swapaxes.default):
+        d0, d1 = _dim(int(node.args[1]), rank), _dim(int(node.args[2]), rank)
+        order[d0], order[d1] = order[d1], order[d0]
+    elif node.target in (aten.t.default, aten.numpy_T.default):
+        order = order[::-1]
+    elif node.target is aten.movedim.int:
+        src, dst = _dim(int(node.args[1]), rank), _dim(int(node.args[2]), rank)
+        order.pop(src)
+        order.insert(dst, src)
+    for j, i in enumerate(order):
+        ctx.unify_dims(x, i, node, j)
+
+
+@op_rule(aten.expand.default, aten.expand_as.default, aten.broadcast_to.default)
+def _expand(ctx: RuleContext, node: fx.Node) -> None:
+    """Broadcast to a bigger shape: existing non-1 dims pass through; new dims are literals (frozen)."""
+    ctx.broadcast(node, [node.args[0]])
+
+
+@op_rule(aten.repeat.default)
+def _repeat(ctx: RuleContext, node: fx.Node) -> None:
+    """Tile: each output dim is (repeats x input dim); the repeat factor is frozen."""
+    x = node.args[0]
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    offset = len(so) - len(sx)
+    for j in range(len(so)):
+        i = j - offset
+        if i < 0:
+            continue
+        reps = so[j] // sx[i] if sx[i] else 1
+        if reps == 1:
+            ctx.unify_dims(x, i, node, j)
+        else:
+            r = ctx.new(reps)
+            ctx.freeze([r], "repeat factor")
+            ctx.unify(ctx.dims(node)[j], ctx.product([r, ctx.dims(x)[i]]))
+
+
+@op_rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
+def _cat(ctx: RuleContext, node: fx.Node) -> None:
+    """Concatenation: the output dim is the sum of the inputs' dims; other dims are shared."""
+    tensors = [t for t in node.args[0] if ctx.is_tensor(t)]
+    so = ctx.shape(node)
+    assert so is not None
+    d = _dim(int(_arg(node, "dim", 0)), len(so))
+    parts = []
+    for t in tensors:
+        st = ctx.shape(t)
+        assert st is not None
+        if len(st) != len(so):
+            continue  # legacy empty tensors
+        for i in range(len(so)):
+            if i != d:
+                ctx.unify_dims(t, i, node, i)
+        parts.append(ctx.dims(t)[d])
+    ctx.unify(ctx.dims(node)[d], ctx.concat(parts))
+
+
+@op_rule(aten.stack.default)
+def _stack(ctx: RuleContext, node: fx.Node) -> None:
+    """Stack along a new dim: that dim is a literal count (frozen); the others are shared."""
+    tensors = list(node.args[0])
+    so = ctx.shape(node)
+    assert so is not None
+    d = _dim(int(_arg(node, "dim", 0)), len(so))
+    for t in tensors:
+        for i in range(len(so)):
+            if i < d:
+                ctx.unify_dims(t, i, node, i)
+            elif i > d:
+                ctx.unify_dims(t, i - 1, node, i)
+    ctx.freeze([ctx.dims(node)[d]], "stacked count")
+
+
+def _split_outputs(ctx: RuleContext, node: fx.Node, dim: int) -> None:
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    d = _dim(dim, len(sx))
+    outs = [(node, i) for i in range(len(node.meta["val"]))]
+    sizes = []
+    for out in outs:
+        so = ctx.shape(out)
+        assert so is not None
+        for i in range(len(sx)):
+            if i != d:
+                ctx.unify_dims(x, i, out, i)
+        sizes.append(so[d])
+    parts = [ctx.dims(out)[d] for out in outs]
+    if sum(sizes) == sx[d]:
+        ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
+    else:
+        ctx.freeze(parts + [ctx.dims(x)[d]], "split does not cover its input")
+
+
+@op_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+         aten.split.sizes)
+def _split(ctx: RuleContext, node: fx.Node) -> None:
+    """Split / chunk: the input dim is the concatenation of the outputs' dims."""
+    _split_outputs(ctx, node, int(_arg(node, "dim", 0)))
+
+
+@op_rule(aten.unbind.int)
+def _unbind(ctx: RuleContext, node: fx.Node) -> None:
+    """Unbind: one output per index of a dim; that dim is indexed (frozen), the others pass through."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    d = _dim(int(_arg(node, "dim", 0)), len(sx))
+    ctx.freeze([ctx.dims(x)[d]], "unbind index")
+    for k in range(len(node.meta["val"])):
+        for i in range(len(sx)):
+            if i < d:
+                ctx.unify_dims(x, i, (node, k), i)
+            elif i > d:
+                ctx.unify_dims(x, i, (node, k), i - 1)
+
+
+@op_rule(aten.select.int)
+def _select(ctx: RuleContext, node: fx.Node) -> None:
+    """Select one index: that dim is indexed (frozen); the others pass through."""
+    x = node.args[0]
+    sx = ctx.shape(x)
+    assert sx is not None
+    d = _dim(int(node.args[1]), len(sx))
+    ctx.freeze([ctx.dims(x)[d]], "indexed by select")
+    for i in range(len(sx)):
+        if i != d:
+            ctx.unify_dims(x, i, node, i if i < d else i - 1)
+
+
+@op_rule(aten.slice.Tensor, aten.narrow.default)
+def _slice(ctx: RuleContext, node: fx.Node) -> None:
+    """Contiguous slice: the input dim is (before | kept | after); a full slice passes through."""
+    x = node.args[0]
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    d = _dim(int(node.args[1]) if len(node.args) > 1 else int(_arg(node, "dim", 0)), len(sx))
+    for i in range(len(sx)):
+        if i != d:
+            ctx.unify_dims(x, i, node, i)
+    n = sx[d]
+    if node.target is aten.narrow.default:
+        start, length, step = int(node.args[2]), int(node.args[3]), 1
+    else:
+        start = _arg(node, "start", None)
+        end = _arg(node, "end", None)
+        step = int(_arg(node, "step", 1) or 1)
+        start = 0 if start is None else int(start)
+        end = n if end is None else int(end)
+        start = max(0, min(n, start + n if start < 0 else start))
+        end = max(0, min(n, end + n if end < 0 else end))
+        length = max(0, end - start)
+    if step != 1:
+        ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "strided slice")
+        return
+    if start == 0 and length == n:
+        ctx.unify_dims(x, d, node, d)
+        return
+    sizes = [s for s in (start, length, n - start - length) if s > 0]
+    parts = ctx.split(ctx.dims(x)[d], "sum", sizes)
+    if parts is None:
+        ctx.freeze([ctx.dims(node)[d]], "slice of frozen channels")
+        return
+    # Channels outside the slice stay free: if the model computes the bounds from the size, pruning them is
+    # fine; if the bounds are literals, the verification after rewriting catches it.
+    kept = parts[1] if start > 0 else parts[0]
+    ctx.unify(kept, ctx.dims(node)[d])
+
+
+@op_rule(aten.index_select.default, aten.gather.default)
+def _index_select(ctx: RuleContext, node: fx.Node) -> None:
+    """Data-dependent indexing along one dim: that dim is frozen, the others pass through."""
+    x = node.args[0]
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    d = _dim(int(node.args[1]), len(sx))
+    ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "indexed by tensor indices")
+    idx = node.args[2]
+    for i in range(len(sx)):
+        if i != d and sx[i] == so[i]:
+            ctx.unify_dims(x, i, node, i)
+    if node.target is aten.gather.default:
+        ctx.same_dims(idx, node)
+
+
+@op_rule(aten.index.Tensor)
+def _index(ctx: RuleContext, node: fx.Node) -> None:
+    """Advanced indexing: indexed dims are frozen; leading unindexed dims pass through."""
+    x = node.args[0]
+    indices = list(node.args[1])
+    sx = ctx.shape(x)
+    assert sx is not None
+    for i, ix in enumerate(indices):
+        if ix is not None:
+            ctx.freeze([ctx.dims(x)[i]], "indexed by tensor indices")
+            ctx.freeze_value(ix, "index tensor")
+    first = next((i for i, ix in enumerate(indices) if ix is not None), len(indices))
+    for i in range(first):
+        ctx.unify_dims(x, i, node, i)
+
+
+# --------------------------------------------------------------------------------------- factories, misc
+@op_rule(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default, aten.ones.default,
+         aten.full.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.rand.default,
+         aten.randn.default, aten.tensor.default, aten.eye.default, aten.new_zeros.default,
+         aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
+         aten.lift_fresh.default)
+def _factory(ctx: RuleContext, node: fx.Node) -> None:
+    """Tensors created with a literal shape: every dim is frozen."""
+    ctx.freeze_value(node, "shape is a literal of a tensor factory")
+
+
+@op_rule(aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default,
+         aten.sym_constrain_range_for_size.default, aten.sym_constrain_range.default)
+def _no_channels(ctx: RuleContext, node: fx.Node) -> None:
+    """Checks and size queries carry no channels; a metadata assertion with a size freezes its input."""
+    if node.target is aten._assert_tensor_metadata.default and _arg(node, "size") is not None:
+        ctx.freeze_value(node.args[0], "size asserted in the graph")
+    if node.target is aten.sym_size.int and isinstance(node.args[0], fx.Node):
+        ctx.freeze_value(node.args[0], "size read by the graph")
+
+
+@op_rule(operator.getitem)
+def _getitem(ctx: RuleContext, node: fx.Node) -> None:
+    """Element of a multi-output op: the same atoms as that output."""
+    src, index = node.args[0], node.args[1]
+    if isinstance(src, fx.Node) and isinstance(index, int) and ctx.is_tensor(node):
+        ctx.alias(node, (src, index))
+        ctx.mark(*ctx.dims(node))
+

@@ -1,0 +1,59 @@
+"""Parameter and FLOP counts of a captured graph, now or under a pruning plan."""
+
+from __future__ import annotations
+
+import math
+
+from torch import fx
+
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.ir.rules import RULES, Shape
+
+__all__ = ["count_flops", "predict_cost"]
+
+
+def count_flops(graph: Graph) -> float:
+    """FLOPs of one call on the example inputs (a multiply-add counts 2; only matmul-like ops count).
+
+    Counted ops: linear, matmul / mm / bmm / addmm / baddbmm, convolutions and scaled-dot-product attention.
+    """
+    total = 0.0
+    for node in graph.nodes():
+        entry = RULES.get(node.target) if node.op == "call_function" else None
+        if entry is not None and entry.flops is not None:
+            total += entry.flops(node, _actual_shape)
+    return total
+
+
+def _actual_shape(value: object) -> Shape | None:
+    if isinstance(value, fx.Node):
+        return tensor_shape(value.meta.get("val"))
+    return None
+
+
+def predict_cost(graph: Graph, info: DependencyInfo, kept: dict[int, int]) -> tuple[int, float]:
+    """Parameters and FLOPs after each group ``g`` is cut to ``kept[g]`` channels.
+
+    Parameters the graph never uses are counted unchanged.
+    """
+    memo: dict[int, int] = {}
+
+    def shape_of(value: object) -> Shape | None:
+        if isinstance(value, fx.Node) and (value.name, -1) in info.values:
+            return info.shape_under((value.name, -1), kept, memo)
+        return None
+
+    params = graph.param_count()
+    for placeholder in graph.params:
+        key = (placeholder, -1)
+        if key not in info.values:
+            continue
+        before = math.prod(info.table.size(a) for a in info.values[key])
+        params += math.prod(info.shape_under(key, kept, memo)) - before
+    flops = 0.0
+    for node in graph.nodes():
+        entry = RULES.get(node.target) if node.op == "call_function" else None
+        if entry is not None and entry.flops is not None:
+            flops += entry.flops(node, shape_of)
+    return params, flops

@@ -1,0 +1,236 @@
+"""Dependency analysis: run the op rule table over a captured graph and build coupled channel groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+# Importing the table registers the ATen rules.
+import secateurs.ir.aten_rules  # noqa: F401
+from secateurs.ir.atoms import AtomTable
+from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.ir.rules import RULES, ConsumerUse, RuleContext
+
+__all__ = ["ChannelGroup", "DependencyInfo", "FrozenGroup", "Member", "analyze"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One tensor dimension that a channel group slices.
+
+    Attributes:
+        placeholder: Graph placeholder of the parameter or buffer.
+        name: Its name in the module (``layer1.0.conv1.weight``).
+        dim: The sliced dimension.
+        is_param: True for a parameter, False for a buffer.
+        stride: Flat positions of this dim per channel of the group (``head_dim`` for a head group).
+
+    """
+
+    placeholder: str
+    name: str
+    dim: int
+    is_param: bool
+    stride: int
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """A leaf channel group: channels removed together from every member dimension.
+
+    Attributes:
+        id: Leaf atom id (stable within one analysis).
+        size: Number of channels.
+        members: The parameter / buffer dims it slices.
+        params_per_channel: Parameters removed per channel removed.
+        mixed_at: Where the channels first enter a cross-channel statistic (LayerNorm / RMSNorm, a mean
+            or softmax over channels), or None. Such groups (a transformer's hidden size) are pruned only
+            on request, and pruning them is never exact.
+
+    """
+
+    id: int
+    size: int
+    members: tuple[Member, ...]
+    params_per_channel: int
+    mixed_at: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Short readable name: the first parameter member, e.g. ``conv1.weight[0]``."""
+        params = [m for m in self.members if m.is_param] or list(self.members)
+        first = min(params, key=lambda m: (m.dim, m.stride))
+        more = len({m.name for m in self.members}) - 1
+        return f"{first.name}[{first.dim}]" + (f" (+{more})" if more else "")
+
+    @property
+    def min_stride(self) -> int:
+        """Smallest per-channel stride over parameter members (1 for a plain channel)."""
+        return min((m.stride for m in self.members if m.is_param), default=1)
+
+    def module_names(self) -> set[str]:
+        """Names of the modules owning the members."""
+        return {m.name.rsplit(".", 1)[0] if "." in m.name else "" for m in self.members}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenGroup:
+    """Channels that touch parameters but are never pruned, with the reason."""
+
+    size: int
+    members: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        """One report line."""
+        names = ", ".join(self.members[:3]) + (f" (+{len(self.members) - 3})" if len(self.members) > 3 else "")
+        return f"{names} x{self.size}: {self.reason}"
+
+
+@dataclasses.dataclass
+class DependencyInfo:
+    """Result of :func:`analyze`: atoms of every value, prunable groups, frozen groups."""
+
+    table: AtomTable
+    values: dict[tuple[str, int], list[int]]
+    groups: dict[int, ChannelGroup]
+    frozen: list[FrozenGroup]
+    consumers: list[ConsumerUse]
+    module_attrs: list[tuple[str, str, int]]
+    unsupported: list[str]
+
+    def shape_under(self, value: tuple[str, int], kept: dict[int, int], memo: dict[int, int]) -> tuple[int, ...]:
+        """Predicted shape of a graph value when each group ``g`` keeps ``kept[g]`` channels."""
+        return tuple(self.table.sized(a, kept, memo) for a in self.values[value])
+
+    def keep_mask(self, value: tuple[str, int], dim: int, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Boolean mask of the kept flat indices of one value dim under per-group keep masks."""
+        return self.table.keep_mask(self.values[value][dim], keep)
+
+    def channel_positions(self, member: Member, group: int) -> np.ndarray:
+        """For each flat index of a member dim, the channel of ``group`` it belongs to (-1: none)."""
+        idx = self.table.coords(self.values[(member.placeholder, -1)][member.dim], group)
+        assert idx is not None
+        return idx
+
+    def iter_groups(self) -> Iterator[ChannelGroup]:
+        """Prunable groups in a stable order."""
+        return iter(sorted(self.groups.values(), key=lambda g: g.id))
+
+
+def _value_keys(node: fx.Node) -> list[Any]:
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return [(node, i) for i, v in enumerate(val) if tensor_shape(v) is not None]
+    return [node] if tensor_shape(val) is not None else []
+
+
+def analyze(graph: Graph) -> DependencyInfo:
+    """Propagate channels through ``graph`` with the op rule table.
+
+    Graph inputs, graph outputs, constants, unknown ops and every dim whose size an op computes are frozen.
+
+    Returns:
+        The dependency information: prunable channel groups and frozen ones with reasons.
+
+    """
+    table = AtomTable()
+    values: dict[tuple[str, int], list[int]] = {}
+    ctx = RuleContext(table, values)
+    unsupported: list[str] = []
+    state = {**graph.params, **graph.buffers}
+    tensors: dict[str, Any] = dict(graph.module.named_parameters(remove_duplicate=False))
+    tensors.update(graph.module.named_buffers(remove_duplicate=False))
+    first_of: dict[int, fx.Node] = {}
+    for node in graph.nodes():
+        ctx.node = node
+        if node.op == "placeholder":
+            if not ctx.is_tensor(node):
+                continue
+            ctx.dims(node)
+            tensor = tensors.get(state.get(node.name, ""))
+            if tensor is not None:
+                # Tied parameters (an embedding shared with the LM head) are one tensor: prune them as one.
+                twin = first_of.setdefault(id(tensor), node)
+                if twin is not node:
+                    ctx.same_dims(twin, node)
+            if node.name in graph.constants:
+                ctx.freeze_value(node, f"constant tensor '{graph.constants[node.name]}' cannot be sliced")
+            elif node.name not in state:
+                ctx.freeze_value(node, "graph input")
+            continue
+        if node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            for i, o in enumerate(outs):
+                if isinstance(o, fx.Node) and ctx.is_tensor(o):
+                    ctx.freeze_value(o, f"graph output #{i}")
+            continue
+        if node.op != "call_function":
+            for key in _value_keys(node):
+                ctx.freeze_value(key, f"unsupported node kind {node.op}")
+            continue
+        keys = _value_keys(node)
+        ctx.linked = set()
+        for key in keys:
+            ctx.dims(key)
+        entry = RULES.get(node.target)
+        if entry is None:
+            unsupported.append(f"{node.name} ({node.target})")
+            for a in node.all_input_nodes:
+                ctx.freeze_value(a, f"input of unsupported op {node.target}")
+            for key in keys:
+                ctx.freeze_value(key, f"output of unsupported op {node.target}")
+            continue
+        entry.rule(ctx, node)
+        for key in keys:
+            unlinked = [a for a in ctx.dims(key) if a not in ctx.linked and table.size(a) > 1]
+            if unlinked:
+                ctx.freeze(unlinked, "size computed by the op", channel=False)
+    ctx.node = None
+    for name in state:
+        for d, atom in enumerate(values.get((name, -1), [])):
+            if atom not in ctx.ever_linked and table.size(atom) > 1:
+                table.freeze(
+                    atom, f"dim {d} of '{state[name]}' is not a channel dim of any op that uses it", channel=False
+                )
+    frozen_leaves = table.frozen_leaves()
+    mixed = table.mixed_leaves()
+    members: dict[int, list[Member]] = {}
+    for name, fqn in state.items():
+        node_atoms = values.get((name, -1))
+        if node_atoms is None:
+            continue
+        for d, atom in enumerate(node_atoms):
+            for leaf in table.leaves(atom):
+                if table.size(leaf) <= 1:
+                    continue
+                stride = table.others_in_product(atom, leaf)
+                members.setdefault(leaf, []).append(Member(name, fqn, d, name in graph.params, stride))
+    groups: dict[int, ChannelGroup] = {}
+    frozen: list[FrozenGroup] = []
+    shapes = {n.name: tensor_shape(n.meta.get("val")) for n in graph.nodes() if n.op == "placeholder"}
+    for leaf, mem in members.items():
+        if not any(m.is_param for m in mem):
+            continue
+        size = table.size(leaf)
+        if leaf in frozen_leaves:
+            reason, is_channel = frozen_leaves[leaf]
+            if is_channel:
+                frozen.append(FrozenGroup(size, tuple(sorted({f"{m.name}[{m.dim}]" for m in mem})), reason))
+            continue
+        per = 0
+        for m in mem:
+            shp = shapes[m.placeholder]
+            if m.is_param and shp is not None:
+                per += math.prod(shp) // shp[m.dim] * m.stride
+        groups[leaf] = ChannelGroup(leaf, size, tuple(mem), per, mixed.get(leaf))
+    log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
+    return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported)

@@ -1,0 +1,356 @@
+"""PruneChannels: width pruning of coupled channel groups, with a verified physical rewrite."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from secateurs.backends.materialize import Snapshot, apply_keep
+from secateurs.errors import BudgetError, CaptureError, VerificationError
+from secateurs.frontends.torch_export import capture_call
+from secateurs.ir.cost import predict_cost
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup
+from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.importance import ChannelScores
+
+__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "plan_keep"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("channels", "params", "flops")
+SCOPES = ("local", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelOptions:
+    """Options of :class:`PruneChannels`.
+
+    Attributes:
+        ratio: Fraction to remove, in [0, 1): of each group's channels (``target="channels"``), or of the
+            model's parameters / FLOPs.
+        target: ``"channels"``, ``"params"`` or ``"flops"``.
+        scope: ``"local"`` (the same fraction of every group) or ``"global"`` (one ranking across groups
+            of scores normalised by each group's mean).
+        min_keep: Floor per group, as a fraction of its channels (at least one channel always stays).
+        round_to: Kept sizes are rounded so every sliced dim stays a multiple of this (tensor cores like 8);
+            groups smaller than the rounding are left alone. 1 disables rounding.
+        ignore: Module names (or prefixes ending with ``.``) whose groups are never pruned.
+        hidden: Also prune groups whose channels enter a cross-channel statistic (LayerNorm / RMSNorm over
+            them: the hidden size / residual stream of a transformer). Off by default.
+        verify: Re-capture the rewritten model and check every traced shape against the plan.
+        max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
+
+    """
+
+    ratio: float = 0.3
+    target: str = "channels"
+    scope: str = "local"
+    min_keep: float = 0.1
+    round_to: int = 8
+    ignore: tuple[str, ...] = ()
+    hidden: bool = False
+    verify: bool = True
+    max_retries: int = 8
+
+    def __post_init__(self) -> None:
+        """Validate every option with a message naming it."""
+        if not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio) or not 0.0 <= self.ratio < 1.0:
+            raise BudgetError(f"ratio must be in [0, 1), got {self.ratio!r}")
+        if self.target not in TARGETS:
+            raise BudgetError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.scope not in SCOPES:
+            raise BudgetError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
+        if int(self.round_to) < 1:
+            raise BudgetError(f"round_to must be >= 1, got {self.round_to!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupChange:
+    """One pruned group: its name, size before and after."""
+
+    name: str
+    before: int
+    after: int
+
+
+@dataclasses.dataclass
+class PruneRecord:
+    """What :class:`PruneChannels` did."""
+
+    options: ChannelOptions
+    changes: list[GroupChange]
+    frozen: list[FrozenGroup]
+    predicted_params: int
+    predicted_flops: float
+    retries: int = 0
+
+
+def _align(group: ChannelGroup, round_to: int) -> int:
+    return round_to // math.gcd(round_to, group.min_stride)
+
+
+def _round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:
+    n = group.size
+    align = _align(group, opts.round_to)
+    floor = max(1, math.ceil(n * opts.min_keep))
+    kept = max(kept, floor)
+    if align > 1:
+        if n <= align:
+            return n
+        kept = max(align, int(math.floor(kept / align + 0.5)) * align)
+        while kept < floor:
+            kept += align
+    return min(n, kept)
+
+
+def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
+    for mod in group.module_names():
+        for pat in ignore:
+            if mod == pat or (pat.endswith(".") and mod.startswith(pat)) or mod.startswith(pat + "."):
+                return True
+    return False
+
+
+def _eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
+    return not _ignored(group, opts.ignore) and (opts.hidden or group.mixed_at is None)
+
+
+def plan_keep(
+    graph: Graph,
+    info: DependencyInfo,
+    scores: dict[int, np.ndarray],
+    opts: ChannelOptions,
+    exclude: set[int] | None = None,
+) -> dict[int, np.ndarray]:
+    """Choose the channels to keep in every group.
+
+    Returns:
+        Group id -> boolean keep mask, only for groups that lose channels.
+
+    """
+    exclude = exclude or set()
+    groups = [g for g in info.iter_groups() if g.id not in exclude and _eligible(g, opts)]
+    if opts.ratio == 0 or not groups:
+        return {}
+    order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
+
+    def masks_for(kept: dict[int, int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for g in groups:
+            k = kept[g.id]
+            if k < g.size:
+                m = np.zeros(g.size, dtype=bool)
+                m[order[g.id][:k]] = True
+                out[g.id] = m
+        return out
+
+    def local(ratio: float) -> dict[int, int]:
+        return {g.id: _round_keep(g, g.size - int(round(g.size * ratio)), opts) for g in groups}
+
+    # Global ranking: scores normalised per group, lowest first.
+    ranked: list[tuple[float, int]] = []
+    if opts.scope == "global":
+        for g in groups:
+            s = scores[g.id]
+            mean = float(np.mean(s)) if s.size else 0.0
+            norm = s / mean if mean > 0 else np.zeros_like(s)
+            ranked.extend((float(v), g.id) for v in norm)
+        ranked.sort(key=lambda t: t[0])
+
+    def global_(count: int) -> dict[int, int]:
+        removed: dict[int, int] = {}
+        for _, gid in ranked[:count]:
+            removed[gid] = removed.get(gid, 0) + 1
+        return {g.id: _round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
+
+    if opts.target == "channels":
+        if opts.scope == "local":
+            return masks_for(local(opts.ratio))
+        return masks_for(global_(int(round(len(ranked) * opts.ratio))))
+
+    params0, flops0 = predict_cost(graph, info, {})
+
+    def reached(kept: dict[int, int]) -> bool:
+        p, f = predict_cost(graph, info, kept)
+        return (p if opts.target == "params" else f) <= (1 - opts.ratio) * (params0 if opts.target == "params" else flops0)
+
+    if opts.scope == "local":
+        lo, hi = 0.0, 1.0
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if reached(local(mid)) else (mid, hi)
+        best = local(hi)
+    else:
+        lo_i, hi_i = 0, len(ranked)
+        while lo_i < hi_i:
+            mid_i = (lo_i + hi_i) // 2
+            if reached(global_(mid_i)):
+                hi_i = mid_i
+            else:
+                lo_i = mid_i + 1
+        best = global_(lo_i)
+    if not reached(best):
+        p, f = predict_cost(graph, info, best)
+        got = 1 - (p / params0 if opts.target == "params" else f / max(flops0, 1.0))
+        log.warning("target %s -%.0f%% not reachable with the floors; reached -%.1f%%", opts.target,
+                    100 * opts.ratio, 100 * got)
+    return masks_for(best)
+
+
+class PruneChannels(Pass):
+    """Transform pass: remove the least important channels of every group and rewrite the module.
+
+    Requires :class:`DependencyInfo` and :class:`ChannelScores`. After slicing, the model is captured again
+    and every traced shape is compared with the plan's prediction; a group whose pruning the model's own
+    Python code contradicts (a hard-coded size, a stale attribute) is frozen, the model restored and the plan
+    redone. Guarantees: output shapes are unchanged and the graph is a fresh capture of the rewritten module.
+    """
+
+    requires = (DependencyInfo, ChannelScores)
+    transforms = True
+
+    def __init__(self, options: ChannelOptions | None = None, **kwargs: object) -> None:
+        """Create the pass from a :class:`ChannelOptions` or its fields as keywords."""
+        if options is not None and kwargs:
+            raise BudgetError("pass either options or keyword options, not both")
+        self.options = options or ChannelOptions(**kwargs)  # type: ignore[arg-type]
+
+    def run(self, graph: Graph) -> PassResult:
+        """Plan, rewrite, verify (and retry) on ``graph``."""
+        info = graph.analysis(DependencyInfo)
+        scores = graph.analysis(ChannelScores).scores
+        opts = self.options
+        exclude: set[int] = set()
+        frozen = list(info.frozen)
+        for g in info.iter_groups():
+            names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
+            if _ignored(g, opts.ignore):
+                frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
+            elif g.mixed_at is not None and not opts.hidden:
+                frozen.append(FrozenGroup(
+                    g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
+                ))
+        for attempt in range(opts.max_retries + 1):
+            keep = plan_keep(graph, info, scores, opts, exclude)
+            if not keep:
+                return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
+            kept_counts = {g: int(m.sum()) for g, m in keep.items()}
+            snap = apply_keep(graph, info, keep)
+            if not opts.verify:
+                new_graph = self._recapture(graph, snap)
+                break
+            checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap)
+            if checked is not None:
+                new_graph = checked
+                break
+            for gid in culprits:
+                g = info.groups[gid]
+                exclude.add(gid)
+                frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})), why))
+            log.info("freezing %d group(s): %s", len(culprits), why)
+        else:
+            raise VerificationError(
+                f"the rewritten model kept contradicting the plan after {opts.max_retries} retries; "
+                "the model was restored"
+            )
+        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept_counts.items())]
+        params, flops = predict_cost(graph, info, kept_counts)
+        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, params, flops, attempt))
+
+    @staticmethod
+    def _recapture(graph: Graph, snap: Snapshot) -> Graph:
+        try:
+            return capture_call(graph.module, graph.args, graph.kwargs)
+        except CaptureError as exc:
+            snap.restore()
+            raise VerificationError(f"the pruned model no longer captures; it was restored: {exc}") from exc
+
+    def _verify(
+        self,
+        graph: Graph,
+        info: DependencyInfo,
+        keep: dict[int, np.ndarray],
+        kept: dict[int, int],
+        snap: Snapshot,
+    ) -> tuple[Graph | None, set[int], str]:
+        """Check the rewritten model against the plan.
+
+        Returns the new capture when it agrees; otherwise restores the model and names the culprit groups.
+        """
+        new, problem = _shape_problem(graph, info, kept)
+        if problem is None:
+            return new, set(), ""
+        snap.restore()
+        node_name, bad_atoms, detail = problem
+        culprits: set[int] = set()
+        for atom in bad_atoms:
+            culprits.update(leaf for leaf in info.table.leaves(atom) if leaf in keep)
+        if not culprits:
+            culprits = self._bisect(graph, info, keep)
+        return None, culprits, f"the model's code disagrees with pruning it ({detail}); a size is probably hard-coded"
+
+    def _bisect(self, graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) -> set[int]:
+        """Find a smallest set of groups whose pruning alone breaks the model."""
+
+        def fails(ids: list[int]) -> bool:
+            sub = {g: keep[g] for g in ids}
+            snap = apply_keep(graph, info, sub)
+            try:
+                return _shape_problem(graph, info, {g: int(m.sum()) for g, m in sub.items()})[1] is not None
+            finally:
+                snap.restore()
+
+        ids = sorted(keep)
+        while len(ids) > 1:
+            half, rest = ids[: len(ids) // 2], ids[len(ids) // 2:]
+            if fails(half):
+                ids = half
+            elif fails(rest):
+                ids = rest
+            else:
+                break
+        return set(ids)
+
+
+def _shape_problem(
+    graph: Graph, info: DependencyInfo, kept: dict[int, int]
+) -> tuple[Graph | None, tuple[str, list[int], str] | None]:
+    """Capture the (already rewritten) module and compare every traced shape with the prediction.
+
+    Returns (new capture, None) when they agree, else (capture or None, (node, atoms of the mismatching
+    dims, description)).
+    """
+    try:
+        new = capture_call(graph.module, graph.args, graph.kwargs)
+    except CaptureError as exc:
+        return None, ("<capture>", [], str(exc).splitlines()[0])
+    old_nodes = [n for n in graph.nodes() if n.op in ("placeholder", "call_function")]
+    new_nodes = [n for n in new.nodes() if n.op in ("placeholder", "call_function")]
+    memo: dict[int, int] = {}
+    for i, old in enumerate(old_nodes):
+        if i >= len(new_nodes) or new_nodes[i].target != old.target:
+            return new, (old.name, [], f"the traced graph changed structure at node '{old.name}'")
+        new_val, old_val = new_nodes[i].meta.get("val"), old.meta.get("val")
+        pairs = list(zip(new_val, old_val, strict=False)) if isinstance(old_val, (list, tuple)) and isinstance(
+            new_val, (list, tuple)) else [(new_val, old_val)]
+        for k, (nv, ov) in enumerate(pairs):
+            if tensor_shape(ov) is None:
+                continue
+            key = (old.name, k if isinstance(old_val, (list, tuple)) else -1)
+            if key not in info.values:
+                continue
+            want = info.shape_under(key, kept, memo)
+            got = tensor_shape(nv)
+            if got != want:
+                bad = [a for d, a in enumerate(info.values[key]) if got is None or d >= len(got) or got[d] != want[d]]
+                return new, (old.name, bad, f"node '{old.name}' ({old.target}) traced {got}, plan says {want}")
+    if len(new_nodes) != len(old_nodes):
+        return new, ("<graph>", [], "the traced graph changed structure")
+    return new, None

@@ -1,0 +1,244 @@
+"""ScoreChannels: importance of every channel of every group.
+
+Criteria:
+    ``l1`` / ``l2``: magnitude of all the weights a channel owns across the group (sum of |w|, root of sum
+    of w^2). ``maw``: maximum absolute weight (the GLU width-pruning criterion). ``taylor``: first-order
+    Taylor, sum of |w * dL/dw| over calibration batches. ``activation``: Wanda / FLAP style,
+    RMS of the input activation of each consumer (linear / conv) times the norm of that consumer's weight
+    column; groups with no consumer fall back to ``l2``. A callable ``(graph, info, group) -> scores`` is
+    also accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.errors import BudgetError
+from secateurs.frontends.torch_export import split_inputs
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.ir.graph import Graph
+from secateurs.passes.base import Pass, PassResult
+
+__all__ = ["CRITERIA", "ChannelScores", "ScoreChannels"]
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("l1", "l2", "maw", "taylor", "activation")
+Criterion = str | Callable[[Graph, DependencyInfo, ChannelGroup], np.ndarray]
+LossFn = Callable[[Any], torch.Tensor]
+
+
+@dataclasses.dataclass
+class ChannelScores:
+    """Per-group channel importances (higher = more important)."""
+
+    criterion: str
+    scores: dict[int, np.ndarray]
+    fallback: tuple[int, ...] = ()
+
+
+def _reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
+    hit = idx >= 0
+    if how == "max":
+        out = np.zeros(size)
+        np.maximum.at(out, idx[hit], values[hit])
+        return out
+    return np.bincount(idx[hit], weights=values[hit], minlength=size).astype(np.float64)
+
+
+def _per_position(t: torch.Tensor, dim: int, how: str) -> np.ndarray:
+    x = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
+    if how == "l1":
+        r = x.abs().sum(1)
+    elif how == "l2":
+        r = x.pow(2).sum(1)
+    else:
+        r = x.abs().amax(1) if x.shape[1] else torch.zeros(x.shape[0])
+    return r.double().cpu().numpy()
+
+
+def _default_loss(output: Any) -> torch.Tensor:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise BudgetError("taylor importance needs a floating-point model output or a loss_fn")
+    return sum(0.5 * t.float().pow(2).mean() for t in leaves)  # type: ignore[return-value]
+
+
+class ScoreChannels(Pass):
+    """Analysis pass: score every channel of every prunable group; attaches :class:`ChannelScores`."""
+
+    requires = (DependencyInfo,)
+    provides = (ChannelScores,)
+
+    def __init__(
+        self,
+        criterion: Criterion = "l2",
+        *,
+        calib: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        """Create the pass.
+
+        Args:
+            criterion: One of :data:`CRITERIA` or a callable ``(graph, info, group) -> scores``.
+            calib: Calibration batches (each a tuple of positional inputs or a dict of keyword inputs) for
+                ``taylor`` and ``activation``; defaults to the capture's example inputs.
+            loss_fn: Loss on the model output for ``taylor``; defaults to half the mean square of the
+                floating-point outputs.
+
+        """
+        if not callable(criterion) and criterion not in CRITERIA:
+            raise BudgetError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        self.criterion = criterion
+        self.calib = calib
+        self.loss_fn = loss_fn
+
+    def _batches(self, graph: Graph) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        if self.calib is None:
+            return [(graph.args, graph.kwargs)]
+        out = [split_inputs(graph.module, b) for b in self.calib]
+        if not out:
+            raise BudgetError("calibration data is empty")
+        return out
+
+    def run(self, graph: Graph) -> PassResult:
+        """Score every group of the dependency analysis."""
+        info = graph.analysis(DependencyInfo)
+        module = graph.module
+        scores: dict[int, np.ndarray] = {}
+        fallback: list[int] = []
+        if callable(self.criterion):
+            for g in info.iter_groups():
+                s = np.asarray(self.criterion(graph, info, g), dtype=np.float64)
+                if s.shape != (g.size,):
+                    raise BudgetError(f"custom importance for group {g.name} has shape {s.shape}, expected ({g.size},)")
+                scores[g.id] = s
+            graph.analyses[ChannelScores] = ChannelScores("custom", scores)
+            return PassResult(graph, False, graph.analyses[ChannelScores])
+        crit = str(self.criterion)
+        grads: dict[str, torch.Tensor] = {}
+        act: dict[tuple[str, int], np.ndarray] = {}
+        if crit == "taylor":
+            grads = self._taylor(graph)
+        elif crit == "activation":
+            act = self._activations(graph, info)
+        for g in info.iter_groups():
+            total = np.zeros(g.size)
+            used = False
+            for m in g.members:
+                if not m.is_param:
+                    continue
+                idx = info.channel_positions(m, g.id)
+                w = module.get_parameter(m.name)
+                if crit in ("l1", "l2", "maw"):
+                    how = {"l1": "l1", "l2": "l2", "maw": "max"}[crit]
+                    per = _per_position(w, m.dim, "l1" if how == "l1" else ("l2" if how == "l2" else "max"))
+                    red = _reduce_positions(per, idx, g.size, "max" if how == "max" else "sum")
+                    total = np.maximum(total, red) if how == "max" else total + red
+                    used = True
+                elif crit == "taylor":
+                    gw = grads.get(m.name)
+                    if gw is None:
+                        continue
+                    per = _per_position(gw, m.dim, "l1")
+                    total += _reduce_positions(per, idx, g.size, "sum")
+                    used = True
+                else:
+                    norms = act.get((m.placeholder, m.dim))
+                    if norms is None:
+                        continue
+                    col = np.sqrt(_per_position(w, m.dim, "l2"))
+                    total += _reduce_positions(norms * col, idx, g.size, "sum")
+                    used = True
+            if crit == "l2":
+                total = np.sqrt(total)
+            if not used:
+                fallback.append(g.id)
+                total = np.zeros(g.size)
+                for m in g.members:
+                    if m.is_param:
+                        per = _per_position(module.get_parameter(m.name), m.dim, "l2")
+                        total += _reduce_positions(per, info.channel_positions(m, g.id), g.size, "sum")
+                total = np.sqrt(total)
+            scores[g.id] = total
+        if fallback:
+            log.info("%d groups had no %s statistics and were scored by l2", len(fallback), crit)
+        result = ChannelScores(crit, scores, tuple(fallback))
+        graph.analyses[ChannelScores] = result
+        return PassResult(graph, False, result)
+
+    def _taylor(self, graph: Graph) -> dict[str, torch.Tensor]:
+        module = graph.module
+        loss_fn = self.loss_fn or _default_loss
+        params = dict(module.named_parameters())
+        acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        was_training = module.training
+        module.eval()
+        try:
+            for args, kwargs in self._batches(graph):
+                module.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss = loss_fn(module(*args, **kwargs))
+                    loss.backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n] += (p.detach().float() * p.grad.float()).abs()
+        finally:
+            module.zero_grad(set_to_none=True)
+            module.train(was_training)
+        return acc
+
+    def _activations(self, graph: Graph, info: DependencyInfo) -> dict[tuple[str, int], np.ndarray]:
+        """RMS of each consumer's input activation per input channel, keyed by (weight placeholder, dim).
+
+        Activations are read with forward pre-hooks on the modules that own consumer weights (linear,
+        conv, Hugging Face Conv1D), so calibration batches may have any batch size and sequence length.
+        """
+        module = graph.module
+        state = {**graph.params, **graph.buffers}
+        sums: dict[tuple[str, int], torch.Tensor] = {}
+        counts: dict[tuple[str, int], int] = {}
+        hooks = []
+        seen: set[str] = set()
+        for use in info.consumers:
+            fqn = state.get(use.weight_node)
+            if fqn is None or use.weight_node in seen:
+                continue
+            path, _, leaf = fqn.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            if leaf != "weight":
+                continue
+            if isinstance(owner, nn.modules.conv._ConvNd):
+                channel_dim = 1
+            elif isinstance(owner, nn.Linear) or type(owner).__name__ == "Conv1D":
+                channel_dim = -1
+            else:
+                continue
+            seen.add(use.weight_node)
+            key = (use.weight_node, use.weight_dim)
+
+            def hook(_mod: nn.Module, inputs: tuple[Any, ...], key: tuple[str, int] = key, dim: int = channel_dim) -> None:
+                x = inputs[0].detach().float().movedim(dim, -1)
+                x = x.reshape(-1, x.shape[-1])
+                sums[key] = sums.get(key, torch.zeros(x.shape[-1])) + x.pow(2).sum(0)
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            hooks.append(owner.register_forward_pre_hook(hook))
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for args, kwargs in self._batches(graph):
+                    module(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+            module.train(was_training)
+        return {k: torch.sqrt(v / max(counts[k], 1)).double().numpy() for k, v in sums.items()}

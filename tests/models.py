@@ -1,0 +1,94 @@
+"""Small hand-written modules used across tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn1(self.conv1(x))))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.gconv = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.out = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.dw(F.relu(self.gconv(F.relu(self.conv1(x)))))))
+
+
+class FlattenHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 7)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+class CatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(3, 10, 1)
+        self.mix = nn.Conv2d(16, 12, 1)
+        self.left = nn.Conv2d(5, 3, 1)
+        self.right = nn.Conv2d(7, 3, 1)
+
+    def forward(self, x):
+        y = self.mix(torch.cat([self.a(x), self.b(x)], 1))
+        l, r = torch.split(y, [5, 7], dim=1)
+        return self.left(l) + self.right(r)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention written the Llama way (view with -1, sdpa with GQA)."""
+
+    def __init__(self, dim=24, heads=6, kv_heads=2, head_dim=5):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, kv_heads * head_dim)
+        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+        self.up = nn.Linear(dim, 40)
+        self.gate = nn.Linear(dim, 40)
+        self.down = nn.Linear(40, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class HardCodedView(nn.Module):
+    """Reshapes with a literal channel count: pruning conv1 must be refused by verification."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x)))
+        y = y.reshape(x.shape[0], 16, -1).mean(-1)  # literal 16
+        return self.fc(y)

@@ -1,0 +1,193 @@
+"""PruneChannels: ratio-0 identity, exactness on dead channels, targets, scopes, rounding, refusal."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import secateurs as sc
+from helpers import call, dead_importance, first_tensor, make_dead
+from secateurs.errors import BudgetError
+from secateurs.ir import analyze
+from secateurs.passes import AnalyzeDependencies, ChannelOptions, PassManager, PruneChannels, ScoreChannels
+
+CASES = [
+    ("ConvBN", (2, 3, 6, 6)),
+    ("Grouped", (2, 3, 6, 6)),
+    ("FlattenHead", (2, 3, 4, 4)),
+    ("CatSplit", (2, 3, 5, 5)),
+    ("Attention", (2, 7, 24)),
+]
+
+
+def _randomise_bn(model):
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_ratio_zero_is_bit_identical(name, shape):
+    model = getattr(models, name)().eval()
+    _randomise_bn(model)
+    x = (torch.randn(*shape),)
+    ref = call(model, x)
+    state = copy.deepcopy(model.state_dict())
+    report = sc.prune(model, x, ratio=0.0)
+    assert torch.equal(call(model, x), ref)
+    assert report.params_after == report.params_before and report.changes == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_dead_channels_prune_exactly(name, shape, ratio):
+    model = getattr(models, name)().eval()
+    _randomise_bn(model)
+    x = (torch.randn(*shape),)
+    dead, _ = make_dead(model, x, ratio)
+    assert dead, "the model has prunable groups"
+    ref = call(model, x)
+    report = sc.prune(model, x, ratio=ratio, importance=dead_importance(dead), round_to=1, min_keep=0.0)
+    out = call(model, x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert report.params_after < report.params_before
+    assert report.flops_after < report.flops_before
+    removed = sum(c.before - c.after for c in report.changes)
+    if name == "CatSplit":
+        # torch.split([5, 7]) is a literal in forward(): verification freezes the groups it couples.
+        assert report.retries >= 1 and any("hard-coded" in f.reason for f in report.frozen)
+        assert 0 < removed < sum(len(v) for v in dead.values())
+    else:
+        assert report.retries == 0
+        assert removed == sum(len(v) for v in dead.values())
+
+
+def test_grouped_conv_groups_attribute_follows_whole_group_pruning():
+    model = models.Grouped().eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    info = analyze(sc.capture(model, x))
+    whole = [g for g in info.iter_groups() if any(m.name == "gconv.bias" and m.stride == 6 for m in g.members)][0]
+
+    def crit(graph, info, group):
+        s = np.ones(group.size)
+        if group.size == whole.size and any(m.name == "gconv.bias" and m.stride == 6 for m in group.members):
+            s[1] = 0
+        return s
+
+    ref_shape = call(model, x).shape
+    sc.prune(model, x, ratio=0.25, importance=crit, round_to=1, min_keep=0.0)
+    assert model.gconv.groups == 3
+    assert model.gconv.in_channels == model.conv1.out_channels
+    assert model.dw.groups == model.dw.in_channels == model.gconv.out_channels
+    assert call(model, x).shape == ref_shape
+
+
+def test_output_shapes_and_reexport_after_pruning():
+    model = models.Attention().eval()
+    x = (torch.randn(2, 7, 24),)
+    sc.prune(model, x, ratio=0.5, round_to=1)
+    assert model.q.out_features < 30 and model.k.out_features in (5, 10)
+    assert call(model, x).shape == (2, 7, 24)
+    torch.export.export(model, x, strict=False)  # exports again
+    state = model.state_dict()
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(call(fresh, x), call(model, x), atol=0, rtol=0)
+
+
+def test_gqa_groups_stay_equal_size():
+    model = models.Attention().eval()
+    x = (torch.randn(2, 7, 24),)
+    sc.prune(model, x, ratio=0.5, round_to=1)
+    kv_heads = model.k.out_features // 5
+    q_heads = model.q.out_features // 5
+    assert q_heads % kv_heads == 0
+
+
+def test_hard_coded_size_is_caught_frozen_and_model_still_correct():
+    model = models.HardCodedView().eval()
+    x = (torch.randn(2, 3, 4, 4),)
+    ref = call(model, x)
+    report = sc.prune(model, x, ratio=0.5, round_to=1)
+    assert report.retries >= 1
+    assert any("hard-coded" in f.reason for f in report.frozen)
+    assert model.conv2.out_channels == 16  # the literal-coupled group stayed whole
+    assert model.conv1.out_channels == 8  # the other group was still pruned
+    assert call(model, x).shape == ref.shape
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_budget_targets_are_reached(target, scope):
+    model = models.Grouped().eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    report = sc.prune(model, x, ratio=0.3, target=target, scope=scope, round_to=1, min_keep=0.0)
+    if target == "params":
+        assert report.params_after <= 0.7 * report.params_before + 1
+    else:
+        assert report.flops_after <= 0.7 * report.flops_before + 1
+
+
+def test_global_scope_prunes_unevenly_and_keeps_floor():
+    model = models.CatSplit().eval()
+    with torch.no_grad():
+        model.b.weight.mul_(100)  # b's channels look far more important
+    x = (torch.randn(1, 3, 5, 5),)
+    sc.prune(model, x, ratio=0.4, scope="global", round_to=1, min_keep=0.2)
+    assert model.a.out_channels < 6 or model.b.out_channels < 10
+    for conv, n in ((model.a, 6), (model.b, 10)):
+        assert conv.out_channels >= int(np.ceil(0.2 * n))
+
+
+def test_round_to_keeps_multiples():
+    model = models.ConvBN()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1)
+    model.bn1 = torch.nn.BatchNorm2d(64)
+    model.conv2 = torch.nn.Conv2d(64, 4, 1)
+    model.eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    sc.prune(model, x, ratio=0.3, round_to=8)
+    assert model.conv1.out_channels % 8 == 0 and model.conv1.out_channels < 64
+
+
+def test_ignore_leaves_named_modules_alone():
+    model = models.CatSplit().eval()
+    x = (torch.randn(1, 3, 5, 5),)
+    report = sc.prune(model, x, ratio=0.5, round_to=1, ignore=["a"])
+    assert model.a.out_channels == 6 and model.b.out_channels == 5
+    assert any(f.reason == "ignored by the user" for f in report.frozen)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_ratio_is_refused(bad):
+    with pytest.raises(BudgetError, match="ratio"):
+        sc.prune(models.ConvBN(), (torch.randn(1, 3, 4, 4),), ratio=bad)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(BudgetError, match="scope"):
+        ChannelOptions(scope="everywhere")
+    with pytest.raises(BudgetError, match="target"):
+        ChannelOptions(target="bytes")
+    with pytest.raises(BudgetError, match="criterion"):
+        ScoreChannels("entropy")
+
+
+def test_pass_manager_pipeline_and_noop_result():
+    model = models.ConvBN().eval()
+    graph = sc.capture(model, (torch.randn(1, 3, 4, 4),))
+    result = PassManager([AnalyzeDependencies(), ScoreChannels("l1"), PruneChannels(ratio=0.0)])(graph)
+    assert result.modified is False
+    graph = sc.capture(model, (torch.randn(1, 3, 4, 4),))
+    result = PassManager([AnalyzeDependencies(), ScoreChannels("l1"), PruneChannels(ratio=0.5, round_to=1)])(graph)
+    assert result.modified is True and model.conv1.out_channels == 4
+    assert result.graph is not graph  # a fresh capture of the rewritten module
+    assert first_tensor(call(model, (torch.randn(1, 3, 4, 4),))).shape == (1, 4, 4, 4)
