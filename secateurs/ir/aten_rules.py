@@ -70,7 +70,7 @@ _ELEMENTWISE = [
     aten.abs.default, aten.erf.default, aten.sin.default, aten.cos.default, aten.reciprocal.default,
     aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.square.default,
     aten.log1p.default, aten.expm1.default, aten.isnan.default, aten.isinf.default,
-    aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
+    aten.dropout.default, aten.dropout_.default, aten.alpha_dropout.default, aten.feature_dropout.default,
     aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
     aten.detach_.default, aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype,
     aten.to.device, aten.to.dtype_layout, aten.to.other, aten.type_as.default,
@@ -764,18 +764,28 @@ def _index_select(ctx: RuleContext, node: fx.Node) -> None:
 
 @op_rule(aten.index.Tensor)
 def _index(ctx: RuleContext, node: fx.Node) -> None:
-    """Advanced indexing: indexed dims are frozen; leading unindexed dims pass through."""
+    """Advanced indexing: indexed dims are frozen; unindexed dims before and after the block pass through.
+
+    With one contiguous block of index tensors the result is ``x[:first] + index shape + x[last+1:]``.
+    """
     x = node.args[0]
     indices = list(node.args[1])
-    sx = ctx.shape(x)
-    assert sx is not None
-    for i, ix in enumerate(indices):
-        if ix is not None:
-            ctx.freeze([ctx.dims(x)[i]], "indexed by tensor indices")
-            ctx.freeze_value(ix, "index tensor")
-    first = next((i for i, ix in enumerate(indices) if ix is not None), len(indices))
+    sx, so = ctx.shape(x), ctx.shape(node)
+    assert sx is not None and so is not None
+    used = [i for i, ix in enumerate(indices) if ix is not None]
+    for i in used:
+        ctx.freeze([ctx.dims(x)[i]], "indexed by tensor indices")
+        ctx.freeze_value(indices[i], "index tensor")
+    if not used:
+        ctx.same_dims(x, node)
+        return
+    first, last = used[0], used[-1]
     for i in range(first):
         ctx.unify_dims(x, i, node, i)
+    if used == list(range(first, last + 1)):
+        trailing = len(sx) - last - 1
+        for k in range(trailing):
+            ctx.unify_dims(x, len(sx) - trailing + k, node, len(so) - trailing + k)
 
 
 # --------------------------------------------------------------------------------------- factories, misc

@@ -32,6 +32,7 @@ class Member:
         dim: The sliced dimension.
         is_param: True for a parameter, False for a buffer.
         stride: Flat positions of this dim per channel of the group (``head_dim`` for a head group).
+        numel_per_channel: Tensor elements removed from this member per channel removed.
 
     """
 
@@ -40,6 +41,7 @@ class Member:
     dim: int
     is_param: bool
     stride: int
+    numel_per_channel: int = 0
 
 
 @dataclasses.dataclass
@@ -72,9 +74,15 @@ class ChannelGroup:
         return f"{first.name}[{first.dim}]" + (f" (+{more})" if more else "")
 
     @property
-    def min_stride(self) -> int:
-        """Smallest per-channel stride over parameter members (1 for a plain channel)."""
-        return min((m.stride for m in self.members if m.is_param), default=1)
+    def stride(self) -> int:
+        """Flat positions per channel in the member that holds the most weights per channel.
+
+        A plain channel has stride 1; an attention head has stride ``head_dim`` in its q/k/v/o weights (a
+        small per-head bias table does not count). Rounding kept sizes for tensor cores uses this.
+        """
+        best = max((m for m in self.members if m.is_param), key=lambda m: (m.numel_per_channel, -m.stride),
+                   default=None)
+        return best.stride if best is not None else 1
 
     def module_names(self) -> set[str]:
         """Names of the modules owning the members."""
@@ -213,10 +221,11 @@ def analyze(graph: Graph) -> DependencyInfo:
                 if table.size(leaf) <= 1:
                     continue
                 stride = table.others_in_product(atom, leaf)
-                members.setdefault(leaf, []).append(Member(name, fqn, d, name in graph.params, stride))
+                shp = tensor_shape(graph.node(name).meta.get("val")) or (1,)
+                per = math.prod(shp) // max(shp[d], 1) * stride
+                members.setdefault(leaf, []).append(Member(name, fqn, d, name in graph.params, stride, per))
     groups: dict[int, ChannelGroup] = {}
     frozen: list[FrozenGroup] = []
-    shapes = {n.name: tensor_shape(n.meta.get("val")) for n in graph.nodes() if n.op == "placeholder"}
     for leaf, mem in members.items():
         if not any(m.is_param for m in mem):
             continue
@@ -226,11 +235,7 @@ def analyze(graph: Graph) -> DependencyInfo:
             if is_channel:
                 frozen.append(FrozenGroup(size, tuple(sorted({f"{m.name}[{m.dim}]" for m in mem})), reason))
             continue
-        per = 0
-        for m in mem:
-            shp = shapes[m.placeholder]
-            if m.is_param and shp is not None:
-                per += math.prod(shp) // shp[m.dim] * m.stride
+        per = sum(m.numel_per_channel for m in mem if m.is_param)
         groups[leaf] = ChannelGroup(leaf, size, tuple(mem), per, mixed.get(leaf))
     log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
     return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported)

@@ -93,7 +93,7 @@ class PruneRecord:
 
 
 def _align(group: ChannelGroup, round_to: int) -> int:
-    return round_to // math.gcd(round_to, group.min_stride)
+    return round_to // math.gcd(round_to, group.stride)
 
 
 def _round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:

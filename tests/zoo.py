@@ -1,0 +1,78 @@
+"""Small real architectures built from Hugging Face configs (random weights, no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers as tf
+
+SEQ = 12
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, SEQ))
+
+
+def bert() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=40)
+    ids = _ids(120)
+    return tf.BertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def gpt2() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=40, bos_token_id=0,
+                        eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg), {"input_ids": _ids(120)}
+
+
+def llama() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=40)
+    return tf.LlamaForCausalLM(cfg), {"input_ids": _ids(120)}
+
+
+def vit() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                       image_size=32, patch_size=8, num_labels=10)
+    return tf.ViTForImageClassification(cfg), (torch.randn(2, 3, 32, 32),)
+
+
+def swin() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=4,
+                        num_labels=10)
+    return tf.SwinForImageClassification(cfg), (torch.randn(2, 3, 32, 32),)
+
+
+def resnet() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.ResNetConfig(embedding_size=16, hidden_sizes=[24, 48], depths=[1, 1], num_labels=10)
+    return tf.ResNetForImageClassification(cfg), (torch.randn(2, 3, 32, 32),)
+
+
+def convnext() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+    return tf.ConvNextForImageClassification(cfg), (torch.randn(2, 3, 32, 32),)
+
+
+def mobilenet_v2() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=10)
+    return tf.MobileNetV2ForImageClassification(cfg), (torch.randn(2, 3, 32, 32),)
+
+
+ZOO: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
+    "bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "swin": swin, "resnet": resnet,
+    "convnext": convnext, "mobilenet_v2": mobilenet_v2,
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, Any]:
+    torch.manual_seed(0)
+    model, inputs = ZOO[name]()
+    model.eval()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+    return model, inputs
