@@ -1,0 +1,84 @@
+"""ScoreChannels: each criterion ranks channels the way its definition says."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import secateurs as sc
+from secateurs.passes import AnalyzeDependencies, ChannelScores, ScoreChannels
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _model():
+    m = TwoLayer().eval()
+    with torch.no_grad():
+        m.fc1.weight.copy_(torch.ones(6, 4))
+        m.fc1.bias.zero_()
+        m.fc2.weight.copy_(torch.ones(3, 6))
+        m.fc1.weight[2].mul_(10)        # channel 2 has large weights
+        m.fc2.weight[:, 4] = 0.0        # channel 4 feeds nothing
+        m.fc1.weight[5, 0] = 50.0       # channel 5 has one huge weight
+    return m
+
+
+def _scores(model, criterion, **kw):
+    graph = sc.capture(model, (torch.randn(5, 4),))
+    AnalyzeDependencies()(graph)
+    ScoreChannels(criterion, **kw)(graph)
+    (scores,) = graph.analysis(ChannelScores).scores.values()
+    return scores
+
+
+def test_l1_l2_sum_over_the_group():
+    m = _model()
+    l1 = _scores(m, "l1")
+    # channel c: fc1 row (4 weights) + fc1 bias + fc2 column (3 weights)
+    assert l1[0] == pytest.approx(4 + 3)
+    assert l1[2] == pytest.approx(40 + 3)
+    assert l1[4] == pytest.approx(4)
+    l2 = _scores(m, "l2")
+    assert l2[0] == pytest.approx(np.sqrt(4 + 3))
+    assert np.argmin(l2) == 4
+
+
+def test_maw_is_the_max_abs_weight():
+    maw = _scores(_model(), "maw")
+    assert maw[5] == pytest.approx(50) and maw[2] == pytest.approx(10) and maw[0] == pytest.approx(1)
+
+
+def test_activation_uses_input_rms_times_weight_column_norm():
+    m = _model()
+    x = torch.ones(8, 4)
+    scores = _scores(m, "activation", calib=[(x,)])
+    h = torch.relu(m.fc1(x))
+    expected = h.pow(2).mean(0).sqrt() * m.fc2.weight.norm(dim=0)
+    np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-5)
+    assert scores[4] == 0
+
+
+def test_taylor_is_weight_times_gradient():
+    m = _model()
+    x = torch.randn(8, 4)
+    scores = _scores(m, "taylor", calib=[(x,)], loss_fn=lambda out: out.sum())
+    m.zero_grad()
+    m(x).sum().backward()
+    expected = ((m.fc1.weight * m.fc1.weight.grad).abs().sum(1) + (m.fc1.bias * m.fc1.bias.grad).abs()
+                + (m.fc2.weight * m.fc2.weight.grad).abs().sum(0))
+    np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-5)
+
+
+def test_empty_calibration_and_bad_custom_scores_are_refused():
+    with pytest.raises(sc.BudgetError, match="calibration data is empty"):
+        _scores(_model(), "activation", calib=[])
+    with pytest.raises(sc.BudgetError, match="shape"):
+        _scores(_model(), lambda g, i, grp: np.ones(2))
