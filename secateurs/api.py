@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -67,13 +68,22 @@ class Report:
         if len(self.changes) > 20:
             lines.append(f"  ... {len(self.changes) - 20} more")
         lines.append(f"frozen groups: {len(self.frozen)}")
-        for f in self.frozen[:20]:
-            lines.append(f"  {f}")
-        if len(self.frozen) > 20:
-            lines.append(f"  ... {len(self.frozen) - 20} more")
+        for reason, items in _by_reason(self.frozen).items():
+            example = items[0]
+            more = f" and {len(items) - 1} like it" if len(items) > 1 else ""
+            lines.append(f"  {reason}: {', '.join(example.members[:3])}"
+                         f"{' ...' if len(example.members) > 3 else ''} x{example.size}{more}")
         if self.unsupported_ops:
             lines.append("unsupported ops (channels frozen): " + ", ".join(self.unsupported_ops[:10]))
         return "\n".join(lines)
+
+
+def _by_reason(frozen: Sequence[FrozenGroup]) -> dict[str, list[FrozenGroup]]:
+    """Frozen groups keyed by reason, with per-layer node suffixes (``sdpa_3``) folded together."""
+    out: dict[str, list[FrozenGroup]] = {}
+    for f in frozen:
+        out.setdefault(re.sub(r"_\d+'", "'", f.reason), []).append(f)
+    return out
 
 
 def prune(
@@ -87,6 +97,7 @@ def prune(
     min_keep: float = 0.1,
     round_to: int = 8,
     ignore: Sequence[str] = (),
+    hidden: bool = False,
     calib: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     verify: bool = True,
@@ -104,6 +115,7 @@ def prune(
         min_keep: Per-group floor as a fraction of its channels.
         round_to: Keep every sliced dim a multiple of this (1 disables).
         ignore: Module names (or prefixes ending in ``.``) whose groups are left alone.
+        hidden: Also prune channels that enter a cross-channel normalisation (a transformer's hidden size).
         calib: Calibration batches for ``taylor`` / ``activation`` (defaults to ``example_inputs``).
         loss_fn: Loss on the model output for ``taylor``.
         verify: Re-capture and check every traced shape against the plan (recommended).
@@ -114,7 +126,7 @@ def prune(
     """
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
-        verify=verify,
+        hidden=hidden, verify=verify,
     )
     graph = capture(model, example_inputs)
     params_before = graph.param_count()

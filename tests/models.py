@@ -92,3 +92,37 @@ class HardCodedView(nn.Module):
         y = self.conv2(F.relu(self.conv1(x)))
         y = y.reshape(x.shape[0], 16, -1).mean(-1)  # literal 16
         return self.fc(y)
+
+
+class UNetish(nn.Module):
+    """GroupNorm (whole groups prune exactly), strided conv, transposed conv, skip concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.inc = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 6, 2, stride=2)
+        self.outc = nn.Conv2d(14, 4, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.gn(self.inc(x)))
+        y = F.relu(self.up(F.relu(self.down(skip))))
+        return self.outc(torch.cat([skip, y], 1))
+
+
+class Seq1d(nn.Module):
+    """Embedding, Conv1d over the sequence, residual and LayerNorm over the (frozen) model width."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.c1 = nn.Conv1d(12, 10, 3, padding=1)
+        self.c2 = nn.Conv1d(10, 12, 3, padding=1)
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        y = self.c2(F.gelu(self.c1(h.transpose(1, 2)))).transpose(1, 2)
+        return self.head(self.norm(h + y))

@@ -140,3 +140,17 @@ def test_tied_weights_are_one_tensor():
     sc.prune(model, (ids,), ratio=0.5, round_to=1, scope="local")
     assert model.head.weight is model.emb.weight
     assert model(ids).shape == (2, 5, 11)
+
+
+def test_per_channel_costs_match_the_layer_arithmetic():
+    from secateurs.ir.cost import count_flops, per_channel_costs
+
+    graph = sc.capture(models.FlattenHead().eval(), (torch.randn(1, 3, 4, 4),))
+    info = analyze(graph)
+    (gid,) = info.groups
+    params, flops = per_channel_costs(graph, info)[gid]
+    # one conv channel: 3*3*3 weights + 1 bias, and 16 inputs of fc (flattened 4x4 map) for each of 7 outputs
+    assert params == 27 + 1 + 16 * 7 == info.groups[gid].params_per_channel
+    # conv: 2 * (4*4 outputs) * 27 MACs; fc: 2 * 7 * 16
+    assert flops == 2 * 16 * 27 + 2 * 7 * 16
+    assert count_flops(graph) == 2 * 6 * 16 * 27 + 2 * 7 * 96

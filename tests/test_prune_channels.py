@@ -19,7 +19,15 @@ CASES = [
     ("FlattenHead", (2, 3, 4, 4)),
     ("CatSplit", (2, 3, 5, 5)),
     ("Attention", (2, 7, 24)),
+    ("UNetish", (2, 3, 8, 8)),
+    ("Seq1d", None),
 ]
+
+
+def _inputs(name, shape):
+    if name == "Seq1d":
+        return (torch.randint(0, 20, (2, 9)),)
+    return (torch.randn(*shape),)
 
 
 def _randomise_bn(model):
@@ -35,7 +43,7 @@ def _randomise_bn(model):
 def test_ratio_zero_is_bit_identical(name, shape):
     model = getattr(models, name)().eval()
     _randomise_bn(model)
-    x = (torch.randn(*shape),)
+    x = _inputs(name, shape)
     ref = call(model, x)
     state = copy.deepcopy(model.state_dict())
     report = sc.prune(model, x, ratio=0.0)
@@ -50,7 +58,7 @@ def test_ratio_zero_is_bit_identical(name, shape):
 def test_dead_channels_prune_exactly(name, shape, ratio):
     model = getattr(models, name)().eval()
     _randomise_bn(model)
-    x = (torch.randn(*shape),)
+    x = _inputs(name, shape)
     dead, _ = make_dead(model, x, ratio)
     assert dead, "the model has prunable groups"
     ref = call(model, x)
@@ -68,6 +76,24 @@ def test_dead_channels_prune_exactly(name, shape, ratio):
     else:
         assert report.retries == 0
         assert removed == sum(len(v) for v in dead.values())
+
+
+def test_group_norm_loses_whole_groups_and_transposed_conv_shrinks():
+    model = models.UNetish().eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    sc.prune(model, x, ratio=0.5, round_to=1, min_keep=0.0)
+    assert model.gn.num_groups == 2 and model.gn.num_channels == 4 == model.inc.out_channels
+    assert model.up.in_channels == model.down.out_channels == 8 and model.up.out_channels == 3
+    assert model.outc.in_channels == 4 + 3
+    assert call(model, x).shape == (1, 4, 8, 8)
+
+
+def test_layer_norm_width_is_hidden_and_left_alone_by_default():
+    model = models.Seq1d().eval()
+    ids = (torch.randint(0, 20, (2, 9)),)
+    report = sc.prune(model, ids, ratio=0.5, round_to=1)
+    assert model.norm.normalized_shape == (12,) and model.c1.out_channels == 5
+    assert any("hidden size" in f.reason for f in report.frozen)
 
 
 def test_grouped_conv_groups_attribute_follows_whole_group_pruning():
