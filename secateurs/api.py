@@ -89,15 +89,19 @@ def _by_reason(frozen: Sequence[FrozenGroup]) -> dict[str, list[FrozenGroup]]:
 def prune(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     *,
+    heads: float | None = None,
+    kv_groups: float | None = None,
+    ffn: float | None = None,
+    channels: float | None = None,
     importance: str | Callable[..., Any] = "l2",
     scope: str = "local",
     target: str = "channels",
     min_keep: float = 0.1,
     round_to: int = 8,
     ignore: Sequence[str] = (),
-    hidden: bool = False,
+    hidden: bool | float = False,
     calib: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     verify: bool = True,
@@ -107,7 +111,12 @@ def prune(
     Args:
         model: Any ``nn.Module``; it is rewritten in place (smaller tensors, updated attributes).
         example_inputs: A tuple of positional tensors or a dict of keyword tensors (Hugging Face style).
-        ratio: Fraction to remove, in [0, 1) (see ``target``).
+        ratio: Fraction to remove, in [0, 1) (see ``target``). Defaults to 0.3 when no per-structure ratio
+            is given, else to 0 (only the named structures are pruned).
+        heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
+        kv_groups: Fraction of KV groups (a KV head with all its query heads) to remove.
+        ffn: Fraction of MLP / GLU neurons (channels between two linear layers) to remove.
+        channels: Fraction of other channels (convolutions) to remove.
         importance: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"`` or a callable
             ``(graph, info, group) -> scores``.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking).
@@ -115,7 +124,8 @@ def prune(
         min_keep: Per-group floor as a fraction of its channels.
         round_to: Keep every sliced dim a multiple of this (1 disables).
         ignore: Module names (or prefixes ending in ``.``) whose groups are left alone.
-        hidden: Also prune channels that enter a cross-channel normalisation (a transformer's hidden size).
+        hidden: Also prune channels that enter a cross-channel normalisation (a transformer's hidden size):
+            ``True`` uses ``ratio``, a float is its own ratio.
         calib: Calibration batches for ``taylor`` / ``activation`` (defaults to ``example_inputs``).
         loss_fn: Loss on the model output for ``taylor``.
         verify: Re-capture and check every traced shape against the plan (recommended).
@@ -124,9 +134,15 @@ def prune(
         The report: parameters and FLOPs before and after, pruned and frozen groups.
 
     """
+    kinds = {"heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels}
+    kind_ratios = tuple((k, float(v)) for k, v in kinds.items() if v is not None)
+    if not isinstance(hidden, bool):
+        kind_ratios += (("hidden", float(hidden)),)
+    if ratio is None:
+        ratio = 0.0 if kind_ratios else 0.3
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
-        hidden=hidden, verify=verify,
+        hidden=hidden is True, kind_ratios=kind_ratios, verify=verify,
     )
     graph = capture(model, example_inputs)
     params_before = graph.param_count()

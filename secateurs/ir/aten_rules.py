@@ -252,10 +252,14 @@ def _sdpa(ctx: RuleContext, node: fx.Node) -> None:
         if sk[i] == sq[i]:
             ctx.unify_dims(q, i, k, i)
             ctx.unify_dims(q, i, v, i)
+            if i == rank - 3:
+                ctx.tag([ctx.dims(q)[i]], "heads")
         elif i == rank - 3 and sk[i] and sq[i] % sk[i] == 0:
             group = ctx.new(sq[i] // sk[i])
             ctx.unify(ctx.dims(q)[i], ctx.product([ctx.dims(k)[i], group]))
             ctx.unify_dims(k, i, v, i)
+            ctx.tag([ctx.dims(k)[i]], "kv_groups")
+            ctx.tag([group], "heads")
         else:
             ctx.freeze([ctx.dims(q)[i], ctx.dims(k)[i], ctx.dims(v)[i]], "attention batch dims do not match")
     if isinstance(mask, fx.Node):
@@ -590,8 +594,14 @@ def _permute(ctx: RuleContext, node: fx.Node) -> None:
 
 @op_rule(aten.expand.default, aten.expand_as.default, aten.broadcast_to.default)
 def _expand(ctx: RuleContext, node: fx.Node) -> None:
-    """Broadcast to a bigger shape: existing non-1 dims pass through; new dims are literals (frozen)."""
+    """Broadcast to a bigger shape: existing non-1 dims pass through.
+
+    A dim broadcast from size 1 holds identical copies, so any subset of them is as valid as all; it stays
+    free (Hugging Face's ``repeat_kv`` makes the query heads of a KV group this way). Whether the model's code
+    then expands to the smaller count is checked when the rewrite is verified.
+    """
     ctx.broadcast(node, [node.args[0]])
+    ctx.mark(*ctx.dims(node))
 
 
 @op_rule(aten.repeat.default)

@@ -53,6 +53,7 @@ class AtomTable:
         self._freeze: list[tuple[int, str, bool]] = []
         self.where = "graph"
         self._mixed: list[tuple[int, str]] = []
+        self._tags: list[tuple[int, str]] = []
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -89,6 +90,18 @@ class AtomTable:
         opposed to channels frozen by a limitation or a graph boundary; reports list only the latter.
         """
         self._freeze.append((atom, reason, channel))
+
+    def tag(self, atom: int, kind: str) -> None:
+        """Record that ``atom`` is a known structure (``heads``, ``kv_groups``) for the group classifier."""
+        self._tags.append((atom, kind))
+
+    def tagged_leaves(self) -> dict[int, set[str]]:
+        """Map every leaf under a tagged atom to its tags."""
+        out: dict[int, set[str]] = {}
+        for atom, kind in self._tags:
+            for leaf in self.leaves(atom):
+                out.setdefault(leaf, set()).add(kind)
+        return out
 
     def mark_mixed(self, atom: int, where: str) -> None:
         """Record that ``atom``'s channels enter a cross-channel statistic (a norm, a mean, a softmax)."""

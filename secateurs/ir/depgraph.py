@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from torch import fx
+from torch import fx, nn
 
 # Importing the table registers the ATen rules.
 import secateurs.ir.aten_rules  # noqa: F401
@@ -56,6 +56,10 @@ class ChannelGroup:
         mixed_at: Where the channels first enter a cross-channel statistic (LayerNorm / RMSNorm, a mean
             or softmax over channels), or None. Such groups (a transformer's hidden size) are pruned only
             on request, and pruning them is never exact.
+        kind: The structure: ``heads`` (attention heads, or query heads within each KV group),
+            ``kv_groups`` (a KV head with its query heads), ``ffn`` (neurons between linear layers: MLP /
+            GLU widths), ``hidden`` (channels that enter a normalisation: a transformer's hidden size) or
+            ``channels`` (anything else, e.g. conv channels).
 
     """
 
@@ -64,6 +68,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     params_per_channel: int
     mixed_at: str | None = None
+    kind: str = "channels"
 
     @property
     def name(self) -> str:
@@ -141,6 +146,31 @@ def _value_keys(node: fx.Node) -> list[Any]:
     return [node] if tensor_shape(val) is not None else []
 
 
+def _is_linear(module: Any) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _classify(group: ChannelGroup, tags: set[str], graph: Graph) -> str:
+    """Name a group's structure from rule tags, normalisation and the kinds of modules it slices."""
+    weight_strides = {m.stride for m in group.members if m.is_param and m.name.endswith("weight")}
+    if "kv_groups" in tags or ("heads" in tags and len(weight_strides) > 1):
+        # A KV head spans more query rows (its whole group) than key / value rows.
+        return "kv_groups"
+    if "heads" in tags:
+        return "heads"
+    if group.mixed_at is not None:
+        return "hidden"
+    weights = [m for m in group.members if m.is_param and m.name.endswith("weight")]
+    owners = []
+    for m in weights:
+        path = m.name.rpartition(".")[0]
+        owners.append(graph.module.get_submodule(path) if path else graph.module)
+    linear = [o for o in owners if _is_linear(o)]
+    if len(linear) >= 2 and all(_is_linear(o) or o.weight.dim() == 1 for o in owners):
+        return "heads" if group.stride > 1 else "ffn"
+    return "channels"
+
+
 def analyze(graph: Graph) -> DependencyInfo:
     """Propagate channels through ``graph`` with the op rule table.
 
@@ -211,6 +241,7 @@ def analyze(graph: Graph) -> DependencyInfo:
                 )
     frozen_leaves = table.frozen_leaves()
     mixed = table.mixed_leaves()
+    tags = table.tagged_leaves()
     members: dict[int, list[Member]] = {}
     for name, fqn in state.items():
         node_atoms = values.get((name, -1))
@@ -236,6 +267,8 @@ def analyze(graph: Graph) -> DependencyInfo:
                 frozen.append(FrozenGroup(size, tuple(sorted({f"{m.name}[{m.dim}]" for m in mem})), reason))
             continue
         per = sum(m.numel_per_channel for m in mem if m.is_param)
-        groups[leaf] = ChannelGroup(leaf, size, tuple(mem), per, mixed.get(leaf))
+        group = ChannelGroup(leaf, size, tuple(mem), per, mixed.get(leaf))
+        group.kind = _classify(group, tags.get(leaf, set()), graph)
+        groups[leaf] = group
     log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
     return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported)

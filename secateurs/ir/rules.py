@@ -244,6 +244,11 @@ class RuleContext:
             self.mark(a)
             self.table.freeze(a, f"{why} at {self.where()}", channel=channel)
 
+    def tag(self, atoms: Iterable[int], kind: str) -> None:
+        """Name the structure ``atoms`` are (``heads``, ``kv_groups``) so groups can be classified."""
+        for a in atoms:
+            self.table.tag(a, kind)
+
     def mixes(self, atoms: Iterable[int]) -> None:
         """Record that ``atoms`` enter a cross-channel statistic here (pruning them is never exact)."""
         for a in atoms:

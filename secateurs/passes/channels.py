@@ -23,6 +23,7 @@ __all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "pla
 log = logging.getLogger(__name__)
 
 TARGETS = ("channels", "params", "flops")
+KINDS = ("heads", "kv_groups", "ffn", "hidden", "channels")
 SCOPES = ("local", "global")
 
 
@@ -42,6 +43,9 @@ class ChannelOptions:
         ignore: Module names (or prefixes ending with ``.``) whose groups are never pruned.
         hidden: Also prune groups whose channels enter a cross-channel statistic (LayerNorm / RMSNorm over
             them: the hidden size / residual stream of a transformer). Off by default.
+        kind_ratios: Per-structure ratios, ``(("heads", 0.25), ("ffn", 0.3))``; a kind listed here uses its own
+            ratio instead of ``ratio`` (see ``ChannelGroup.kind``). Listing ``hidden`` enables it. Only with
+            ``target="channels"``.
         verify: Re-capture the rewritten model and check every traced shape against the plan.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
 
@@ -54,6 +58,7 @@ class ChannelOptions:
     round_to: int = 8
     ignore: tuple[str, ...] = ()
     hidden: bool = False
+    kind_ratios: tuple[tuple[str, float], ...] = ()
     verify: bool = True
     max_retries: int = 8
 
@@ -69,6 +74,17 @@ class ChannelOptions:
             raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
         if int(self.round_to) < 1:
             raise BudgetError(f"round_to must be >= 1, got {self.round_to!r}")
+        for kind, value in self.kind_ratios:
+            if kind not in KINDS:
+                raise BudgetError(f"unknown structure kind {kind!r}; choose from {KINDS}")
+            if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
+                raise BudgetError(f"{kind} ratio must be in [0, 1), got {value!r}")
+        if self.kind_ratios and self.target != "channels":
+            raise BudgetError("per-structure ratios (heads=, ffn=, ...) work with target='channels' only")
+
+    def ratio_for(self, kind: str) -> float:
+        """The ratio that applies to groups of ``kind``."""
+        return dict(self.kind_ratios).get(kind, self.ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +135,8 @@ def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
 
 
 def _eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
-    return not _ignored(group, opts.ignore) and (opts.hidden or group.mixed_at is None)
+    hidden_ok = opts.hidden or "hidden" in dict(opts.kind_ratios)
+    return not _ignored(group, opts.ignore) and (hidden_ok or group.mixed_at is None)
 
 
 def plan_keep(
@@ -136,8 +153,9 @@ def plan_keep(
 
     """
     exclude = exclude or set()
-    groups = [g for g in info.iter_groups() if g.id not in exclude and _eligible(g, opts)]
-    if opts.ratio == 0 or not groups:
+    groups = [g for g in info.iter_groups()
+              if g.id not in exclude and _eligible(g, opts) and opts.ratio_for(g.kind) > 0]
+    if not groups:
         return {}
     order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
 
@@ -151,29 +169,39 @@ def plan_keep(
                 out[g.id] = m
         return out
 
-    def local(ratio: float) -> dict[int, int]:
-        return {g.id: _round_keep(g, g.size - int(round(g.size * ratio)), opts) for g in groups}
+    def local(scale: float) -> dict[int, int]:
+        """Every group loses ``scale`` x its kind's ratio (scale 1 for channel targets)."""
+        return {g.id: _round_keep(g, g.size - int(round(g.size * opts.ratio_for(g.kind) * scale)), opts)
+                for g in groups}
 
-    # Global ranking: scores normalised per group, lowest first.
+    # Global ranking: scores normalised per group, lowest first; one ranking per structure kind.
     ranked: list[tuple[float, int]] = []
+    by_kind: dict[str, list[tuple[float, int]]] = {}
     if opts.scope == "global":
         for g in groups:
             s = scores[g.id]
             mean = float(np.mean(s)) if s.size else 0.0
             norm = s / mean if mean > 0 else np.zeros_like(s)
             ranked.extend((float(v), g.id) for v in norm)
+            by_kind.setdefault(g.kind, []).extend((float(v), g.id) for v in norm)
         ranked.sort(key=lambda t: t[0])
+        for lst in by_kind.values():
+            lst.sort(key=lambda t: t[0])
 
-    def global_(count: int) -> dict[int, int]:
+    def global_(count: int, pool: list[tuple[float, int]] | None = None) -> dict[int, int]:
         removed: dict[int, int] = {}
-        for _, gid in ranked[:count]:
+        for _, gid in (ranked if pool is None else pool)[:count]:
             removed[gid] = removed.get(gid, 0) + 1
         return {g.id: _round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
 
     if opts.target == "channels":
         if opts.scope == "local":
-            return masks_for(local(opts.ratio))
-        return masks_for(global_(int(round(len(ranked) * opts.ratio))))
+            return masks_for(local(1.0))
+        kept: dict[int, int] = {}
+        for kind, pool in by_kind.items():
+            counts = global_(int(round(len(pool) * opts.ratio_for(kind))), pool)
+            kept.update({gid: k for gid, k in counts.items() if info.groups[gid].kind == kind})
+        return masks_for(kept)
 
     params0, flops0 = predict_cost(graph, info, {})
 
@@ -182,7 +210,7 @@ def plan_keep(
         return (p if opts.target == "params" else f) <= (1 - opts.ratio) * (params0 if opts.target == "params" else flops0)
 
     if opts.scope == "local":
-        lo, hi = 0.0, 1.0
+        lo, hi = 0.0, 1.0 / max(opts.ratio, 1e-9)
         for _ in range(24):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if reached(local(mid)) else (mid, hi)
@@ -233,7 +261,7 @@ class PruneChannels(Pass):
             names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
             if _ignored(g, opts.ignore):
                 frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
-            elif g.mixed_at is not None and not opts.hidden:
+            elif g.mixed_at is not None and not _eligible(g, opts):
                 frozen.append(FrozenGroup(
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
                 ))
