@@ -160,13 +160,16 @@ def _classify(group: ChannelGroup, tags: set[str], graph: Graph) -> str:
         return "heads"
     if group.mixed_at is not None:
         return "hidden"
-    weights = [m for m in group.members if m.is_param and m.name.endswith("weight")]
-    owners = []
-    for m in weights:
+    linear = 0
+    for m in group.members:
+        if not m.is_param or not m.name.endswith("weight"):
+            continue
         path = m.name.rpartition(".")[0]
-        owners.append(graph.module.get_submodule(path) if path else graph.module)
-    linear = [o for o in owners if _is_linear(o)]
-    if len(linear) >= 2 and all(_is_linear(o) or o.weight.dim() == 1 for o in owners):
+        if _is_linear(graph.module.get_submodule(path) if path else graph.module):
+            linear += 1
+        elif graph.module.get_parameter(m.name).dim() != 1:
+            return "channels"
+    if linear >= 2:
         return "heads" if group.stride > 1 else "ffn"
     return "channels"
 
