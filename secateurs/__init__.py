@@ -5,6 +5,7 @@ Capture a model into a graph IR, analyse its coupled channels, prune with passes
 
 from secateurs import passes
 from secateurs.api import Report, prune
+from secateurs.backends.checkpoint import SaveResult, load_pretrained, save_pretrained
 from secateurs.errors import (
     BudgetError,
     CaptureError,
@@ -28,11 +29,14 @@ __all__ = [
     "PassContractError",
     "PassManager",
     "Report",
+    "SaveResult",
     "SecateursError",
     "UnsupportedOpError",
     "VerificationError",
     "__version__",
     "capture",
+    "load_pretrained",
     "passes",
     "prune",
+    "save_pretrained",
 ]

@@ -12,24 +12,10 @@ from typing import Any
 import torch
 
 from secateurs.api import prune
+from secateurs.data import doc_paragraphs
 from secateurs.errors import CheckpointError
 
-__all__ = ["doc_paragraphs", "load_minilm", "mean_pool", "run_demo"]
-
-
-def doc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
-    """The first ``count`` long paragraphs of Python's bundled documentation topics."""
-    from pydoc_data.topics import topics
-
-    out: list[str] = []
-    for key in sorted(topics):
-        for para in topics[key].split("\n\n"):
-            text = " ".join(para.split())
-            if len(text) >= min_chars:
-                out.append(text)
-                if len(out) == count:
-                    return out
-    return out
+__all__ = ["load_minilm", "mean_pool", "run_demo"]
 
 
 def load_minilm() -> tuple[Any, Any]:

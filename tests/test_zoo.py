@@ -12,6 +12,8 @@ EXPECT = {
     "bert": ({"graph output", "head_dim", "embedding rows"}, set()),
     "gpt2": ({"hidden size", "head_dim"}, set()),  # split_size is re-synced after head pruning
     "llama": ({"hidden size", "head_dim", "graph output"}, set()),
+    "qwen2": ({"hidden size", "head_dim", "graph output"}, set()),
+    "mistral": ({"hidden size", "head_dim", "graph output"}, set()),
     "vit": ({"hidden size", "head_dim", "graph output"}, {"tensor factory"}),
     "swin": ({"hidden size", "head_dim", "indexed by tensor indices"}, set()),
     "resnet": ({"graph input", "graph output"}, set()),

@@ -34,6 +34,19 @@ def llama() -> tuple[torch.nn.Module, Any]:
     return tf.LlamaForCausalLM(cfg), {"input_ids": _ids(120)}
 
 
+def qwen2() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=40)
+    return tf.Qwen2ForCausalLM(cfg), {"input_ids": _ids(120)}
+
+
+def mistral() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.MistralConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=40,
+                           sliding_window=8)
+    return tf.MistralForCausalLM(cfg), {"input_ids": _ids(120)}
+
+
 def vit() -> tuple[torch.nn.Module, Any]:
     cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                        image_size=32, patch_size=8, num_labels=10)
@@ -62,7 +75,7 @@ def mobilenet_v2() -> tuple[torch.nn.Module, Any]:
 
 
 ZOO: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
-    "bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "swin": swin, "resnet": resnet,
+    "bert": bert, "gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral, "vit": vit, "swin": swin, "resnet": resnet,
     "convnext": convnext, "mobilenet_v2": mobilenet_v2,
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["HEAD_DIM_ATTRS", "sync_attention"]
+__all__ = ["HEAD_DIM_ATTRS", "UP_PROJECTIONS", "attention_sizes", "sync_attention", "sync_module"]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "attn_head_size")
 _Q = ("q_proj", "query", "q_lin", "q")
@@ -38,36 +38,56 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
+    """(query heads, KV heads or None, head_dim) of a recognisable attention block, from its projections."""
+    head_dim = next((getattr(module, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(module, a, None), int)), None)
+    if not head_dim:
+        return None
+    q_out = _child(module, _Q)
+    fused = module._modules.get("c_attn")
+    if q_out is None and fused is not None and not getattr(module, "is_cross_attention", False):
+        total = _out_features(fused)
+        if total is None or total % 3:
+            return None
+        q_out = total // 3
+    if q_out is None or q_out % head_dim:
+        return None
+    k_out = _child(module, _K)
+    kv = k_out // head_dim if k_out and k_out % head_dim == 0 else None
+    return q_out // head_dim, kv, head_dim
+
+
 def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
     """Recompute head-count attributes of an attention ``module`` from its projections.
 
     ``set_attr(module, name, value)`` performs (and records) each change. Modules that are not recognisable
     attention blocks are left alone.
     """
-    head_dim = next((getattr(module, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(module, a, None), int)), None)
-    if not head_dim:
+    sizes = attention_sizes(module)
+    if sizes is None:
         return
-    q_out = _child(module, _Q)
-    fused = module._modules.get("c_attn")
-    if q_out is None and fused is not None and not getattr(module, "is_cross_attention", False):
-        total = _out_features(fused)
-        if total is None or total % 3:
-            return
-        q_out = total // 3
-        if hasattr(module, "split_size"):
-            set_attr(module, "split_size", q_out)
-    if q_out is None or q_out % head_dim:
-        return
-    heads = q_out // head_dim
+    heads, kv_heads, head_dim = sizes
+    if "c_attn" in module._modules and _child(module, _Q) is None and hasattr(module, "split_size"):
+        set_attr(module, "split_size", heads * head_dim)
     for name in _HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, name, None), int):
             set_attr(module, name, heads)
     if isinstance(getattr(module, "all_head_size", None), int):
-        set_attr(module, "all_head_size", q_out)
-    k_out = _child(module, _K)
-    if k_out is not None and k_out % head_dim == 0 and k_out:
-        kv_heads = k_out // head_dim
+        set_attr(module, "all_head_size", heads * head_dim)
+    if kv_heads:
         if isinstance(getattr(module, "num_key_value_heads", None), int):
             set_attr(module, "num_key_value_heads", kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
             set_attr(module, "num_key_value_groups", heads // kv_heads)
+
+
+UP_PROJECTIONS = ("up_proj", "gate_proj", "fc1", "c_fc", "w1", "dense_h_to_4h")
+
+
+def sync_module(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
+    """Re-sync an attention block's head counts and an MLP block's ``intermediate_size``."""
+    sync_attention(module, set_attr)
+    if isinstance(getattr(module, "intermediate_size", None), int):
+        width = _child(module, UP_PROJECTIONS)
+        if width is not None:
+            set_attr(module, "intermediate_size", width)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateurs.backends.hf_attributes import sync_attention
+from secateurs.backends.hf_attributes import sync_module
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 
@@ -127,7 +127,7 @@ def apply_keep(graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) 
             _update_attributes(snap, mod)
         parents = {name.rpartition(".")[0] for name, mod in model.named_modules() if mod in touched}
         for name in sorted(parents):
-            sync_attention(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
+            sync_module(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
     return snap
 
 

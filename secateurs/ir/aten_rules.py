@@ -260,6 +260,7 @@ def _sdpa(ctx: RuleContext, node: fx.Node) -> None:
             ctx.unify_dims(k, i, v, i)
             ctx.tag([ctx.dims(k)[i]], "kv_groups")
             ctx.tag([group], "heads")
+            ctx.tag([group], "copies")
         else:
             ctx.freeze([ctx.dims(q)[i], ctx.dims(k)[i], ctx.dims(v)[i]], "attention batch dims do not match")
     if isinstance(mask, fx.Node):
@@ -602,6 +603,12 @@ def _expand(ctx: RuleContext, node: fx.Node) -> None:
     """
     ctx.broadcast(node, [node.args[0]])
     ctx.mark(*ctx.dims(node))
+    src = ctx.shape(node.args[0])
+    out = ctx.shape(node)
+    assert src is not None and out is not None
+    offset = len(out) - len(src)
+    ctx.tag([a for j, a in enumerate(ctx.dims(node))
+             if out[j] > 1 and (j < offset or src[j - offset] == 1)], "copies")
 
 
 @op_rule(aten.repeat.default)

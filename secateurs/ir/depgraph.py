@@ -150,14 +150,22 @@ def _is_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
-def _classify(group: ChannelGroup, tags: set[str], graph: Graph) -> str:
+def _classify(
+    group: ChannelGroup, tags: dict[int, set[str]], table: AtomTable, values: dict[tuple[str, int], list[int]],
+    graph: Graph,
+) -> str:
     """Name a group's structure from rule tags, normalisation and the kinds of modules it slices."""
-    weight_strides = {m.stride for m in group.members if m.is_param and m.name.endswith("weight")}
-    if "kv_groups" in tags or ("heads" in tags and len(weight_strides) > 1):
-        # A KV head spans more query rows (its whole group) than key / value rows.
+    own = tags.get(group.id, set())
+    if "heads" in own:
+        # Under grouped-query attention a KV head shares a product with the copies (``repeat_kv``) or the
+        # query heads (``enable_gqa``) of its group.
+        for m in group.members:
+            siblings = table.leaves(values[(m.placeholder, -1)][m.dim])
+            if any(leaf != group.id and "copies" in tags.get(leaf, set()) for leaf in siblings):
+                return "kv_groups"
+        return "kv_groups" if "kv_groups" in own else "heads"
+    if "kv_groups" in own:
         return "kv_groups"
-    if "heads" in tags:
-        return "heads"
     if group.mixed_at is not None:
         return "hidden"
     linear = 0
@@ -271,7 +279,7 @@ def analyze(graph: Graph) -> DependencyInfo:
             continue
         per = sum(m.numel_per_channel for m in mem if m.is_param)
         group = ChannelGroup(leaf, size, tuple(mem), per, mixed.get(leaf))
-        group.kind = _classify(group, tags.get(leaf, set()), graph)
+        group.kind = _classify(group, tags, table, values, graph)
         groups[leaf] = group
     log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
     return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported)

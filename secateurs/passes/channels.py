@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from torch import fx
 
 from secateurs.backends.materialize import Snapshot, apply_keep
 from secateurs.errors import BudgetError, CaptureError, VerificationError
@@ -362,23 +365,47 @@ def _shape_problem(
     old_nodes = [n for n in graph.nodes() if n.op in ("placeholder", "call_function")]
     new_nodes = [n for n in new.nodes() if n.op in ("placeholder", "call_function")]
     memo: dict[int, int] = {}
-    for i, old in enumerate(old_nodes):
-        if i >= len(new_nodes) or new_nodes[i].target != old.target:
-            return new, (old.name, [], f"the traced graph changed structure at node '{old.name}'")
-        new_val, old_val = new_nodes[i].meta.get("val"), old.meta.get("val")
-        pairs = list(zip(new_val, old_val, strict=False)) if isinstance(old_val, (list, tuple)) and isinstance(
-            new_val, (list, tuple)) else [(new_val, old_val)]
-        for k, (nv, ov) in enumerate(pairs):
-            if tensor_shape(ov) is None:
-                continue
-            key = (old.name, k if isinstance(old_val, (list, tuple)) else -1)
-            if key not in info.values:
-                continue
-            want = info.shape_under(key, kept, memo)
-            got = tensor_shape(nv)
-            if got != want:
-                bad = [a for d, a in enumerate(info.values[key]) if got is None or d >= len(got) or got[d] != want[d]]
-                return new, (old.name, bad, f"node '{old.name}' ({old.target}) traced {got}, plan says {want}")
-    if len(new_nodes) != len(old_nodes):
-        return new, ("<graph>", [], "the traced graph changed structure")
+    matcher = difflib.SequenceMatcher(
+        None, [str(n.target) for n in old_nodes], [str(n.target) for n in new_nodes], autojunk=False
+    )
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag != "equal":
+            # Code paths may legitimately drop or add layout-only ops (``repeat_kv`` disappears when a KV group
+            # keeps one query head); anything that computes must line up.
+            odd = [n for n in old_nodes[i1:i2] + new_nodes[j1:j2] if n.target not in _LAYOUT_ONLY]
+            if odd:
+                return new, (odd[0].name, [], f"the traced graph changed structure at node '{odd[0].name}'")
+            continue
+        for old, new_node in zip(old_nodes[i1:i2], new_nodes[j1:j2], strict=True):
+            problem = _compare_node(info, kept, memo, old, new_node)
+            if problem is not None:
+                return new, problem
     return new, None
+
+
+_LAYOUT_ONLY = {
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+    torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+}
+
+
+def _compare_node(
+    info: DependencyInfo, kept: dict[int, int], memo: dict[int, int], old: fx.Node, new: fx.Node
+) -> tuple[str, list[int], str] | None:
+    new_val, old_val = new.meta.get("val"), old.meta.get("val")
+    multi = isinstance(old_val, (list, tuple)) and isinstance(new_val, (list, tuple))
+    pairs = list(zip(new_val, old_val, strict=False)) if multi else [(new_val, old_val)]  # type: ignore[arg-type]
+    for k, (nv, ov) in enumerate(pairs):
+        if tensor_shape(ov) is None:
+            continue
+        key = (old.name, k if multi else -1)
+        if key not in info.values:
+            continue
+        want = info.shape_under(key, kept, memo)
+        got = tensor_shape(nv)
+        if got != want:
+            bad = [a for d, a in enumerate(info.values[key]) if got is None or d >= len(got) or got[d] != want[d]]
+            return (old.name, bad, f"node '{old.name}' ({old.target}) traced {got}, plan says {want}")
+    return None

@@ -1,0 +1,350 @@
+"""Save and reload pruned Hugging Face models.
+
+``save_pretrained`` writes safetensors weights (under the module's parameter names) and the config, plus
+``secateurs.json`` that records every tensor shape and size attribute that differs from a model built from
+the config, so layers may differ (layer 3 keeps 5 heads, layer 7 keeps 9). When the pruning is uniform and
+the config can express it (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+``intermediate_size``), the config is rewritten so the folder also loads with plain
+``transformers.AutoModel.from_pretrained``; ``secateurs.json`` says whether that is the case.
+
+Loading never unpickles: safetensors, or ``torch.load(weights_only=True)`` for a legacy ``.bin``.
+Writing goes to a temporary folder that is renamed into place, so a folder is complete or absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
+from secateurs.errors import CheckpointError
+
+__all__ = ["SaveResult", "load_pretrained", "save_pretrained"]
+
+MANIFEST = "secateurs.json"
+FORMAT = 1
+# Integer size attributes that a pruned module may carry and that its tensors do not all imply.
+WATCHED = (
+    "in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "normalized_shape",
+    "num_groups", "num_channels", "embedding_dim", "num_embeddings", "nf", "nx", "num_heads",
+    "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size",
+    "split_size", "intermediate_size", "num_experts", "top_k",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "sentencepiece.bpe.model",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveResult:
+    """Where a model was saved and whether plain ``from_pretrained`` can load it."""
+
+    path: Path
+    plain_loadable: bool
+    changed_tensors: int
+
+
+def _is_hf(model: Any) -> bool:
+    return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
+
+
+def _skeleton(config: Any, architecture: str | None, *, meta: bool, trust_remote_code: bool = False) -> nn.Module:
+    """A model of the config's architecture (on the meta device for shape comparisons)."""
+    import transformers
+
+    name = architecture or (config.architectures or [None])[0]
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"architecture {name!r} is not in transformers; pass trust_remote_code=True only if you trust it"
+            )
+        from transformers import AutoModel
+
+        return AutoModel.from_config(config, trust_remote_code=True)  # type: ignore[no-any-return]
+    if meta:
+        with torch.device("meta"):
+            return cls._from_config(config)  # type: ignore[no-any-return]
+    return cls._from_config(config)  # type: ignore[no-any-return]
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        vals: dict[str, Any] = {}
+        for attr in WATCHED:
+            v = getattr(mod, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                vals[attr] = v
+            elif isinstance(v, tuple) and all(isinstance(x, int) for x in v):
+                vals[attr] = list(v)
+        if vals:
+            out[name] = vals
+    return out
+
+
+def _uniform(values: set[int]) -> int | None:
+    return next(iter(values)) if len(values) == 1 else None
+
+
+def _propose_config(model: nn.Module, config: Any) -> Any:
+    """A copy of ``config`` updated with uniform pruned sizes (heads, KV heads, FFN width)."""
+    cand = copy.deepcopy(config)
+    heads: set[int] = set()
+    kv: set[int] = set()
+    head_dims: set[int] = set()
+    for mod in model.modules():
+        sizes = attention_sizes(mod)
+        if sizes is None:
+            continue
+        heads.add(sizes[0])
+        if sizes[1] is not None:
+            kv.add(sizes[1])
+        head_dims.add(sizes[2])
+    if (h := _uniform(heads)) is not None:
+        cand.num_attention_heads = h
+    if (k := _uniform(kv)) is not None and hasattr(cand, "num_key_value_heads"):
+        cand.num_key_value_heads = k
+    if (d := _uniform(head_dims)) is not None:
+        # Explicit, since many configs derive it as hidden_size // num_attention_heads (ViT and Llama-style
+        # models read it); a config class that ignores it fails the shape check below instead.
+        cand.head_dim = d
+    # FFN width: the MLP input projections (up / gate / fc1 / c_fc / BERT's intermediate.dense).
+    widths = set()
+    for name, mod in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in UP_PROJECTIONS or name.endswith("intermediate.dense"):
+            width = getattr(mod, "out_features", getattr(mod, "nf", None))
+            if isinstance(width, int):
+                widths.add(width)
+    if (w := _uniform(widths)) is not None:
+        for field in ("intermediate_size", "n_inner"):
+            if hasattr(cand, field):
+                setattr(cand, field, w)
+    return cand
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    source: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> SaveResult:
+    """Save a (pruned) Hugging Face model so :func:`load_pretrained` restores it exactly.
+
+    Args:
+        model: A ``transformers`` ``PreTrainedModel``.
+        path: Output folder; must not exist unless ``overwrite``.
+        tokenizer: A tokenizer to save alongside, or None.
+        source: A checkpoint folder whose tokenizer files are copied along (when ``tokenizer`` is None).
+        overwrite: Replace an existing folder (atomically: the old one is removed only after the new one is
+            complete).
+
+    Returns:
+        Where it went, and whether plain ``from_pretrained`` loads it too.
+
+    Raises:
+        CheckpointError: Not a Hugging Face model, or the folder exists.
+
+    """
+    if not _is_hf(model):
+        raise CheckpointError(
+            f"save_pretrained needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
+            "use torch.save(model.state_dict()) or safetensors for plain modules"
+        )
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")
+    config: Any = model.config
+    architecture = type(model).__name__
+    fresh = _skeleton(config, architecture, meta=True)
+    cand = _propose_config(model, config)
+    shapes = _shapes(model)
+    try:
+        cand_model: nn.Module | None = _skeleton(cand, architecture, meta=True)
+    except (ValueError, TypeError, ZeroDivisionError):
+        cand_model = None  # the config cannot express this pruning (e.g. BERT derives head size from it)
+    plain = cand_model is not None and _shapes(cand_model) == shapes and _attributes(cand_model) == _attributes(model)
+    base = cand_model if plain and cand_model is not None else fresh
+    base_shapes, base_attrs = _shapes(base), _attributes(base)
+    changed = {k: v for k, v in shapes.items() if base_shapes.get(k) != v}
+    attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
+             for name, vals in _attributes(model).items()}
+    manifest = {
+        "format": FORMAT,
+        "architecture": architecture,
+        "plain_loadable": plain,
+        "shapes": changed,
+        "attributes": {k: v for k, v in attrs.items() if v},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        from safetensors.torch import save_model
+
+        # Weights under the module's own parameter names (tied tensors stored once); Hugging Face's
+        # loader accepts these names as they are.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (cand if plain else config).save_pretrained(tmp)
+        generation: Any = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(generation, "save_pretrained"):
+            generation.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source is not None:
+            for fname in TOKENIZER_FILES:
+                f = Path(source) / fname
+                if f.is_file():
+                    shutil.copy2(f, tmp / fname)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SaveResult(out, plain, len(changed))
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    files: list[Path]
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"'{index}' is not a valid safetensors index: {exc}") from exc
+        files = sorted({folder / f for f in weight_map.values()})
+    elif (folder / "pytorch_model.bin").is_file():
+        f = folder / "pytorch_model.bin"
+        try:
+            return dict(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as exc:  # torch raises UnpicklingError / RuntimeError for unsafe or corrupt files
+            raise CheckpointError(f"'{f}' could not be read safely (weights_only=True): {exc}") from exc
+    else:
+        raise CheckpointError(f"no model.safetensors (or index) in '{folder}'")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"'{f}' is not a readable safetensors file: {exc}") from exc
+    return state
+
+
+def load_pretrained(
+    path: str | os.PathLike[str], *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a model written by :func:`save_pretrained` (or any Hugging Face checkpoint folder).
+
+    Every recorded shape and size attribute is restored before the weights load, so per-layer sizes may
+    differ. The model is returned in eval mode.
+
+    Raises:
+        CheckpointError: The folder, config or weights are missing, corrupt or do not match each other.
+
+    """
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"'{folder}' has no config.json")
+    manifest: dict[str, Any] = {}
+    if (folder / MANIFEST).is_file():
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"'{folder / MANIFEST}' is not valid JSON: {exc}") from exc
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"'{folder / MANIFEST}' has unknown format {manifest.get('format')!r}")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
+    model = _skeleton(config, manifest.get("architecture"), meta=False, trust_remote_code=trust_remote_code)
+    _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
+    state = _read_state(folder)
+    result = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"weights in '{folder}' do not match the config: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+            tied.add(seen[id(p)])
+        seen.setdefault(id(p), name)
+    return tied
+
+
+def _reshape(model: nn.Module, shapes: dict[str, list[int]], attributes: dict[str, dict[str, Any]]) -> None:
+    """Give ``model`` the recorded tensor shapes and size attributes (tied tensors stay tied)."""
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors.items():
+        aliases.setdefault(id(t), []).append(name)
+    done: set[str] = set()
+    for name, shape in shapes.items():
+        if name in done:
+            continue
+        if name not in tensors:
+            raise CheckpointError(f"recorded tensor '{name}' does not exist in {type(model).__name__}")
+        old = tensors[name]
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        replacement: torch.Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(
+            old, nn.Parameter) else new
+        for alias in aliases[id(old)]:
+            path, _, leaf = alias.rpartition(".")
+            mod = model.get_submodule(path) if path else model
+            if leaf in mod._parameters:
+                mod._parameters[leaf] = replacement  # type: ignore[assignment]
+            else:
+                mod._buffers[leaf] = replacement
+            done.add(alias)
+    for name, vals in attributes.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"recorded module '{name}' does not exist in {type(model).__name__}") from exc
+        for attr, value in vals.items():
+            setattr(mod, attr, tuple(value) if isinstance(value, list) else value)
+    for mod in model.modules():
+        sync_module(mod, setattr)

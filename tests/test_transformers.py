@@ -1,0 +1,149 @@
+"""Transformer structures: heads, GQA groups, GLU neurons; masks, generate(), per-layer sizes, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import secateurs as sc
+from helpers import call, first_tensor
+from secateurs.errors import BudgetError, CheckpointError
+from secateurs.ir import analyze
+from zoo import build
+
+DECODERS = ["gpt2", "llama", "qwen2", "mistral"]
+
+
+def _kinds(model, inputs):
+    return sorted({(g.kind, g.size) for g in analyze(sc.capture(model, inputs)).iter_groups()})
+
+
+def test_structure_kinds_are_recognised():
+    assert _kinds(*build("bert")) == [("ffn", 96), ("heads", 4)]
+    assert ("kv_groups", 2) in _kinds(*build("llama")) and ("heads", 4) in _kinds(*build("llama"))
+    assert ("heads", 4) in _kinds(*build("gpt2")) and ("ffn", 256) in _kinds(*build("gpt2"))
+    assert ("kv_groups", 4) in _kinds(*build("qwen2")) and ("heads", 2) in _kinds(*build("qwen2"))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_heads_groups_and_ffn_then_generate_with_cache(name):
+    model, inputs = build(name)
+    report = sc.prune(model, inputs, heads=0.5, kv_groups=0.5, ffn=0.3, round_to=1)
+    assert report.retries == 0 and report.params_after < report.params_before
+    ids = inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on one row
+    with torch.no_grad():
+        with_mask = model(input_ids=ids, attention_mask=mask).logits
+        without = model(input_ids=ids).logits
+    assert with_mask.shape == without.shape == (2, 12, 120)
+    assert torch.equal(with_mask[1], without[1])  # the unmasked row is unaffected by the other row's mask
+    prompt = ids[:1, :5]
+    cached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True)
+    assert cached.shape == (1, 11)
+    # The KV cache must hold the pruned head layout: cached decoding equals recomputing from scratch.
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    seq = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            logits = model(input_ids=seq, use_cache=False).logits[:, -1]
+        logits[:, eos] = -float("inf")  # what min_new_tokens does
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "qwen2", "mistral", "vit"])
+def test_save_load_round_trip(name, tmp_path):
+    model, inputs = build(name)
+    sc.prune(model, inputs, heads=0.5, kv_groups=0.5, ffn=0.3, round_to=1)
+    ref = first_tensor(call(model, inputs))
+    result = sc.save_pretrained(model, tmp_path / "pruned")
+    assert (tmp_path / "pruned" / "model.safetensors").is_file()
+    loaded = sc.load_pretrained(tmp_path / "pruned")
+    assert torch.equal(first_tensor(call(loaded, inputs)), ref)
+    if result.plain_loadable:
+        plain = getattr(tf, type(model).__name__).from_pretrained(tmp_path / "pruned").eval()
+        assert torch.equal(first_tensor(call(plain, inputs)), ref)
+    # Llama-style configs express uniform head / KV / FFN pruning (head_dim written explicitly).
+    assert result.plain_loadable == (name in ("llama", "qwen2", "mistral", "vit"))
+
+
+def test_per_layer_sizes_differ_and_reload(tmp_path):
+    model, inputs = build("llama")
+    info = analyze(sc.capture(model, inputs))
+
+    def crit(graph, info, group):  # layer 0 has one dominant head; layer 1's heads are all alike
+        layer0 = any(".layers.0." in m.name for m in group.members)
+        if group.kind == "heads" and layer0:
+            return np.array([0.0, 0.0, 0.0, 10.0])
+        return np.ones(group.size)
+
+    sc.prune(model, inputs, heads=0.5, importance=crit, scope="global", round_to=1, min_keep=0.0)
+    sizes = [layer.self_attn.q_proj.out_features for layer in model.model.layers]
+    assert sizes[0] < sizes[1]
+    ref = first_tensor(call(model, inputs))
+    result = sc.save_pretrained(model, tmp_path / "m")
+    assert not result.plain_loadable and result.changed_tensors > 0
+    loaded = sc.load_pretrained(tmp_path / "m")
+    assert [layer.self_attn.q_proj.out_features for layer in loaded.model.layers] == sizes
+    assert torch.equal(first_tensor(call(loaded, inputs)), ref)
+    assert loaded.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    assert info.groups
+
+
+def test_head_exactness_oracle():
+    model, inputs = build("bert")
+    hd = model.encoder.layer[0].attention.self.attention_head_size
+    with torch.no_grad():
+        model.encoder.layer[0].attention.output.dense.weight[:, 2 * hd:3 * hd] = 0  # head 2 contributes nothing
+    ref = first_tensor(call(model, inputs))
+
+    def o_columns(graph, info, group):
+        scores = np.zeros(group.size)
+        for m in group.members:
+            if m.name.endswith("output.dense.weight") and m.dim == 1:
+                w = graph.module.get_parameter(m.name).detach().abs().sum(0).numpy()
+                np.add.at(scores, info.channel_positions(m, group.id), w)
+        return scores
+
+    sc.prune(model, inputs, heads=0.25, importance=o_columns, round_to=1, min_keep=0.0, ignore=["encoder.layer.1."])
+    assert model.encoder.layer[0].attention.self.query.out_features == 3 * hd
+    assert model.encoder.layer[1].attention.self.query.out_features == 4 * hd
+    torch.testing.assert_close(first_tensor(call(model, inputs)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_size_is_opt_in():
+    model, inputs = build("llama")
+    sc.prune(model, inputs, ffn=0.25, round_to=1)
+    assert model.model.embed_tokens.embedding_dim == 64
+    model, inputs = build("llama")
+    report = sc.prune(model, inputs, hidden=0.25, round_to=1)
+    assert model.model.embed_tokens.embedding_dim == 48 and model.lm_head.in_features == 48
+    assert model.model.norm.weight.shape == (48,)
+    assert first_tensor(call(model, inputs)).shape == (2, 12, 120) and report.retries == 0
+
+
+def test_per_kind_ratio_validation():
+    model, inputs = build("bert")
+    with pytest.raises(BudgetError, match="heads ratio"):
+        sc.prune(model, inputs, heads=1.5)
+    with pytest.raises(BudgetError, match="target='channels'"):
+        sc.prune(model, inputs, heads=0.2, target="params")
+
+
+def test_checkpoint_errors(tmp_path):
+    model, inputs = build("bert")
+    sc.save_pretrained(model, tmp_path / "a")
+    with pytest.raises(CheckpointError, match="exists"):
+        sc.save_pretrained(model, tmp_path / "a")
+    sc.save_pretrained(model, tmp_path / "a", overwrite=True)
+    with pytest.raises(CheckpointError, match="PreTrainedModel"):
+        sc.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "b")
+    with pytest.raises(CheckpointError, match="config.json"):
+        sc.load_pretrained(tmp_path / "missing")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        sc.load_pretrained(tmp_path / "a")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
