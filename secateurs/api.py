@@ -34,6 +34,7 @@ class Report:
         changes: Every pruned group with its size before and after.
         unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
         retries: How many times a plan was redone because the model's code contradicted it.
+        compensated_biases: Consumer biases that absorbed removed channels' means (``bias_compensation``).
 
     """
 
@@ -45,6 +46,7 @@ class Report:
     changes: list[GroupChange]
     unsupported_ops: list[str]
     retries: int = 0
+    compensated_biases: int = 0
 
     @property
     def param_ratio(self) -> float:
@@ -104,6 +106,7 @@ def prune(
     hidden: bool | float = False,
     calib: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    bias_compensation: bool = False,
     verify: bool = True,
 ) -> Report:
     """Prune ``model`` in place and return a :class:`Report`.
@@ -117,7 +120,7 @@ def prune(
         kv_groups: Fraction of KV groups (a KV head with all its query heads) to remove.
         ffn: Fraction of MLP / GLU neurons (channels between two linear layers) to remove.
         channels: Fraction of other channels (convolutions) to remove.
-        importance: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"`` or a callable
+        importance: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"``, ``"flap"`` or a callable
             ``(graph, info, group) -> scores``.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking).
         target: What ``ratio`` is a fraction of: ``"channels"``, ``"params"`` or ``"flops"``.
@@ -128,6 +131,8 @@ def prune(
             ``True`` uses ``ratio``, a float is its own ratio.
         calib: Calibration batches for ``taylor`` / ``activation`` (defaults to ``example_inputs``).
         loss_fn: Loss on the model output for ``taylor``.
+        bias_compensation: Fold removed inputs' calibration means into consumer biases (FLAP); needs
+            ``importance="flap"`` or ``"activation"``.
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:
@@ -142,7 +147,7 @@ def prune(
         ratio = 0.0 if kind_ratios else 0.3
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
-        hidden=hidden is True, kind_ratios=kind_ratios, verify=verify,
+        hidden=hidden is True, kind_ratios=kind_ratios, bias_compensation=bias_compensation, verify=verify,
     )
     graph = capture(model, example_inputs)
     params_before = graph.param_count()
@@ -161,4 +166,5 @@ def prune(
         changes=record.changes,
         unsupported_ops=list(deps.unsupported_ops),
         retries=record.retries,
+        compensated_biases=record.compensated[0],
     )

@@ -51,8 +51,8 @@ class CatSplit(nn.Module):
 
     def forward(self, x):
         y = self.mix(torch.cat([self.a(x), self.b(x)], 1))
-        l, r = torch.split(y, [5, 7], dim=1)
-        return self.left(l) + self.right(r)
+        left, right = torch.split(y, [5, 7], dim=1)
+        return self.left(left) + self.right(right)
 
 
 class Attention(nn.Module):

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-import models
 import secateurs as sc
 from secateurs.errors import CaptureError
 from secateurs.frontends import split_inputs
+
+import models
 
 
 def test_capture_maps_placeholders_to_parameter_names():

@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-import models
 import secateurs as sc
 from secateurs.errors import PassContractError
 from secateurs.ir import DependencyInfo, analyze
 from secateurs.passes import AnalyzeDependencies, PassManager, PruneChannels
+
+import models
 
 
 def render(info):

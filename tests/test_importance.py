@@ -1,5 +1,7 @@
 """ScoreChannels: each criterion ranks channels the way its definition says."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,38 @@ def test_empty_calibration_and_bad_custom_scores_are_refused():
         _scores(_model(), "activation", calib=[])
     with pytest.raises(sc.BudgetError, match="shape"):
         _scores(_model(), lambda g, i, grp: np.ones(2))
+
+
+class ConstantChannels(nn.Module):
+    """fc1 channels 0-2 have zero weights: relu(bias) is a constant the consumer can absorb."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.fc1.weight[:3] = 0
+            self.fc1.bias[:3] = torch.tensor([0.5, 1.0, 2.0])
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_flap_finds_constant_channels_and_bias_compensation_is_exact():
+    x = torch.randn(16, 4)
+    model = ConstantChannels().eval()
+    plain = copy.deepcopy(model)
+    ref = model(x)
+    scores = _scores(model, "flap", calib=[(x,)])
+    assert set(np.argsort(scores)[:3]) == {0, 1, 2} and np.allclose(scores[:3], 0)
+    report = sc.prune(model, (x,), ratio=3 / 8, importance="flap", calib=[(x,)], bias_compensation=True,
+                      round_to=1, min_keep=0.0)
+    assert model.fc1.out_features == 5 and report.compensated_biases == 1
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    sc.prune(plain, (x,), ratio=3 / 8, importance="flap", calib=[(x,)], round_to=1, min_keep=0.0)
+    assert not torch.allclose(plain(x), ref, atol=1e-3)  # without compensation the constants are lost
+
+
+def test_bias_compensation_needs_statistics():
+    with pytest.raises(sc.BudgetError, match="bias compensation"):
+        sc.prune(ConstantChannels(), (torch.randn(2, 4),), ratio=0.3, importance="l2", bias_compensation=True)

@@ -5,11 +5,12 @@ import copy
 import numpy as np
 import torch
 
-import models
 import secateurs as sc
-from helpers import call
 from secateurs.backends import apply_keep, check_module_attributes
 from secateurs.ir import analyze
+
+import models
+from helpers import call
 
 
 def test_state_dict_round_trip_and_attributes():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import secateurs as sc
+
 from helpers import call, dead_importance, make_dead
 
 OPS = ["conv", "grouped", "depthwise", "residual", "cat", "split", "bn"]

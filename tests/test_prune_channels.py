@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import models
 import secateurs as sc
-from helpers import call, dead_importance, first_tensor, make_dead
 from secateurs.errors import BudgetError
 from secateurs.ir import analyze
 from secateurs.passes import AnalyzeDependencies, ChannelOptions, PassManager, PruneChannels, ScoreChannels
+
+import models
+from helpers import call, dead_importance, first_tensor, make_dead
 
 CASES = [
     ("ConvBN", (2, 3, 6, 6)),

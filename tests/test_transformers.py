@@ -6,9 +6,10 @@ import torch
 import transformers as tf
 
 import secateurs as sc
-from helpers import call, first_tensor
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.ir import analyze
+
+from helpers import call, first_tensor
 from zoo import build
 
 DECODERS = ["gpt2", "llama", "qwen2", "mistral"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import secateurs as sc
+
 from helpers import call, dead_importance, first_tensor, make_dead
 from zoo import ZOO, build
 

@@ -19,7 +19,7 @@ from secateurs.backends.hf_attributes import sync_module
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 
-__all__ = ["Snapshot", "apply_keep", "check_module_attributes"]
+__all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases"]
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,80 @@ def _set_attr(snap: Snapshot, module: nn.Module, name: str, value: Any) -> None:
     setattr(module, name, value)
 
 
-def apply_keep(graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) -> Snapshot:
+def compensate_biases(
+    graph: Graph,
+    info: DependencyInfo,
+    keep: dict[int, np.ndarray],
+    means: dict[tuple[str, int], np.ndarray],
+    snap: Snapshot,
+) -> tuple[int, int]:
+    """Fold the mean contribution of removed input channels into each consumer's bias (FLAP).
+
+    For a consumer ``y = W x + b`` losing input channels R, ``b += W[:, R] @ mean(x_R)``, so the output
+    keeps its expected value. Conv weights are summed over the kernel (exact away from padded borders).
+    Consumers without a bias are skipped (adding one would change the checkpoint layout).
+
+    Args:
+        graph: The captured graph.
+        info: Its dependency analysis.
+        keep: Group id -> keep mask (before slicing).
+        means: (weight placeholder, weight dim) -> mean input per channel, from calibration.
+        snap: Records the old biases, so the rollback restores them.
+
+    Returns:
+        (consumers compensated, consumers that lost inputs but have no bias).
+
+    """
+    model = graph.module
+    state = {**graph.params, **graph.buffers}
+    done = skipped = 0
+    with torch.no_grad():
+        for use in info.consumers:
+            key = (use.weight_node, use.weight_dim)
+            fqn = state.get(use.weight_node)
+            if fqn is None or key not in means:
+                continue
+            mask = info.table.keep_mask(info.values[(use.weight_node, -1)][use.weight_dim], keep)
+            removed = np.flatnonzero(~mask)
+            if removed.size == 0:
+                continue
+            owner, _ = _owner(model, fqn)
+            bias = getattr(owner, "bias", None)
+            if not isinstance(bias, nn.Parameter):
+                skipped += 1
+                continue
+            # [out, ..., in] (Hugging Face's Conv1D stores [in, out]: moving its dim 0 last does the same).
+            w = model.get_parameter(fqn).detach().double().movedim(use.weight_dim, -1)
+            w = w.reshape(w.shape[0], -1, w.shape[-1]).sum(1) if w.dim() > 2 else w
+            idx = torch.from_numpy(removed)
+            delta = w[:, idx] @ torch.from_numpy(means[key][removed]).to(w.dtype)
+            if delta.shape != bias.shape:
+                skipped += 1
+                continue
+            snap.record(owner, "param", "bias", bias)
+            owner._parameters["bias"] = nn.Parameter((bias.detach().double() + delta).to(bias.dtype),
+                                                     requires_grad=bias.requires_grad)
+            done += 1
+    return done, skipped
+
+
+def apply_keep(
+    graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray], snap: Snapshot | None = None
+) -> Snapshot:
     """Slice every parameter and buffer of ``graph.module`` to the channels kept by ``keep``.
 
     Args:
         graph: The captured graph the analysis ran on.
         info: The dependency analysis of ``graph``.
         keep: Group id -> boolean mask of kept channels. Groups not listed keep everything.
+        snap: An existing snapshot to extend (e.g. after bias compensation), or None.
 
     Returns:
         A snapshot that :meth:`Snapshot.restore` rolls back.
 
     """
     model = graph.module
-    snap = Snapshot()
+    snap = snap if snap is not None else Snapshot()
     aliases: dict[int, list[str]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
         model.named_buffers(remove_duplicate=False)

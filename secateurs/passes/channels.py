@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from secateurs.backends.materialize import Snapshot, apply_keep
+from secateurs.backends.materialize import Snapshot, apply_keep, compensate_biases
 from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.cost import predict_cost
@@ -49,6 +49,8 @@ class ChannelOptions:
         kind_ratios: Per-structure ratios, ``(("heads", 0.25), ("ffn", 0.3))``; a kind listed here uses its own
             ratio instead of ``ratio`` (see ``ChannelGroup.kind``). Listing ``hidden`` enables it. Only with
             ``target="channels"``.
+        bias_compensation: Fold the calibration mean of every removed input channel into its consumer's bias
+            (FLAP); needs ``activation`` or ``flap`` scores. Consumers without a bias are skipped.
         verify: Re-capture the rewritten model and check every traced shape against the plan.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
 
@@ -62,6 +64,7 @@ class ChannelOptions:
     ignore: tuple[str, ...] = ()
     hidden: bool = False
     kind_ratios: tuple[tuple[str, float], ...] = ()
+    bias_compensation: bool = False
     verify: bool = True
     max_retries: int = 8
 
@@ -109,6 +112,7 @@ class PruneRecord:
     predicted_params: int
     predicted_flops: float
     retries: int = 0
+    compensated: tuple[int, int] = (0, 0)
 
 
 def _align(group: ChannelGroup, round_to: int) -> int:
@@ -256,8 +260,13 @@ class PruneChannels(Pass):
     def run(self, graph: Graph) -> PassResult:
         """Plan, rewrite, verify (and retry) on ``graph``."""
         info = graph.analysis(DependencyInfo)
-        scores = graph.analysis(ChannelScores).scores
+        scored = graph.analysis(ChannelScores)
+        scores = scored.scores
         opts = self.options
+        if opts.bias_compensation and not scored.inputs:
+            raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
+        means = {k: v.mean for k, v in scored.inputs.items()}
+        compensated = (0, 0)
         exclude: set[int] = set()
         frozen = list(info.frozen)
         for g in info.iter_groups():
@@ -273,7 +282,10 @@ class PruneChannels(Pass):
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
             kept_counts = {g: int(m.sum()) for g, m in keep.items()}
-            snap = apply_keep(graph, info, keep)
+            snap = Snapshot()
+            if opts.bias_compensation:
+                compensated = compensate_biases(graph, info, keep, means, snap)
+            snap = apply_keep(graph, info, keep, snap)
             if not opts.verify:
                 new_graph = self._recapture(graph, snap)
                 break
@@ -293,7 +305,7 @@ class PruneChannels(Pass):
             )
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept_counts.items())]
         params, flops = predict_cost(graph, info, kept_counts)
-        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, params, flops, attempt))
+        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, params, flops, attempt, compensated))
 
     @staticmethod
     def _recapture(graph: Graph, snap: Snapshot) -> Graph:

@@ -26,22 +26,45 @@ from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 
-__all__ = ["CRITERIA", "ChannelScores", "ScoreChannels"]
+__all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels"]
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "maw", "taylor", "activation")
+CRITERIA = ("l1", "l2", "maw", "taylor", "activation", "flap")
 Criterion = str | Callable[[Graph, DependencyInfo, ChannelGroup], np.ndarray]
 LossFn = Callable[[Any], torch.Tensor]
 
 
+@dataclasses.dataclass(frozen=True)
+class InputStats:
+    """Per-channel statistics of a consumer's input over the calibration tokens."""
+
+    mean: np.ndarray
+    var: np.ndarray
+
+    @property
+    def rms(self) -> np.ndarray:
+        """Root mean square per channel."""
+        return np.sqrt(np.maximum(self.var + self.mean**2, 0.0))
+
+
 @dataclasses.dataclass
 class ChannelScores:
-    """Per-group channel importances (higher = more important)."""
+    """Per-group channel importances (higher = more important).
+
+    Attributes:
+        criterion: The criterion's name.
+        scores: Group id -> one score per channel.
+        fallback: Groups scored by ``l2`` because the criterion had no statistics for them.
+        inputs: Consumer input statistics keyed by (weight placeholder, weight dim), for ``activation`` and
+            ``flap``; bias compensation reads the means.
+
+    """
 
     criterion: str
     scores: dict[int, np.ndarray]
     fallback: tuple[int, ...] = ()
+    inputs: dict[tuple[str, int], InputStats] = dataclasses.field(default_factory=dict)
 
 
 def _reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
@@ -124,10 +147,10 @@ class ScoreChannels(Pass):
             return PassResult(graph, False, graph.analyses[ChannelScores])
         crit = str(self.criterion)
         grads: dict[str, torch.Tensor] = {}
-        act: dict[tuple[str, int], np.ndarray] = {}
+        act: dict[tuple[str, int], InputStats] = {}
         if crit == "taylor":
             grads = self._taylor(graph)
-        elif crit == "activation":
+        elif crit in ("activation", "flap"):
             act = self._activations(graph, info)
         for g in info.iter_groups():
             total = np.zeros(g.size)
@@ -151,11 +174,12 @@ class ScoreChannels(Pass):
                     total += _reduce_positions(per, idx, g.size, "sum")
                     used = True
                 else:
-                    norms = act.get((m.placeholder, m.dim))
-                    if norms is None:
+                    stats = act.get((m.placeholder, m.dim))
+                    if stats is None:
                         continue
-                    col = np.sqrt(_per_position(w, m.dim, "l2"))
-                    total += _reduce_positions(norms * col, idx, g.size, "sum")
+                    col2 = _per_position(w, m.dim, "l2")
+                    per = stats.rms * np.sqrt(col2) if crit == "activation" else stats.var * col2
+                    total += _reduce_positions(per, idx, g.size, "sum")
                     used = True
             if crit == "l2":
                 total = np.sqrt(total)
@@ -170,7 +194,7 @@ class ScoreChannels(Pass):
             scores[g.id] = total
         if fallback:
             log.info("%d groups had no %s statistics and were scored by l2", len(fallback), crit)
-        result = ChannelScores(crit, scores, tuple(fallback))
+        result = ChannelScores(crit, scores, tuple(fallback), act)
         graph.analyses[ChannelScores] = result
         return PassResult(graph, False, result)
 
@@ -195,8 +219,8 @@ class ScoreChannels(Pass):
             module.train(was_training)
         return acc
 
-    def _activations(self, graph: Graph, info: DependencyInfo) -> dict[tuple[str, int], np.ndarray]:
-        """RMS of each consumer's input activation per input channel, keyed by (weight placeholder, dim).
+    def _activations(self, graph: Graph, info: DependencyInfo) -> dict[tuple[str, int], InputStats]:
+        """Mean and variance of each consumer's input per channel, keyed by (weight placeholder, dim).
 
         Activations are read with forward pre-hooks on the modules that own consumer weights (linear,
         conv, Hugging Face Conv1D), so calibration batches may have any batch size and sequence length.
@@ -204,6 +228,7 @@ class ScoreChannels(Pass):
         module = graph.module
         state = {**graph.params, **graph.buffers}
         sums: dict[tuple[str, int], torch.Tensor] = {}
+        firsts: dict[tuple[str, int], torch.Tensor] = {}
         counts: dict[tuple[str, int], int] = {}
         hooks = []
         seen: set[str] = set()
@@ -225,9 +250,10 @@ class ScoreChannels(Pass):
             key = (use.weight_node, use.weight_dim)
 
             def hook(_mod: nn.Module, inputs: tuple[Any, ...], key: tuple[str, int] = key, dim: int = channel_dim) -> None:
-                x = inputs[0].detach().float().movedim(dim, -1)
+                x = inputs[0].detach().double().movedim(dim, -1)
                 x = x.reshape(-1, x.shape[-1])
-                sums[key] = sums.get(key, torch.zeros(x.shape[-1])) + x.pow(2).sum(0)
+                sums[key] = sums.get(key, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.pow(2).sum(0)
+                firsts[key] = firsts.get(key, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.sum(0)
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
             hooks.append(owner.register_forward_pre_hook(hook))
@@ -241,4 +267,9 @@ class ScoreChannels(Pass):
             for h in hooks:
                 h.remove()
             module.train(was_training)
-        return {k: torch.sqrt(v / max(counts[k], 1)).double().numpy() for k, v in sums.items()}
+        out: dict[tuple[str, int], InputStats] = {}
+        for k, sq in sums.items():
+            n = max(counts[k], 1)
+            mean = (firsts[k] / n).numpy()
+            out[k] = InputStats(mean, np.maximum((sq / n).numpy() - mean**2, 0.0))
+        return out
