@@ -13,9 +13,10 @@ from torch import nn
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
-from secateurs.passes.base import PassManager
+from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
+from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
 
 __all__ = ["Report", "prune"]
@@ -35,6 +36,8 @@ class Report:
         unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
         retries: How many times a plan was redone because the model's code contradicted it.
         compensated_biases: Consumer biases that absorbed removed channels' means (``bias_compensation``).
+        experts: Per MoE block, experts (``PruneExperts``) or per-expert neurons (``PruneExpertNeurons``) before
+            and after.
 
     """
 
@@ -47,6 +50,7 @@ class Report:
     unsupported_ops: list[str]
     retries: int = 0
     compensated_biases: int = 0
+    experts: list[ExpertChange] = dataclasses.field(default_factory=list)
 
     @property
     def param_ratio(self) -> float:
@@ -69,6 +73,8 @@ class Report:
             lines.append(f"  {c.name}: {c.before} -> {c.after}")
         if len(self.changes) > 20:
             lines.append(f"  ... {len(self.changes) - 20} more")
+        for e in self.experts:
+            lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
         lines.append(f"frozen groups: {len(self.frozen)}")
         for reason, items in _by_reason(self.frozen).items():
             example = items[0]
@@ -97,6 +103,9 @@ def prune(
     kv_groups: float | None = None,
     ffn: float | None = None,
     channels: float | None = None,
+    experts: float | None = None,
+    expert_neurons: float | None = None,
+    expert_importance: str = "frequency",
     importance: str | Callable[..., Any] = "l2",
     scope: str = "local",
     target: str = "channels",
@@ -120,6 +129,9 @@ def prune(
         kv_groups: Fraction of KV groups (a KV head with all its query heads) to remove.
         ffn: Fraction of MLP / GLU neurons (channels between two linear layers) to remove.
         channels: Fraction of other channels (convolutions) to remove.
+        experts: Fraction of the experts of every mixture-of-experts block to remove (router rows too).
+        expert_neurons: Fraction of the FFN neurons inside every expert to remove.
+        expert_importance: ``"frequency"`` or ``"mass"`` of routing on ``calib`` (defaults to the example).
         importance: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"``, ``"flap"`` or a callable
             ``(graph, info, group) -> scores``.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking).
@@ -144,7 +156,7 @@ def prune(
     if not isinstance(hidden, bool):
         kind_ratios += (("hidden", float(hidden)),)
     if ratio is None:
-        ratio = 0.0 if kind_ratios else 0.3
+        ratio = 0.0 if kind_ratios or experts is not None or expert_neurons is not None else 0.3
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
         hidden=hidden is True, kind_ratios=kind_ratios, bias_compensation=bias_compensation, verify=verify,
@@ -152,19 +164,29 @@ def prune(
     graph = capture(model, example_inputs)
     params_before = graph.param_count()
     flops_before = count_flops(graph)
-    pm = PassManager([AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn),
-                      PruneChannels(options)])
-    result = pm(graph)
-    record: PruneRecord = result.record(PruneRecord)
-    deps: DependencyRecord = result.record(DependencyRecord)
+    passes: list[Pass] = []
+    if experts:
+        passes += [ScoreExperts(expert_importance, calib=calib), PruneExperts(experts)]
+    if expert_neurons:
+        passes.append(PruneExpertNeurons(expert_neurons))
+    width = ratio > 0 or any(v > 0 for _, v in kind_ratios)
+    if width or not passes:
+        passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn),
+                   PruneChannels(options)]
+    result = PassManager(passes)(graph)
+    record: PruneRecord | None = result.record(PruneRecord)
+    deps: DependencyRecord | None = result.record(DependencyRecord)
+    expert_changes = [c for name, r, _ in result.results if name in ("PruneExperts", "PruneExpertNeurons")
+                      for c in (r.record or [])]
     return Report(
         params_before=params_before,
         params_after=result.graph.param_count(),
         flops_before=flops_before,
         flops_after=count_flops(result.graph),
-        frozen=record.frozen,
-        changes=record.changes,
-        unsupported_ops=list(deps.unsupported_ops),
-        retries=record.retries,
-        compensated_biases=record.compensated[0],
+        frozen=record.frozen if record else [],
+        changes=record.changes if record else [],
+        unsupported_ops=list(deps.unsupported_ops) if deps else [],
+        retries=record.retries if record else 0,
+        compensated_biases=record.compensated[0] if record else 0,
+        experts=expert_changes,
     )

@@ -47,6 +47,20 @@ def mistral() -> tuple[torch.nn.Module, Any]:
     return tf.MistralForCausalLM(cfg), {"input_ids": _ids(120)}
 
 
+def mixtral() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.MixtralConfig(vocab_size=120, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=40)
+    return tf.MixtralForCausalLM(cfg), {"input_ids": _ids(120)}
+
+
+def qwen2_moe() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.Qwen2MoeConfig(vocab_size=120, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, max_position_embeddings=40)
+    return tf.Qwen2MoeForCausalLM(cfg), {"input_ids": _ids(120)}
+
+
 def vit() -> tuple[torch.nn.Module, Any]:
     cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                        image_size=32, patch_size=8, num_labels=10)

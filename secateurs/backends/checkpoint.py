@@ -27,6 +27,7 @@ from torch import nn
 
 from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
 from secateurs.errors import CheckpointError
+from secateurs.passes.experts import find_moe_blocks
 
 __all__ = ["SaveResult", "load_pretrained", "save_pretrained"]
 
@@ -37,7 +38,7 @@ WATCHED = (
     "in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "normalized_shape",
     "num_groups", "num_channels", "embedding_dim", "num_embeddings", "nf", "nx", "num_heads",
     "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size",
-    "split_size", "intermediate_size", "num_experts", "top_k",
+    "split_size", "intermediate_size", "num_experts", "top_k", "intermediate_dim", "num_local_experts",
 )
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -101,7 +102,15 @@ def _uniform(values: set[int]) -> int | None:
     return next(iter(values)) if len(values) == 1 else None
 
 
-def _propose_config(model: nn.Module, config: Any) -> Any:
+_SIZE_FIELDS = ("intermediate_size", "n_inner", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def _expert_width(experts: nn.Module) -> int | None:
+    down = experts._parameters.get("down_proj")
+    return int(down.shape[-1]) if down is not None and down.dim() == 3 else None
+
+
+def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
     """A copy of ``config`` updated with uniform pruned sizes (heads, KV heads, FFN width)."""
     cand = copy.deepcopy(config)
     heads: set[int] = set()
@@ -123,18 +132,39 @@ def _propose_config(model: nn.Module, config: Any) -> Any:
         # Explicit, since many configs derive it as hidden_size // num_attention_heads (ViT and Llama-style
         # models read it); a config class that ignores it fails the shape check below instead.
         cand.head_dim = d
-    # FFN width: the MLP input projections (up / gate / fc1 / c_fc / BERT's intermediate.dense).
-    widths = set()
+    # FFN widths: each MLP input projection (up / gate / fc1 / c_fc / BERT's intermediate.dense) proposes its
+    # new width for the config field that held its width in a fresh model (intermediate_size,
+    # shared_expert_intermediate_size, ...). The shape check in save_pretrained has the last word.
+    fresh_mods = dict(fresh.named_modules())
+    proposals: dict[str, set[int]] = {}
+
+    def propose(old_width: Any, new_width: Any) -> None:
+        if not isinstance(old_width, int) or not isinstance(new_width, int):
+            return
+        for field in _SIZE_FIELDS:
+            if getattr(config, field, None) == old_width or (field == "n_inner" and getattr(config, field, 0) is None
+                                                              and 4 * int(getattr(config, "n_embd", 0)) == old_width):
+                proposals.setdefault(field, set()).add(new_width)
+
     for name, mod in model.named_modules():
         leaf = name.rpartition(".")[2]
         if leaf in UP_PROJECTIONS or name.endswith("intermediate.dense"):
-            width = getattr(mod, "out_features", getattr(mod, "nf", None))
-            if isinstance(width, int):
-                widths.add(width)
-    if (w := _uniform(widths)) is not None:
-        for field in ("intermediate_size", "n_inner"):
-            if hasattr(cand, field):
-                setattr(cand, field, w)
+            ref = fresh_mods.get(name)
+            propose(getattr(ref, "out_features", getattr(ref, "nf", None)),
+                    getattr(mod, "out_features", getattr(mod, "nf", None)))
+    fresh_blocks = {b.name: b for b in find_moe_blocks(fresh)}
+    for b in find_moe_blocks(model):
+        ref_block = fresh_blocks.get(b.name)
+        if ref_block is None:
+            continue
+        for field in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if getattr(config, field, None) == ref_block.num_experts:
+                proposals.setdefault(field, set()).add(b.num_experts)
+        if b.fused:
+            propose(_expert_width(fresh_mods[b.experts]), _expert_width(model.get_submodule(b.experts)))
+    for field, values in proposals.items():
+        if (v := _uniform(values)) is not None:
+            setattr(cand, field, v)
     return cand
 
 
@@ -174,7 +204,7 @@ def save_pretrained(
     config: Any = model.config
     architecture = type(model).__name__
     fresh = _skeleton(config, architecture, meta=True)
-    cand = _propose_config(model, config)
+    cand = _propose_config(model, fresh, config)
     shapes = _shapes(model)
     try:
         cand_model: nn.Module | None = _skeleton(cand, architecture, meta=True)

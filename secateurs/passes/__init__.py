@@ -3,6 +3,15 @@
 from secateurs.passes.base import Pass, PassManager, PassResult, PipelineResult, graph_invariants
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
+from secateurs.passes.experts import (
+    ExpertChange,
+    ExpertScores,
+    MoEBlock,
+    PruneExpertNeurons,
+    PruneExperts,
+    ScoreExperts,
+    find_moe_blocks,
+)
 from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
 
 __all__ = [
@@ -11,13 +20,20 @@ __all__ = [
     "ChannelOptions",
     "ChannelScores",
     "DependencyRecord",
+    "ExpertChange",
+    "ExpertScores",
+    "MoEBlock",
     "GroupChange",
     "Pass",
     "PassManager",
     "PassResult",
     "PipelineResult",
     "PruneChannels",
+    "PruneExpertNeurons",
+    "PruneExperts",
     "PruneRecord",
     "ScoreChannels",
+    "ScoreExperts",
+    "find_moe_blocks",
     "graph_invariants",
 ]

@@ -1,0 +1,343 @@
+"""Mixture-of-experts pruning: whole experts (with the router's rows) and neurons inside every expert.
+
+MoE routing is data-dependent (top-k, gathers), so expert structure is recognised on the module tree rather
+than through the op rule table: a block with a *router* (a child whose ``weight`` is ``[E, hidden]``) and
+*experts* (a child holding ``E`` experts: fused 3-D parameters with a leading ``E`` dim, as in Hugging Face's
+Mixtral / Qwen2-MoE, or an ``nn.ModuleList`` of ``E`` MLPs).
+
+Importance of an expert comes from calibration data (the UNCURL idea of task-specific expert pruning):
+``frequency`` counts the tokens that route to it in their top-k, ``mass`` sums its router probability over
+all tokens. Removing experts keeps ``top_k <= experts left``; if the router renormalises its top-k weights
+(Mixtral), removing an expert that no token selects leaves outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.backends.materialize import Snapshot
+from secateurs.errors import BudgetError, VerificationError
+from secateurs.frontends.torch_export import capture_call, split_inputs
+from secateurs.ir.graph import Graph
+from secateurs.passes.base import Pass, PassResult
+
+__all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "PruneExperts", "ScoreExperts", "find_moe_blocks"]
+
+log = logging.getLogger(__name__)
+
+EXPERT_CRITERIA = ("frequency", "mass")
+_ROUTER_NAMES = ("gate", "router", "gating")
+_EXPERT_NAMES = ("experts",)
+_UP_NAMES = ("w1", "w3", "gate_proj", "up_proj", "fc1")
+_DOWN_NAMES = ("w2", "down_proj", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEBlock:
+    """A recognised mixture-of-experts block.
+
+    Attributes:
+        name: The block's module name.
+        router: The router's module name (its ``weight`` is ``[E, hidden]``).
+        experts: The experts' module name.
+        num_experts: E.
+        top_k: Experts per token.
+        fused: True for 3-D fused expert parameters, False for an ``nn.ModuleList``.
+
+    """
+
+    name: str
+    router: str
+    experts: str
+    num_experts: int
+    top_k: int
+    fused: bool
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a else b
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every mixture-of-experts block of ``model`` (see the module docstring for what is recognised)."""
+    blocks: list[MoEBlock] = []
+    for name, mod in model.named_modules():
+        router_name = next((n for n in _ROUTER_NAMES if isinstance(mod._modules.get(n), nn.Module)), None)
+        experts_name = next((n for n in _EXPERT_NAMES if isinstance(mod._modules.get(n), nn.Module)), None)
+        if router_name is None or experts_name is None:
+            continue
+        router, experts = mod._modules[router_name], mod._modules[experts_name]
+        weight = getattr(router, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        e = int(weight.shape[0])
+        if isinstance(experts, nn.ModuleList):
+            fused = False
+            if len(experts) != e:
+                continue
+        else:
+            params = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+            if not params or any(p.shape[0] != e for p in params):
+                continue
+            fused = True
+        top_k = next((getattr(m, a) for m in (router, mod) for a in ("top_k", "num_experts_per_tok")
+                      if isinstance(getattr(m, a, None), int)), None)
+        if top_k is None:
+            log.info("MoE-like block %s has no top_k attribute; left alone", name)
+            continue
+        blocks.append(MoEBlock(name, _join(name, router_name), _join(name, experts_name), e, int(top_k), fused))
+    return blocks
+
+
+@dataclasses.dataclass
+class ExpertScores:
+    """Per-block expert importances (higher = more important) and the routing statistics behind them."""
+
+    criterion: str
+    scores: dict[str, np.ndarray]
+    batches: int
+
+
+def _router_logits(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class ScoreExperts(Pass):
+    """Analysis pass: route calibration batches and score every expert of every MoE block."""
+
+    provides = (ExpertScores,)
+
+    def __init__(self, criterion: str = "frequency", *, calib: Iterable[Any] | None = None) -> None:
+        """Create the pass.
+
+        Args:
+            criterion: ``"frequency"`` (tokens routed to the expert) or ``"mass"`` (summed router probability).
+            calib: Calibration batches (tuples or dicts); defaults to the capture's example inputs.
+
+        """
+        if criterion not in EXPERT_CRITERIA:
+            raise BudgetError(f"unknown expert criterion {criterion!r}; choose from {EXPERT_CRITERIA}")
+        self.criterion = criterion
+        self.calib = calib
+
+    def run(self, graph: Graph) -> PassResult:
+        """Score the experts of ``graph.module``."""
+        model = graph.module
+        blocks = find_moe_blocks(model)
+        freq = {b.name: np.zeros(b.num_experts) for b in blocks}
+        mass = {b.name: np.zeros(b.num_experts) for b in blocks}
+        batches = 0
+        hooks = []
+        for b in blocks:
+            def hook(_m: nn.Module, _inp: Any, out: Any, b: MoEBlock = b) -> None:
+                logits = _router_logits(out)
+                if logits is None:
+                    raise BudgetError(f"router '{b.router}' returned no logits tensor")
+                probs = torch.softmax(logits.detach().float().reshape(-1, b.num_experts), -1)
+                top = probs.topk(b.top_k, -1).indices.reshape(-1)
+                freq[b.name] += np.bincount(top.numpy(), minlength=b.num_experts)
+                mass[b.name] += probs.sum(0).double().numpy()
+
+            hooks.append(model.get_submodule(b.router).register_forward_hook(hook))
+        calib = [(graph.args, graph.kwargs)] if self.calib is None else [split_inputs(model, c) for c in self.calib]
+        if not calib:
+            raise BudgetError("calibration data is empty")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for args, kwargs in calib:
+                    model(*args, **kwargs)
+                    batches += 1
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        result = ExpertScores(self.criterion, freq if self.criterion == "frequency" else mass, batches)
+        graph.analyses[ExpertScores] = result
+        return PassResult(graph, False, result)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertChange:
+    """Experts (or per-expert neurons) of one block before and after."""
+
+    block: str
+    before: int
+    after: int
+    what: str = "experts"
+
+
+def _replace(snap: Snapshot, owner: nn.Module, name: str, new: torch.Tensor) -> None:
+    old = owner._parameters[name]
+    snap.record(owner, "param", name, old)
+    owner._parameters[name] = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)  # type: ignore[union-attr]
+
+
+def _set(snap: Snapshot, owner: Any, name: str, value: Any) -> None:
+    if hasattr(owner, name):
+        snap.record(owner, "attr", name, getattr(owner, name))
+        setattr(owner, name, value)
+
+
+def _recapture(graph: Graph, snap: Snapshot, what: str) -> Graph:
+    try:
+        return capture_call(graph.module, graph.args, graph.kwargs)
+    except Exception as exc:
+        snap.restore()
+        raise VerificationError(f"the model no longer runs after {what}; it was restored: {exc}") from exc
+
+
+class PruneExperts(Pass):
+    """Transform pass: remove the least important experts of every MoE block, with their router rows.
+
+    Requires :class:`ExpertScores`. Attributes ``num_experts`` of the router, the experts and the block are
+    updated. At least ``max(top_k, ceil(E * min_keep))`` experts stay.
+    """
+
+    requires = (ExpertScores,)
+    transforms = True
+
+    def __init__(self, ratio: float, *, min_keep: float = 0.0) -> None:
+        """Remove ``ratio`` (in [0, 1)) of the experts of every block."""
+        if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+            raise BudgetError(f"experts ratio must be in [0, 1), got {ratio!r}")
+        self.ratio = float(ratio)
+        self.min_keep = min_keep
+
+    def run(self, graph: Graph) -> PassResult:
+        """Remove experts and re-capture the model."""
+        scores = graph.analysis(ExpertScores).scores
+        model = graph.module
+        snap = Snapshot()
+        changes: list[ExpertChange] = []
+        with torch.no_grad():
+            for b in find_moe_blocks(model):
+                keep_n = max(b.top_k, math.ceil(b.num_experts * self.min_keep),
+                             b.num_experts - int(round(b.num_experts * self.ratio)))
+                if keep_n >= b.num_experts or b.name not in scores:
+                    continue
+                order = np.argsort(-scores[b.name], kind="stable")
+                kept = torch.from_numpy(np.sort(order[:keep_n]))
+                router = model.get_submodule(b.router)
+                for pname in ("weight", "bias"):
+                    p = router._parameters.get(pname)
+                    if p is not None and p.shape[0] == b.num_experts:
+                        _replace(snap, router, pname, p.detach().index_select(0, kept))
+                experts = model.get_submodule(b.experts)
+                if b.fused:
+                    for pname, p in list(experts._parameters.items()):
+                        if p is not None and p.dim() >= 2 and p.shape[0] == b.num_experts:
+                            _replace(snap, experts, pname, p.detach().index_select(0, kept))
+                else:
+                    assert isinstance(experts, nn.ModuleList)
+                    snap.record(experts, "attr", "_modules", experts._modules)
+                    experts._modules = {str(i): experts[int(j)] for i, j in enumerate(kept.tolist())}
+                for owner in (router, experts, model.get_submodule(b.name)):
+                    for attr in ("num_experts", "num_local_experts", "out_features"):
+                        if isinstance(getattr(owner, attr, None), int) and getattr(owner, attr) == b.num_experts:
+                            _set(snap, owner, attr, keep_n)
+                changes.append(ExpertChange(b.name, b.num_experts, keep_n))
+        if not changes:
+            return PassResult(graph, False, changes)
+        # The top-level model keeps a count for its load-balancing loss; it holds when every block agrees.
+        counts = {b.num_experts for b in find_moe_blocks(model)}
+        olds = {c.before for c in changes}
+        if len(counts) == 1 and len(olds) == 1 and getattr(model, "num_experts", None) == olds.pop():
+            _set(snap, model, "num_experts", counts.pop())
+        return PassResult(_recapture(graph, snap, "removing experts"), True, changes)
+
+
+class PruneExpertNeurons(Pass):
+    """Transform pass: remove the same number of FFN neurons from every expert (each its own choice).
+
+    Neuron importance is MAW (the largest absolute weight a neuron owns in its gate / up rows and down
+    column), computed per expert. Fused experts keep a rectangular ``[E, 2I', H]`` / ``[E, H, I']`` layout.
+    """
+
+    transforms = True
+
+    def __init__(self, ratio: float) -> None:
+        """Remove ``ratio`` (in [0, 1)) of the neurons of every expert."""
+        if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+            raise BudgetError(f"expert neuron ratio must be in [0, 1), got {ratio!r}")
+        self.ratio = float(ratio)
+
+    def run(self, graph: Graph) -> PassResult:
+        """Slice every expert's neurons and re-capture the model."""
+        model = graph.module
+        snap = Snapshot()
+        changes: list[ExpertChange] = []
+        with torch.no_grad():
+            for b in find_moe_blocks(model):
+                experts = model.get_submodule(b.experts)
+                change = self._fused(snap, experts, b) if b.fused else self._listed(snap, experts, b)
+                if change is not None:
+                    changes.append(change)
+        if not changes:
+            return PassResult(graph, False, changes)
+        return PassResult(_recapture(graph, snap, "pruning expert neurons"), True, changes)
+
+    def _keep(self, n: int) -> int:
+        return max(1, n - int(round(n * self.ratio)))
+
+    def _fused(self, snap: Snapshot, experts: nn.Module, b: MoEBlock) -> ExpertChange | None:
+        gate_up = experts._parameters.get("gate_up_proj")
+        down = experts._parameters.get("down_proj")
+        if gate_up is None or down is None or gate_up.shape[1] % 2:
+            log.info("fused experts %s have no gate_up_proj/down_proj pair; neurons left alone", b.experts)
+            return None
+        inter = gate_up.shape[1] // 2
+        if down.shape[2] != inter:
+            return None
+        keep_n = self._keep(inter)
+        if keep_n == inter:
+            return None
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        score = torch.maximum(torch.maximum(gate.abs().amax(2), up.abs().amax(2)), down.abs().amax(1))
+        idx = score.topk(keep_n, dim=1).indices.sort(dim=1).values  # [E, keep]
+        rows = idx.unsqueeze(-1).expand(-1, -1, gate.shape[2])
+        new_gate_up = torch.cat([gate.gather(1, rows), up.gather(1, rows)], 1)
+        new_down = down.gather(2, idx.unsqueeze(1).expand(-1, down.shape[1], -1))
+        _replace(snap, experts, "gate_up_proj", new_gate_up)
+        _replace(snap, experts, "down_proj", new_down)
+        for attr in ("intermediate_dim", "intermediate_size", "moe_intermediate_size"):
+            if isinstance(getattr(experts, attr, None), int):
+                _set(snap, experts, attr, keep_n)
+        return ExpertChange(b.name, inter, keep_n, "neurons per expert")
+
+    def _listed(self, snap: Snapshot, experts: nn.Module, b: MoEBlock) -> ExpertChange | None:
+        before = after = 0
+        for expert in experts.children():
+            ups: list[nn.Linear] = [m for n in _UP_NAMES if isinstance(m := expert._modules.get(n), nn.Linear)]
+            downs: list[nn.Linear] = [m for n in _DOWN_NAMES if isinstance(m := expert._modules.get(n), nn.Linear)]
+            if not ups or len(downs) != 1 or any(u.out_features != downs[0].in_features for u in ups):
+                log.info("expert in %s is not an up/gate/down MLP; neurons left alone", b.experts)
+                return None
+            inter = downs[0].in_features
+            keep_n = self._keep(inter)
+            score = downs[0].weight.abs().amax(0)
+            for u in ups:
+                score = torch.maximum(score, u.weight.abs().amax(1))
+            idx = score.topk(keep_n).indices.sort().values
+            for u in ups:
+                _replace(snap, u, "weight", u.weight.index_select(0, idx))
+                if u.bias is not None:
+                    _replace(snap, u, "bias", u.bias.index_select(0, idx))
+                _set(snap, u, "out_features", keep_n)
+            _replace(snap, downs[0], "weight", downs[0].weight.index_select(1, idx))
+            _set(snap, downs[0], "in_features", keep_n)
+            before, after = inter, keep_n
+        return ExpertChange(b.name, before, after, "neurons per expert") if after < before else None

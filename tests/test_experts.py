@@ -1,0 +1,83 @@
+"""Mixture-of-experts: whole experts with router rows, neurons inside experts, exactness, checkpoints."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import secateurs as sc
+from secateurs.errors import BudgetError
+from secateurs.passes import ExpertScores, PruneExperts, ScoreExperts, find_moe_blocks
+
+from helpers import call, first_tensor
+from zoo import mixtral, qwen2_moe
+
+
+def _build(fn):
+    torch.manual_seed(0)
+    model, inputs = fn()
+    return model.eval(), inputs
+
+
+def test_moe_blocks_are_found():
+    model, _ = _build(mixtral)
+    blocks = find_moe_blocks(model)
+    assert [b.name for b in blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(b.num_experts == 8 and b.top_k == 2 and b.fused for b in blocks)
+
+
+def test_unselected_experts_are_removed_exactly():
+    """With 3 tokens and top-2 routing at most 6 of 8 experts are used; Mixtral renormalises the top-k."""
+    model, _ = _build(mixtral)
+    ids = {"input_ids": torch.randint(0, 120, (1, 3))}
+    graph = sc.capture(model, ids)
+    ScoreExperts("frequency")(graph)
+    scores = graph.analysis(ExpertScores).scores
+    assert all((s == 0).sum() >= 2 for s in scores.values())
+    ref = first_tensor(call(model, ids))
+    report = sc.prune(model, ids, experts=0.25)
+    assert [(e.before, e.after) for e in report.experts] == [(8, 6), (8, 6)]
+    for layer in model.model.layers:
+        assert layer.mlp.gate.weight.shape == (6, 64) and layer.mlp.experts.gate_up_proj.shape[0] == 6
+        assert layer.mlp.experts.num_experts == 6 and layer.mlp.gate.num_experts == 6
+    torch.testing.assert_close(first_tensor(call(model, ids)), ref, atol=1e-6, rtol=1e-5)
+    assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
+def test_experts_and_expert_neurons_then_generate_and_reload(fn, tmp_path):
+    model, inputs = _build(fn)
+    report = sc.prune(model, inputs, experts=0.5, expert_neurons=0.25, expert_importance="mass", ffn=0.25)
+    blocks = find_moe_blocks(model)
+    assert all(b.num_experts in (3, 4) and b.num_experts >= b.top_k for b in blocks)
+    assert {e.what for e in report.experts} == {"experts", "neurons per expert"}
+    out = model.generate(inputs["input_ids"][:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+    ref = first_tensor(call(model, inputs))
+    result = sc.save_pretrained(model, tmp_path / "moe")
+    loaded = sc.load_pretrained(tmp_path / "moe")
+    assert torch.equal(first_tensor(call(loaded, inputs)), ref)
+    assert result.plain_loadable
+
+
+def test_top_k_is_kept_valid():
+    model, inputs = _build(mixtral)
+    sc.prune(model, inputs, experts=0.9)
+    assert all(b.num_experts == b.top_k == 2 for b in find_moe_blocks(model))
+    assert first_tensor(call(model, inputs)).shape == (2, 12, 120)
+
+
+def test_expert_options_are_validated():
+    with pytest.raises(BudgetError, match="experts ratio"):
+        PruneExperts(1.0)
+    with pytest.raises(BudgetError, match="expert criterion"):
+        ScoreExperts("popularity")
+
+
+def test_expert_removal_without_scores_is_refused():
+    model, inputs = _build(mixtral)
+    graph = sc.capture(model, inputs)
+    with pytest.raises(sc.PassContractError, match="ExpertScores"):
+        sc.PassManager([PruneExperts(0.5)])(graph)
+    assert np.all([b.num_experts == 8 for b in find_moe_blocks(copy.deepcopy(model))])
