@@ -81,3 +81,15 @@ def test_expert_removal_without_scores_is_refused():
     with pytest.raises(sc.PassContractError, match="ExpertScores"):
         sc.PassManager([PruneExperts(0.5)])(graph)
     assert np.all([b.num_experts == 8 for b in find_moe_blocks(copy.deepcopy(model))])
+
+
+def test_output_norm_is_zero_for_unused_experts_and_matches_frequency_support():
+    model, _ = _build(mixtral)
+    ids = {"input_ids": torch.randint(0, 120, (1, 3))}
+    graph = sc.capture(model, ids)
+    ScoreExperts("output_norm")(graph)
+    norms = graph.analysis(ExpertScores).scores
+    ScoreExperts("frequency")(graph)
+    freq = graph.analysis(ExpertScores).scores
+    for name in norms:
+        assert ((norms[name] > 0) == (freq[name] > 0)).all()

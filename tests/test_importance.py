@@ -119,3 +119,18 @@ def test_flap_finds_constant_channels_and_bias_compensation_is_exact():
 def test_bias_compensation_needs_statistics():
     with pytest.raises(sc.BudgetError, match="bias compensation"):
         sc.prune(ConstantChannels(), (torch.randn(2, 4),), ratio=0.3, importance="l2", bias_compensation=True)
+
+
+def test_taylor_uses_the_language_modelling_loss_of_hf_models():
+    from zoo import build
+
+    model, inputs = build("llama")
+    graph = sc.capture(model, inputs)
+    AnalyzeDependencies()(graph)
+    ScoreChannels("taylor")(graph)
+    auto = graph.analysis(ChannelScores).scores
+    labels = inputs["input_ids"]
+    ScoreChannels("taylor", loss_fn=lambda out: out.loss, calib=[{**inputs, "labels": labels}])(graph)
+    explicit = graph.analysis(ChannelScores).scores
+    for gid in auto:
+        np.testing.assert_allclose(auto[gid], explicit[gid], rtol=1e-5)

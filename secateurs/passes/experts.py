@@ -7,7 +7,7 @@ Mixtral / Qwen2-MoE, or an ``nn.ModuleList`` of ``E`` MLPs).
 
 Importance of an expert comes from calibration data (the UNCURL idea of task-specific expert pruning):
 ``frequency`` counts the tokens that route to it in their top-k, ``mass`` sums its router probability over
-all tokens. Removing experts keeps ``top_k <= experts left``; if the router renormalises its top-k weights
+all tokens, ``output_norm`` sums the norm of the expert's (routing-weighted) output over the tokens it serves. Removing experts keeps ``top_k <= experts left``; if the router renormalises its top-k weights
 (Mixtral), removing an expert that no token selects leaves outputs unchanged.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "Pr
 
 log = logging.getLogger(__name__)
 
-EXPERT_CRITERIA = ("frequency", "mass")
+EXPERT_CRITERIA = ("frequency", "mass", "output_norm")
 _ROUTER_NAMES = ("gate", "router", "gating")
 _EXPERT_NAMES = ("experts",)
 _UP_NAMES = ("w1", "w3", "gate_proj", "up_proj", "fc1")
@@ -123,7 +123,8 @@ class ScoreExperts(Pass):
         """Create the pass.
 
         Args:
-            criterion: ``"frequency"`` (tokens routed to the expert) or ``"mass"`` (summed router probability).
+            criterion: ``"frequency"`` (tokens routed to the expert), ``"mass"`` (summed router probability) or
+                ``"output_norm"`` (summed norm of the expert's weighted output on the tokens routed to it).
             calib: Calibration batches (tuples or dicts); defaults to the capture's example inputs.
 
         """
@@ -137,6 +138,7 @@ class ScoreExperts(Pass):
         model = graph.module
         blocks = find_moe_blocks(model)
         freq = {b.name: np.zeros(b.num_experts) for b in blocks}
+        norms = {b.name: np.zeros(b.num_experts) for b in blocks}
         mass = {b.name: np.zeros(b.num_experts) for b in blocks}
         batches = 0
         hooks = []
@@ -151,6 +153,8 @@ class ScoreExperts(Pass):
                 mass[b.name] += probs.sum(0).double().numpy()
 
             hooks.append(model.get_submodule(b.router).register_forward_hook(hook))
+            if self.criterion == "output_norm":
+                hooks.extend(self._norm_hooks(model, b, norms))
         calib = [(graph.args, graph.kwargs)] if self.calib is None else [split_inputs(model, c) for c in self.calib]
         if not calib:
             raise BudgetError("calibration data is empty")
@@ -165,9 +169,40 @@ class ScoreExperts(Pass):
             for h in hooks:
                 h.remove()
             model.train(was_training)
-        result = ExpertScores(self.criterion, freq if self.criterion == "frequency" else mass, batches)
+        chosen = {"frequency": freq, "mass": mass, "output_norm": norms}[self.criterion]
+        result = ExpertScores(self.criterion, chosen, batches)
         graph.analyses[ExpertScores] = result
         return PassResult(graph, False, result)
+
+
+    @staticmethod
+    def _norm_hooks(model: nn.Module, b: MoEBlock, norms: dict[str, np.ndarray]) -> list[Any]:
+        """Hooks that add each expert's output norm on its tokens to ``norms[b.name]``."""
+        experts = model.get_submodule(b.experts)
+        if not b.fused:
+            def per_expert(index: int) -> Any:
+                def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+                    if isinstance(out, torch.Tensor):
+                        norms[b.name][index] += float(out.detach().float().norm(dim=-1).sum())
+                return hook
+            return [e.register_forward_hook(per_expert(i)) for i, e in enumerate(experts.children())]
+        gate_up, down = experts._parameters.get("gate_up_proj"), experts._parameters.get("down_proj")
+        act = getattr(experts, "act_fn", None)
+        if gate_up is None or down is None or act is None:
+            raise BudgetError(f"output_norm needs gate_up_proj, down_proj and act_fn on '{b.experts}'")
+
+        def hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
+            hidden, index, weights = inputs[0], inputs[1], inputs[2]
+            with torch.no_grad():
+                for e in range(b.num_experts):
+                    tok, slot = torch.where(index == e)
+                    if tok.numel() == 0:
+                        continue
+                    g, u = torch.nn.functional.linear(hidden[tok], gate_up[e]).chunk(2, dim=-1)
+                    out = torch.nn.functional.linear(act(g) * u, down[e]) * weights[tok, slot, None]
+                    norms[b.name][e] += float(out.float().norm(dim=-1).sum())
+
+        return [experts.register_forward_pre_hook(hook)]
 
 
 @dataclasses.dataclass(frozen=True)

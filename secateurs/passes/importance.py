@@ -12,6 +12,7 @@ Criteria:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -88,6 +89,9 @@ def _per_position(t: torch.Tensor, dim: int, how: str) -> np.ndarray:
 
 
 def _default_loss(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss  # Hugging Face computed its task / language-modelling loss (labels were passed)
     leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
         raise BudgetError("taylor importance needs a floating-point model output or a loss_fn")
@@ -113,8 +117,9 @@ class ScoreChannels(Pass):
             criterion: One of :data:`CRITERIA` or a callable ``(graph, info, group) -> scores``.
             calib: Calibration batches (each a tuple of positional inputs or a dict of keyword inputs) for
                 ``taylor`` and ``activation``; defaults to the capture's example inputs.
-            loss_fn: Loss on the model output for ``taylor``; defaults to half the mean square of the
-                floating-point outputs.
+            loss_fn: Loss on the model output for ``taylor``. By default a Hugging Face model that takes
+                ``labels`` gets ``labels=input_ids`` (its language-modelling loss, as in LLM-Pruner) or uses
+                the ``loss`` it returns; otherwise half the mean square of the floating-point outputs.
 
         """
         if not callable(criterion) and criterion not in CRITERIA:
@@ -206,7 +211,14 @@ class ScoreChannels(Pass):
         was_training = module.training
         module.eval()
         try:
+            takes_labels = "labels" in inspect.signature(module.forward).parameters
             for args, kwargs in self._batches(graph):
+                if takes_labels and self.loss_fn is None and "labels" not in kwargs and "input_ids" in kwargs:
+                    # Language-modelling loss (LLM-Pruner): the model shifts the labels itself.
+                    labels = kwargs["input_ids"].clone()
+                    if "attention_mask" in kwargs:
+                        labels[kwargs["attention_mask"] == 0] = -100
+                    kwargs = {**kwargs, "labels": labels}
                 module.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss = loss_fn(module(*args, **kwargs))
