@@ -3,7 +3,7 @@
 Capture a model into a graph IR, analyse its coupled channels, prune with passes, and rewrite the module.
 """
 
-from secateurs import passes
+from secateurs import data, passes
 from secateurs.api import Report, prune
 from secateurs.backends.checkpoint import SaveResult, load_pretrained, save_pretrained
 from secateurs.errors import (
@@ -35,6 +35,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "capture",
+    "data",
     "load_pretrained",
     "passes",
     "prune",
