@@ -126,3 +126,28 @@ class Seq1d(nn.Module):
         h = self.emb(ids)
         y = self.c2(F.gelu(self.c1(h.transpose(1, 2)))).transpose(1, 2)
         return self.head(self.norm(h + y))
+
+
+class FusedQKV(nn.Module):
+    """One linear makes q, k and v; heads come from chunk or from a (3, heads, head_dim) reshape."""
+
+    def __init__(self, dim=24, heads=4, head_dim=6, style="chunk"):
+        super().__init__()
+        self.heads, self.head_dim, self.style = heads, head_dim, style
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        if self.style == "chunk":
+            q, k, v = (t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        else:  # timm ViT
+            q, k, v = self.qkv(x).reshape(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(x + self.proj(a.transpose(1, 2).reshape(b, n, -1)))
+
+
+class FusedQKVTimm(FusedQKV):
+    def __init__(self):
+        super().__init__(style="timm")

@@ -21,6 +21,8 @@ CASES = [
     ("CatSplit", (2, 3, 5, 5)),
     ("Attention", (2, 7, 24)),
     ("UNetish", (2, 3, 8, 8)),
+    ("FusedQKV", (2, 5, 24)),
+    ("FusedQKVTimm", (2, 5, 24)),
     ("Seq1d", None),
 ]
 

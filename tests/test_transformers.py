@@ -54,7 +54,7 @@ def test_decoder_heads_groups_and_ffn_then_generate_with_cache(name):
     assert torch.equal(cached, seq)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "qwen2", "mistral", "vit"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "roberta", "gpt2", "llama", "qwen2", "mistral", "vit"])
 def test_save_load_round_trip(name, tmp_path):
     model, inputs = build(name)
     sc.prune(model, inputs, heads=0.5, kv_groups=0.5, ffn=0.3, round_to=1)

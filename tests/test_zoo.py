@@ -11,6 +11,8 @@ from zoo import ZOO, build
 # Reasons (substrings) that must appear among the frozen groups, and reasons allowed beyond the boundaries.
 EXPECT = {
     "bert": ({"graph output", "head_dim", "embedding rows"}, set()),
+    "distilbert": ({"graph output", "head_dim", "embedding rows"}, set()),
+    "roberta": ({"graph output", "head_dim", "embedding rows"}, set()),
     "gpt2": ({"hidden size", "head_dim"}, set()),  # split_size is re-synced after head pruning
     "llama": ({"hidden size", "head_dim", "graph output"}, set()),
     "qwen2": ({"hidden size", "head_dim", "graph output"}, set()),

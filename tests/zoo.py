@@ -22,6 +22,19 @@ def bert() -> tuple[torch.nn.Module, Any]:
     return tf.BertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def distilbert() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.DistilBertConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=40)
+    ids = _ids(120)
+    return tf.DistilBertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def roberta() -> tuple[torch.nn.Module, Any]:
+    cfg = tf.RobertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, max_position_embeddings=40)
+    ids = _ids(118) + 2  # avoid the padding id (1) so position ids stay in range
+    return tf.RobertaModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def gpt2() -> tuple[torch.nn.Module, Any]:
     cfg = tf.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=40, bos_token_id=0,
                         eos_token_id=0)
@@ -89,7 +102,7 @@ def mobilenet_v2() -> tuple[torch.nn.Module, Any]:
 
 
 ZOO: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
-    "bert": bert, "gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral, "vit": vit, "swin": swin, "resnet": resnet,
+    "bert": bert, "distilbert": distilbert, "roberta": roberta, "gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral, "vit": vit, "swin": swin, "resnet": resnet,
     "convnext": convnext, "mobilenet_v2": mobilenet_v2,
 }
 
