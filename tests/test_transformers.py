@@ -114,7 +114,7 @@ def test_head_exactness_oracle():
     torch.testing.assert_close(first_tensor(call(model, inputs)), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_hidden_size_is_opt_in():
+def test_hidden_size_is_opt_in(tmp_path):
     model, inputs = build("llama")
     sc.prune(model, inputs, ffn=0.25, round_to=1)
     assert model.model.embed_tokens.embedding_dim == 64
@@ -123,6 +123,11 @@ def test_hidden_size_is_opt_in():
     assert model.model.embed_tokens.embedding_dim == 48 and model.lm_head.in_features == 48
     assert model.model.norm.weight.shape == (48,)
     assert first_tensor(call(model, inputs)).shape == (2, 12, 120) and report.retries == 0
+    ref = first_tensor(call(model, inputs))
+    result = sc.save_pretrained(model, tmp_path / "narrow")
+    assert result.plain_loadable  # hidden_size and an explicit head_dim express it
+    plain = tf.LlamaForCausalLM.from_pretrained(tmp_path / "narrow").eval()
+    assert torch.equal(first_tensor(call(plain, inputs)), ref)
 
 
 def test_per_kind_ratio_validation():

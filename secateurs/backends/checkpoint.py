@@ -162,6 +162,15 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
                 proposals.setdefault(field, set()).add(b.num_experts)
         if b.fused:
             propose(_expert_width(fresh_mods[b.experts]), _expert_width(model.get_submodule(b.experts)))
+    # Hidden size: the input embedding width (the residual stream is one group, so it is uniform).
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if isinstance(embeddings, nn.Embedding):
+        for field in ("hidden_size", "n_embd", "d_model", "dim"):
+            old = getattr(config, field, None)
+            if isinstance(old, int) and old != embeddings.embedding_dim:
+                fresh_emb = getattr(fresh, "get_input_embeddings", lambda: None)()
+                if isinstance(fresh_emb, nn.Embedding) and fresh_emb.embedding_dim == old:
+                    proposals.setdefault(field, set()).add(int(embeddings.embedding_dim))
     for field, values in proposals.items():
         if (v := _uniform(values)) is not None:
             setattr(cand, field, v)
