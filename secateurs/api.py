@@ -16,6 +16,7 @@ from secateurs.ir.depgraph import FrozenGroup
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
+from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
 from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
 
@@ -36,6 +37,7 @@ class Report:
         unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
         retries: How many times a plan was redone because the model's code contradicted it.
         compensated_biases: Consumer biases that absorbed removed channels' means (``bias_compensation``).
+        depth: One record per depth pass: removed blocks / sublayers with their scores.
         experts: Per MoE block, experts (``PruneExperts``) or per-expert neurons (``PruneExpertNeurons``) before
             and after.
 
@@ -51,6 +53,7 @@ class Report:
     retries: int = 0
     compensated_biases: int = 0
     experts: list[ExpertChange] = dataclasses.field(default_factory=list)
+    depth: list[DepthRecord] = dataclasses.field(default_factory=list)
 
     @property
     def param_ratio(self) -> float:
@@ -73,6 +76,8 @@ class Report:
             lines.append(f"  {c.name}: {c.before} -> {c.after}")
         if len(self.changes) > 20:
             lines.append(f"  ... {len(self.changes) - 20} more")
+        for d in self.depth:
+            lines.append(f"removed by '{d.criterion}': " + ", ".join(f"{n} ({v:.4f})" for n, v in d.removed))
         for e in self.experts:
             lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
         lines.append(f"frozen groups: {len(self.frozen)}")
@@ -103,6 +108,9 @@ def prune(
     kv_groups: float | None = None,
     ffn: float | None = None,
     channels: float | None = None,
+    layers: float | None = None,
+    sublayers: float | None = None,
+    depth_criterion: str = "bi",
     experts: float | None = None,
     expert_neurons: float | None = None,
     expert_importance: str = "frequency",
@@ -129,6 +137,10 @@ def prune(
         kv_groups: Fraction of KV groups (a KV head with all its query heads) to remove.
         ffn: Fraction of MLP / GLU neurons (channels between two linear layers) to remove.
         channels: Fraction of other channels (convolutions) to remove.
+        layers: Whole residual blocks to remove: a count >= 1 or a fraction of the blocks (done first, then
+            width pruning of what remains).
+        sublayers: Attention / MLP sublayers to replace by zeros (FinerCut): a count or a fraction.
+        depth_criterion: ``"bi"`` (block influence), ``"angular"`` (n consecutive blocks) or ``"greedy"``.
         experts: Fraction of the experts of every mixture-of-experts block to remove (router rows too).
         expert_neurons: Fraction of the FFN neurons inside every expert to remove.
         expert_importance: ``"frequency"`` or ``"mass"`` of routing on ``calib`` (defaults to the example).
@@ -156,7 +168,8 @@ def prune(
     if not isinstance(hidden, bool):
         kind_ratios += (("hidden", float(hidden)),)
     if ratio is None:
-        ratio = 0.0 if kind_ratios or experts is not None or expert_neurons is not None else 0.3
+        structural = (experts, expert_neurons, layers, sublayers)
+        ratio = 0.0 if kind_ratios or any(v is not None for v in structural) else 0.3
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
         hidden=hidden is True, kind_ratios=kind_ratios, bias_compensation=bias_compensation, verify=verify,
@@ -165,6 +178,10 @@ def prune(
     params_before = graph.param_count()
     flops_before = count_flops(graph)
     passes: list[Pass] = []
+    if layers:
+        passes.append(RemoveBlocks(layers, depth_criterion, calib=calib))
+    if sublayers:
+        passes.append(RemoveSublayers(sublayers, depth_criterion, calib=calib))
     if experts:
         passes += [ScoreExperts(expert_importance, calib=calib), PruneExperts(experts)]
     if expert_neurons:
@@ -176,6 +193,7 @@ def prune(
     result = PassManager(passes)(graph)
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)
+    depth = [r.record for name, r, _ in result.results if isinstance(r.record, DepthRecord) and r.modified]
     expert_changes = [c for name, r, _ in result.results if name in ("PruneExperts", "PruneExpertNeurons")
                       for c in (r.record or [])]
     return Report(
@@ -189,4 +207,5 @@ def prune(
         retries=record.retries if record else 0,
         compensated_biases=record.compensated[0] if record else 0,
         experts=expert_changes,
+        depth=depth,
     )

@@ -27,6 +27,7 @@ from torch import nn
 
 from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
 from secateurs.errors import CheckpointError
+from secateurs.passes.depth import ZeroSublayer
 from secateurs.passes.experts import find_moe_blocks
 
 __all__ = ["SaveResult", "load_pretrained", "save_pretrained"]
@@ -225,8 +226,10 @@ def save_pretrained(
     changed = {k: v for k, v in shapes.items() if base_shapes.get(k) != v}
     attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
              for name, vals in _attributes(model).items()}
+    zeroed = {name: mod.extras for name, mod in model.named_modules() if isinstance(mod, ZeroSublayer)}
     manifest = {
         "format": FORMAT,
+        "zeroed": zeroed,
         "architecture": architecture,
         "plain_loadable": plain,
         "shapes": changed,
@@ -327,6 +330,13 @@ def load_pretrained(
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
     model = _skeleton(config, manifest.get("architecture"), meta=False, trust_remote_code=trust_remote_code)
+    for name, extras in manifest.get("zeroed", {}).items():
+        parent, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError as exc:
+            raise CheckpointError(f"removed sublayer '{name}' does not exist in {type(model).__name__}") from exc
+        owner._modules[leaf] = ZeroSublayer(int(extras))
     _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
     state = _read_state(folder)
     result = model.load_state_dict(state, strict=False)

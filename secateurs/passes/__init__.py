@@ -3,6 +3,15 @@
 from secateurs.passes.base import Pass, PassManager, PassResult, PipelineResult, graph_invariants
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
+from secateurs.passes.depth import (
+    DEPTH_CRITERIA,
+    DepthRecord,
+    RemoveBlocks,
+    RemoveSublayers,
+    ZeroSublayer,
+    find_blocks,
+    find_sublayers,
+)
 from secateurs.passes.experts import (
     ExpertChange,
     ExpertScores,
@@ -16,6 +25,13 @@ from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
 
 __all__ = [
     "CRITERIA",
+    "DEPTH_CRITERIA",
+    "DepthRecord",
+    "RemoveBlocks",
+    "RemoveSublayers",
+    "ZeroSublayer",
+    "find_blocks",
+    "find_sublayers",
     "AnalyzeDependencies",
     "ChannelOptions",
     "ChannelScores",
