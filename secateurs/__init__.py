@@ -3,7 +3,7 @@
 Capture a model into a graph IR, analyse its coupled channels, prune with passes, and rewrite the module.
 """
 
-from secateurs import data, passes
+from secateurs import data, passes, report
 from secateurs.api import Report, prune
 from secateurs.backends.checkpoint import SaveResult, load_pretrained, save_pretrained
 from secateurs.errors import (
@@ -39,5 +39,6 @@ __all__ = [
     "load_pretrained",
     "passes",
     "prune",
+    "report",
     "save_pretrained",
 ]

@@ -104,3 +104,13 @@ def test_depth_budget_errors():
         sc.prune(model, inputs, layers=4)
     with pytest.raises(BudgetError, match="depth criterion"):
         RemoveBlocks(1, "entropy")
+
+
+def test_depth_plot_is_written(tmp_path):
+    from secateurs.report import plot_depth
+
+    model, inputs = _llama4()
+    report = sc.prune(model, inputs, layers=1)
+    out = plot_depth(report.depth[0], tmp_path / "plots" / "depth.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["depth.png"]
