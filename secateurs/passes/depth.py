@@ -31,6 +31,7 @@ from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call, split_inputs
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.hooks import first_tensor, hidden_input
 
 __all__ = [
     "DEPTH_CRITERIA",
@@ -64,23 +65,12 @@ class ZeroSublayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Zeros like the first tensor argument (``hidden_states``)."""
-        hidden = kwargs.get("hidden_states")
-        if hidden is None:
-            hidden = next(a for a in args if isinstance(a, torch.Tensor))
-        out = torch.zeros_like(hidden)
+        out = torch.zeros_like(hidden_input(args, kwargs))
         return (out, *([None] * self.extras)) if self.extras else out
 
     def extra_repr(self) -> str:
         """Show the output arity."""
         return f"extras={self.extras}"
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 def _features(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +171,7 @@ def find_blocks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 
             def hook(_m: nn.Module, inp: tuple[Any, ...], out: Any, full: str = full) -> None:
                 x = next((a for a in inp if isinstance(a, torch.Tensor)), None)
-                y = _first_tensor(out)
+                y = first_tensor(out)
                 same[full] = same.get(full, True) and x is not None and y is not None and x.shape == y.shape
 
             hooks.append(child.register_forward_hook(hook, with_kwargs=False))
@@ -218,9 +208,7 @@ def _bypassed(model: nn.Module, names: Iterable[str], *, zero: bool) -> Iterator
     hooks = []
     for name in names:
         def hook(_m: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-            x = kwargs.get("hidden_states")
-            if x is None:
-                x = next(a for a in inp if isinstance(a, torch.Tensor))
+            x = hidden_input(inp, kwargs)
             rep = torch.zeros_like(x) if zero else x
             if isinstance(out, torch.Tensor):
                 return rep
@@ -256,19 +244,21 @@ class _DepthPass(Pass):
     def _candidates(self, graph: Graph) -> list[str]:
         raise NotImplementedError
 
-    def _scores(self, model: nn.Module, cands: list[str], calls: list[Any]) -> dict[str, float]:
-        """Block influence (1 - cos of a candidate's input and output) or its sublayer analogue."""
-        acc: dict[str, list[float]] = {c: [] for c in cands}
+    def _streams(self, model: nn.Module, cands: list[str], calls: list[Any]) -> dict[str, list[tuple[
+            torch.Tensor, torch.Tensor]]]:
+        """Per candidate and call: the residual stream before it and after it.
+
+        A block's output is the stream after it; a sublayer's output is added to the residual, so the stream
+        after it is input + output.
+        """
+        pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {c: [] for c in cands}
         hooks = []
         for c in cands:
             def hook(_m: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Any, c: str = c) -> None:
-                x = kwargs.get("hidden_states")
-                if x is None:
-                    x = next(a for a in inp if isinstance(a, torch.Tensor))
-                y = _first_tensor(out)
+                x = hidden_input(inp, kwargs).detach()
+                y = first_tensor(out)
                 if y is not None:
-                    # A sublayer's output is added to the residual: compare the stream before and after.
-                    acc[c].append(1 - _cos(x, x + y if self.zero else y))
+                    pairs[c].append((x, (x + y if self.zero else y).detach()))
 
             hooks.append(model.get_submodule(c).register_forward_hook(hook, with_kwargs=True))
         try:
@@ -276,7 +266,12 @@ class _DepthPass(Pass):
         finally:
             for h in hooks:
                 h.remove()
-        return {c: float(sum(v) / len(v)) if v else 0.0 for c, v in acc.items()}
+        return pairs
+
+    def _scores(self, model: nn.Module, cands: list[str], calls: list[Any]) -> dict[str, float]:
+        """Block influence: 1 - cos of the stream before and after a candidate, averaged over calls."""
+        pairs = self._streams(model, cands, calls)
+        return {c: sum(1 - _cos(x, y) for x, y in v) / len(v) if v else 0.0 for c, v in pairs.items()}
 
     def _choose(self, model: nn.Module, cands: list[str], count: int, calls: list[Any]) -> tuple[
             list[tuple[str, float]], dict[str, float]]:
@@ -305,32 +300,14 @@ class _DepthPass(Pass):
 
     def _angular(self, model: nn.Module, cands: list[str], count: int, calls: list[Any]) -> tuple[
             list[tuple[str, float]], dict[str, float]]:
-        inputs: dict[str, list[torch.Tensor]] = {c: [] for c in cands}
-        outputs: dict[str, list[torch.Tensor]] = {c: [] for c in cands}
-        hooks = []
-        for c in cands:
-            def hook(_m: nn.Module, inp: tuple[Any, ...], kwargs: dict[str, Any], out: Any, c: str = c) -> None:
-                x = kwargs.get("hidden_states")
-                if x is None:
-                    x = next(a for a in inp if isinstance(a, torch.Tensor))
-                inputs[c].append(x.detach())
-                y = _first_tensor(out)
-                assert y is not None
-                outputs[c].append((x + y if self.zero else y).detach())
-
-            hooks.append(model.get_submodule(c).register_forward_hook(hook, with_kwargs=True))
-        try:
-            _run(model, calls)
-        finally:
-            for h in hooks:
-                h.remove()
+        pairs = self._streams(model, cands, calls)
         best: tuple[float, int] | None = None
         scores = {}
         for start in range(len(cands) - count + 1):
             a, b = cands[start], cands[start + count - 1]
             if not self.zero and a.rpartition(".")[0] != b.rpartition(".")[0]:
                 continue  # a window of blocks must stay inside one block list
-            cos = sum(_cos(x, y) for x, y in zip(inputs[a], outputs[b], strict=True)) / len(inputs[a])
+            cos = sum(_cos(x, y) for (x, _), (_, y) in zip(pairs[a], pairs[b], strict=True)) / len(pairs[a])
             dist = math.acos(max(-1.0, min(1.0, cos))) / math.pi
             scores[a] = dist
             if best is None or dist < best[0]:

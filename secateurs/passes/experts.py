@@ -28,6 +28,7 @@ from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call, split_inputs
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.hooks import first_tensor
 
 __all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "PruneExperts", "ScoreExperts", "find_moe_blocks"]
 
@@ -106,14 +107,6 @@ class ExpertScores:
     batches: int
 
 
-def _router_logits(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
 class ScoreExperts(Pass):
     """Analysis pass: route calibration batches and score every expert of every MoE block."""
 
@@ -144,7 +137,7 @@ class ScoreExperts(Pass):
         hooks = []
         for b in blocks:
             def hook(_m: nn.Module, _inp: Any, out: Any, b: MoEBlock = b) -> None:
-                logits = _router_logits(out)
+                logits = first_tensor(out)
                 if logits is None:
                     raise BudgetError(f"router '{b.router}' returned no logits tensor")
                 probs = torch.softmax(logits.detach().float().reshape(-1, b.num_experts), -1)
