@@ -13,6 +13,7 @@ from torch import nn
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
+from secateurs.passes.allocate import AllocateBudget
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
@@ -124,6 +125,8 @@ def prune(
     calib: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     bias_compensation: bool = False,
+    allocate: str | None = None,
+    budget_unit: str = "channels",
     verify: bool = True,
 ) -> Report:
     """Prune ``model`` in place and return a :class:`Report`.
@@ -157,6 +160,9 @@ def prune(
         loss_fn: Loss on the model output for ``taylor``.
         bias_compensation: Fold removed inputs' calibration means into consumer biases (FLAP); needs
             ``importance="flap"`` or ``"activation"``.
+        allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``
+            or ``"dp"`` (see :mod:`secateurs.passes.allocate`); per-group sizes then differ.
+        budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"`` or ``"params"``.
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:
@@ -188,8 +194,10 @@ def prune(
         passes.append(PruneExpertNeurons(expert_neurons))
     width = ratio > 0 or any(v > 0 for _, v in kind_ratios)
     if width or not passes:
-        passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn),
-                   PruneChannels(options)]
+        passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn)]
+        if allocate is not None:
+            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep))
+        passes.append(PruneChannels(options))
     result = PassManager(passes)(graph)
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)

@@ -1,5 +1,6 @@
 """Passes: analyses that attach typed metadata and transforms that rewrite the model."""
 
+from secateurs.passes.allocate import ALLOCATORS, AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult, PipelineResult, graph_invariants
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
@@ -24,7 +25,10 @@ from secateurs.passes.experts import (
 from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
 
 __all__ = [
+    "ALLOCATORS",
     "CRITERIA",
+    "AllocateBudget",
+    "LayerBudget",
     "DEPTH_CRITERIA",
     "DepthRecord",
     "RemoveBlocks",

@@ -18,6 +18,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.cost import predict_cost
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup
 from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.importance import ChannelScores
 
@@ -152,16 +153,21 @@ def plan_keep(
     scores: dict[int, np.ndarray],
     opts: ChannelOptions,
     exclude: set[int] | None = None,
+    per_group: dict[int, float] | None = None,
 ) -> dict[int, np.ndarray]:
     """Choose the channels to keep in every group.
+
+    ``per_group`` (from a budget allocator) gives each listed group its own ratio; other groups stay whole.
 
     Returns:
         Group id -> boolean keep mask, only for groups that lose channels.
 
     """
     exclude = exclude or set()
-    groups = [g for g in info.iter_groups()
-              if g.id not in exclude and _eligible(g, opts) and opts.ratio_for(g.kind) > 0]
+    def ratio_of(g: ChannelGroup) -> float:
+        return per_group.get(g.id, 0.0) if per_group is not None else opts.ratio_for(g.kind)
+
+    groups = [g for g in info.iter_groups() if g.id not in exclude and _eligible(g, opts) and ratio_of(g) > 0]
     if not groups:
         return {}
     order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
@@ -178,8 +184,7 @@ def plan_keep(
 
     def local(scale: float) -> dict[int, int]:
         """Every group loses ``scale`` x its kind's ratio (scale 1 for channel targets)."""
-        return {g.id: _round_keep(g, g.size - int(round(g.size * opts.ratio_for(g.kind) * scale)), opts)
-                for g in groups}
+        return {g.id: _round_keep(g, g.size - int(round(g.size * ratio_of(g) * scale)), opts) for g in groups}
 
     # Global ranking: scores normalised per group, lowest first; one ranking per structure kind.
     ranked: list[tuple[float, int]] = []
@@ -201,6 +206,8 @@ def plan_keep(
             removed[gid] = removed.get(gid, 0) + 1
         return {g.id: _round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
 
+    if per_group is not None:
+        return masks_for(local(1.0))
     if opts.target == "channels":
         if opts.scope == "local":
             return masks_for(local(1.0))
@@ -242,7 +249,8 @@ def plan_keep(
 class PruneChannels(Pass):
     """Transform pass: remove the least important channels of every group and rewrite the module.
 
-    Requires :class:`DependencyInfo` and :class:`ChannelScores`. After slicing, the model is captured again
+    Requires :class:`DependencyInfo` and :class:`ChannelScores`; follows a :class:`LayerBudget` when an
+    allocator pass wrote one (per-group ratios instead of ``ratio``). After slicing, the model is captured again
     and every traced shape is compared with the plan's prediction; a group whose pruning the model's own
     Python code contradicts (a hard-coded size, a stale attribute) is frozen, the model restored and the plan
     redone. Guarantees: output shapes are unchanged and the graph is a fresh capture of the rewritten module.
@@ -277,8 +285,10 @@ class PruneChannels(Pass):
                 frozen.append(FrozenGroup(
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
                 ))
+        budget = graph.analyses.get(LayerBudget)
+        per_group = budget.ratios if budget is not None else None
         for attempt in range(opts.max_retries + 1):
-            keep = plan_keep(graph, info, scores, opts, exclude)
+            keep = plan_keep(graph, info, scores, opts, exclude, per_group)
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
             kept_counts = {g: int(m.sum()) for g, m in keep.items()}

@@ -1,0 +1,210 @@
+"""Layer-adaptive budget allocation: how much of each channel group to prune for a total budget.
+
+Each allocator is an analysis pass that reads :class:`DependencyInfo` and :class:`ChannelScores` and writes a
+:class:`LayerBudget` (a fraction to remove per group); :class:`PruneChannels` follows it when present.
+Budgets are a fraction of the eligible groups' channels (``unit="channels"``) or of the parameters those
+channels own (``unit="params"``, each channel weighted by the parameters it removes).
+
+Allocators:
+    ``global``: one ranking of raw channel scores across groups (global magnitude), with a per-group floor.
+    ``lamp``: LAMP scores, ``s_i^2 / sum_{j >= i} s_j^2`` over a group's channels sorted ascending, ranked
+        globally; scale-invariant per layer.
+    ``owl``: outlier-weighted layer-wise sparsity: groups with more outlier channels (score above ``m`` times
+        the group mean) are pruned less, within ``target +- lam``, re-centred to meet the budget.
+    ``dp``: dynamic programming over discrete per-group ratios minimising the summed per-group distortion
+        (the squared scores of the removed channels, an output-energy proxy that adds up across layers) under
+        the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from secateurs.errors import BudgetError
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.ir.graph import Graph
+from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.importance import ChannelScores
+
+__all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
+
+ALLOCATORS = ("global", "lamp", "owl", "dp")
+UNITS = ("channels", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBudget:
+    """Fraction of channels to remove per group id, chosen by ``allocator`` for a total ``ratio``."""
+
+    allocator: str
+    ratio: float
+    unit: str
+    ratios: dict[int, float]
+
+    def spent(self, info: DependencyInfo) -> float:
+        """The fraction of the budget unit these ratios remove (channels rounded as the pruning pass does)."""
+        groups = [info.groups[g] for g in self.ratios]
+        total = sum(_weight(g, self.unit) * g.size for g in groups)
+        removed = sum(_weight(g, self.unit) * round(g.size * self.ratios[g.id]) for g in groups)
+        return removed / total if total else 0.0
+
+
+def _weight(group: ChannelGroup, unit: str) -> float:
+    return float(group.params_per_channel) if unit == "params" else 1.0
+
+
+class AllocateBudget(Pass):
+    """Analysis pass: spread a total pruning budget over the channel groups (see the module docstring)."""
+
+    requires = (DependencyInfo, ChannelScores)
+    provides = (LayerBudget,)
+
+    def __init__(
+        self,
+        ratio: float,
+        allocator: str = "global",
+        *,
+        unit: str = "channels",
+        kinds: tuple[str, ...] = ("ffn", "heads", "channels"),
+        min_keep: float = 0.1,
+        owl_lambda: float = 0.08,
+        owl_m: float = 5.0,
+        dp_levels: int = 20,
+    ) -> None:
+        """Create the pass.
+
+        Args:
+            ratio: Total fraction to remove, in [0, 1).
+            allocator: One of :data:`ALLOCATORS`.
+            unit: ``"channels"`` or ``"params"``.
+            kinds: Structure kinds the budget is spread over (``ChannelGroup.kind``).
+            min_keep: Per-group floor as a fraction of its channels.
+            owl_lambda: OWL's maximum deviation from the uniform ratio.
+            owl_m: OWL's outlier threshold (multiple of the group mean score).
+            dp_levels: Number of discrete ratios the DP allocator chooses from per group.
+
+        """
+        if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
+            raise BudgetError(f"budget ratio must be in [0, 1), got {ratio!r}")
+        if allocator not in ALLOCATORS:
+            raise BudgetError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
+        if unit not in UNITS:
+            raise BudgetError(f"unit must be one of {UNITS}, got {unit!r}")
+        self.ratio, self.allocator, self.unit, self.kinds = ratio, allocator, unit, kinds
+        self.min_keep, self.owl_lambda, self.owl_m, self.dp_levels = min_keep, owl_lambda, owl_m, dp_levels
+
+    def run(self, graph: Graph) -> PassResult:
+        """Compute per-group ratios."""
+        info = graph.analysis(DependencyInfo)
+        scores = graph.analysis(ChannelScores).scores
+        groups = [g for g in info.iter_groups() if g.kind in self.kinds and g.mixed_at is None and g.size > 1]
+        if not groups:
+            raise BudgetError(f"no prunable groups of kinds {self.kinds} to spread the budget over")
+        method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
+        ratios = method(groups, scores)
+        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios)
+        graph.analyses[LayerBudget] = budget
+        return PassResult(graph, False, budget)
+
+    def _floor(self, g: ChannelGroup) -> int:
+        return max(1, math.ceil(g.size * self.min_keep))
+
+    def _ranked(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """Remove the globally lowest channels (raw scores, or LAMP scores) until the budget is spent."""
+        entries: list[tuple[float, int, float]] = []
+        for g in groups:
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            if self.allocator == "lamp":
+                sq = np.sort(s) ** 2
+                tail = np.cumsum(sq[::-1])[::-1]
+                key = np.where(tail > 0, sq / np.where(tail > 0, tail, 1.0), 0.0)
+            else:
+                key = np.sort(s)
+            # Only the channels above the floor are candidates; within a group they go lowest first.
+            entries.extend((float(k), g.id, _weight(g, self.unit)) for k in key[: g.size - self._floor(g)])
+        entries.sort(key=lambda t: t[0])
+        target = self.ratio * sum(_weight(g, self.unit) * g.size for g in groups)
+        removed: dict[int, int] = {g.id: 0 for g in groups}
+        spent = 0.0
+        for _, gid, w in entries:
+            if spent + w / 2 > target:
+                break
+            removed[gid] += 1
+            spent += w
+        return {g.id: removed[g.id] / g.size for g in groups}
+
+    def _owl(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """Outlier-weighted ratios: more outliers, less pruning."""
+        outliers = []
+        for g in groups:
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            mean = float(s.mean()) if s.size else 0.0
+            outliers.append(float((s > self.owl_m * mean).mean()) if mean > 0 else 0.0)
+        d = np.asarray(outliers)
+        spread = d.max() - d.min()
+        norm = (d - d.min()) / spread if spread > 0 else np.zeros_like(d)
+        raw = self.ratio + self.owl_lambda * (1 - 2 * norm)  # most outliers -> ratio - lambda
+        return self._recentre(groups, raw)
+
+    def _recentre(self, groups: list[ChannelGroup], raw: np.ndarray) -> dict[int, float]:
+        """Shift ``raw`` ratios by one constant so the weighted total meets the budget (floors respected)."""
+        w = np.asarray([_weight(g, self.unit) * g.size for g in groups])
+        cap = np.asarray([1 - self._floor(g) / g.size for g in groups])
+        lo, hi = -1.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            r = np.clip(raw + mid, 0.0, cap)
+            if float((r * w).sum() / w.sum()) < self.ratio:
+                lo = mid
+            else:
+                hi = mid
+        r = np.clip(raw + hi, 0.0, cap)
+        return {g.id: float(x) for g, x in zip(groups, r, strict=True)}
+
+    def _dp(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """Knapsack over discrete ratios: least total distortion for at least the budget's removal."""
+        bins = 1000
+        total_w = sum(_weight(g, self.unit) * g.size for g in groups)
+        need = int(math.ceil(self.ratio * bins - 1e-9))
+        options = []
+        for g in groups:
+            s = np.sort(np.asarray(scores[g.id], dtype=np.float64))
+            energy = np.concatenate([[0.0], np.cumsum(s**2)])
+            opts = []
+            top = g.size - self._floor(g)
+            # every channel count for small groups, dp_levels evenly spaced counts for large ones
+            counts = range(top + 1) if top <= 64 else sorted({int(round(x)) for x in np.linspace(0, top, self.dp_levels)})
+            for k in counts:
+                cost = float(energy[k])  # output-energy proxy of the removed channels (absolute, additive)
+                gain = int(round(bins * _weight(g, self.unit) * k / total_w))
+                opts.append((cost, gain, k))
+            options.append(sorted(set(opts), key=lambda t: t[2]))
+        inf = float("inf")
+        best = np.full(need + 1, inf)
+        best[0] = 0.0
+        choice: list[np.ndarray] = []
+        for opts in options:
+            nxt = np.full(need + 1, inf)
+            pick = np.zeros(need + 1, dtype=int)
+            for b in range(need + 1):
+                if best[b] == inf:
+                    continue
+                for i, (cost, gain, _) in enumerate(opts):
+                    nb = min(need, b + gain)
+                    if best[b] + cost < nxt[nb]:
+                        nxt[nb] = best[b] + cost
+                        pick[nb] = i * (need + 1) + b
+            choice.append(pick)
+            best = nxt
+        if best[need] == inf:
+            raise BudgetError(f"the {self.ratio:.0%} budget cannot be met within the per-group floors")
+        out: dict[int, float] = {}
+        b = need
+        for g, opts, pick in zip(reversed(groups), reversed(options), reversed(choice), strict=True):
+            i, prev = divmod(int(pick[b]), need + 1)
+            out[g.id] = opts[i][2] / g.size
+            b = prev
+        return out

@@ -1,0 +1,91 @@
+"""Budget allocators: redundant layers are pruned more, and each allocator spends exactly its budget."""
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs as sc
+from secateurs.errors import BudgetError
+from secateurs.ir import DependencyInfo
+from secateurs.passes import ALLOCATORS, AllocateBudget, AnalyzeDependencies, LayerBudget, ScoreChannels
+
+
+class Graded(nn.Module):
+    """Four hidden layers of 32 neurons; layer 1's neurons contribute almost nothing (their rows and the next
+    layer's columns are scaled near zero), layer 3 has a few outlier neurons."""
+
+    def __init__(self):
+        super().__init__()
+        self.fcs = nn.ModuleList([nn.Linear(16, 32)] + [nn.Linear(32, 32) for _ in range(3)])
+        self.head = nn.Linear(32, 32)
+        with torch.no_grad():
+            self.fcs[1].weight.mul_(0.01)
+            self.fcs[1].bias.mul_(0.01)
+            self.fcs[2].weight.mul_(0.01)
+            self.fcs[3].weight[:3].mul_(40)
+
+    def forward(self, x):
+        for fc in self.fcs:
+            x = torch.relu(fc(x))
+        return self.head(x)
+
+
+def _budget(allocator, ratio=0.4, unit="channels"):
+    torch.manual_seed(0)
+    model = Graded().eval()
+    graph = sc.capture(model, (torch.randn(8, 16),))
+    AnalyzeDependencies()(graph)
+    ScoreChannels("l2")(graph)
+    AllocateBudget(ratio, allocator, unit=unit, min_keep=0.1)(graph)
+    info = graph.analysis(DependencyInfo)
+    budget = graph.analysis(LayerBudget)
+    by_layer = {}
+    for g in info.iter_groups():
+        layer = next(m.name for m in g.members if m.dim == 0 and m.name.endswith("weight"))
+        by_layer[layer] = budget.ratios[g.id]
+    return budget, info, by_layer
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+@pytest.mark.parametrize("unit", ["channels", "params"])
+def test_budget_is_met_within_rounding(allocator, unit):
+    budget, info, _ = _budget(allocator, 0.4, unit)
+    assert budget.spent(info) == pytest.approx(0.4, abs=1.5 / 32)
+
+
+@pytest.mark.parametrize("allocator", ["global", "dp"])
+def test_redundant_layer_is_pruned_most(allocator):
+    _, _, by_layer = _budget(allocator)
+    assert by_layer["fcs.1.weight"] == max(by_layer.values())
+    assert by_layer["fcs.1.weight"] > 0.4
+
+
+def test_lamp_is_scale_invariant_per_layer():
+    # LAMP ranks by the shape of each layer's score distribution, not its scale: the near-zero layer is not
+    # singled out; the outlier layer (few large, many small scores) is pruned more than the uniform ones.
+    _, _, by_layer = _budget("lamp")
+    assert by_layer["fcs.1.weight"] < max(by_layer.values())
+    assert by_layer["fcs.3.weight"] == max(by_layer.values())
+
+
+def test_owl_protects_the_outlier_layer():
+    _, _, by_layer = _budget("owl")
+    assert by_layer["fcs.3.weight"] == min(by_layer.values())
+    assert max(by_layer.values()) - min(by_layer.values()) == pytest.approx(2 * 0.08, abs=1e-6)
+
+
+def test_prune_with_allocator_gives_uneven_layers():
+    torch.manual_seed(0)
+    model = Graded().eval()
+    x = (torch.randn(8, 16),)
+    report = sc.prune(model, x, ratio=0.4, allocate="dp", round_to=1)
+    widths = [fc.out_features for fc in model.fcs]
+    assert widths[1] == min(widths) and len(set(widths)) > 1
+    assert model(x[0]).shape == (8, 32) and report.params_after < report.params_before
+
+
+def test_allocator_errors():
+    with pytest.raises(BudgetError, match="allocator"):
+        AllocateBudget(0.3, "magic")
+    with pytest.raises(BudgetError, match="budget ratio"):
+        AllocateBudget(1.2, "global")
