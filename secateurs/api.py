@@ -162,7 +162,7 @@ def prune(
             ``importance="flap"`` or ``"activation"``.
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``
             or ``"dp"`` (see :mod:`secateurs.passes.allocate`); per-group sizes then differ.
-        budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"`` or ``"params"``.
+        budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"`` or ``"flops"``.
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:

@@ -47,7 +47,7 @@ def _budget(allocator, ratio=0.4, unit="channels"):
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
-@pytest.mark.parametrize("unit", ["channels", "params"])
+@pytest.mark.parametrize("unit", ["channels", "params", "flops"])
 def test_budget_is_met_within_rounding(allocator, unit):
     budget, info, _ = _budget(allocator, 0.4, unit)
     assert budget.spent(info) == pytest.approx(0.4, abs=1.5 / 32)

@@ -2,8 +2,9 @@
 
 Each allocator is an analysis pass that reads :class:`DependencyInfo` and :class:`ChannelScores` and writes a
 :class:`LayerBudget` (a fraction to remove per group); :class:`PruneChannels` follows it when present.
-Budgets are a fraction of the eligible groups' channels (``unit="channels"``) or of the parameters those
-channels own (``unit="params"``, each channel weighted by the parameters it removes).
+Budgets are a fraction of the eligible groups' channels (``unit="channels"``), of the parameters those
+channels own (``unit="params"``) or of the FLOPs they cost on the example inputs (``unit="flops"``); each
+channel is weighted by what removing it saves.
 
 Allocators:
     ``global``: one ranking of raw channel scores across groups (global magnitude), with a per-group floor.
@@ -24,6 +25,7 @@ import math
 import numpy as np
 
 from secateurs.errors import BudgetError
+from secateurs.ir.cost import per_channel_costs
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
@@ -32,28 +34,29 @@ from secateurs.passes.importance import ChannelScores
 __all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
 
 ALLOCATORS = ("global", "lamp", "owl", "dp")
-UNITS = ("channels", "params")
+UNITS = ("channels", "params", "flops")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerBudget:
-    """Fraction of channels to remove per group id, chosen by ``allocator`` for a total ``ratio``."""
+    """Fraction of channels to remove per group id, chosen by ``allocator`` for a total ``ratio``.
+
+    ``weights`` is what one channel of each group is worth in the budget's unit (1, its parameters, or its
+    FLOPs on the example inputs).
+    """
 
     allocator: str
     ratio: float
     unit: str
     ratios: dict[int, float]
+    weights: dict[int, float]
 
     def spent(self, info: DependencyInfo) -> float:
         """The fraction of the budget unit these ratios remove (channels rounded as the pruning pass does)."""
         groups = [info.groups[g] for g in self.ratios]
-        total = sum(_weight(g, self.unit) * g.size for g in groups)
-        removed = sum(_weight(g, self.unit) * round(g.size * self.ratios[g.id]) for g in groups)
+        total = sum(self.weights[g.id] * g.size for g in groups)
+        removed = sum(self.weights[g.id] * round(g.size * self.ratios[g.id]) for g in groups)
         return removed / total if total else 0.0
-
-
-def _weight(group: ChannelGroup, unit: str) -> float:
-    return float(group.params_per_channel) if unit == "params" else 1.0
 
 
 class AllocateBudget(Pass):
@@ -79,7 +82,7 @@ class AllocateBudget(Pass):
         Args:
             ratio: Total fraction to remove, in [0, 1).
             allocator: One of :data:`ALLOCATORS`.
-            unit: ``"channels"`` or ``"params"``.
+            unit: ``"channels"``, ``"params"`` or ``"flops"``.
             kinds: Structure kinds the budget is spread over (``ChannelGroup.kind``).
             min_keep: Per-group floor as a fraction of its channels.
             owl_lambda: OWL's maximum deviation from the uniform ratio.
@@ -95,6 +98,7 @@ class AllocateBudget(Pass):
             raise BudgetError(f"unit must be one of {UNITS}, got {unit!r}")
         self.ratio, self.allocator, self.unit, self.kinds = ratio, allocator, unit, kinds
         self.min_keep, self.owl_lambda, self.owl_m, self.dp_levels = min_keep, owl_lambda, owl_m, dp_levels
+        self._w: dict[int, float] = {}
 
     def run(self, graph: Graph) -> PassResult:
         """Compute per-group ratios."""
@@ -103,9 +107,14 @@ class AllocateBudget(Pass):
         groups = [g for g in info.iter_groups() if g.kind in self.kinds and g.mixed_at is None and g.size > 1]
         if not groups:
             raise BudgetError(f"no prunable groups of kinds {self.kinds} to spread the budget over")
+        if self.unit == "flops":
+            costs = per_channel_costs(graph, info)
+            self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
+        else:
+            self._w = {g.id: float(g.params_per_channel) if self.unit == "params" else 1.0 for g in groups}
         method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
         ratios = method(groups, scores)
-        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios)
+        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w))
         graph.analyses[LayerBudget] = budget
         return PassResult(graph, False, budget)
 
@@ -124,9 +133,9 @@ class AllocateBudget(Pass):
             else:
                 key = np.sort(s)
             # Only the channels above the floor are candidates; within a group they go lowest first.
-            entries.extend((float(k), g.id, _weight(g, self.unit)) for k in key[: g.size - self._floor(g)])
+            entries.extend((float(k), g.id, self._w[g.id]) for k in key[: g.size - self._floor(g)])
         entries.sort(key=lambda t: t[0])
-        target = self.ratio * sum(_weight(g, self.unit) * g.size for g in groups)
+        target = self.ratio * sum(self._w[g.id] * g.size for g in groups)
         removed: dict[int, int] = {g.id: 0 for g in groups}
         spent = 0.0
         for _, gid, w in entries:
@@ -151,7 +160,7 @@ class AllocateBudget(Pass):
 
     def _recentre(self, groups: list[ChannelGroup], raw: np.ndarray) -> dict[int, float]:
         """Shift ``raw`` ratios by one constant so the weighted total meets the budget (floors respected)."""
-        w = np.asarray([_weight(g, self.unit) * g.size for g in groups])
+        w = np.asarray([self._w[g.id] * g.size for g in groups])
         cap = np.asarray([1 - self._floor(g) / g.size for g in groups])
         lo, hi = -1.0, 1.0
         for _ in range(60):
@@ -167,7 +176,7 @@ class AllocateBudget(Pass):
     def _dp(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
         """Knapsack over discrete ratios: least total distortion for at least the budget's removal."""
         bins = 1000
-        total_w = sum(_weight(g, self.unit) * g.size for g in groups)
+        total_w = sum(self._w[g.id] * g.size for g in groups)
         need = int(math.ceil(self.ratio * bins - 1e-9))
         options = []
         for g in groups:
@@ -179,7 +188,7 @@ class AllocateBudget(Pass):
             counts = range(top + 1) if top <= 64 else sorted({int(round(x)) for x in np.linspace(0, top, self.dp_levels)})
             for k in counts:
                 cost = float(energy[k])  # output-energy proxy of the removed channels (absolute, additive)
-                gain = int(round(bins * _weight(g, self.unit) * k / total_w))
+                gain = int(round(bins * self._w[g.id] * k / total_w))
                 opts.append((cost, gain, k))
             options.append(sorted(set(opts), key=lambda t: t[2]))
         inf = float("inf")
