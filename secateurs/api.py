@@ -160,8 +160,8 @@ def prune(
         loss_fn: Loss on the model output for ``taylor``.
         bias_compensation: Fold removed inputs' calibration means into consumer biases (FLAP); needs
             ``importance="flap"`` or ``"activation"``.
-        allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``
-            or ``"dp"`` (see :mod:`secateurs.passes.allocate`); per-group sizes then differ.
+        allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
+            ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"`` or ``"flops"``.
         verify: Re-capture and check every traced shape against the plan (recommended).
 
@@ -196,7 +196,7 @@ def prune(
     if width or not passes:
         passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn)]
         if allocate is not None:
-            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep))
+            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib))
         passes.append(PruneChannels(options))
     result = PassManager(passes)(graph)
     record: PruneRecord | None = result.record(PruneRecord)

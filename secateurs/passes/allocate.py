@@ -12,6 +12,13 @@ Allocators:
         globally; scale-invariant per layer.
     ``owl``: outlier-weighted layer-wise sparsity: groups with more outlier channels (score above ``m`` times
         the group mean) are pruned less, within ``target +- lam``, re-centred to meet the budget.
+    ``ecoflap``: coarse-to-fine from a zeroth-order global importance (ECoFLaP's idea): each group's
+        first-order importance ``|sum(w * dL/dw)|`` is measured with forward passes only, as the central
+        difference of the loss when the group's weights are scaled by ``1 +- mu`` (the directional derivative
+        along ``w``); more important groups are pruned less (within ``target +- lam``), re-centred.
+    ``cfsp``: coarse allocation from block-level activation importance (CFSP's idea): every group inherits
+        the block influence (``1 - cos(input, output)``) of the residual block it lives in; blocks that change
+        the stream more are pruned less (within ``target +- lam``), re-centred.
     ``dp``: dynamic programming over discrete per-group ratios minimising the summed per-group distortion
         (the squared scores of the removed channels, an output-energy proxy that adds up across layers) under
         the budget.
@@ -21,19 +28,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+import torch
 
 from secateurs.errors import BudgetError
+from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.cost import per_channel_costs
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.importance import ChannelScores
+from secateurs.passes.depth import block_influence, find_blocks
+from secateurs.passes.importance import ChannelScores, default_loss
 
 __all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
 
-ALLOCATORS = ("global", "lamp", "owl", "dp")
+ALLOCATORS = ("global", "lamp", "owl", "dp", "ecoflap", "cfsp")
 UNITS = ("channels", "params", "flops")
 
 
@@ -76,6 +88,7 @@ class AllocateBudget(Pass):
         owl_lambda: float = 0.08,
         owl_m: float = 5.0,
         dp_levels: int = 20,
+        calib: Iterable[Any] | None = None,
     ) -> None:
         """Create the pass.
 
@@ -85,9 +98,10 @@ class AllocateBudget(Pass):
             unit: ``"channels"``, ``"params"`` or ``"flops"``.
             kinds: Structure kinds the budget is spread over (``ChannelGroup.kind``).
             min_keep: Per-group floor as a fraction of its channels.
-            owl_lambda: OWL's maximum deviation from the uniform ratio.
+            owl_lambda: Maximum deviation from the uniform ratio (OWL, ECoFLaP, CFSP).
             owl_m: OWL's outlier threshold (multiple of the group mean score).
             dp_levels: Number of discrete ratios the DP allocator chooses from per group.
+            calib: Calibration batches for ``ecoflap`` and ``cfsp`` (defaults to the example inputs).
 
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
@@ -99,6 +113,7 @@ class AllocateBudget(Pass):
         self.ratio, self.allocator, self.unit, self.kinds = ratio, allocator, unit, kinds
         self.min_keep, self.owl_lambda, self.owl_m, self.dp_levels = min_keep, owl_lambda, owl_m, dp_levels
         self._w: dict[int, float] = {}
+        self.calib = calib
 
     def run(self, graph: Graph) -> PassResult:
         """Compute per-group ratios."""
@@ -112,8 +127,13 @@ class AllocateBudget(Pass):
             self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
         else:
             self._w = {g.id: float(g.params_per_channel) if self.unit == "params" else 1.0 for g in groups}
-        method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
-        ratios = method(groups, scores)
+        if self.allocator == "ecoflap":
+            ratios = self._by_importance(groups, self._zeroth_order(graph, groups))
+        elif self.allocator == "cfsp":
+            ratios = self._by_importance(groups, self._block_influence(graph, groups))
+        else:
+            method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
+            ratios = method(groups, scores)
         budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w))
         graph.analyses[LayerBudget] = budget
         return PassResult(graph, False, budget)
@@ -157,6 +177,75 @@ class AllocateBudget(Pass):
         norm = (d - d.min()) / spread if spread > 0 else np.zeros_like(d)
         raw = self.ratio + self.owl_lambda * (1 - 2 * norm)  # most outliers -> ratio - lambda
         return self._recentre(groups, raw)
+
+    def _by_importance(self, groups: list[ChannelGroup], importance: np.ndarray) -> dict[int, float]:
+        """Most important group -> ratio - lambda, least -> ratio + lambda, then re-centred to the budget."""
+        spread = importance.max() - importance.min()
+        norm = (importance - importance.min()) / spread if spread > 0 else np.zeros_like(importance)
+        return self._recentre(groups, self.ratio + self.owl_lambda * (1 - 2 * norm))
+
+    def _zeroth_order(self, graph: Graph, groups: list[ChannelGroup]) -> np.ndarray:
+        """|d L / d t| at t = 1 for the group's weights scaled by t, by a central difference (forward only)."""
+        model = graph.module
+        calls = self._calls(graph)
+        mu = 1e-2  # central difference: error O(mu^2); float32 loss noise is divided by 2 mu
+
+        def loss() -> float:
+            total = 0.0
+            with torch.no_grad():
+                for args, kwargs in calls:
+                    total += float(default_loss(model(*args, **kwargs)))
+            return total
+
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            for g in groups:
+                params = {m.name: model.get_parameter(m.name) for m in g.members if m.is_param}
+                masks: dict[str, torch.Tensor] = {}
+                for m in g.members:
+                    if m.is_param:
+                        idx = torch.from_numpy(graph.analysis(DependencyInfo).channel_positions(m, g.id) >= 0)
+                        shape = [1] * params[m.name].dim()
+                        shape[m.dim] = -1
+                        masks.setdefault(m.name, torch.zeros(params[m.name].shape, dtype=torch.bool))
+                        masks[m.name] |= idx.view(shape).expand_as(params[m.name])
+                originals = {n: p.detach().clone() for n, p in params.items()}
+                values = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            p.copy_(torch.where(masks[n], originals[n] * (1 + sign * mu), originals[n]))
+                    values.append(loss())
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(originals[n])
+                out.append(abs(values[0] - values[1]) / (2 * mu))
+        finally:
+            model.train(was_training)
+        return np.asarray(out)
+
+    def _block_influence(self, graph: Graph, groups: list[ChannelGroup]) -> np.ndarray:
+        """Each group's residual block's influence (groups outside any block get the mean)."""
+        blocks = find_blocks(graph.module, graph.args, graph.kwargs, graph)
+        if not blocks:
+            raise BudgetError("cfsp needs residual blocks; none were found")
+        influence = block_influence(graph.module, blocks, self._calls(graph))
+        out = []
+        for g in groups:
+            owners = [b for b in blocks if any(m.name.startswith(b + ".") for m in g.members)]
+            out.append(np.mean([influence[b] for b in owners]) if owners else np.nan)
+        arr = np.asarray(out, dtype=np.float64)
+        return np.where(np.isnan(arr), np.nanmean(arr) if not np.isnan(arr).all() else 0.0, arr)
+
+    def _calls(self, graph: Graph) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        if self.calib is None:
+            return [(graph.args, graph.kwargs)]
+        calls = [split_inputs(graph.module, b) for b in self.calib]
+        if not calls:
+            raise BudgetError("calibration data is empty")
+        return calls
 
     def _recentre(self, groups: list[ChannelGroup], raw: np.ndarray) -> dict[int, float]:
         """Shift ``raw`` ratios by one constant so the weighted total meets the budget (floors respected)."""

@@ -39,6 +39,7 @@ __all__ = [
     "RemoveBlocks",
     "RemoveSublayers",
     "ZeroSublayer",
+    "block_influence",
     "find_blocks",
     "find_sublayers",
 ]
@@ -270,8 +271,7 @@ class _DepthPass(Pass):
 
     def _scores(self, model: nn.Module, cands: list[str], calls: list[Any]) -> dict[str, float]:
         """Block influence: 1 - cos of the stream before and after a candidate, averaged over calls."""
-        pairs = self._streams(model, cands, calls)
-        return {c: sum(1 - _cos(x, y) for x, y in v) / len(v) if v else 0.0 for c, v in pairs.items()}
+        return _influence(self._streams(model, cands, calls))
 
     def _choose(self, model: nn.Module, cands: list[str], count: int, calls: list[Any]) -> tuple[
             list[tuple[str, float]], dict[str, float]]:
@@ -345,6 +345,20 @@ class _DepthPass(Pass):
 
     def _apply(self, model: nn.Module, names: list[str], snap: Snapshot, calls: list[Any]) -> None:
         raise NotImplementedError
+
+
+def _influence(pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
+    return {c: sum(1 - _cos(x, y) for x, y in v) / len(v) if v else 0.0 for c, v in pairs.items()}
+
+
+def block_influence(model: nn.Module, blocks: list[str], calls: list[Any]) -> dict[str, float]:
+    """Block influence (ShortGPT) of each named block on the calibration calls: ``1 - cos(input, output)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _influence(RemoveBlocks(1)._streams(model, blocks, calls))
+    finally:
+        model.train(was_training)
 
 
 class RemoveBlocks(_DepthPass):

@@ -27,7 +27,7 @@ from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 
-__all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels"]
+__all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _per_position(t: torch.Tensor, dim: int, how: str) -> np.ndarray:
     return r.double().cpu().numpy()
 
 
-def _default_loss(output: Any) -> torch.Tensor:
+def default_loss(output: Any) -> torch.Tensor:
+    """The model's own ``loss`` when it returned one, else half the mean square of its float outputs."""
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss  # Hugging Face computed its task / language-modelling loss (labels were passed)
@@ -205,7 +206,7 @@ class ScoreChannels(Pass):
 
     def _taylor(self, graph: Graph) -> dict[str, torch.Tensor]:
         module = graph.module
-        loss_fn = self.loss_fn or _default_loss
+        loss_fn = self.loss_fn or default_loss
         params = dict(module.named_parameters())
         acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         was_training = module.training
