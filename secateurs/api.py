@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.backends.latency import LatencyTable
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
@@ -38,6 +39,8 @@ class Report:
         unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
         retries: How many times a plan was redone because the model's code contradicted it.
         compensated_biases: Consumer biases that absorbed removed channels' means (``bias_compensation``).
+        latency_before: Measured seconds per forward on the example inputs before (with ``speedup``).
+        latency_after: The same after pruning.
         depth: One record per depth pass: removed blocks / sublayers with their scores.
         experts: Per MoE block, experts (``PruneExperts``) or per-expert neurons (``PruneExpertNeurons``) before
             and after.
@@ -55,6 +58,8 @@ class Report:
     compensated_biases: int = 0
     experts: list[ExpertChange] = dataclasses.field(default_factory=list)
     depth: list[DepthRecord] = dataclasses.field(default_factory=list)
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -73,6 +78,9 @@ class Report:
             f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} (-{100 * self.flop_ratio:.1f}%)",
             f"pruned groups: {len(self.changes)}",
         ]
+        if self.latency_before and self.latency_after:
+            lines.insert(2, f"latency {1e3 * self.latency_before:.2f} ms -> {1e3 * self.latency_after:.2f} ms "
+                            f"({self.latency_before / self.latency_after:.2f}x, PyTorch CPU)")
         for c in self.changes[:20]:
             lines.append(f"  {c.name}: {c.before} -> {c.after}")
         if len(self.changes) > 20:
@@ -127,6 +135,8 @@ def prune(
     bias_compensation: bool = False,
     allocate: str | None = None,
     budget_unit: str = "channels",
+    speedup: float | None = None,
+    latency_cache: str | None = None,
     verify: bool = True,
 ) -> Report:
     """Prune ``model`` in place and return a :class:`Report`.
@@ -162,7 +172,11 @@ def prune(
             ``importance="flap"`` or ``"activation"``.
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
-        budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"`` or ``"flops"``.
+        budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
+            or ``"latency"`` (measured on PyTorch CPU and cached in ``latency_cache``).
+        speedup: A whole-model latency target (e.g. 1.5 for "1.5x faster"); implies ``budget_unit="latency"``
+            and ``allocate="dp"`` unless an allocator is given. The report holds the measured latencies.
+        latency_cache: Latency cache file (default ``~/.cache/secateurs/latency.json``).
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:
@@ -184,6 +198,7 @@ def prune(
     params_before = graph.param_count()
     flops_before = count_flops(graph)
     passes: list[Pass] = []
+    table: LatencyTable | None = None
     if layers:
         passes.append(RemoveBlocks(layers, depth_criterion, calib=calib))
     if sublayers:
@@ -195,10 +210,20 @@ def prune(
     width = ratio > 0 or any(v > 0 for _, v in kind_ratios)
     if width or not passes:
         passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn)]
+        if speedup is not None:
+            allocate, budget_unit = allocate or "dp", "latency"
         if allocate is not None:
-            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib))
+            table = LatencyTable(cache=latency_cache) if budget_unit == "latency" else None
+            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib,
+                                         latency=table, speedup=speedup))
         passes.append(PruneChannels(options))
+    latency_before = table.model_latency(graph) if table is not None and speedup is not None else None
     result = PassManager(passes)(graph)
+    latency_after = None
+    if table is not None:
+        table.save()
+        if latency_before is not None:
+            latency_after = table.model_latency(result.graph)
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)
     depth = [r.record for name, r, _ in result.results if isinstance(r.record, DepthRecord) and r.modified]
@@ -216,4 +241,6 @@ def prune(
         compensated_biases=record.compensated[0] if record else 0,
         experts=expert_changes,
         depth=depth,
+        latency_before=latency_before,
+        latency_after=latency_after,
     )

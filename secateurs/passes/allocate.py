@@ -3,8 +3,10 @@
 Each allocator is an analysis pass that reads :class:`DependencyInfo` and :class:`ChannelScores` and writes a
 :class:`LayerBudget` (a fraction to remove per group); :class:`PruneChannels` follows it when present.
 Budgets are a fraction of the eligible groups' channels (``unit="channels"``), of the parameters those
-channels own (``unit="params"``) or of the FLOPs they cost on the example inputs (``unit="flops"``); each
-channel is weighted by what removing it saves.
+channels own (``unit="params"``), of the FLOPs they cost on the example inputs (``unit="flops"``) or of the
+time their layers take, measured with a :class:`~secateurs.backends.latency.LatencyTable`
+(``unit="latency"``); each channel is weighted by what removing it saves. A latency budget can be a
+``speedup`` of the whole model instead of a ratio ("make it 1.5x faster").
 
 Allocators:
     ``global``: one ranking of raw channel scores across groups (global magnitude), with a per-group floor.
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from secateurs.backends.latency import LatencyTable
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.cost import per_channel_costs
@@ -46,7 +49,7 @@ from secateurs.passes.importance import ChannelScores, default_loss
 __all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
 
 ALLOCATORS = ("global", "lamp", "owl", "dp", "ecoflap", "cfsp")
-UNITS = ("channels", "params", "flops")
+UNITS = ("channels", "params", "flops", "latency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,8 @@ class AllocateBudget(Pass):
         owl_m: float = 5.0,
         dp_levels: int = 20,
         calib: Iterable[Any] | None = None,
+        latency: LatencyTable | None = None,
+        speedup: float | None = None,
     ) -> None:
         """Create the pass.
 
@@ -102,6 +107,9 @@ class AllocateBudget(Pass):
             owl_m: OWL's outlier threshold (multiple of the group mean score).
             dp_levels: Number of discrete ratios the DP allocator chooses from per group.
             calib: Calibration batches for ``ecoflap`` and ``cfsp`` (defaults to the example inputs).
+            latency: The measured table for ``unit="latency"``.
+            speedup: With ``unit="latency"``: the whole model's target speed-up (> 1); ``ratio`` is then
+                derived from the measured model latency and the time the prunable layers take.
 
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
@@ -114,6 +122,11 @@ class AllocateBudget(Pass):
         self.min_keep, self.owl_lambda, self.owl_m, self.dp_levels = min_keep, owl_lambda, owl_m, dp_levels
         self._w: dict[int, float] = {}
         self.calib = calib
+        if unit == "latency" and latency is None:
+            raise BudgetError("a latency budget needs a LatencyTable (latency=...)")
+        if speedup is not None and (unit != "latency" or not speedup > 1.0):
+            raise BudgetError(f"speedup needs unit='latency' and a value > 1, got {speedup!r}")
+        self.latency, self.speedup = latency, speedup
 
     def run(self, graph: Graph) -> PassResult:
         """Compute per-group ratios."""
@@ -125,6 +138,19 @@ class AllocateBudget(Pass):
         if self.unit == "flops":
             costs = per_channel_costs(graph, info)
             self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
+        elif self.unit == "latency":
+            assert self.latency is not None
+            self._w = self.latency.group_costs(graph, info, [g.id for g in groups])
+            if self.speedup is not None:
+                total = self.latency.model_latency(graph)
+                prunable = sum(self._w[g.id] * g.size for g in groups)
+                needed = total * (1 - 1 / self.speedup)
+                if prunable <= 0 or needed >= prunable:
+                    raise BudgetError(
+                        f"a {self.speedup}x speed-up needs {needed * 1e3:.2f} ms removed, but the prunable layers take "
+                        f"{prunable * 1e3:.2f} ms of {total * 1e3:.2f} ms"
+                    )
+                self.ratio = needed / prunable
         else:
             self._w = {g.id: float(g.params_per_channel) if self.unit == "params" else 1.0 for g in groups}
         if self.allocator == "ecoflap":

@@ -1,0 +1,154 @@
+"""Measured latency tables: what one channel of each group costs in time on the chosen backend.
+
+Each linear / conv layer that a group slices is timed at its full size and with the sliced dimension halved,
+on its real input shape (recorded with one forward pass), on PyTorch CPU; the slope is the time one
+position saves. A group's latency per channel is the sum over its member layers of slope x positions per
+channel. Timings are cached in a JSON file keyed by backend, torch version, thread count, layer type and
+shapes, so a second run (or a second model with the same layer shapes) measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.errors import BudgetError
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph
+
+__all__ = ["LatencyTable", "default_cache"]
+
+BACKENDS = ("torch",)
+
+
+def default_cache() -> Path:
+    """``$SECATEURS_CACHE/latency.json``, else ``~/.cache/secateurs/latency.json``."""
+    root = os.environ.get("SECATEURS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "secateurs")
+    return Path(root) / "latency.json"
+
+
+def _time(fn: Any, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+class LatencyTable:
+    """Per-layer timings at full and reduced width, cached on disk.
+
+    Args:
+        backend: ``"torch"`` (PyTorch CPU, the current thread count).
+        cache: JSON cache file (``None``: :func:`default_cache`).
+        repeats: Timed runs per measurement (median).
+
+    """
+
+    def __init__(self, backend: str = "torch", cache: str | os.PathLike[str] | None = None, repeats: int = 15) -> None:
+        if backend not in BACKENDS:
+            raise BudgetError(f"latency backend {backend!r} is not available; choose from {BACKENDS}")
+        self.backend = backend
+        self.path = Path(cache) if cache is not None else default_cache()
+        self.repeats = repeats
+        self.measured = 0
+        try:
+            self.entries: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except ValueError:
+            self.entries = {}
+
+    def _key(self, *parts: Any) -> str:
+        return "|".join(str(p) for p in (self.backend, torch.__version__, torch.get_num_threads(), *parts))
+
+    def layer(self, module: nn.Module, in_shape: tuple[int, ...], dim: int, size: int) -> float:
+        """Seconds for one forward of a layer like ``module`` with its weight's ``dim`` set to ``size``."""
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise BudgetError(f"cannot time {type(module).__name__}: no weight")
+        shape = list(w.shape)
+        shape[dim] = size
+        x_shape = list(in_shape)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            in_dim = 1 if isinstance(module, nn.Linear) else 0
+            if dim == in_dim:
+                x_shape[-1] = size
+        elif isinstance(module, nn.modules.conv._ConvNd) and dim == 1:
+            x_shape[1] = size * module.groups
+        key = self._key(type(module).__name__, tuple(shape), tuple(x_shape), getattr(module, "stride", ""),
+                        getattr(module, "padding", ""), getattr(module, "groups", 1))
+        if key not in self.entries:
+            weight = torch.randn(shape)
+            x = torch.randn(x_shape)
+            if isinstance(module, nn.Linear):
+                def fn() -> Any:
+                    return torch.nn.functional.linear(x, weight)
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                conv = module._conv_forward  # type: ignore[operator]
+
+                def fn() -> Any:
+                    return conv(x, weight, None)
+            else:  # Hugging Face Conv1D: x @ W with W [in, out]
+                def fn() -> Any:
+                    return x.reshape(-1, x.shape[-1]) @ weight
+            self.entries[key] = _time(fn, self.repeats)
+            self.measured += 1
+        return self.entries[key]
+
+    def save(self) -> None:
+        """Write the cache atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.entries, f)
+        os.replace(tmp, self.path)
+
+    def group_costs(self, graph: Graph, info: DependencyInfo, groups: list[int]) -> dict[int, float]:
+        """Seconds saved per channel removed, for each group id (from its member linear / conv layers)."""
+        model = graph.module
+        shapes: dict[str, tuple[int, ...]] = {}
+        hooks = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or type(mod).__name__ == "Conv1D":
+                def hook(_m: nn.Module, inp: tuple[Any, ...], name: str = name) -> None:
+                    if inp and isinstance(inp[0], torch.Tensor):
+                        shapes[name] = tuple(inp[0].shape)
+
+                hooks.append(mod.register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                model(*graph.args, **graph.kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        out: dict[int, float] = {}
+        for gid in groups:
+            g = info.groups[gid]
+            cost = 0.0
+            for m in g.members:
+                path, _, leaf = m.name.rpartition(".")
+                owner = model.get_submodule(path) if path else model
+                if leaf != "weight" or path not in shapes:
+                    continue
+                full = int(model.get_parameter(m.name).shape[m.dim])
+                half = max(1, full // 2)
+                slope = (self.layer(owner, shapes[path], m.dim, full) - self.layer(owner, shapes[path], m.dim, half))
+                cost += max(slope, 0.0) / max(full - half, 1) * m.stride
+            out[gid] = cost
+        return out
+
+    def model_latency(self, graph: Graph) -> float:
+        """Median seconds of one forward of the whole model on the example inputs (not cached)."""
+        model = graph.module
+        return _time(lambda: model(*graph.args, **graph.kwargs), self.repeats)

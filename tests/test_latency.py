@@ -1,0 +1,68 @@
+"""Latency budgets: measured per-layer table, cached; a speed-up target is met on the real model."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs as sc
+from secateurs.backends.latency import LatencyTable
+from secateurs.errors import BudgetError
+from secateurs.passes import AllocateBudget
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(256, 1024)
+        self.down = nn.Linear(1024, 256)
+        self.small_up = nn.Linear(256, 64)
+        self.small_down = nn.Linear(64, 256)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x))) + self.small_down(torch.relu(self.small_up(x)))
+
+
+def test_table_is_cached_and_reused(tmp_path):
+    cache = tmp_path / "lat.json"
+    model = Wide().eval()
+    x = torch.randn(64, 256)
+    table = LatencyTable(cache=cache, repeats=3)
+    t_full = table.layer(model.up, (64, 256), 0, 1024)
+    t_half = table.layer(model.up, (64, 256), 0, 512)
+    assert t_full > 0 and t_half > 0 and table.measured == 2
+    table.save()
+    again = LatencyTable(cache=cache, repeats=3)
+    assert again.layer(model.up, (64, 256), 0, 1024) == t_full and again.measured == 0
+    assert len(json.loads(cache.read_text())) == 2
+    assert model(x).shape == (64, 256)
+
+
+def test_speedup_target_is_reached(tmp_path):
+    torch.set_num_threads(1)
+    try:
+        model = Wide().eval()
+        x = (torch.randn(256, 256),)
+        report = sc.prune(model, x, speedup=1.4, latency_cache=str(tmp_path / "lat.json"), round_to=8,
+                          min_keep=0.05)
+        assert report.latency_before and report.latency_after
+        # the wide branch carries most of the time, so it loses most of its neurons
+        assert model.up.out_features < 1024 and model.up.out_features / 1024 <= model.small_up.out_features / 64
+        # the measured latencies are reported (benchmarks, not tests, judge speed)
+        assert report.latency_after > 0 and "latency" in str(report)
+        assert (tmp_path / "lat.json").is_file()
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_unreachable_speedup_and_bad_options(tmp_path):
+    model = Wide().eval()
+    with pytest.raises(BudgetError, match="speed-up needs"):
+        sc.prune(model, (torch.randn(8, 256),), speedup=50.0, latency_cache=str(tmp_path / "l.json"))
+    with pytest.raises(BudgetError, match="LatencyTable"):
+        AllocateBudget(0.3, "dp", unit="latency")
+    with pytest.raises(BudgetError, match="speedup"):
+        AllocateBudget(0.3, "dp", speedup=1.5)
+    with pytest.raises(BudgetError, match="backend"):
+        LatencyTable(backend="tensorrt")
