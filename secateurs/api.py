@@ -137,6 +137,7 @@ def prune(
     budget_unit: str = "channels",
     speedup: float | None = None,
     latency_cache: str | None = None,
+    latency_backend: str = "torch",
     verify: bool = True,
 ) -> Report:
     """Prune ``model`` in place and return a :class:`Report`.
@@ -177,6 +178,7 @@ def prune(
         speedup: A whole-model latency target (e.g. 1.5 for "1.5x faster"); implies ``budget_unit="latency"``
             and ``allocate="dp"`` unless an allocator is given. The report holds the measured latencies.
         latency_cache: Latency cache file (default ``~/.cache/secateurs/latency.json``).
+        latency_backend: Where latency is measured: ``"torch"`` (PyTorch CPU) or ``"onnxruntime"``.
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:
@@ -213,7 +215,7 @@ def prune(
         if speedup is not None:
             allocate, budget_unit = allocate or "dp", "latency"
         if allocate is not None:
-            table = LatencyTable(cache=latency_cache) if budget_unit == "latency" else None
+            table = LatencyTable(latency_backend, cache=latency_cache) if budget_unit == "latency" else None
             passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib,
                                          latency=table, speedup=speedup))
         passes.append(PruneChannels(options))

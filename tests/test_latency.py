@@ -66,3 +66,15 @@ def test_unreachable_speedup_and_bad_options(tmp_path):
         AllocateBudget(0.3, "dp", speedup=1.5)
     with pytest.raises(BudgetError, match="backend"):
         LatencyTable(backend="tensorrt")
+
+
+def test_onnxruntime_backend_times_layers_and_the_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = Wide().eval()
+    table = LatencyTable("onnxruntime", cache=tmp_path / "ort.json", repeats=3)
+    assert table.layer(model.up, (64, 256), 0, 1024) > 0
+    report = sc.prune(model, (torch.randn(64, 256),), speedup=1.3, latency_backend="onnxruntime",
+                      latency_cache=str(tmp_path / "ort.json"), round_to=8)
+    assert report.latency_before and report.latency_after and model.up.out_features < 1024
+    keys = json.loads((tmp_path / "ort.json").read_text())
+    assert all(k.startswith("onnxruntime|") for k in keys)

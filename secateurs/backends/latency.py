@@ -1,14 +1,15 @@
 """Measured latency tables: what one channel of each group costs in time on the chosen backend.
 
 Each linear / conv layer that a group slices is timed at its full size and with the sliced dimension halved,
-on its real input shape (recorded with one forward pass), on PyTorch CPU; the slope is the time one
-position saves. A group's latency per channel is the sum over its member layers of slope x positions per
+on its real input shape (recorded with one forward pass), on PyTorch CPU or in ONNX Runtime (CPU execution
+provider, the layer exported alone); the slope is the time one position saves. A group's latency per channel is the sum over its member layers of slope x positions per
 channel. Timings are cached in a JSON file keyed by backend, torch version, thread count, layer type and
 shapes, so a second run (or a second model with the same layer shapes) measures nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -26,7 +27,7 @@ from secateurs.ir.graph import Graph
 
 __all__ = ["LatencyTable", "default_cache"]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def default_cache() -> Path:
@@ -51,7 +52,8 @@ class LatencyTable:
     """Per-layer timings at full and reduced width, cached on disk.
 
     Args:
-        backend: ``"torch"`` (PyTorch CPU, the current thread count).
+        backend: ``"torch"`` (PyTorch CPU) or ``"onnxruntime"`` (CPU execution provider; needs the ``onnx``
+            extra), both with the current torch thread count.
         cache: JSON cache file (``None``: :func:`default_cache`).
         repeats: Timed runs per measurement (median).
 
@@ -88,6 +90,9 @@ class LatencyTable:
             x_shape[1] = size * module.groups
         key = self._key(type(module).__name__, tuple(shape), tuple(x_shape), getattr(module, "stride", ""),
                         getattr(module, "padding", ""), getattr(module, "groups", 1))
+        if key not in self.entries and self.backend == "onnxruntime":
+            self.entries[key] = self._ort_layer(module, shape, x_shape)
+            self.measured += 1
         if key not in self.entries:
             weight = torch.randn(shape)
             x = torch.randn(x_shape)
@@ -105,6 +110,42 @@ class LatencyTable:
             self.entries[key] = _time(fn, self.repeats)
             self.measured += 1
         return self.entries[key]
+
+    def _ort_layer(self, module: nn.Module, shape: list[int], x_shape: list[int]) -> float:
+        """Time one layer of the given weight shape in ONNX Runtime."""
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            # same stride / padding / groups; forward reads only the weight's shape
+            layer: nn.Module = copy.deepcopy(module)
+            layer.weight = nn.Parameter(torch.randn(shape))
+            layer.register_parameter("bias", None)
+        else:  # Conv1D stores [in, out]
+            layer = nn.Linear(shape[0], shape[1], bias=False)
+        return self._ort_time(layer.eval(), (torch.randn(x_shape),), {})
+
+    def _ort_time(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BudgetError("the onnxruntime latency backend needs: pip install 'secateurs[onnx]'") from exc
+        import io
+        import warnings
+
+        buf = io.BytesIO()
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+            v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        names = [f"in{i}" for i in range(len(tensors))]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, args, buf, kwargs=kwargs or None, dynamo=False,  # type: ignore[arg-type]
+                                  input_names=names)
+        except Exception as exc:  # the exporter raises many types; all mean "cannot time this in ORT"
+            raise BudgetError(f"cannot export {type(module).__name__} for ONNX Runtime timing: {exc}") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors, strict=False)}
+        return _time(lambda: session.run(None, feeds), self.repeats)
 
     def save(self) -> None:
         """Write the cache atomically."""
@@ -151,4 +192,6 @@ class LatencyTable:
     def model_latency(self, graph: Graph) -> float:
         """Median seconds of one forward of the whole model on the example inputs (not cached)."""
         model = graph.module
+        if self.backend == "onnxruntime":
+            return self._ort_time(model, graph.args, graph.kwargs)
         return _time(lambda: model(*graph.args, **graph.kwargs), self.repeats)
