@@ -81,9 +81,12 @@ def test_zoo_blocks_removed_and_reload(name, tmp_path):
     assert ref.shape == before
     sc.save_pretrained(model, tmp_path / "m")
     assert torch.equal(first_tensor(call(sc.load_pretrained(tmp_path / "m"), inputs)), ref)
+    if name == "gpt2":
+        out = model.generate(inputs["input_ids"][:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 8) and len(model.transformer.h) == 1
 
 
-def test_resnet_blocks_with_matching_shapes_only():
+def test_resnet_blocks_with_matching_shapes_only(tmp_path):
     torch.manual_seed(0)
     model = tf.ResNetModel(tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[3, 2])).eval()
     x = (torch.randn(2, 3, 32, 32),)
@@ -96,6 +99,9 @@ def test_resnet_blocks_with_matching_shapes_only():
     assert call(model, x).last_hidden_state.shape == ref_shape
     assert sum(len(s.layers) for s in model.encoder.stages) == 4
     assert len(model.encoder.stages[1].layers) >= 1 and model.encoder.stages[1].layers[0].shortcut is not None
+    ref = call(model, x).last_hidden_state
+    sc.save_pretrained(model, tmp_path / "resnet")
+    assert torch.equal(call(sc.load_pretrained(tmp_path / "resnet"), x).last_hidden_state, ref)
 
 
 def test_depth_budget_errors():

@@ -111,6 +111,14 @@ def _expert_width(experts: nn.Module) -> int | None:
     return int(down.shape[-1]) if down is not None and down.dim() == 3 else None
 
 
+def _input_embeddings(model: nn.Module) -> Any:
+    """The model's input embedding module, or None (vision models have none)."""
+    try:
+        return model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
     """A copy of ``config`` updated with uniform pruned sizes (heads, KV heads, FFN width)."""
     cand = copy.deepcopy(config)
@@ -164,12 +172,12 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
         if b.fused:
             propose(_expert_width(fresh_mods[b.experts]), _expert_width(model.get_submodule(b.experts)))
     # Hidden size: the input embedding width (the residual stream is one group, so it is uniform).
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    embeddings = _input_embeddings(model)
     if isinstance(embeddings, nn.Embedding):
         for field in ("hidden_size", "n_embd", "d_model", "dim"):
             old = getattr(config, field, None)
             if isinstance(old, int) and old != embeddings.embedding_dim:
-                fresh_emb = getattr(fresh, "get_input_embeddings", lambda: None)()
+                fresh_emb = _input_embeddings(fresh)
                 if isinstance(fresh_emb, nn.Embedding) and fresh_emb.embedding_dim == old:
                     proposals.setdefault(field, set()).add(int(embeddings.embedding_dim))
     for field, values in proposals.items():
@@ -227,9 +235,13 @@ def save_pretrained(
     attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
              for name, vals in _attributes(model).items()}
     zeroed = {name: mod.extras for name, mod in model.named_modules() if isinstance(mod, ZeroSublayer)}
+    fresh_lists = {n: len(m) for n, m in fresh.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    lists = {n: len(m) for n, m in model.named_modules()
+             if isinstance(m, (nn.ModuleList, nn.Sequential)) and fresh_lists.get(n, len(m)) != len(m)}
     manifest = {
         "format": FORMAT,
         "zeroed": zeroed,
+        "lists": lists,
         "architecture": architecture,
         "plain_loadable": plain,
         "shapes": changed,
@@ -330,6 +342,13 @@ def load_pretrained(
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
     model = _skeleton(config, manifest.get("architecture"), meta=False, trust_remote_code=trust_remote_code)
+    for name, length in manifest.get("lists", {}).items():
+        try:
+            lst = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"recorded block list '{name}' does not exist in {type(model).__name__}") from exc
+        # removed blocks were renumbered: the first ``length`` blocks of a fresh list have the kept layout
+        lst._modules = {str(i): lst._modules[str(i)] for i in range(int(length))}
     for name, extras in manifest.get("zeroed", {}).items():
         parent, _, leaf = name.rpartition(".")
         try:

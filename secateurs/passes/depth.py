@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -372,7 +373,7 @@ class RemoveBlocks(_DepthPass):
         for n in names:
             parent, _, idx = n.rpartition(".")
             by_list.setdefault(parent, []).append(int(idx))
-        config = getattr(model, "config", None)
+        config: Any = getattr(model, "config", None)
         for parent, drop in by_list.items():
             lst = model.get_submodule(parent) if parent else model
             kept = [i for i in range(len(lst._modules)) if i not in drop]
@@ -383,6 +384,15 @@ class RemoveBlocks(_DepthPass):
                     if isinstance(getattr(mod, "layer_idx", None), int):
                         snap.record(mod, "attr", "layer_idx", mod.layer_idx)
                         setattr(mod, "layer_idx", j)  # noqa: B010 - nn.Module attribute typing
+            stage = re.search(r"\.(\d+)\.(?:layers|blocks)$", parent)
+            depths = getattr(config, "depths", None) if config is not None else None
+            if stage and isinstance(depths, list) and int(stage.group(1)) < len(depths) and \
+                    depths[int(stage.group(1))] == len(kept) + len(drop):
+                # ResNet / ConvNeXt / Swin count blocks per stage in config.depths
+                snap.record(config, "attr", "depths", list(depths))
+                new_depths = list(depths)
+                new_depths[int(stage.group(1))] = len(kept)
+                config.depths = new_depths
             if config is not None and getattr(config, "num_hidden_layers", None) == len(kept) + len(drop):
                 snap.record(config, "attr", "num_hidden_layers", config.num_hidden_layers)
                 config.num_hidden_layers = len(kept)
