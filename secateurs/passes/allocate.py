@@ -38,12 +38,12 @@ import torch
 
 from secateurs.backends.latency import LatencyTable
 from secateurs.errors import BudgetError
-from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.cost import per_channel_costs
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import block_influence, find_blocks
+from secateurs.passes.hooks import calibration_calls
 from secateurs.passes.importance import ChannelScores, default_loss
 
 __all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
@@ -213,7 +213,7 @@ class AllocateBudget(Pass):
     def _zeroth_order(self, graph: Graph, groups: list[ChannelGroup]) -> np.ndarray:
         """|d L / d t| at t = 1 for the group's weights scaled by t, by a central difference (forward only)."""
         model = graph.module
-        calls = self._calls(graph)
+        calls = calibration_calls(graph, self.calib)
         mu = 1e-2  # central difference: error O(mu^2); float32 loss noise is divided by 2 mu
 
         def loss() -> float:
@@ -257,21 +257,13 @@ class AllocateBudget(Pass):
         blocks = find_blocks(graph.module, graph.args, graph.kwargs, graph)
         if not blocks:
             raise BudgetError("cfsp needs residual blocks; none were found")
-        influence = block_influence(graph.module, blocks, self._calls(graph))
+        influence = block_influence(graph.module, blocks, calibration_calls(graph, self.calib))
         out = []
         for g in groups:
             owners = [b for b in blocks if any(m.name.startswith(b + ".") for m in g.members)]
             out.append(np.mean([influence[b] for b in owners]) if owners else np.nan)
         arr = np.asarray(out, dtype=np.float64)
         return np.where(np.isnan(arr), np.nanmean(arr) if not np.isnan(arr).all() else 0.0, arr)
-
-    def _calls(self, graph: Graph) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        if self.calib is None:
-            return [(graph.args, graph.kwargs)]
-        calls = [split_inputs(graph.module, b) for b in self.calib]
-        if not calls:
-            raise BudgetError("calibration data is empty")
-        return calls
 
     def _recentre(self, groups: list[ChannelGroup], raw: np.ndarray) -> dict[int, float]:
         """Shift ``raw`` ratios by one constant so the weighted total meets the budget (floors respected)."""

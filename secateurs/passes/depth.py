@@ -29,10 +29,10 @@ from torch import nn
 
 from secateurs.backends.materialize import Snapshot
 from secateurs.errors import BudgetError, VerificationError
-from secateurs.frontends.torch_export import capture_call, split_inputs
+from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import first_tensor, hidden_input
+from secateurs.passes.hooks import calibration_calls, first_tensor, hidden_input
 
 __all__ = [
     "DEPTH_CRITERIA",
@@ -101,13 +101,6 @@ class DepthRecord:
         lines = [f"{'candidate':<48} {self.criterion:>9}  removed"]
         lines += [f"{n:<48} {s:9.4f}  {'yes' if n in gone else ''}" for n, s in self.scores]
         return "\n".join(lines)
-
-
-def _calls(graph: Graph, calib: Iterable[Any] | None, model: nn.Module) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    out = [(graph.args, graph.kwargs)] if calib is None else [split_inputs(model, c) for c in calib]
-    if not out:
-        raise BudgetError("calibration data is empty")
-    return out
 
 
 def _run(model: nn.Module, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[torch.Tensor]:
@@ -327,7 +320,7 @@ class _DepthPass(Pass):
         count = self._count(len(cands))
         if count == 0:
             return PassResult(graph, False, DepthRecord(self.criterion, (), ()))
-        calls = _calls(graph, self.calib, model)
+        calls = calibration_calls(graph, self.calib)
         was_training = model.training
         model.eval()
         try:

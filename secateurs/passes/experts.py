@@ -25,10 +25,10 @@ from torch import nn
 
 from secateurs.backends.materialize import Snapshot
 from secateurs.errors import BudgetError, VerificationError
-from secateurs.frontends.torch_export import capture_call, split_inputs
+from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import first_tensor
+from secateurs.passes.hooks import calibration_calls, first_tensor
 
 __all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "PruneExperts", "ScoreExperts", "find_moe_blocks"]
 
@@ -148,9 +148,7 @@ class ScoreExperts(Pass):
             hooks.append(model.get_submodule(b.router).register_forward_hook(hook))
             if self.criterion == "output_norm":
                 hooks.extend(self._norm_hooks(model, b, norms))
-        calib = [(graph.args, graph.kwargs)] if self.calib is None else [split_inputs(model, c) for c in self.calib]
-        if not calib:
-            raise BudgetError("calibration data is empty")
+        calib = calibration_calls(graph, self.calib)
         was_training = model.training
         model.eval()
         try:

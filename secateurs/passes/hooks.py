@@ -1,12 +1,34 @@
-"""Small helpers for passes that read module inputs and outputs through forward hooks."""
+"""Small helpers for passes that run calibration data and read module inputs / outputs through hooks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["first_tensor", "hidden_input"]
+from secateurs.errors import BudgetError
+from secateurs.frontends.torch_export import split_inputs
+from secateurs.ir.graph import Graph
+
+__all__ = ["Call", "calibration_calls", "first_tensor", "hidden_input"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def calibration_calls(graph: Graph, calib: Iterable[Any] | None) -> list[Call]:
+    """``(args, kwargs)`` for every calibration batch, or the capture's example inputs when ``calib`` is None.
+
+    Raises:
+        BudgetError: ``calib`` is empty.
+
+    """
+    if calib is None:
+        return [(graph.args, graph.kwargs)]
+    calls = [split_inputs(graph.module, batch) for batch in calib]
+    if not calls:
+        raise BudgetError("calibration data is empty")
+    return calls
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from secateurs.errors import BudgetError
-from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.hooks import calibration_calls
 
 __all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss"]
 
@@ -129,14 +129,6 @@ class ScoreChannels(Pass):
         self.calib = calib
         self.loss_fn = loss_fn
 
-    def _batches(self, graph: Graph) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        if self.calib is None:
-            return [(graph.args, graph.kwargs)]
-        out = [split_inputs(graph.module, b) for b in self.calib]
-        if not out:
-            raise BudgetError("calibration data is empty")
-        return out
-
     def run(self, graph: Graph) -> PassResult:
         """Score every group of the dependency analysis."""
         info = graph.analysis(DependencyInfo)
@@ -213,7 +205,7 @@ class ScoreChannels(Pass):
         module.eval()
         try:
             takes_labels = "labels" in inspect.signature(module.forward).parameters
-            for args, kwargs in self._batches(graph):
+            for args, kwargs in calibration_calls(graph, self.calib):
                 if takes_labels and self.loss_fn is None and "labels" not in kwargs and "input_ids" in kwargs:
                     # Language-modelling loss (LLM-Pruner): the model shifts the labels itself.
                     labels = kwargs["input_ids"].clone()
@@ -274,7 +266,7 @@ class ScoreChannels(Pass):
         module.eval()
         try:
             with torch.no_grad():
-                for args, kwargs in self._batches(graph):
+                for args, kwargs in calibration_calls(graph, self.calib):
                     module(*args, **kwargs)
         finally:
             for h in hooks:
