@@ -93,3 +93,17 @@ def test_output_norm_is_zero_for_unused_experts_and_matches_frequency_support():
     freq = graph.analysis(ExpertScores).scores
     for name in norms:
         assert ((norms[name] > 0) == (freq[name] > 0)).all()
+
+
+@pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
+def test_moe_forward_with_and_without_masks_after_pruning(fn):
+    model, inputs = _build(fn)
+    sc.prune(model, inputs, experts=0.5, heads=0.5, ffn=0.25)
+    ids = inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids).logits
+    assert masked.shape == plain.shape == (2, 12, 120)
+    torch.testing.assert_close(masked[1], plain[1], atol=1e-5, rtol=1e-5)
