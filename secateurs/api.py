@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.latency import LatencyTable
+from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
@@ -21,6 +22,7 @@ from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
 from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
 from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
+from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
 
 __all__ = ["Report", "prune"]
 
@@ -39,6 +41,7 @@ class Report:
         unsupported_ops: Graph nodes whose op has no rule (their channels are frozen).
         retries: How many times a plan was redone because the model's code contradicted it.
         compensated_biases: Consumer biases that absorbed removed channels' means (``bias_compensation``).
+        sparsity: Per-layer weight sparsity when ``sparsity`` / ``nm`` was asked for.
         latency_before: Measured seconds per forward on the example inputs before (with ``speedup``).
         latency_after: The same after pruning.
         depth: One record per depth pass: removed blocks / sublayers with their scores.
@@ -60,6 +63,7 @@ class Report:
     depth: list[DepthRecord] = dataclasses.field(default_factory=list)
     latency_before: float | None = None
     latency_after: float | None = None
+    sparsity: SparsityRecord | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -85,6 +89,10 @@ class Report:
             lines.append(f"  {c.name}: {c.before} -> {c.after}")
         if len(self.changes) > 20:
             lines.append(f"  ... {len(self.changes) - 20} more")
+        if self.sparsity is not None:
+            mean = sum(v for _, v in self.sparsity.layers) / max(len(self.sparsity.layers), 1)
+            lines.append(f"weight sparsity {self.sparsity.pattern} by {self.sparsity.criterion}: "
+                         f"{len(self.sparsity.layers)} layers, mean {mean:.1%} zeros")
         for d in self.depth:
             lines.append(f"removed by '{d.criterion}': " + ", ".join(f"{n} ({v:.4f})" for n, v in d.removed))
         for e in self.experts:
@@ -133,6 +141,9 @@ def prune(
     calib: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     bias_compensation: bool = False,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | str | None = None,
+    sparsity_criterion: str = "magnitude",
     allocate: str | None = None,
     budget_unit: str = "channels",
     speedup: float | None = None,
@@ -171,6 +182,9 @@ def prune(
         loss_fn: Loss on the model output for ``taylor``.
         bias_compensation: Fold removed inputs' calibration means into consumer biases (FLAP); needs
             ``importance="flap"`` or ``"activation"``.
+        sparsity: Unstructured weight sparsity per linear / conv layer, after any structural pruning.
+        nm: N:M weight sparsity, ``(2, 4)`` or ``"2:4"``, along input channels (TensorRT / cuSPARSELt layout).
+        sparsity_criterion: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two use ``calib``).
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
@@ -190,7 +204,7 @@ def prune(
     if not isinstance(hidden, bool):
         kind_ratios += (("hidden", float(hidden)),)
     if ratio is None:
-        structural = (experts, expert_neurons, layers, sublayers)
+        structural = (experts, expert_neurons, layers, sublayers, sparsity, nm)
         ratio = 0.0 if kind_ratios or any(v is not None for v in structural) else 0.3
     options = ChannelOptions(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
@@ -219,6 +233,15 @@ def prune(
             passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib,
                                          latency=table, speedup=speedup))
         passes.append(PruneChannels(options))
+    if isinstance(nm, str):
+        try:
+            n_, m_ = (int(v) for v in nm.split(":"))
+        except ValueError as exc:
+            raise BudgetError(f"nm must look like '2:4', got {nm!r}") from exc
+        nm = (n_, m_)
+    if sparsity is not None or nm is not None:
+        passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
+                                                          calib=calib)]
     latency_before = table.model_latency(graph) if table is not None and speedup is not None else None
     result = PassManager(passes)(graph)
     latency_after = None
@@ -243,6 +266,7 @@ def prune(
         compensated_biases=record.compensated[0] if record else 0,
         experts=expert_changes,
         depth=depth,
+        sparsity=result.record(SparsityRecord),
         latency_before=latency_before,
         latency_after=latency_after,
     )

@@ -216,6 +216,12 @@ def save_pretrained(
             f"save_pretrained needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
             "use torch.save(model.state_dict()) or safetensors for plain modules"
         )
+    masked = [n for n, m in model.named_modules() if hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
+    if masked:
+        raise CheckpointError(
+            f"{len(masked)} layers still carry sparsity masks (e.g. '{masked[0]}'); call "
+            "secateurs.passes.remove_masks(model) to make them permanent before saving"
+        )
     out = Path(path)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")

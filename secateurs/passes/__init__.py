@@ -23,6 +23,14 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
+from secateurs.passes.sparsity import (
+    SPARSITY_CRITERIA,
+    SparsifyWeights,
+    SparsityRecord,
+    check_nm,
+    remove_masks,
+    sparsity_of,
+)
 
 __all__ = [
     "ALLOCATORS",
@@ -53,7 +61,13 @@ __all__ = [
     "PruneExperts",
     "PruneRecord",
     "ScoreChannels",
+    "SPARSITY_CRITERIA",
     "ScoreExperts",
+    "SparsifyWeights",
+    "SparsityRecord",
+    "check_nm",
+    "remove_masks",
+    "sparsity_of",
     "find_moe_blocks",
     "graph_invariants",
 ]

@@ -1,0 +1,327 @@
+"""Weight sparsity: unstructured and N:M (2:4) masks by magnitude, Wanda or SparseGPT.
+
+Targets are the weights of linear and conv layers (and Hugging Face's Conv1D), except layers whose output
+channels reach a graph output (the classifier / LM head) unless asked. N:M groups run along the input
+dimension, the layout TensorRT and cuSPARSELt accelerate: ``in_features`` of a linear (``[out, in]``), axis 1
+of a conv weight, axis 0 of a Conv1D (``[in, out]``).
+
+Criteria:
+    ``magnitude``: smallest ``|w|`` (unstructured: per layer).
+    ``wanda``: smallest ``|w| * ||x_j||`` compared within each output row (the input-channel norm over the
+        calibration tokens).
+    ``sparsegpt``: OBS-style pruning with the inverse Hessian of the layer's calibration inputs
+        (``H = X^T X``, dampened), in column blocks, updating the kept weights to compensate. For convs the
+        Hessian is taken over input channels (every kernel tap of a channel shares it).
+
+Masks stay with the model through ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``, so fine-tuning
+keeps them) unless ``keep_masks=False``; :func:`remove_masks` makes them permanent and
+:func:`check_nm` verifies a pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from secateurs.errors import BudgetError
+from secateurs.frontends.torch_export import capture_call
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph
+from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.hooks import calibration_calls
+
+__all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
+
+SPARSITY_CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def _is_target(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise BudgetError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
+def _in_dim(module: nn.Module) -> int:
+    """The weight axis that holds input channels."""
+    return 0 if type(module).__name__ == "Conv1D" else 1
+
+
+def _as_rows(w: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The weight as ``[rows, in]``: every row a vector over input channels (conv kernel taps become rows)."""
+    if type(module).__name__ == "Conv1D":
+        return w.t()
+    if w.dim() > 2:
+        return w.movedim(1, -1).reshape(-1, w.shape[1])
+    return w
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    if type(module).__name__ == "Conv1D":
+        return rows.t()
+    if like.dim() > 2:
+        shape = [like.shape[0], *like.shape[2:], like.shape[1]]
+        return rows.reshape(shape).movedim(-1, 1)
+    return rows
+
+
+def _nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``m - n`` largest of every ``m`` consecutive scores along the last dim (``n`` zeros per group)."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    drop = groups.topk(n, dim=-1, largest=False).indices
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, drop, False)
+    return mask.reshape(rows, cols)
+
+
+def _unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool) -> torch.Tensor:
+    if per_row:
+        k = int(round(score.shape[1] * ratio))
+        mask = torch.ones_like(score, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, False)
+        return mask
+    k = int(round(score.numel() * ratio))
+    mask = torch.ones(score.numel(), dtype=torch.bool)
+    if k:
+        mask[score.reshape(-1).topk(k, largest=False).indices] = False
+    return mask.reshape(score.shape)
+
+
+def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: tuple[int, int] | None,
+               block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on ``w`` ``[rows, in]`` with ``hessian`` ``[in, in]``: (updated weights, keep mask)."""
+    w = w.clone().double()
+    h = hessian.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    cols = w.shape[1]
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w1 = w[:, start:end].clone()
+        hinv1 = hinv[start:end, start:end]
+        err = torch.zeros_like(w1)
+        score = w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2
+        if nm is None:
+            mask1 = _unstructured_mask(score, ratio, per_row=True)
+        else:
+            mask1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(end - start):
+            if nm is not None and i % nm[1] == 0:
+                # N:M groups are chosen on the weights as updated so far (the OBS updates move them)
+                group = w1[:, i:i + nm[1]] ** 2 / torch.diag(hinv1)[i:i + nm[1]].reshape(1, -1) ** 2
+                mask1[:, i:i + nm[1]] = _nm_mask(group, nm[0], nm[1])
+            q = w1[:, i].clone()
+            q[~mask1[:, i]] = 0
+            d = hinv1[i, i]
+            e = (w1[:, i] - q) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err[:, i] = e
+        w[:, start:end] = w1
+        keep[:, start:end] = mask1
+        w[:, end:] -= err @ hinv[start:end, end:]
+    return w, keep
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityRecord:
+    """Per-layer sparsity after a :class:`SparsifyWeights` pass."""
+
+    criterion: str
+    pattern: str
+    layers: tuple[tuple[str, float], ...]
+
+
+class SparsifyWeights(Pass):
+    """Transform pass: zero weights by a criterion, unstructured (``ratio``) or N:M (``nm=(2, 4)``).
+
+    Requires :class:`DependencyInfo` (to leave output layers alone). Shapes do not change, so the graph stays
+    valid.
+    """
+
+    requires = (DependencyInfo,)
+    transforms = True
+
+    def __init__(
+        self,
+        ratio: float = 0.5,
+        *,
+        nm: tuple[int, int] | None = None,
+        criterion: str = "magnitude",
+        calib: Iterable[Any] | None = None,
+        ignore: tuple[str, ...] = (),
+        include_outputs: bool = False,
+        keep_masks: bool = True,
+        block: int = 128,
+        damp: float = 0.01,
+    ) -> None:
+        """Create the pass.
+
+        Args:
+            ratio: Unstructured fraction of weights to zero per layer, in [0, 1) (ignored with ``nm``).
+            nm: ``(n, m)``: ``n`` zeros in every ``m`` consecutive input weights (2:4 by default for N:M).
+            criterion: One of :data:`SPARSITY_CRITERIA`.
+            calib: Calibration batches for ``wanda`` / ``sparsegpt`` (defaults to the example inputs).
+            ignore: Module names (or prefixes ending in ``.``) left dense.
+            include_outputs: Also sparsify layers whose outputs reach a graph output (classifier, LM head).
+            keep_masks: Keep masks attached (``torch.nn.utils.prune``) so training keeps them; else zero only.
+            block: SparseGPT column block size.
+            damp: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
+
+        """
+        if criterion not in SPARSITY_CRITERIA:
+            raise BudgetError(f"unknown sparsity criterion {criterion!r}; choose from {SPARSITY_CRITERIA}")
+        if nm is not None:
+            n, m = nm
+            if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+                raise BudgetError(f"N:M needs 0 < N < M, got {n}:{m}")
+        elif not 0.0 <= ratio < 1.0 or math.isnan(ratio):
+            raise BudgetError(f"sparsity ratio must be in [0, 1), got {ratio!r}")
+        self.ratio, self.nm, self.criterion, self.calib = ratio, nm, criterion, calib
+        self.ignore, self.include_outputs, self.keep_masks = ignore, include_outputs, keep_masks
+        self.block, self.damp = block, damp
+
+    def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
+        info = graph.analysis(DependencyInfo)
+        outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
+        out = []
+        for name, mod in graph.module.named_modules():
+            if not _is_target(mod):
+                continue
+            if any(name == p or (p.endswith(".") and name.startswith(p)) for p in self.ignore):
+                continue
+            out_dim = 1 if type(mod).__name__ == "Conv1D" else 0
+            if not self.include_outputs and f"{name}.weight[{out_dim}]" in outputs:
+                continue
+            out.append((name, mod))
+        return out
+
+    def run(self, graph: Graph) -> PassResult:
+        """Choose and apply the masks."""
+        targets = self._targets(graph)
+        if self.nm is not None:
+            for name, mod in targets:
+                cols = _weight(mod).shape[_in_dim(mod)]
+                if cols % self.nm[1]:
+                    raise BudgetError(
+                        f"layer '{name}' has {cols} input channels, not a multiple of {self.nm[1]} for "
+                        f"{self.nm[0]}:{self.nm[1]} sparsity; ignore it or pad it"
+                    )
+        stats = self._statistics(graph, targets) if self.criterion != "magnitude" else {}
+        layers = []
+        with torch.no_grad():
+            for name, mod in targets:
+                weight = _weight(mod)
+                w = weight.detach()
+                rows = _as_rows(w, mod).double()
+                if self.criterion == "sparsegpt":
+                    new_rows, keep = _sparsegpt(rows, stats[name], self.ratio, self.nm, self.block, self.damp)
+                    weight.copy_(_from_rows(new_rows, w, mod).to(w.dtype))
+                else:
+                    score = rows.abs()
+                    if self.criterion == "wanda":
+                        score = score * stats[name].reshape(1, -1)
+                    keep = (_nm_mask(score, *self.nm) if self.nm is not None
+                            else _unstructured_mask(score, self.ratio, per_row=self.criterion == "wanda"))
+                mask = _from_rows(keep, w, mod).to(w.dtype)
+                if self.keep_masks:
+                    torch_prune.custom_from_mask(mod, "weight", mask)
+                else:
+                    weight.mul_(mask)
+                layers.append((name, float(1 - mask.mean())))
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
+        record = SparsityRecord(self.criterion, pattern, tuple(layers))
+        if not layers:
+            return PassResult(graph, False, record)
+        # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
+        new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
+        return PassResult(new, True, record)
+
+    def _statistics(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+        """Per target: input-channel norms (wanda) or the Hessian ``X^T X`` (sparsegpt) over calibration."""
+        acc: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, mod in targets:
+            def hook(m: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
+                x = inputs[0].detach().double()
+                if isinstance(m, nn.modules.conv._ConvNd):
+                    # statistics per input channel (kernel taps of a channel share its norm / Hessian)
+                    x = x.movedim(1, -1)
+                x = x.reshape(-1, x.shape[-1])
+                if self.criterion == "wanda":
+                    acc[name] = acc.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.pow(2).sum(0)
+                else:
+                    acc[name] = acc.get(name, torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)) + x.t() @ x
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+        model = graph.module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for args, kwargs in calibration_calls(graph, self.calib):
+                    model(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        if self.criterion == "wanda":
+            return {k: v.sqrt() for k, v in acc.items()}
+        return acc
+
+
+def _weights(model: nn.Module) -> Iterable[tuple[str, nn.Module, torch.Tensor]]:
+    for name, mod in model.named_modules():
+        if _is_target(mod):
+            yield name, mod, _weight(mod).detach()
+
+
+def check_nm(model: nn.Module, n: int = 2, m: int = 4, names: Iterable[str] | None = None) -> list[str]:
+    """One message per targeted weight that breaks the N:M pattern (``names``: only these layers)."""
+    wanted = set(names) if names is not None else None
+    problems = []
+    for name, mod, w in _weights(model):
+        if wanted is not None and name not in wanted:
+            continue
+        rows = _as_rows(w, mod)
+        if rows.shape[1] % m:
+            problems.append(f"layer '{name}': {rows.shape[1]} input channels, not a multiple of {m}")
+            continue
+        zeros = (rows.reshape(rows.shape[0], -1, m) == 0).sum(-1)
+        bad = int((zeros < n).sum())
+        if bad:
+            problems.append(f"layer '{name}': {bad} groups of {m} have fewer than {n} zeros")
+    return problems
+
+
+def sparsity_of(model: nn.Module) -> dict[str, float]:
+    """Fraction of zero weights of every linear / conv layer."""
+    return {name: float((w == 0).float().mean()) for name, _, w in _weights(model)}
+
+
+def remove_masks(model: nn.Module) -> int:
+    """Make attached masks permanent (``weight`` becomes a plain parameter again); returns how many."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(getattr(mod, "weight_mask", None), torch.Tensor) and hasattr(mod, "weight_orig"):
+            torch_prune.remove(mod, "weight")
+            count += 1
+    return count

@@ -1,0 +1,130 @@
+"""Weight sparsity: N:M patterns, exact ratios, SparseGPT beats magnitude, Wanda == magnitude on equal norms."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs as sc
+from secateurs.errors import BudgetError
+from secateurs.passes import AnalyzeDependencies, SparsifyWeights, check_nm, remove_masks, sparsity_of
+
+from zoo import build
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _run(model, x, **kw):
+    graph = sc.capture(model, x)
+    AnalyzeDependencies()(graph)
+    return SparsifyWeights(**kw)(graph)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_two_four_on_every_target_and_output_layer_dense(criterion):
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = (torch.randn(16, 4, 4, 4),)
+    result = _run(model, x, nm=(2, 4), criterion=criterion, calib=[x])
+    assert {n for n, _ in result.record.layers} == {"conv", "fc1", "fc2"}
+    assert check_nm(model, 2, 4, ["conv", "fc1", "fc2"]) == []
+    assert check_nm(model, 2, 4, ["head"])  # the classifier stays dense
+    assert all(abs(v - 0.5) < 1e-9 for _, v in result.record.layers)
+    assert model(x[0]).shape == (16, 5)
+
+
+def test_exact_unstructured_ratios_and_masks_survive_training():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = (torch.randn(8, 4, 4, 4),)
+    _run(model, x, ratio=0.6, criterion="magnitude")
+    for name in ("conv", "fc1", "fc2"):
+        assert sparsity_of(model)[name] == pytest.approx(0.6, abs=1 / model.get_submodule(name).weight.numel())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(x[0]).sum().backward()
+    opt.step()
+    assert all(sparsity_of(model)[n] >= 0.6 - 1e-3 for n in ("fc1", "fc2"))  # masks are re-applied
+    assert remove_masks(model) == 3
+    assert not hasattr(model.fc1, "weight_orig") and sparsity_of(model)["fc1"] == pytest.approx(0.6, abs=1e-3)
+
+
+def _layer_error(model, dense, x):
+    with torch.no_grad():
+        h = torch.relu(dense.conv(x)).flatten(1)
+        return float((model.fc1(h) - dense.fc1(h)).pow(2).sum())
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(nm):
+    torch.manual_seed(0)
+    dense = Net().eval()
+    x = torch.randn(64, 4, 4, 4)
+    errors = {}
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        model = copy.deepcopy(dense)
+        _run(model, (x,), ratio=0.5, nm=nm, criterion=criterion, calib=[(x,)], ignore=("conv",))
+        errors[criterion] = _layer_error(model, dense, x)
+    assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_wanda_equals_magnitude_when_input_norms_are_equal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.sign(torch.randn(32, 16))  # every input channel has norm sqrt(32)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    _run(a, (x,), nm=(2, 4), criterion="magnitude", include_outputs=True)
+    _run(b, (x,), nm=(2, 4), criterion="wanda", calib=[(x,)], include_outputs=True)
+    assert torch.equal(a[0].weight_mask, b[0].weight_mask)
+
+
+def test_gpt2_conv1d_and_llama_layers():
+    model, inputs = build("gpt2")
+    _run(model, inputs, nm=(2, 4), criterion="wanda", calib=[inputs])
+    names = [n for n, _ in model.named_modules() if n.endswith(("c_attn", "c_fc", "c_proj"))]
+    assert check_nm(model, 2, 4, names) == []
+    model, inputs = build("llama")
+    _run(model, inputs, nm=(2, 4), criterion="sparsegpt", calib=[inputs])
+    assert check_nm(model, 2, 4, [n for n, m in model.named_modules() if n.endswith("proj")]) == []
+    assert check_nm(model, 2, 4, ["lm_head"])  # the LM head stays dense
+    assert model(**inputs).logits.shape == (2, 12, 120)
+
+
+def test_bad_patterns_are_refused():
+    with pytest.raises(BudgetError, match="0 < N < M"):
+        SparsifyWeights(nm=(4, 4))
+    with pytest.raises(BudgetError, match="criterion"):
+        SparsifyWeights(criterion="random")
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(BudgetError, match="not a multiple of 4"):
+        _run(model, (torch.randn(2, 6),), nm=(2, 4))
+
+
+def test_prune_with_nm_then_save_and_reload(tmp_path):
+    from secateurs.errors import CheckpointError
+
+    model, inputs = build("llama")
+    report = sc.prune(model, inputs, ffn=0.25, nm="2:4", sparsity_criterion="sparsegpt", calib=[inputs])
+    assert report.sparsity is not None and report.sparsity.pattern == "2:4"
+    with pytest.raises(CheckpointError, match="remove_masks"):
+        sc.save_pretrained(model, tmp_path / "m")
+    remove_masks(model)
+    ref = model(**inputs).logits
+    sc.save_pretrained(model, tmp_path / "m")
+    loaded = sc.load_pretrained(tmp_path / "m")
+    assert torch.equal(loaded(**inputs).logits, ref)
+    assert check_nm(loaded, 2, 4, [n for n, _ in loaded.named_modules() if n.endswith("proj")]) == []
+    with pytest.raises(BudgetError, match="2:4"):
+        sc.prune(model, inputs, nm="two:four")
