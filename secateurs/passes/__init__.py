@@ -23,6 +23,7 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
+from secateurs.passes.lowrank import FactorizeLowRank, LowRankLinear, LowRankRecord
 from secateurs.passes.sparsity import (
     SPARSITY_CRITERIA,
     SparsifyWeights,
@@ -62,6 +63,9 @@ __all__ = [
     "PruneRecord",
     "ScoreChannels",
     "SPARSITY_CRITERIA",
+    "FactorizeLowRank",
+    "LowRankLinear",
+    "LowRankRecord",
     "ScoreExperts",
     "SparsifyWeights",
     "SparsityRecord",
