@@ -144,6 +144,7 @@ def prune(
     sparsity: float | None = None,
     nm: tuple[int, int] | str | None = None,
     sparsity_criterion: str = "magnitude",
+    sequential: bool = False,
     allocate: str | None = None,
     budget_unit: str = "channels",
     speedup: float | None = None,
@@ -185,6 +186,7 @@ def prune(
         sparsity: Unstructured weight sparsity per linear / conv layer, after any structural pruning.
         nm: N:M weight sparsity, ``(2, 4)`` or ``"2:4"``, along input channels (TensorRT / cuSPARSELt layout).
         sparsity_criterion: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two use ``calib``).
+        sequential: Calibrate sparsity block by block on the pruned blocks' outputs (LLM style; bounded memory).
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
@@ -241,7 +243,7 @@ def prune(
         nm = (n_, m_)
     if sparsity is not None or nm is not None:
         passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
-                                                          calib=calib)]
+                                                          calib=calib, sequential=sequential)]
     latency_before = table.model_latency(graph) if table is not None and speedup is not None else None
     result = PassManager(passes)(graph)
     latency_after = None

@@ -128,3 +128,39 @@ def test_prune_with_nm_then_save_and_reload(tmp_path):
     assert check_nm(loaded, 2, 4, [n for n, _ in loaded.named_modules() if n.endswith("proj")]) == []
     with pytest.raises(BudgetError, match="2:4"):
         sc.prune(model, inputs, nm="two:four")
+
+
+def _llama(layers):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40)
+    return tf.LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 12))}
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_sequential_calibration_memory_does_not_grow_with_depth(criterion):
+    peaks = {}
+    for depth in (4, 16):
+        model, inputs = _llama(depth)
+        result = _run(model, inputs, nm=(2, 4), criterion=criterion, calib=[inputs], sequential=True)
+        assert check_nm(model, 2, 4, [n for n, _ in model.named_modules() if n.endswith("proj")]) == []
+        peaks[depth] = result.record.peak_statistics_bytes
+        if depth == 4:
+            model4, inputs4 = _llama(4)
+            all_at_once = _run(model4, inputs4, nm=(2, 4), criterion=criterion, calib=[inputs4])
+            assert all_at_once.record.peak_statistics_bytes > 3 * peaks[4] / 2
+    assert peaks[16] <= 1.1 * peaks[4]  # one block's statistics, whatever the depth
+
+
+def test_sequential_sparsegpt_sees_the_pruned_inputs():
+    """Block 1 is calibrated on the outputs of the already pruned block 0, so its weights differ."""
+    a, inputs = _llama(2)
+    b = copy.deepcopy(a)
+    _run(a, inputs, ratio=0.5, criterion="sparsegpt", calib=[inputs], sequential=True)
+    _run(b, inputs, ratio=0.5, criterion="sparsegpt", calib=[inputs])
+    w = "model.layers.{}.mlp.down_proj.weight"
+    assert torch.allclose(a.get_parameter(w.format(0) + "_orig") * a.model.layers[0].mlp.down_proj.weight_mask,
+                          b.model.layers[0].mlp.down_proj.weight)
+    assert not torch.allclose(a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight)

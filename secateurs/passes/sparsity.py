@@ -34,7 +34,8 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls
+from secateurs.passes.depth import find_blocks
+from secateurs.passes.hooks import calibration_calls, first_tensor
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
@@ -143,11 +144,16 @@ def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: tuple[i
 
 @dataclasses.dataclass(frozen=True)
 class SparsityRecord:
-    """Per-layer sparsity after a :class:`SparsifyWeights` pass."""
+    """Per-layer sparsity after a :class:`SparsifyWeights` pass.
+
+    ``peak_statistics_bytes`` is the most calibration state (input norms / Hessians, plus block inputs in
+    sequential mode) alive at once: sequential calibration keeps it at one block's worth.
+    """
 
     criterion: str
     pattern: str
     layers: tuple[tuple[str, float], ...]
+    peak_statistics_bytes: int = 0
 
 
 class SparsifyWeights(Pass):
@@ -172,6 +178,7 @@ class SparsifyWeights(Pass):
         keep_masks: bool = True,
         block: int = 128,
         damp: float = 0.01,
+        sequential: bool = False,
     ) -> None:
         """Create the pass.
 
@@ -185,6 +192,8 @@ class SparsifyWeights(Pass):
             keep_masks: Keep masks attached (``torch.nn.utils.prune``) so training keeps them; else zero only.
             block: SparseGPT column block size.
             damp: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
+            sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
+                the already pruned blocks before it, and only one block's statistics live at a time.
 
         """
         if criterion not in SPARSITY_CRITERIA:
@@ -197,7 +206,8 @@ class SparsifyWeights(Pass):
             raise BudgetError(f"sparsity ratio must be in [0, 1), got {ratio!r}")
         self.ratio, self.nm, self.criterion, self.calib = ratio, nm, criterion, calib
         self.ignore, self.include_outputs, self.keep_masks = ignore, include_outputs, keep_masks
-        self.block, self.damp = block, damp
+        self.block, self.damp, self.sequential = block, damp, sequential
+        self._peak = 0
 
     def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
         info = graph.analysis(DependencyInfo)
@@ -225,8 +235,25 @@ class SparsifyWeights(Pass):
                         f"layer '{name}' has {cols} input channels, not a multiple of {self.nm[1]} for "
                         f"{self.nm[0]}:{self.nm[1]} sparsity; ignore it or pad it"
                     )
-        stats = self._statistics(graph, targets) if self.criterion != "magnitude" else {}
-        layers = []
+        layers: list[tuple[str, float]] = []
+        self._peak = 0
+        if self.sequential and self.criterion != "magnitude":
+            self._sequential(graph, targets, layers)
+        else:
+            stats = self._statistics(graph, targets) if self.criterion != "magnitude" else {}
+            self._peak = sum(t.numel() * t.element_size() for t in stats.values())
+            self._apply(targets, stats, layers)
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
+        record = SparsityRecord(self.criterion, pattern, tuple(layers), self._peak)
+        if not layers:
+            return PassResult(graph, False, record)
+        # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
+        new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
+        return PassResult(new, True, record)
+
+    def _apply(self, targets: list[tuple[str, nn.Module]], stats: dict[str, torch.Tensor],
+               layers: list[tuple[str, float]]) -> None:
+        """Choose and apply the masks of ``targets`` from their statistics."""
         with torch.no_grad():
             for name, mod in targets:
                 weight = _weight(mod)
@@ -247,31 +274,101 @@ class SparsifyWeights(Pass):
                 else:
                     weight.mul_(mask)
                 layers.append((name, float(1 - mask.mean())))
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
-        record = SparsityRecord(self.criterion, pattern, tuple(layers))
-        if not layers:
-            return PassResult(graph, False, record)
-        # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
-        new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
-        return PassResult(new, True, record)
+
+    def _sequential(self, graph: Graph, targets: list[tuple[str, nn.Module]],
+                    layers: list[tuple[str, float]]) -> None:
+        """Block by block: statistics from the (already pruned) previous blocks' outputs, then prune the block.
+
+        Only one block's statistics and one set of block inputs are alive at a time.
+        """
+        model = graph.module
+        blocks = find_blocks(model, graph.args, graph.kwargs, graph)
+        lists: dict[str, list[str]] = {}
+        for b in blocks:
+            lists.setdefault(b.rpartition(".")[0], []).append(b)
+        if not lists:
+            raise BudgetError("sequential calibration needs a list of residual blocks; none was found")
+        chain = max(lists.values(), key=len)
+        first = model.get_submodule(chain[0])
+        inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        class _Stop(Exception):  # noqa: N818 - control flow only
+            pass
+
+        def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for args, kwargs in calibration_calls(graph, self.calib):
+                    try:
+                        model(*args, **kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        inside = set(chain)
+        outside = [(n, m) for n, m in targets if not any(n.startswith(b + ".") for b in inside)]
+        try:
+            for b in chain:
+                block = model.get_submodule(b)
+                mine = [(n, m) for n, m in targets if n.startswith(b + ".")]
+                stats = self._block_statistics(block, b, mine, inputs)
+                live = sum(t.numel() * t.element_size() for t in stats.values())
+                live += sum(a.numel() * a.element_size() for args, _ in inputs for a in args
+                            if isinstance(a, torch.Tensor))
+                self._peak = max(self._peak, live)
+                self._apply(mine, stats, layers)
+                del stats
+                with torch.no_grad():
+                    inputs = [((_hidden_out(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        finally:
+            model.train(was_training)
+        if outside:
+            stats = self._statistics(graph, outside)
+            self._peak = max(self._peak, sum(t.numel() * t.element_size() for t in stats.values()))
+            self._apply(outside, stats, layers)
+
+    def _block_statistics(self, block: nn.Module, prefix: str, mine: list[tuple[str, nn.Module]],
+                          inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        acc: dict[str, torch.Tensor] = {}
+        hooks = [mod.register_forward_pre_hook(self._collector(name, acc)) for name, mod in mine]
+        try:
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return self._finish(acc)
+
+    def _collector(self, name: str, acc: dict[str, torch.Tensor]) -> Any:
+        def hook(m: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().double()
+            if isinstance(m, nn.modules.conv._ConvNd):
+                # statistics per input channel (kernel taps of a channel share its norm / Hessian)
+                x = x.movedim(1, -1)
+            x = x.reshape(-1, x.shape[-1])
+            if self.criterion == "wanda":
+                acc[name] = acc.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.pow(2).sum(0)
+            else:
+                acc[name] = acc.get(name, torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)) + x.t() @ x
+
+        return hook
+
+    def _finish(self, acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.sqrt() for k, v in acc.items()} if self.criterion == "wanda" else acc
 
     def _statistics(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
         """Per target: input-channel norms (wanda) or the Hessian ``X^T X`` (sparsegpt) over calibration."""
         acc: dict[str, torch.Tensor] = {}
         hooks = []
         for name, mod in targets:
-            def hook(m: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
-                x = inputs[0].detach().double()
-                if isinstance(m, nn.modules.conv._ConvNd):
-                    # statistics per input channel (kernel taps of a channel share its norm / Hessian)
-                    x = x.movedim(1, -1)
-                x = x.reshape(-1, x.shape[-1])
-                if self.criterion == "wanda":
-                    acc[name] = acc.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)) + x.pow(2).sum(0)
-                else:
-                    acc[name] = acc.get(name, torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)) + x.t() @ x
-
-            hooks.append(mod.register_forward_pre_hook(hook))
+            hooks.append(mod.register_forward_pre_hook(self._collector(name, acc)))
         model = graph.module
         was_training = model.training
         model.eval()
@@ -283,9 +380,14 @@ class SparsifyWeights(Pass):
             for h in hooks:
                 h.remove()
             model.train(was_training)
-        if self.criterion == "wanda":
-            return {k: v.sqrt() for k, v in acc.items()}
-        return acc
+        return self._finish(acc)
+
+
+def _hidden_out(out: Any) -> torch.Tensor:
+    t = first_tensor(out)
+    if t is None:
+        raise BudgetError("a block returned no tensor; sequential calibration cannot feed the next block")
+    return t.detach()
 
 
 def _weights(model: nn.Module) -> Iterable[tuple[str, nn.Module, torch.Tensor]]:
