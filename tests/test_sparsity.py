@@ -164,3 +164,19 @@ def test_sequential_sparsegpt_sees_the_pruned_inputs():
     assert torch.allclose(a.get_parameter(w.format(0) + "_orig") * a.model.layers[0].mlp.down_proj.weight_mask,
                           b.model.layers[0].mlp.down_proj.weight)
     assert not torch.allclose(a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight)
+
+
+def test_global_magnitude_is_exact_in_total_and_respects_the_cap():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-3)  # a layer of tiny weights would be emptied without the cap
+    x = (torch.randn(4, 4, 4, 4),)
+    result = _run(model, x, ratio=0.5, criterion="global_magnitude", max_layer_sparsity=0.9)
+    per = dict(result.record.layers)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in per}
+    total = sum(per[n] * sizes[n] for n in per) / sum(sizes.values())
+    assert total == pytest.approx(0.5, abs=1e-6)
+    assert per["fc2"] == pytest.approx(0.9, abs=1e-3) and per["fc1"] < 0.5
+    with pytest.raises(BudgetError, match="unstructured"):
+        SparsifyWeights(nm=(2, 4), criterion="global_magnitude")

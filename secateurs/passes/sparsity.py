@@ -9,6 +9,8 @@ Criteria:
     ``magnitude``: smallest ``|w|`` (unstructured: per layer).
     ``wanda``: smallest ``|w| * ||x_j||`` compared within each output row (the input-channel norm over the
         calibration tokens).
+    ``global_magnitude``: one ``|w|`` threshold across all targeted layers (unstructured), each layer capped at
+        ``max_layer_sparsity`` (the floor that stops a layer collapsing, the Global-MP fix).
     ``sparsegpt``: OBS-style pruning with the inverse Hessian of the layer's calibration inputs
         (``H = X^T X``, dampened), in column blocks, updating the kept weights to compensate. For convs the
         Hessian is taken over input channels (every kernel tap of a channel shares it).
@@ -39,7 +41,7 @@ from secateurs.passes.hooks import calibration_calls, first_tensor
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
-SPARSITY_CRITERIA = ("magnitude", "wanda", "sparsegpt")
+SPARSITY_CRITERIA = ("magnitude", "wanda", "sparsegpt", "global_magnitude")
 
 
 def _is_target(module: nn.Module) -> bool:
@@ -179,6 +181,7 @@ class SparsifyWeights(Pass):
         block: int = 128,
         damp: float = 0.01,
         sequential: bool = False,
+        max_layer_sparsity: float = 0.95,
     ) -> None:
         """Create the pass.
 
@@ -192,6 +195,7 @@ class SparsifyWeights(Pass):
             keep_masks: Keep masks attached (``torch.nn.utils.prune``) so training keeps them; else zero only.
             block: SparseGPT column block size.
             damp: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
+            max_layer_sparsity: The cap per layer for ``global_magnitude``.
             sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
                 the already pruned blocks before it, and only one block's statistics live at a time.
 
@@ -207,6 +211,9 @@ class SparsifyWeights(Pass):
         self.ratio, self.nm, self.criterion, self.calib = ratio, nm, criterion, calib
         self.ignore, self.include_outputs, self.keep_masks = ignore, include_outputs, keep_masks
         self.block, self.damp, self.sequential = block, damp, sequential
+        self.max_layer_sparsity = max_layer_sparsity
+        if criterion == "global_magnitude" and nm is not None:
+            raise BudgetError("global_magnitude is unstructured; use magnitude, wanda or sparsegpt for N:M")
         self._peak = 0
 
     def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
@@ -237,10 +244,12 @@ class SparsifyWeights(Pass):
                     )
         layers: list[tuple[str, float]] = []
         self._peak = 0
-        if self.sequential and self.criterion != "magnitude":
+        if self.criterion == "global_magnitude":
+            self._global(targets, layers)
+        elif self.sequential and self.criterion != "magnitude":
             self._sequential(graph, targets, layers)
         else:
-            stats = self._statistics(graph, targets) if self.criterion != "magnitude" else {}
+            stats = self._statistics(graph, targets) if self.criterion in ("wanda", "sparsegpt") else {}
             self._peak = sum(t.numel() * t.element_size() for t in stats.values())
             self._apply(targets, stats, layers)
         pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
@@ -250,6 +259,43 @@ class SparsifyWeights(Pass):
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
         new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
         return PassResult(new, True, record)
+
+    def _global(self, targets: list[tuple[str, nn.Module]], layers: list[tuple[str, float]]) -> None:
+        """One magnitude threshold for every layer, each capped at ``max_layer_sparsity``."""
+        weights = [(name, mod, _weight(mod).detach().abs().double().reshape(-1)) for name, mod in targets]
+        total = sum(w.numel() for _, _, w in weights)
+        want = int(round(total * self.ratio))
+        caps = [int(w.numel() * self.max_layer_sparsity) for _, _, w in weights]
+        if want > sum(caps):
+            raise BudgetError(f"{self.ratio:.0%} sparsity exceeds the per-layer cap {self.max_layer_sparsity:.0%}")
+        ordered = [torch.sort(w).values for _, _, w in weights]
+        lo, hi = 0.0, float(max(float(o[-1]) for o in ordered)) + 1.0
+
+        def removed(t: float) -> list[int]:
+            return [min(int(torch.searchsorted(o, torch.tensor(t, dtype=o.dtype))), c)
+                    for o, c in zip(ordered, caps, strict=True)]
+
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(removed(mid)) < want else (lo, mid)
+        counts = removed(hi)
+        extra = sum(counts) - want
+        for i in sorted(range(len(counts)), key=lambda i: -counts[i]):  # trim ties so the total is exact
+            take = min(extra, counts[i])
+            counts[i] -= take
+            extra -= take
+        with torch.no_grad():
+            for (name, mod, w), k in zip(weights, counts, strict=True):
+                keep = torch.ones(w.numel(), dtype=torch.bool)
+                if k:
+                    keep[w.topk(k, largest=False).indices] = False
+                weight = _weight(mod)
+                mask = keep.reshape(weight.shape).to(weight.dtype)
+                if self.keep_masks:
+                    torch_prune.custom_from_mask(mod, "weight", mask)
+                else:
+                    weight.mul_(mask)
+                layers.append((name, float(1 - mask.mean())))
 
     def _apply(self, targets: list[tuple[str, nn.Module]], stats: dict[str, torch.Tensor],
                layers: list[tuple[str, float]]) -> None:
