@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
 from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
 from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
+from secateurs.passes.recover import ReconstructLayers
 from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
 
 __all__ = ["Report", "prune"]
@@ -145,6 +147,7 @@ def prune(
     nm: tuple[int, int] | str | None = None,
     sparsity_criterion: str = "magnitude",
     sequential: bool = False,
+    reconstruct: bool = False,
     allocate: str | None = None,
     budget_unit: str = "channels",
     speedup: float | None = None,
@@ -187,6 +190,8 @@ def prune(
         nm: N:M weight sparsity, ``(2, 4)`` or ``"2:4"``, along input channels (TensorRT / cuSPARSELt layout).
         sparsity_criterion: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two use ``calib``).
         sequential: Calibrate sparsity block by block on the pruned blocks' outputs (LLM style; bounded memory).
+        reconstruct: After sparsity, refit kept weights by least squares against the dense model, shift biases
+            and re-estimate BatchNorm statistics on ``calib`` (keeps a dense copy while pruning).
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
@@ -244,6 +249,8 @@ def prune(
     if sparsity is not None or nm is not None:
         passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
                                                           calib=calib, sequential=sequential)]
+        if reconstruct:
+            passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
     latency_before = table.model_latency(graph) if table is not None and speedup is not None else None
     result = PassManager(passes)(graph)
     latency_after = None

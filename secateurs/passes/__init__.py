@@ -24,6 +24,7 @@ from secateurs.passes.experts import (
 )
 from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
 from secateurs.passes.lowrank import FactorizeLowRank, LowRankLinear, LowRankRecord
+from secateurs.passes.recover import ReconstructLayers, ReconstructRecord
 from secateurs.passes.sparsity import (
     SPARSITY_CRITERIA,
     SparsifyWeights,
@@ -66,6 +67,8 @@ __all__ = [
     "FactorizeLowRank",
     "LowRankLinear",
     "LowRankRecord",
+    "ReconstructLayers",
+    "ReconstructRecord",
     "ScoreExperts",
     "SparsifyWeights",
     "SparsityRecord",
