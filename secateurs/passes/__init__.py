@@ -1,6 +1,7 @@
 """Passes: analyses that attach typed metadata and transforms that rewrite the model."""
 
 from secateurs.passes.allocate import ALLOCATORS, AllocateBudget, LayerBudget
+from secateurs.passes.armor import ArmorLinear, ArmorRecord, FactorizeARMOR, fit_armor
 from secateurs.passes.base import Pass, PassManager, PassResult, PipelineResult, graph_invariants
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
@@ -38,6 +39,10 @@ __all__ = [
     "ALLOCATORS",
     "CRITERIA",
     "AllocateBudget",
+    "ArmorLinear",
+    "ArmorRecord",
+    "FactorizeARMOR",
+    "fit_armor",
     "LayerBudget",
     "DEPTH_CRITERIA",
     "DepthRecord",
