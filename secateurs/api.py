@@ -148,6 +148,7 @@ def prune(
     sparsity_criterion: str = "magnitude",
     sequential: bool = False,
     reconstruct: bool = False,
+    owl: bool = False,
     allocate: str | None = None,
     budget_unit: str = "channels",
     speedup: float | None = None,
@@ -190,6 +191,8 @@ def prune(
         nm: N:M weight sparsity, ``(2, 4)`` or ``"2:4"``, along input channels (TensorRT / cuSPARSELt layout).
         sparsity_criterion: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two use ``calib``).
         sequential: Calibrate sparsity block by block on the pruned blocks' outputs (LLM style; bounded memory).
+        owl: Outlier-weighted layer-wise sparsity (OWL) for unstructured ``sparsity``: layers with more Wanda
+            outliers are pruned less, the total stays ``sparsity``.
         reconstruct: After sparsity, refit kept weights by least squares against the dense model, shift biases
             and re-estimate BatchNorm statistics on ``calib`` (keeps a dense copy while pruning).
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
@@ -248,7 +251,7 @@ def prune(
         nm = (n_, m_)
     if sparsity is not None or nm is not None:
         passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
-                                                          calib=calib, sequential=sequential)]
+                                                          calib=calib, sequential=sequential, owl=owl)]
         if reconstruct:
             passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
     latency_before = table.model_latency(graph) if table is not None and speedup is not None else None

@@ -180,3 +180,27 @@ def test_global_magnitude_is_exact_in_total_and_respects_the_cap():
     assert per["fc2"] == pytest.approx(0.9, abs=1e-3) and per["fc1"] < 0.5
     with pytest.raises(BudgetError, match="unstructured"):
         SparsifyWeights(nm=(2, 4), criterion="global_magnitude")
+
+
+def test_owl_gives_outlier_layers_less_sparsity_and_keeps_the_total():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc1.weight[:, :4].mul_(30)  # fc1 gets outlier weights
+    x = (torch.randn(32, 4, 4, 4),)
+    result = _run(model, x, ratio=0.5, criterion="wanda", owl=True, calib=[x])
+    per = dict(result.record.layers)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in per}
+    total = sum(per[n] * sizes[n] for n in per) / sum(sizes.values())
+    assert total == pytest.approx(0.5, abs=0.01)
+    assert per["fc1"] == min(per.values()) and max(per.values()) - min(per.values()) > 0.1
+    with pytest.raises(BudgetError, match="unstructured"):
+        SparsifyWeights(nm=(2, 4), owl=True)
+
+
+def test_explicit_layer_ratios():
+    torch.manual_seed(0)
+    model = Net().eval()
+    result = _run(model, (torch.randn(4, 4, 4, 4),), ratio=0.5, layer_ratios={"fc1": 0.8})
+    per = dict(result.record.layers)
+    assert per["fc1"] == pytest.approx(0.8, abs=1e-3) and per["fc2"] == pytest.approx(0.5, abs=1e-3)

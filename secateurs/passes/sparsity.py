@@ -182,6 +182,10 @@ class SparsifyWeights(Pass):
         damp: float = 0.01,
         sequential: bool = False,
         max_layer_sparsity: float = 0.95,
+        layer_ratios: dict[str, float] | None = None,
+        owl: bool = False,
+        owl_lambda: float = 0.08,
+        owl_m: float = 5.0,
     ) -> None:
         """Create the pass.
 
@@ -196,6 +200,12 @@ class SparsifyWeights(Pass):
             block: SparseGPT column block size.
             damp: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
             max_layer_sparsity: The cap per layer for ``global_magnitude``.
+            layer_ratios: Unstructured ratio per layer name (layers not listed use ``ratio``).
+            owl: Outlier-weighted layer-wise sparsity (OWL): layers with more outliers in their Wanda scores
+                (above ``owl_m`` x the layer mean) get up to ``owl_lambda`` less sparsity, others more, and the
+                total over all targeted weights stays ``ratio``. Unstructured only; uses ``calib``.
+            owl_lambda: OWL's maximum deviation from ``ratio``.
+            owl_m: OWL's outlier threshold.
             sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
                 the already pruned blocks before it, and only one block's statistics live at a time.
 
@@ -212,6 +222,13 @@ class SparsifyWeights(Pass):
         self.ignore, self.include_outputs, self.keep_masks = ignore, include_outputs, keep_masks
         self.block, self.damp, self.sequential = block, damp, sequential
         self.max_layer_sparsity = max_layer_sparsity
+        self.owl, self.owl_lambda, self.owl_m = owl, owl_lambda, owl_m
+        self._layer_ratios: dict[str, float] = dict(layer_ratios or {})
+        for name, value in self._layer_ratios.items():
+            if not 0.0 <= value < 1.0:
+                raise BudgetError(f"layer ratio of '{name}' must be in [0, 1), got {value!r}")
+        if (owl or layer_ratios) and nm is not None:
+            raise BudgetError("per-layer ratios and OWL are for unstructured sparsity, not N:M")
         if criterion == "global_magnitude" and nm is not None:
             raise BudgetError("global_magnitude is unstructured; use magnitude, wanda or sparsegpt for N:M")
         self._peak = 0
@@ -244,6 +261,8 @@ class SparsifyWeights(Pass):
                     )
         layers: list[tuple[str, float]] = []
         self._peak = 0
+        if self.owl:
+            self._layer_ratios.update(self._owl_ratios(graph, targets))
         if self.criterion == "global_magnitude":
             self._global(targets, layers)
         elif self.sequential and self.criterion != "magnitude":
@@ -259,6 +278,32 @@ class SparsifyWeights(Pass):
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
         new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
         return PassResult(new, True, record)
+
+    def _owl_ratios(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> dict[str, float]:
+        """OWL: per-layer ratios from the outlier fraction of Wanda scores, re-centred to ``ratio``."""
+        criterion, self.criterion = self.criterion, "wanda"
+        try:
+            norms = self._statistics(graph, targets)
+        finally:
+            self.criterion = criterion
+        names, outliers, sizes = [], [], []
+        for name, mod in targets:
+            score = _as_rows(_weight(mod).detach(), mod).double().abs() * norms[name].reshape(1, -1)
+            outliers.append(float((score > self.owl_m * score.mean()).double().mean()))
+            names.append(name)
+            sizes.append(float(score.numel()))
+        d = torch.tensor(outliers, dtype=torch.float64)
+        spread = float(d.max() - d.min())
+        norm = (d - d.min()) / spread if spread > 0 else torch.zeros_like(d)
+        raw = self.ratio + self.owl_lambda * (1 - 2 * norm)
+        w = torch.tensor(sizes, dtype=torch.float64)
+        lo, hi = -1.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            r = (raw + mid).clamp(0.0, self.max_layer_sparsity)
+            lo, hi = (mid, hi) if float((r * w).sum() / w.sum()) < self.ratio else (lo, mid)
+        r = (raw + hi).clamp(0.0, self.max_layer_sparsity)
+        return {n: float(v) for n, v in zip(names, r, strict=True)}
 
     def _global(self, targets: list[tuple[str, nn.Module]], layers: list[tuple[str, float]]) -> None:
         """One magnitude threshold for every layer, each capped at ``max_layer_sparsity``."""
@@ -306,14 +351,16 @@ class SparsifyWeights(Pass):
                 w = weight.detach()
                 rows = _as_rows(w, mod).double()
                 if self.criterion == "sparsegpt":
-                    new_rows, keep = _sparsegpt(rows, stats[name], self.ratio, self.nm, self.block, self.damp)
+                    ratio = self._layer_ratios.get(name, self.ratio)
+                    new_rows, keep = _sparsegpt(rows, stats[name], ratio, self.nm, self.block, self.damp)
                     weight.copy_(_from_rows(new_rows, w, mod).to(w.dtype))
                 else:
                     score = rows.abs()
                     if self.criterion == "wanda":
                         score = score * stats[name].reshape(1, -1)
                     keep = (_nm_mask(score, *self.nm) if self.nm is not None
-                            else _unstructured_mask(score, self.ratio, per_row=self.criterion == "wanda"))
+                            else _unstructured_mask(score, self._layer_ratios.get(name, self.ratio),
+                                                    per_row=self.criterion == "wanda"))
                 mask = _from_rows(keep, w, mod).to(w.dtype)
                 if self.keep_masks:
                     torch_prune.custom_from_mask(mod, "weight", mask)
