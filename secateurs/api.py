@@ -149,6 +149,7 @@ def prune(
     sequential: bool = False,
     reconstruct: bool = False,
     owl: bool = False,
+    sparsity_allocate: str | None = None,
     allocate: str | None = None,
     budget_unit: str = "channels",
     speedup: float | None = None,
@@ -193,6 +194,8 @@ def prune(
         sequential: Calibrate sparsity block by block on the pruned blocks' outputs (LLM style; bounded memory).
         owl: Outlier-weighted layer-wise sparsity (OWL) for unstructured ``sparsity``: layers with more Wanda
             outliers are pruned less, the total stays ``sparsity``.
+        sparsity_allocate: Spread unstructured ``sparsity`` over the layers: ``"global"``, ``"lamp"``, ``"owl"``
+            or ``"dp"`` (each layer capped at 95%).
         reconstruct: After sparsity, refit kept weights by least squares against the dense model, shift biases
             and re-estimate BatchNorm statistics on ``calib`` (keeps a dense copy while pruning).
         allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
@@ -251,7 +254,8 @@ def prune(
         nm = (n_, m_)
     if sparsity is not None or nm is not None:
         passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
-                                                          calib=calib, sequential=sequential, owl=owl)]
+                                                          calib=calib, sequential=sequential, owl=owl,
+                                                          allocate=sparsity_allocate)]
         if reconstruct:
             passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
     latency_before = table.model_latency(graph) if table is not None and speedup is not None else None

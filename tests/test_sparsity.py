@@ -204,3 +204,20 @@ def test_explicit_layer_ratios():
     result = _run(model, (torch.randn(4, 4, 4, 4),), ratio=0.5, layer_ratios={"fc1": 0.8})
     per = dict(result.record.layers)
     assert per["fc1"] == pytest.approx(0.8, abs=1e-3) and per["fc2"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("allocate", ["global", "lamp", "dp"])
+def test_depth_issue_allocators_spread_unstructured_sparsity(allocate):
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-3)  # a near-zero layer: magnitude-based allocators prune it hardest
+    x = (torch.randn(4, 4, 4, 4),)
+    result = _run(model, x, ratio=0.5, allocate=allocate, max_layer_sparsity=0.9)
+    per = dict(result.record.layers)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in per}
+    total = sum(per[n] * sizes[n] for n in per) / sum(sizes.values())
+    assert total == pytest.approx(0.5, abs=0.01)
+    assert max(per.values()) <= 0.9 + 1e-6
+    if allocate != "lamp":  # LAMP is scale-invariant per layer by design
+        assert per["fc2"] == max(per.values())

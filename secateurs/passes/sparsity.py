@@ -186,6 +186,7 @@ class SparsifyWeights(Pass):
         owl: bool = False,
         owl_lambda: float = 0.08,
         owl_m: float = 5.0,
+        allocate: str | None = None,
     ) -> None:
         """Create the pass.
 
@@ -206,6 +207,10 @@ class SparsifyWeights(Pass):
                 total over all targeted weights stays ``ratio``. Unstructured only; uses ``calib``.
             owl_lambda: OWL's maximum deviation from ``ratio``.
             owl_m: OWL's outlier threshold.
+            allocate: Spread an unstructured ``ratio`` over the layers with an allocator of the depth issue:
+                ``"global"`` (one magnitude threshold, like ``global_magnitude``), ``"lamp"`` (LAMP scores ranked
+                globally), ``"owl"`` (same as ``owl=True``) or ``"dp"`` (least squared magnitude removed);
+                every layer is capped at ``max_layer_sparsity``.
             sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
                 the already pruned blocks before it, and only one block's statistics live at a time.
 
@@ -227,8 +232,12 @@ class SparsifyWeights(Pass):
         for name, value in self._layer_ratios.items():
             if not 0.0 <= value < 1.0:
                 raise BudgetError(f"layer ratio of '{name}' must be in [0, 1), got {value!r}")
-        if (owl or layer_ratios) and nm is not None:
-            raise BudgetError("per-layer ratios and OWL are for unstructured sparsity, not N:M")
+        if allocate not in (None, "global", "lamp", "owl", "dp"):
+            raise BudgetError(f"sparsity allocator must be global, lamp, owl or dp, got {allocate!r}")
+        self.allocate = allocate
+        self.owl = owl or allocate == "owl"
+        if (self.owl or layer_ratios or allocate) and nm is not None:
+            raise BudgetError("per-layer ratios and allocators are for unstructured sparsity, not N:M")
         if criterion == "global_magnitude" and nm is not None:
             raise BudgetError("global_magnitude is unstructured; use magnitude, wanda or sparsegpt for N:M")
         self._peak = 0
@@ -263,6 +272,8 @@ class SparsifyWeights(Pass):
         self._peak = 0
         if self.owl:
             self._layer_ratios.update(self._owl_ratios(graph, targets))
+        elif self.allocate in ("global", "lamp", "dp"):
+            self._layer_ratios.update(self._allocated(targets))
         if self.criterion == "global_magnitude":
             self._global(targets, layers)
         elif self.sequential and self.criterion != "magnitude":
@@ -278,6 +289,36 @@ class SparsifyWeights(Pass):
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
         new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
         return PassResult(new, True, record)
+
+    def _allocated(self, targets: list[tuple[str, nn.Module]]) -> dict[str, float]:
+        """Per-layer ratios from a global ranking of magnitude / LAMP scores, or the DP allocator."""
+        mags = [_weight(mod).detach().abs().double().reshape(-1) for _, mod in targets]
+        if self.allocate == "dp":
+            from secateurs.ir.depgraph import ChannelGroup
+            from secateurs.passes.allocate import AllocateBudget
+
+            groups = [ChannelGroup(i, m.numel(), (), 1) for i, m in enumerate(mags)]
+            alloc = AllocateBudget(self.ratio, "dp", min_keep=1 - self.max_layer_sparsity)
+            alloc._w = {g.id: 1.0 for g in groups}
+            ratios = alloc._dp(groups, {i: m.numpy() for i, m in enumerate(mags)})
+            return {name: ratios[i] for i, (name, _) in enumerate(targets)}
+        keys = []
+        for m in mags:
+            sq = torch.sort(m).values ** 2
+            if self.allocate == "lamp":
+                tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
+                keys.append(sq / tail.clamp_min(1e-300))
+            else:
+                keys.append(sq)
+        caps = [int(k.numel() * self.max_layer_sparsity) for k in keys]
+        want = int(round(sum(k.numel() for k in keys) * self.ratio))
+        if want > sum(caps):
+            raise BudgetError(f"{self.ratio:.0%} sparsity exceeds the per-layer cap {self.max_layer_sparsity:.0%}")
+        pool = torch.cat([k[:c] for k, c in zip(keys, caps, strict=True)])
+        owner = torch.cat([torch.full((c,), i) for i, c in enumerate(caps)])
+        chosen = owner[torch.argsort(pool, stable=True)[:want]]
+        counts = torch.bincount(chosen, minlength=len(keys))
+        return {name: float(counts[i]) / keys[i].numel() for i, (name, _) in enumerate(targets)}
 
     def _owl_ratios(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> dict[str, float]:
         """OWL: per-layer ratios from the outlier fraction of Wanda scores, re-centred to ``ratio``."""
