@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,7 +90,10 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        with warnings.catch_warnings():
+            # torch.nn.utils.prune's pre-hooks assign ``weight`` during forward (sparsity masks): expected here
+            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+            program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; all mean "not capturable"
         raise CaptureError(_explain(model, exc)) from exc
     finally:
