@@ -1,0 +1,219 @@
+"""ONNX backend: export a (pruned) model, verify it in ONNX Runtime against PyTorch, time it.
+
+Export uses ``torch.onnx.export`` with the dynamo exporter (torch.export + onnxscript) by default, or the
+legacy TorchScript exporter on request; batch (and sequence, for integer token inputs) axes are dynamic where
+the model allows. Every export is checked with ``onnx.checker`` and run in ONNX Runtime on the example inputs;
+the largest absolute and relative errors against PyTorch are reported, and an export past the tolerance is
+refused with the figures (the file is not left behind). Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.errors import CheckpointError, VerificationError
+from secateurs.frontends.torch_export import ExampleInputs, split_inputs
+
+__all__ = ["OnnxExport", "export_onnx", "ort_latency", "verify_onnx"]
+
+log = logging.getLogger(__name__)
+EXPORTERS = ("dynamo", "legacy")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExport:
+    """Where the model went and how closely ONNX Runtime reproduced PyTorch on the example inputs."""
+
+    path: Path
+    exporter: str
+    max_abs_error: float
+    max_rel_error: float
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Batch dim (and the sequence dim of integer token tensors) of every tensor input, by parameter name."""
+    params = list(inspect.signature(model.forward).parameters)
+    named = dict(zip(params, args, strict=False))
+    named.update(kwargs)
+    spec: dict[str, Any] = {}
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            dims = {0: torch.export.Dim.AUTO}
+            if value.dim() == 2 and not value.is_floating_point():
+                dims[1] = torch.export.Dim.AUTO
+            spec[name] = dims
+        else:
+            spec[name] = None
+    return spec
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | os.PathLike[str],
+    *,
+    exporter: str = "dynamo",
+    dynamic: bool = True,
+    opset: int = 18,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> OnnxExport:
+    """Export ``model`` to ``path`` and (by default) verify it in ONNX Runtime.
+
+    Args:
+        model: The module (pruned or not).
+        example_inputs: A tuple of positional tensors or a dict of keyword tensors.
+        path: The ``.onnx`` file to write (atomically).
+        exporter: ``"dynamo"`` (torch.export + onnxscript) or ``"legacy"`` (TorchScript).
+        dynamic: Dynamic batch / sequence axes.
+        opset: ONNX opset for the legacy exporter (the dynamo exporter picks its own).
+        verify: Run ``onnx.checker`` and compare ONNX Runtime with PyTorch.
+        atol: Absolute tolerance of the comparison.
+        rtol: Relative tolerance (of the reference's magnitude).
+
+    Raises:
+        CheckpointError: The exporter failed (the message says why).
+        VerificationError: ONNX Runtime's outputs differ past the tolerance (nothing is left on disk).
+
+    """
+    if exporter not in EXPORTERS:
+        raise CheckpointError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args, kwargs = split_inputs(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, args, kwargs=kwargs, dynamo=True,
+                    dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                )
+                assert program is not None
+                program.save(str(tmp))
+            else:
+                names = [f"input_{i}" for i in range(len(args))]
+                axes = {n: {0: "batch"} for n in names} if dynamic else None
+                torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
+                                  dynamic_axes=axes)
+        result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
+        os.replace(tmp, out)
+    except VerificationError:
+        raise
+    except Exception as exc:  # exporters raise many types; all mean "this model did not export"
+        raise CheckpointError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {exc}") from exc
+    finally:
+        model.train(was_training)
+        if tmp.exists():
+            tmp.unlink()
+    return OnnxExport(out, exporter, result[0], result[1])
+
+
+def _feeds(session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    params = list(inspect.signature(model.forward).parameters)
+    named = dict(zip(params, args, strict=False))
+    named.update(kwargs)
+    tensors = [v for v in named.values() if isinstance(v, torch.Tensor)]
+    feeds = {}
+    for i, inp in enumerate(session.get_inputs()):
+        value = named.get(inp.name)
+        if not isinstance(value, torch.Tensor):
+            value = tensors[i] if i < len(tensors) else None
+        if value is None:
+            raise VerificationError(f"ONNX input '{inp.name}' has no matching example input")
+        feeds[inp.name] = value.detach().cpu().numpy()
+    return feeds
+
+
+def verify_onnx(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> tuple[float, float]:
+    """Check ``path`` with ``onnx.checker`` and compare ONNX Runtime with PyTorch on the inputs.
+
+    Returns:
+        (max absolute error, max relative error) over all outputs.
+
+    Raises:
+        VerificationError: An output differs by more than ``atol + rtol * |reference|`` (figures included).
+
+    """
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"'{path}' fails onnx.checker: {exc}") from exc
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        reference = _tensor_leaves(model(*args, **kwargs))
+    outputs = session.run(None, _feeds(session, model, args, kwargs))
+    if len(outputs) != len(reference):
+        raise VerificationError(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(reference)}")
+    worst_abs = worst_rel = 0.0
+    for i, (got, ref_t) in enumerate(zip(outputs, reference, strict=True)):
+        ref = ref_t.detach().cpu().numpy()
+        if got.shape != ref.shape:
+            raise VerificationError(f"output {i}: ONNX Runtime shape {got.shape} != PyTorch {ref.shape}")
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
+        worst_rel = max(worst_rel, float((diff / (np.abs(ref) + 1e-12)).max(initial=0.0)))
+        bad = diff > atol + rtol * np.abs(ref)
+        if bad.any():
+            raise VerificationError(
+                f"output {i}: ONNX Runtime differs from PyTorch at {int(bad.sum())} values "
+                f"(max abs {float(diff.max()):.3g}, tolerance atol={atol} rtol={rtol})"
+            )
+    log.info("ONNX Runtime matches PyTorch: max abs %.3g, max rel %.3g", worst_abs, worst_rel)
+    return worst_abs, worst_rel
+
+
+def ort_latency(path: str | os.PathLike[str], model: nn.Module, example_inputs: ExampleInputs, *,
+                warmup: int = 5, runs: int = 30, threads: int | None = None,
+                providers: list[str] | None = None) -> float:
+    """Median seconds per run of ``path`` in ONNX Runtime (CPU by default; pass CUDA / TensorRT providers)."""
+    import onnxruntime as ort
+
+    args, kwargs = split_inputs(model, example_inputs)
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    feeds = _feeds(session, model, args, kwargs)
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

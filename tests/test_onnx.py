@@ -1,0 +1,55 @@
+"""ONNX backend: export pruned models, ONNX Runtime equals PyTorch, dynamic axes, refusals leave no file."""
+
+import pytest
+import torch
+
+import secateurs as sc
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from secateurs.backends.onnx import export_onnx, ort_latency, verify_onnx  # noqa: E402
+from secateurs.errors import CheckpointError, VerificationError  # noqa: E402
+
+import models  # noqa: E402
+from zoo import build  # noqa: E402
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_pruned_cnn_exports_and_matches(exporter, tmp_path):
+    model = models.Grouped().eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    sc.prune(model, x, ratio=0.5, round_to=1)
+    result = export_onnx(model, x, tmp_path / "m.onnx", exporter=exporter)
+    assert result.path.is_file() and result.max_abs_error < 1e-4
+    # dynamic batch: another batch size runs and matches too
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.path))
+    x4 = torch.randn(4, 3, 8, 8)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x4.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x4).detach(), atol=1e-4, rtol=1e-3)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_pruned_bert_exports_with_dynamic_sequence(tmp_path):
+    model, inputs = build("bert")
+    sc.prune(model, inputs, heads=0.5, ffn=0.3, round_to=1)
+    result = export_onnx(model, inputs, tmp_path / "bert.onnx")
+    assert result.max_abs_error < 1e-4
+    longer = {k: torch.cat([v, v[:, :5]], 1) for k, v in inputs.items()}
+    verify_onnx(result.path, model, (), longer)
+    assert ort_latency(result.path, model, inputs, warmup=1, runs=3) > 0
+
+
+def test_mismatch_is_refused_and_nothing_is_left(tmp_path):
+    model = models.ConvBN().eval()
+    x = (torch.randn(1, 3, 4, 4),)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, x, path)
+    other = models.ConvBN().eval()  # different random weights: outputs differ
+    with pytest.raises(VerificationError, match="differs from PyTorch"):
+        verify_onnx(path, other, x, {})
+    with pytest.raises(CheckpointError, match="exporter"):
+        export_onnx(model, x, tmp_path / "n.onnx", exporter="magic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
