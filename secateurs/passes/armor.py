@@ -23,7 +23,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls
+from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 from secateurs.passes.sparsity import _nm_mask, _sparsegpt
 
 __all__ = ["ArmorLinear", "ArmorRecord", "FactorizeARMOR", "fit_armor"]
@@ -139,24 +139,15 @@ class FactorizeARMOR(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         """Fit every eligible linear layer and re-capture."""
-        info = graph.analysis(DependencyInfo)
-        outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
         model = graph.module
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                   and f"{n}.weight[0]" not in outputs
-                   and not any(n == p or (p.endswith(".") and n.startswith(p)) for p in self.ignore)]
+        targets = layer_targets(graph, lambda m: isinstance(m, nn.Linear), self.ignore)
         inputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in targets}
         hooks = [m.register_forward_pre_hook(
             lambda _m, inp, n=n: inputs[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))) for n, m in targets]
-        try:
-            with torch.no_grad():
-                for args, kwargs in calibration_calls(graph, self.calib):
-                    model(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_calibration(model, calibration_calls(graph, self.calib), hooks)
         layers = []
         for name, mod in targets:
+            assert isinstance(mod, nn.Linear)
             a, s, b, start, final = fit_armor(mod.weight.detach(), torch.cat(inputs[name]), block=self.block,
                                               steps=self.steps, lr=self.lr, init=self.init)
             dtype = mod.weight.dtype

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,7 +11,10 @@ from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.graph import Graph
 
-__all__ = ["Call", "calibration_calls", "first_tensor", "hidden_input"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["Call", "calibration_calls", "first_tensor", "hidden_input", "layer_targets", "run_calibration"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -46,3 +49,44 @@ def hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if isinstance(hidden, torch.Tensor):
         return hidden
     return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def run_calibration(model: nn.Module, calls: list[Call], handles: Iterable[Any] = ()) -> None:
+    """Run every call through ``model`` in eval mode without gradients, then remove ``handles``.
+
+    The model's training mode is restored and the hook handles are removed even when a call fails.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for args, kwargs in calls:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def layer_targets(
+    graph: Graph, accept: Callable[[nn.Module], bool], ignore: Iterable[str] = (), include_outputs: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """Layers accepted by ``accept``, minus ignored ones and (unless asked) output layers.
+
+    ``ignore`` holds module names or prefixes ending in ``.``; output layers are those whose output channels
+    reach a graph output (classifier, LM head), read from :class:`DependencyInfo`.
+    """
+    from secateurs.ir.depgraph import DependencyInfo
+
+    info = graph.analysis(DependencyInfo)
+    outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
+    skip = tuple(ignore)
+    out = []
+    for name, mod in graph.module.named_modules():
+        if not accept(mod) or any(name == p or (p.endswith(".") and name.startswith(p)) for p in skip):
+            continue
+        out_dim = 1 if type(mod).__name__ == "Conv1D" else 0
+        if not include_outputs and f"{name}.weight[{out_dim}]" in outputs:
+            continue
+        out.append((name, mod))
+    return out

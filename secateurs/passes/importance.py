@@ -25,7 +25,7 @@ from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls
+from secateurs.passes.hooks import calibration_calls, run_calibration
 
 __all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss"]
 
@@ -262,16 +262,7 @@ class ScoreChannels(Pass):
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
             hooks.append(owner.register_forward_pre_hook(hook))
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                for args, kwargs in calibration_calls(graph, self.calib):
-                    module(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-            module.train(was_training)
+        run_calibration(module, calibration_calls(graph, self.calib), hooks)
         out: dict[tuple[str, int], InputStats] = {}
         for k, sq in sums.items():
             n = max(counts[k], 1)

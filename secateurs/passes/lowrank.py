@@ -22,7 +22,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls
+from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 
 __all__ = ["FactorizeLowRank", "LowRankLinear", "LowRankRecord"]
 
@@ -98,16 +98,8 @@ class FactorizeLowRank(Pass):
         self.ignore, self.damp, self.only_if_smaller = ignore, damp, only_if_smaller
 
     def _targets(self, graph: Graph) -> list[tuple[str, nn.Linear]]:
-        info = graph.analysis(DependencyInfo)
-        outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
-        out = []
-        for name, mod in graph.module.named_modules():
-            if not isinstance(mod, nn.Linear) or f"{name}.weight[0]" in outputs:
-                continue
-            if any(name == p or (p.endswith(".") and name.startswith(p)) for p in self.ignore):
-                continue
-            out.append((name, mod))
-        return out
+        return [(n, m) for n, m in layer_targets(graph, lambda m: isinstance(m, nn.Linear), self.ignore)
+                if isinstance(m, nn.Linear)]
 
     def run(self, graph: Graph) -> PassResult:
         """Factorize and re-capture."""
@@ -192,14 +184,7 @@ class FactorizeLowRank(Pass):
                 acc[name] = acc.get(name, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)) + x.t() @ x
 
             hooks.append(mod.register_forward_pre_hook(hook))
-        model = graph.module
-        try:
-            with torch.no_grad():
-                for args, kwargs in calibration_calls(graph, self.calib):
-                    model(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_calibration(graph.module, calibration_calls(graph, self.calib), hooks)
         if not acc:
             raise BudgetError("no calibration input reached the targeted layers")
         return acc

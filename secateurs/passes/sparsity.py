@@ -37,7 +37,7 @@ from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import find_blocks
-from secateurs.passes.hooks import calibration_calls, first_tensor
+from secateurs.passes.hooks import calibration_calls, first_tensor, layer_targets, run_calibration
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
@@ -243,19 +243,7 @@ class SparsifyWeights(Pass):
         self._peak = 0
 
     def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
-        info = graph.analysis(DependencyInfo)
-        outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
-        out = []
-        for name, mod in graph.module.named_modules():
-            if not _is_target(mod):
-                continue
-            if any(name == p or (p.endswith(".") and name.startswith(p)) for p in self.ignore):
-                continue
-            out_dim = 1 if type(mod).__name__ == "Conv1D" else 0
-            if not self.include_outputs and f"{name}.weight[{out_dim}]" in outputs:
-                continue
-            out.append((name, mod))
-        return out
+        return layer_targets(graph, _is_target, self.ignore, self.include_outputs)
 
     def run(self, graph: Graph) -> PassResult:
         """Choose and apply the masks."""
@@ -500,20 +488,8 @@ class SparsifyWeights(Pass):
     def _statistics(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
         """Per target: input-channel norms (wanda) or the Hessian ``X^T X`` (sparsegpt) over calibration."""
         acc: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, mod in targets:
-            hooks.append(mod.register_forward_pre_hook(self._collector(name, acc)))
-        model = graph.module
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for args, kwargs in calibration_calls(graph, self.calib):
-                    model(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(was_training)
+        hooks = [mod.register_forward_pre_hook(self._collector(name, acc)) for name, mod in targets]
+        run_calibration(graph.module, calibration_calls(graph, self.calib), hooks)
         return self._finish(acc)
 
 
