@@ -28,7 +28,7 @@ from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls, first_tensor
+from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration
 
 __all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "PruneExperts", "ScoreExperts", "find_moe_blocks"]
 
@@ -133,7 +133,6 @@ class ScoreExperts(Pass):
         freq = {b.name: np.zeros(b.num_experts) for b in blocks}
         norms = {b.name: np.zeros(b.num_experts) for b in blocks}
         mass = {b.name: np.zeros(b.num_experts) for b in blocks}
-        batches = 0
         hooks = []
         for b in blocks:
             def hook(_m: nn.Module, _inp: Any, out: Any, b: MoEBlock = b) -> None:
@@ -149,17 +148,8 @@ class ScoreExperts(Pass):
             if self.criterion == "output_norm":
                 hooks.extend(self._norm_hooks(model, b, norms))
         calib = calibration_calls(graph, self.calib)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for args, kwargs in calib:
-                    model(*args, **kwargs)
-                    batches += 1
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(was_training)
+        run_calibration(model, calib, hooks)
+        batches = len(calib)
         chosen = {"frequency": freq, "mass": mass, "output_norm": norms}[self.criterion]
         result = ExpertScores(self.criterion, chosen, batches)
         graph.analyses[ExpertScores] = result
