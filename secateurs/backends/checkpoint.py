@@ -367,10 +367,12 @@ def load_pretrained(
     result = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    # Older checkpoints also store buffers that newer code keeps non-persistent (BERT's position_ids).
+    buffers = dict(model.named_buffers())
+    unexpected = [k for k in result.unexpected_keys if k not in buffers]
+    if missing or unexpected:
         raise CheckpointError(
-            f"weights in '{folder}' do not match the config: missing {missing[:5]}, "
-            f"unexpected {list(result.unexpected_keys)[:5]}"
+            f"weights in '{folder}' do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     if dtype is not None:
         model.to(dtype)
