@@ -53,3 +53,26 @@ def test_mismatch_is_refused_and_nothing_is_left(tmp_path):
     with pytest.raises(CheckpointError, match="exporter"):
         export_onnx(model, x, tmp_path / "n.onnx", exporter="magic")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_fp16_export_carries_the_precision(tmp_path):
+    import onnx
+
+    model = models.Grouped().eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    sc.prune(model, x, ratio=0.5, round_to=1)
+    result = export_onnx(model, x, tmp_path / "half.onnx", dtype=torch.float16, atol=2e-2, rtol=2e-2)
+    graph = onnx.load(str(result.path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+def test_bf16_needs_verify_false_on_cpu(tmp_path):
+    model = models.Grouped().eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    with pytest.raises(VerificationError, match="verify=False"):
+        export_onnx(model, x, tmp_path / "bf.onnx", dtype=torch.bfloat16)
+    assert list(tmp_path.iterdir()) == []
+    result = export_onnx(model, x, tmp_path / "bf.onnx", dtype=torch.bfloat16, verify=False)
+    assert result.path.is_file()

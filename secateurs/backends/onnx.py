@@ -9,6 +9,7 @@ refused with the figures (the file is not left behind). Files are written to a t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -75,8 +76,13 @@ def export_onnx(
     verify: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    dtype: torch.dtype | None = None,
 ) -> OnnxExport:
     """Export ``model`` to ``path`` and (by default) verify it in ONNX Runtime.
+
+    With ``dtype`` (``torch.float16`` / ``torch.bfloat16``) a copy of the model and its floating-point inputs
+    is cast first, so the ONNX file carries that precision (TensorRT 11 takes precision from the file); it is
+    verified against the cast PyTorch model.
 
     Args:
         model: The module (pruned or not).
@@ -88,6 +94,7 @@ def export_onnx(
         verify: Run ``onnx.checker`` and compare ONNX Runtime with PyTorch.
         atol: Absolute tolerance of the comparison.
         rtol: Relative tolerance (of the reference's magnitude).
+        dtype: Cast weights and floating inputs to this precision before exporting.
 
     Raises:
         CheckpointError: The exporter failed (the message says why).
@@ -99,6 +106,12 @@ def export_onnx(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = split_inputs(model, example_inputs)
+    if dtype is not None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise CheckpointError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        model = copy.deepcopy(model).to(dtype)
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, (args, kwargs))
     was_training = model.training
     model.eval()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
@@ -144,7 +157,7 @@ def _feeds(session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[s
             value = tensors[i] if i < len(tensors) else None
         if value is None:
             raise VerificationError(f"ONNX input '{inp.name}' has no matching example input")
-        feeds[inp.name] = value.detach().cpu().numpy()
+        feeds[inp.name] = (value.detach().float() if value.dtype == torch.bfloat16 else value.detach()).cpu().numpy()
     return feeds
 
 
@@ -173,18 +186,25 @@ def verify_onnx(
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"'{path}' fails onnx.checker: {exc}") from exc
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         reference = _tensor_leaves(model(*args, **kwargs))
-    outputs = session.run(None, _feeds(session, model, args, kwargs))
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, _feeds(session, model, args, kwargs))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VerificationError(
+            f"ONNX Runtime (CPU) cannot run '{path}': {str(exc).splitlines()[0]}; pass verify=False to skip "
+            "the check (e.g. bfloat16 files for TensorRT, which the CPU provider does not run)"
+        ) from exc
     if len(outputs) != len(reference):
         raise VerificationError(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(reference)}")
     worst_abs = worst_rel = 0.0
     for i, (got, ref_t) in enumerate(zip(outputs, reference, strict=True)):
-        ref = ref_t.detach().cpu().numpy()
+        ref = ref_t.detach().float().cpu().numpy()
         if got.shape != ref.shape:
             raise VerificationError(f"output {i}: ONNX Runtime shape {got.shape} != PyTorch {ref.shape}")
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        ref = ref.astype(np.float64)
+        diff = np.abs(got.astype(np.float64) - ref)
         worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
         worst_rel = max(worst_rel, float((diff / (np.abs(ref) + 1e-12)).max(initial=0.0)))
         bad = diff > atol + rtol * np.abs(ref)
