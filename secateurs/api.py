@@ -237,7 +237,8 @@ def prune(
     if expert_neurons:
         passes.append(PruneExpertNeurons(expert_neurons))
     width = ratio > 0 or any(v > 0 for _, v in kind_ratios)
-    if width or not passes:
+    sparse = sparsity is not None or nm is not None
+    if width or not (passes or sparse):  # with nothing else asked, a ratio-0 width pass reports the groups
         passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn)]
         if speedup is not None:
             allocate, budget_unit = allocate or "dp", "latency"
@@ -252,7 +253,7 @@ def prune(
         except ValueError as exc:
             raise BudgetError(f"nm must look like '2:4', got {nm!r}") from exc
         nm = (n_, m_)
-    if sparsity is not None or nm is not None:
+    if sparse:
         passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
                                                           calib=calib, sequential=sequential, owl=owl,
                                                           allocate=sparsity_allocate)]
