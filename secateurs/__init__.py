@@ -7,6 +7,7 @@ from secateurs import data, passes, report
 from secateurs.api import Report, prune
 from secateurs.backends.checkpoint import SaveResult, load_pretrained, save_pretrained
 from secateurs.errors import (
+    BackendUnavailableError,
     BudgetError,
     CaptureError,
     CheckpointError,
@@ -22,6 +23,7 @@ from secateurs.passes.base import PassManager
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "BudgetError",
     "CaptureError",
     "CheckpointError",

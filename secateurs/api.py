@@ -21,12 +21,14 @@ from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
 from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
+from secateurs.passes.drift import OutputDrift, measure_drift, snapshot_outputs
 from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
 from secateurs.passes.recover import ReconstructLayers
 from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
+from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
 
-__all__ = ["Report", "prune"]
+__all__ = ["Report", "plan_passes", "prune", "run_passes"]
 
 
 @dataclasses.dataclass
@@ -49,6 +51,9 @@ class Report:
         depth: One record per depth pass: removed blocks / sublayers with their scores.
         experts: Per MoE block, experts (``PruneExperts``) or per-expert neurons (``PruneExpertNeurons``) before
             and after.
+        layers: Parameters and FLOPs of every layer before and after.
+        drift: How far the outputs moved on the example inputs (``check_outputs``), or None.
+        passes: The passes that ran, in order, with seconds each.
 
     """
 
@@ -66,6 +71,9 @@ class Report:
     latency_before: float | None = None
     latency_after: float | None = None
     sparsity: SparsityRecord | None = None
+    layers: list[LayerCost] = dataclasses.field(default_factory=list)
+    passes: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    drift: OutputDrift | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -99,6 +107,8 @@ class Report:
             lines.append(f"removed by '{d.criterion}': " + ", ".join(f"{n} ({v:.4f})" for n, v in d.removed))
         for e in self.experts:
             lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
+        if self.drift is not None:
+            lines.append(str(self.drift))
         lines.append(f"frozen groups: {len(self.frozen)}")
         for reason, items in _by_reason(self.frozen).items():
             example = items[0]
@@ -110,6 +120,17 @@ class Report:
         return "\n".join(lines)
 
 
+def _original_names(model: nn.Module, identities: dict[int, str], changes: list[GroupChange]) -> list[GroupChange]:
+    """Changes named by the layers' names before any block removal renumbered them."""
+    renames = layer_renames(model, identities, {layer_of(c.name.split("[")[0]) for c in changes})
+    out = []
+    for c in changes:
+        layer = layer_of(c.name.split("[")[0])
+        name = renames[layer] + c.name[len(layer):] if layer in renames else c.name
+        out.append(dataclasses.replace(c, name=name))
+    return out
+
+
 def _by_reason(frozen: Sequence[FrozenGroup]) -> dict[str, list[FrozenGroup]]:
     """Frozen groups keyed by reason, with per-layer node suffixes (``sdpa_3``) folded together."""
     out: dict[str, list[FrozenGroup]] = {}
@@ -118,9 +139,36 @@ def _by_reason(frozen: Sequence[FrozenGroup]) -> dict[str, list[FrozenGroup]]:
     return out
 
 
-def prune(
-    model: nn.Module,
-    example_inputs: ExampleInputs,
+def prune(model: nn.Module, example_inputs: ExampleInputs, ratio: float | None = None, **options: Any) -> Report:
+    """Prune ``model`` in place and return a :class:`Report`.
+
+    Args:
+        model: Any ``nn.Module``; it is rewritten in place (smaller tensors, updated attributes).
+        example_inputs: A tuple of positional tensors or a dict of keyword tensors (Hugging Face style).
+        ratio: Fraction to remove (see :func:`plan_passes`).
+        **options: The options of :func:`plan_passes`: ``heads``, ``kv_groups``, ``ffn``, ``channels``,
+            ``layers``, ``sublayers``, ``experts``, ``sparsity``, ``nm``, ``importance``, ``calib``, ...; and
+            ``check_outputs`` (default True): run the pruned model on the example inputs, refuse changed output
+            shapes and report the output drift (see :func:`run_passes`).
+
+    Returns:
+        The report: parameters and FLOPs before and after, pruned and frozen groups.
+
+    Raises:
+        BudgetError: An option is unknown or its value is invalid.
+
+    """
+    check_outputs = bool(options.pop("check_outputs", True))
+    try:
+        passes, table, measure = plan_passes(model, ratio, **options)
+    except TypeError as exc:
+        raise BudgetError(f"prune(): {exc}") from exc
+    return run_passes(model, example_inputs, passes, latency=table, measure_latency=measure,
+                      check_outputs=check_outputs)
+
+
+def plan_passes(
+    model: nn.Module | None,
     ratio: float | None = None,
     *,
     heads: float | None = None,
@@ -156,12 +204,11 @@ def prune(
     latency_cache: str | None = None,
     latency_backend: str = "torch",
     verify: bool = True,
-) -> Report:
-    """Prune ``model`` in place and return a :class:`Report`.
+) -> tuple[list[Pass], LatencyTable | None, bool]:
+    """The passes :func:`prune` runs for these options (recipes' ``prune`` step expands to the same list).
 
     Args:
-        model: Any ``nn.Module``; it is rewritten in place (smaller tensors, updated attributes).
-        example_inputs: A tuple of positional tensors or a dict of keyword tensors (Hugging Face style).
+        model: The model (a dense copy is kept for ``reconstruct``; may be None otherwise).
         ratio: Fraction to remove, in [0, 1) (see ``target``). Defaults to 0.3 when no per-structure ratio
             is given, else to 0 (only the named structures are pruned).
         heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
@@ -209,7 +256,7 @@ def prune(
         verify: Re-capture and check every traced shape against the plan (recommended).
 
     Returns:
-        The report: parameters and FLOPs before and after, pruned and frozen groups.
+        The passes, the latency table they share (or None) and whether to measure whole-model latency.
 
     """
     kinds = {"heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels}
@@ -223,9 +270,6 @@ def prune(
         ratio=ratio, target=target, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
         hidden=hidden is True, kind_ratios=kind_ratios, bias_compensation=bias_compensation, verify=verify,
     )
-    graph = capture(model, example_inputs)
-    params_before = graph.param_count()
-    flops_before = count_flops(graph)
     passes: list[Pass] = []
     table: LatencyTable | None = None
     if layers:
@@ -258,14 +302,37 @@ def prune(
                                                           calib=calib, sequential=sequential, owl=owl,
                                                           allocate=sparsity_allocate)]
         if reconstruct:
+            if model is None:
+                raise BudgetError("reconstruct=True needs the dense model")
             passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
-    latency_before = table.model_latency(graph) if table is not None and speedup is not None else None
+    return passes, table, speedup is not None
+
+
+def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence[Pass], *,
+               latency: LatencyTable | None = None, measure_latency: bool = False,
+               check_outputs: bool = True) -> Report:
+    """Capture ``model``, run ``passes`` through a :class:`PassManager` and report what they did.
+
+    This is what :func:`prune` and recipes run. ``latency`` is the table latency-aware passes use (saved at
+    the end); with ``measure_latency`` the whole model's latency before and after goes into the report. With
+    ``check_outputs`` the pruned model is run on the example inputs at the end: its outputs must keep their
+    shapes (else :class:`~secateurs.errors.VerificationError`) and their drift from the dense outputs is
+    reported (``Report.drift``).
+    """
+    graph = capture(model, example_inputs)
+    dense_outputs = snapshot_outputs(model, graph.args, graph.kwargs) if check_outputs else None
+    params_before = graph.param_count()
+    flops_before = count_flops(graph)
+    layers_before = costs_by_layer(graph)
+    identities = layer_identities(model, layers_before)
+    latency_before = latency.model_latency(graph) if latency is not None and measure_latency else None
     result = PassManager(passes)(graph)
     latency_after = None
-    if table is not None:
-        table.save()
+    if latency is not None:
+        latency.save()
         if latency_before is not None:
-            latency_after = table.model_latency(result.graph)
+            latency_after = latency.model_latency(result.graph)
+    drift = measure_drift(model, graph.args, graph.kwargs, dense_outputs) if dense_outputs is not None else None
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)
     depth = [r.record for name, r, _ in result.results if isinstance(r.record, DepthRecord) and r.modified]
@@ -277,7 +344,8 @@ def prune(
         flops_before=flops_before,
         flops_after=count_flops(result.graph),
         frozen=record.frozen if record else [],
-        changes=record.changes if record else [],
+        changes=_original_names(model, identities, [c for _, r, _ in result.results if isinstance(r.record, PruneRecord)
+                                                    for c in r.record.changes]),
         unsupported_ops=list(deps.unsupported_ops) if deps else [],
         retries=record.retries if record else 0,
         compensated_biases=record.compensated[0] if record else 0,
@@ -286,4 +354,7 @@ def prune(
         sparsity=result.record(SparsityRecord),
         latency_before=latency_before,
         latency_after=latency_after,
+        layers=layer_costs(layers_before, costs_by_layer(result.graph, identities)),
+        passes=[(name, elapsed) for name, _, elapsed in result.results],
+        drift=drift,
     )

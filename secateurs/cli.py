@@ -1,134 +1,308 @@
-"""Command-line entry point (``secateurs``)."""
+"""Command-line entry point (``secateurs``).
+
+Exit codes: 0 ok, 2 bad input (missing or malformed source, bad option or recipe, existing output, missing
+backend), 3 verification failed (a rewritten or exported model does not match), 130 interrupted (nothing is
+left half-written). Every subcommand takes ``--quiet`` (print nothing on success), ``--json`` (print one JSON
+document on standard output, errors included) and ``-v`` (log what each pass does). Progress bars go to
+standard error when it is a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
+EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_INTERRUPTED = 0, 2, 3, 130
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``secateurs`` command; returns the exit code (0 ok, 2 bad input, 3 verification failed).
 
-    Subcommands: ``demo`` (the main job on the bundled MiniLM), ``prune SRC --out DST`` (checkpoint to
-    checkpoint, with ``report.json``), ``inspect SRC`` (dependency groups and frozen parts).
-    """
-    parser = argparse.ArgumentParser(prog="secateurs", description="Prune neural networks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    common.add_argument("--quiet", action="store_true", help="print nothing on success (no progress bars)")
+    common.add_argument("--json", action="store_true", help="print one JSON document on standard output")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="secateurs", description="Prune neural networks.",
+                                     epilog="exit codes: 0 ok, 2 bad input, 3 verification failed, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prune the bundled all-MiniLM-L6-v2 and measure embedding drift")
+
+    demo = sub.add_parser("demo", parents=[common], help="the main job on the bundled all-MiniLM-L6-v2")
+    demo.add_argument("--out", default="secateurs-demo", help="output folder (default ./secateurs-demo)")
     demo.add_argument("--heads", type=float, default=0.25, help="fraction of attention heads to remove")
     demo.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons to remove")
+    demo.add_argument("--nm", default="2:4", help="N:M weight sparsity after width pruning ('none' to skip)")
     demo.add_argument("--importance", default="flap", help="l1, l2, maw, taylor, activation or flap")
     demo.add_argument("--no-bias-compensation", action="store_true", help="do not fold removed means into biases")
     demo.add_argument("--samples", type=int, default=32, help="calibration paragraphs")
-    pr = sub.add_parser("prune", help="prune a Hugging Face checkpoint folder into a new one")
-    pr.add_argument("src", help="checkpoint folder (config.json + safetensors)")
-    pr.add_argument("--out", help="output folder (written atomically; refused if it exists)")
-    pr.add_argument("--channels", type=float, help="fraction of conv channels to remove")
-    pr.add_argument("--heads", type=float, help="fraction of attention heads to remove")
-    pr.add_argument("--kv-groups", type=float, help="fraction of GQA KV groups to remove")
-    pr.add_argument("--ffn", type=float, help="fraction of MLP / GLU neurons to remove")
-    pr.add_argument("--hidden", type=float, help="fraction of the hidden size to remove")
-    pr.add_argument("--experts", type=float, help="fraction of MoE experts to remove")
-    pr.add_argument("--layers", type=float, help="blocks to remove: a count >= 1 or a fraction")
-    pr.add_argument("--sublayers", type=float, help="attention / MLP sublayers to remove: a count or a fraction")
-    pr.add_argument("--depth-criterion", default="bi", help="bi, angular or greedy")
-    pr.add_argument("--sparsity", type=float, help="unstructured weight sparsity")
-    pr.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
-    pr.add_argument("--criterion", default="l2", help="width importance: l1, l2, maw, taylor, activation, flap")
-    pr.add_argument("--sparsity-criterion", default="magnitude", help="magnitude, wanda, sparsegpt, ...")
-    pr.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
-    pr.add_argument("--calib", default="pydoc", help="calibration text: pydoc, a .txt / .jsonl file, or none")
-    pr.add_argument("--calib-samples", type=int, default=16, help="calibration texts")
-    pr.add_argument("--seq-len", type=int, default=64, help="tokens per calibration text")
-    pr.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and ONNX Runtime benchmark")
+
+    pr = sub.add_parser("prune", parents=[common], help="prune a checkpoint folder (or an ONNX file) into a new one")
+    pr.add_argument("src", help="Hugging Face checkpoint folder (config.json + safetensors) or model.onnx")
+    pr.add_argument("--out", help="output folder / .onnx file (written atomically; refused if it exists)")
+    pr.add_argument("--recipe", help="YAML recipe of passes (instead of the pruning flags)")
+    g = pr.add_argument_group("pruning flags (a one-step recipe)")
+    g.add_argument("--channels", type=float, help="fraction of conv channels to remove")
+    g.add_argument("--heads", type=float, help="fraction of attention heads to remove")
+    g.add_argument("--kv-groups", type=float, help="fraction of GQA KV groups to remove")
+    g.add_argument("--ffn", type=float, help="fraction of MLP / GLU neurons to remove")
+    g.add_argument("--hidden", type=float, help="fraction of the hidden size to remove")
+    g.add_argument("--experts", type=float, help="fraction of MoE experts to remove")
+    g.add_argument("--layers", type=float, help="blocks to remove: a count >= 1 or a fraction")
+    g.add_argument("--sublayers", type=float, help="attention / MLP sublayers to remove: a count or a fraction")
+    g.add_argument("--depth-criterion", help="bi, angular or greedy")
+    g.add_argument("--sparsity", type=float, help="unstructured weight sparsity")
+    g.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
+    g.add_argument("--low-rank", type=float, help="factorize linear layers keeping this fraction of energy")
+    g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap")
+    g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
+    g.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
+    g.add_argument("--round-to", type=int, help="keep sizes multiples of this (default 8)")
+    pr.add_argument("--calib", help="calibration text: pydoc (default), a .txt / .jsonl file, or none")
+    pr.add_argument("--calib-samples", type=int, help="calibration texts (default 16)")
+    pr.add_argument("--seq-len", type=int, help="tokens per calibration text (default 64)")
+    pr.add_argument("--seed", type=int, help="random seed (default 0)")
+    pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    pr.add_argument("--json", action="store_true", help="print the report as JSON")
-    pr.add_argument("--quiet", action="store_true", help="print nothing on success")
-    ins = sub.add_parser("inspect", help="show the dependency groups of a checkpoint and what is frozen")
-    ins.add_argument("src")
-    ins.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
+    pr.add_argument("--min-cosine", type=float, help="fail (exit 3) if the outputs' cosine to the dense model is lower")
+    pr.add_argument("--max-rel-error", type=float, help="fail (exit 3) if the outputs' relative error is higher")
+
+    ex = sub.add_parser("export", parents=[common], help="export a (pruned) checkpoint folder to ONNX")
+    ex.add_argument("src", help="checkpoint folder")
+    ex.add_argument("--onnx", required=True, help="output .onnx file")
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare ONNX Runtime with PyTorch (default on)")
+    ex.add_argument("--exporter", default="dynamo", help="dynamo (default) or legacy")
+    ex.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights / activations")
+    ex.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the verification")
+    ex.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the verification")
+    ex.add_argument("--seq-len", type=int, default=16, help="tokens of the example input")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+    en = sub.add_parser("engine", parents=[common], help="build a TensorRT engine from an ONNX file")
+    en.add_argument("onnx", help="input .onnx file")
+    en.add_argument("--out", help="engine file (default: the ONNX name with .engine)")
+    en.add_argument("--fp16", action="store_true", help="FP16 kernels (TensorRT 10; TensorRT 11 reads the file)")
+    en.add_argument("--sparse", action="store_true", help="enable 2:4 sparse kernels (SPARSE_WEIGHTS)")
+    en.add_argument("--timing-cache", help="timing cache file, read and updated")
+    en.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimisation profile")
+
+    ins = sub.add_parser("inspect", parents=[common], help="dependency groups, frozen parts and costs of a model")
+    ins.add_argument("src", help="checkpoint folder or .onnx file")
+
+    be = sub.add_parser("bench", parents=[common], help="latency of a dense and a pruned model, as a ratio")
+    be.add_argument("src", help="dense checkpoint folder or .onnx file")
+    be.add_argument("dst", help="pruned checkpoint folder or .onnx file")
+    be.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--seq-len", type=int, default=128)
+    be.add_argument("--runs", type=int, default=20)
+    be.add_argument("--warmup", type=int, default=3)
+    be.add_argument("--threads", type=int, help="ONNX Runtime / torch threads (default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``secateurs`` command and return its exit code (see the module docstring)."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from secateurs.errors import BudgetError, CaptureError, SecateursError, VerificationError
+    from secateurs.errors import BackendUnavailableError, SecateursError, VerificationError
+    from secateurs.progress import reporting, tqdm_renderer
 
+    commands: dict[str, Callable[[argparse.Namespace], Any]] = {
+        "demo": _demo, "prune": _prune, "export": _export, "engine": _engine, "inspect": _inspect, "bench": _bench}
+    quiet = args.quiet or args.json
     try:
-        if args.command == "demo":
-            from secateurs.demo import run_demo
-
-            print(run_demo(heads=args.heads, ffn=args.ffn, importance=args.importance,
-                           bias_compensation=not args.no_bias_compensation, samples=args.samples))
-        elif args.command == "prune":
-            _prune(args)
-        elif args.command == "inspect":
-            _inspect(args)
-    except (BudgetError, CaptureError) as exc:
-        print(f"secateurs: error: {exc}", file=sys.stderr)
-        return 2
+        with reporting(None if quiet else tqdm_renderer(disable=None)):
+            result = commands[args.command](args)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; nothing was left half-written", EXIT_INTERRUPTED)
     except VerificationError as exc:
-        print(f"secateurs: verification failed: {exc}", file=sys.stderr)
-        return 3
-    except SecateursError as exc:
-        print(f"secateurs: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return _fail(args, f"verification failed: {exc}", EXIT_VERIFICATION)
+    except (SecateursError, BackendUnavailableError) as exc:
+        return _fail(args, f"error: {exc}", EXIT_BAD_INPUT)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return EXIT_OK
 
 
-def _prune(args: argparse.Namespace) -> None:
-    import json
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"secateurs: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}))
+    return code
 
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not (args.quiet or args.json):
+        print(text)
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.demo import run_demo
+
+    result = run_demo(args.out, heads=args.heads, ffn=args.ffn, nm=None if args.nm == "none" else args.nm,
+                      importance=args.importance, bias_compensation=not args.no_bias_compensation,
+                      samples=args.samples, onnx=not args.no_onnx)
+    _say(args, result.summary)
+    return result.data
+
+
+def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
+    """The ``prune`` step options and any extra steps the flags ask for."""
+    from secateurs.errors import BudgetError
+
+    names = {"channels": "channels", "heads": "heads", "kv_groups": "kv_groups", "ffn": "ffn", "hidden": "hidden",
+             "experts": "experts", "layers": "layers", "sublayers": "sublayers", "sparsity": "sparsity", "nm": "nm",
+             "criterion": "importance", "sparsity_criterion": "sparsity_criterion",
+             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to"}
+    options = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src) is not None}
+    for key in ("layers", "sublayers"):
+        if key in options and options[key] >= 1:
+            options[key] = int(options[key])
+    structural = {"channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity",
+                  "nm"}
+    extra: list[Any] = []
+    if args.low_rank is not None:
+        extra = ["AnalyzeDependencies", {"FactorizeLowRank": {"energy": args.low_rank}}]
+    if not structural & set(options) and not extra:
+        raise BudgetError("nothing to prune: give --recipe or at least one of --channels --heads --kv-groups --ffn "
+                          "--hidden --experts --layers --sublayers --sparsity --nm --low-rank")
+    return options, extra
+
+
+def _prune(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.errors import BudgetError
+    from secateurs.recipe import load_recipe, parse_recipe
+
+    flags = ("channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm",
+             "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to")
+    if Path(args.src).suffix == ".onnx":
+        return _prune_onnx(args)
+    if args.recipe:
+        used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+        if used:
+            raise BudgetError(f"--recipe replaces the pruning flags; remove {' '.join(used)} or put them in the recipe")
+        recipe = load_recipe(args.recipe)
+    else:
+        options, extra = _flag_options(args)
+        recipe = parse_recipe({"seed": args.seed or 0, "calib": {},
+                               "passes": ([{"prune": options}] if set(options) - {"importance", "sparsity_criterion",
+                                          "depth_criterion", "allocate", "round_to"} else []) + extra}, "flags")
     from secateurs.convert import prune_checkpoint
 
-    structural = {"channels": args.channels, "heads": args.heads, "kv_groups": args.kv_groups, "ffn": args.ffn,
-                  "experts": args.experts, "layers": args.layers, "sublayers": args.sublayers,
-                  "sparsity": args.sparsity, "nm": args.nm}
-    options = {k: v for k, v in structural.items() if v is not None}
-    if args.hidden is not None:
-        options["hidden"] = args.hidden
-    if not options:
-        from secateurs.errors import BudgetError
-
-        raise BudgetError("nothing to prune: give at least one of --channels --heads --kv-groups --ffn --hidden "
-                          "--experts --layers --sublayers --sparsity --nm")
-    if args.layers is not None and args.layers >= 1:
-        options["layers"] = int(args.layers)
-    if args.sublayers is not None and args.sublayers >= 1:
-        options["sublayers"] = int(args.sublayers)
-    options.update(importance=args.criterion, sparsity_criterion=args.sparsity_criterion,
-                   depth_criterion=args.depth_criterion)
-    if args.allocate:
-        options["allocate"] = args.allocate
-    report, data = prune_checkpoint(args.src, args.out, calib=args.calib, samples=args.calib_samples,
+    report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
                                     seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
-                                    dry_run=args.dry_run, **options)
-    if args.json:
-        print(json.dumps(data, indent=1, default=str))
-    elif not args.quiet:
-        print(report)
-        print("dry run: nothing written" if args.dry_run else f"wrote {args.out} (report.json inside)")
+                                    dry_run=args.dry_run, device=args.device, verify=not args.no_verify,
+                                    min_cosine=args.min_cosine, max_rel_error=args.max_rel_error)
+    _say(args, str(report))
+    _say(args, "dry run: nothing written" if args.dry_run else
+         f"wrote {args.out} (report: {Path(args.out) / 'report.html'})")
+    return data
 
 
-def _inspect(args: argparse.Namespace) -> None:
-    import json
+def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.errors import BudgetError
 
-    from secateurs.convert import inspect_checkpoint
+    try:
+        from secateurs.frontends.onnx_model import prune_onnx  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise BudgetError(f"pruning ONNX files needs the 'onnx' extra: {exc}") from exc
+    if args.recipe or args.layers or args.sublayers or args.experts or args.sparsity or args.nm or args.low_rank:
+        raise BudgetError("an ONNX source supports --channels, --heads, --ffn and --criterion l1|l2 only")
+    if args.out is None and not args.dry_run:
+        raise BudgetError("an output .onnx file is required (or --dry-run)")
+    result = prune_onnx(args.src, None if args.dry_run else args.out, channels=args.channels, heads=args.heads,
+                        ffn=args.ffn, importance=args.criterion or "l2", round_to=args.round_to or 1,
+                        overwrite=args.overwrite)
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    _say(args, str(result))
+    return data
 
-    data = inspect_checkpoint(args.src)
-    if args.json:
-        print(json.dumps(data, indent=1))
-        return
-    print(f"params {data['params']:,}, FLOPs {data['flops']:,.0f} on the example inputs")
-    print(f"{len(data['groups'])} prunable groups:")
-    for g in data["groups"]:
-        print(f"  {g['kind']:<10} {g['size']:>6}  {g['name']}")
-    print(f"{len(data['frozen'])} frozen groups:")
-    for f in data["frozen"]:
-        print(f"  x{f['size']:<6} {', '.join(f['members'][:2])}: {f['reason']}")
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from secateurs.backends.checkpoint import load_pretrained
+    from secateurs.backends.onnx import export_onnx
+    from secateurs.convert import example_and_calib
+    from secateurs.errors import CheckpointError
+    from secateurs.progress import stage
+
+    src, out = Path(args.src), Path(args.onnx)
+    if not src.is_dir():
+        raise CheckpointError(f"source '{src}' is not a checkpoint folder")
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"'{out}' exists; pass --overwrite to replace it")
+    model = load_pretrained(src).eval()
+    example, _ = example_and_calib(model, src, "none", 2, args.seq_len, 0)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    with stage("exporting ONNX"):
+        result = export_onnx(model, example, out, exporter=args.exporter, verify=args.verify, atol=args.atol,
+                             rtol=args.rtol, dtype=dtype)
+    data = {"onnx": str(result.path), "exporter": result.exporter, "verified": args.verify,
+            "max_abs_error": result.max_abs_error, "max_rel_error": result.max_rel_error}
+    _say(args, f"wrote {result.path}" + (f" (ONNX Runtime vs PyTorch: max abs error {result.max_abs_error:.2e}, "
+                                         f"max rel error {result.max_rel_error:.2e})" if args.verify else ""))
+    return data
+
+
+def _engine(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.backends.tensorrt import build_engine
+    from secateurs.progress import stage
+
+    out = args.out or str(Path(args.onnx).with_suffix(".engine"))
+    with stage("building TensorRT engine"):
+        build = build_engine(args.onnx, out, fp16=args.fp16, sparse=args.sparse, timing_cache=args.timing_cache,
+                             batch=(1, 1, args.max_batch))
+    data = {"engine": str(build.path), "seconds": build.build_seconds, "precision": build.precision,
+            "sparse_eligible": list(build.sparse_eligible), "sparse_layers": list(build.sparse_layers)}
+    _say(args, f"wrote {build.path} in {build.build_seconds:.1f}s ({build.precision}); "
+               f"{len(build.sparse_layers)} of {len(build.sparse_eligible)} 2:4-eligible layers run sparse kernels")
+    return data
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    if Path(args.src).suffix == ".onnx":
+        from secateurs.frontends.onnx_model import inspect_onnx  # type: ignore[attr-defined]
+
+        data = inspect_onnx(args.src)
+    else:
+        from secateurs.convert import inspect_checkpoint
+
+        data = inspect_checkpoint(args.src)
+    if not (args.quiet or args.json):
+        print(f"params {data['params']:,}, FLOPs {data['flops']:,.0f} on the example inputs")
+        print(f"{len(data['groups'])} prunable groups:")
+        for g in data["groups"]:
+            print(f"  {g['kind']:<10} {g['size']:>6}  {g['name']}")
+        print(f"{len(data['frozen'])} frozen groups:")
+        for f in data["frozen"]:
+            print(f"  x{f['size']:<6} {', '.join(f['members'][:2])}: {f['reason']}")
+        for layer in data.get("layers", []):
+            print(f"  layer {layer['name']:<28} params {layer['params']:>12,}  FLOPs {layer['flops']:>14,.0f}")
+    return data
+
+
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.bench import compare_latency
+
+    result = compare_latency(args.src, args.dst, runtime=args.runtime, batch=args.batch, seq_len=args.seq_len,
+                             runs=args.runs, warmup=args.warmup, threads=args.threads)
+    _say(args, f"{args.runtime}, batch {args.batch}: dense {1e3 * result['dense_s']:.2f} ms, pruned "
+               f"{1e3 * result['pruned_s']:.2f} ms, speed-up {result['speedup']:.2f}x")
+    return result
 
 
 if __name__ == "__main__":

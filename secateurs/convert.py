@@ -8,20 +8,22 @@ frontend, passes and backends and writes ``DST`` (the checkpoint, tokenizer file
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from secateurs.api import Report, prune
+from secateurs.api import Report, run_passes
 from secateurs.backends.checkpoint import TOKENIZER_FILES, load_pretrained, save_pretrained
 from secateurs.errors import BudgetError, CheckpointError
+from secateurs.passes.drift import check_drift
+from secateurs.progress import stage
+from secateurs.recipe import Recipe, build_passes, parse_recipe
+from secateurs.report import costs_by_layer, write_report
 
-__all__ = ["example_and_calib", "inspect_checkpoint", "prune_checkpoint", "report_dict"]
+__all__ = ["example_and_calib", "flags_recipe", "inspect_checkpoint", "prune_checkpoint", "report_dict"]
 
 
 def _tokenizer(src: Path) -> Any:
@@ -37,8 +39,8 @@ def example_and_calib(model: Any, src: Path, calib: str | None, samples: int, se
     """Example inputs and calibration batches for a text model.
 
     With a tokenizer in ``src``: the calibration text (``"pydoc"`` or a ``.txt`` / ``.jsonl`` file) tokenised.
-    Without one: random token ids below the vocabulary size (no calibration unless ``calib`` is given, which
-    then needs a tokenizer).
+    Without one: random token ids below the vocabulary size, or random pixels for a vision model (no
+    calibration unless ``calib`` is given, which then needs a tokenizer).
     """
     from secateurs.data import text_batches
 
@@ -46,12 +48,13 @@ def example_and_calib(model: Any, src: Path, calib: str | None, samples: int, se
     if tokenizer is None:
         if calib not in (None, "none"):
             raise BudgetError(f"'{src}' has no tokenizer files, so --calib {calib} cannot be tokenised")
-        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-        if vocab <= 0:
-            raise BudgetError(f"'{src}' has neither a tokenizer nor a vocab_size to build example inputs from")
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (2, seq_len), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
+        from secateurs.bench import example_for
+
+        config = getattr(model, "config", None)
+        if not (getattr(config, "vocab_size", 0) or getattr(config, "num_channels", 0)):
+            raise BudgetError(f"'{src}' has neither a tokenizer nor a vocab_size / image size to build example "
+                              "inputs from")
+        return example_for(model, 2, seq_len, seed), None
     batches = text_batches(tokenizer, "pydoc" if calib in (None, "pydoc") else calib, samples=samples,
                            seq_len=seq_len, batch_size=min(8, samples))
     for batch in batches:
@@ -60,8 +63,9 @@ def example_and_calib(model: Any, src: Path, calib: str | None, samples: int, se
     return example, (batches if calib not in ("none",) else None)
 
 
-def report_dict(report: Report, options: dict[str, Any], src: Path) -> dict[str, Any]:
-    """The JSON report: sizes, every pruned / frozen group with its reason, options and versions."""
+def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: Recipe | None = None,
+                quality: dict[str, float] | None = None) -> dict[str, Any]:
+    """The JSON report: sizes per layer, every pruned / frozen group with its reason, recipe and versions."""
     import transformers
 
     def plain(value: Any) -> Any:
@@ -77,6 +81,7 @@ def report_dict(report: Report, options: dict[str, Any], src: Path) -> dict[str,
         "params_after": report.params_after,
         "flops_before": report.flops_before,
         "flops_after": report.flops_after,
+        "layers": plain(report.layers),
         "changes": plain(report.changes),
         "frozen": plain(report.frozen),
         "depth": plain(report.depth),
@@ -84,27 +89,56 @@ def report_dict(report: Report, options: dict[str, Any], src: Path) -> dict[str,
         "sparsity": plain(report.sparsity),
         "unsupported_ops": report.unsupported_ops,
         "retries": report.retries,
+        "drift": plain(report.drift),
+        "passes": [{"pass": n, "seconds": round(t, 3)} for n, t in report.passes],
         "latency_before": report.latency_before,
         "latency_after": report.latency_after,
+        "quality": quality or {},
         "options": options,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "versions": {"secateurs": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
 
 
-def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, *, calib: str | None = "pydoc",
-                     samples: int = 16, seq_len: int = 64, seed: int = 0, overwrite: bool = False,
-                     dry_run: bool = False, trust_remote_code: bool = False,
-                     **options: Any) -> tuple[Report, dict[str, Any]]:
-    """Prune the checkpoint in ``src`` with :func:`secateurs.prune` ``options`` and save it to ``dst``.
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    ``dry_run`` plans and reports on an in-memory copy and writes nothing. Returns the report and its JSON.
+    try:
+        return version("secateurs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def flags_recipe(options: dict[str, Any], *, calib: str | None = "pydoc", samples: int = 16, seq_len: int = 64,
+                 seed: int = 0) -> Recipe:
+    """The one-step recipe (a ``prune`` step) that command-line flags stand for, validated."""
+    return parse_recipe({"seed": seed, "calib": {"source": calib or "none", "samples": samples, "seq_len": seq_len},
+                         "passes": [{"prune": options}]}, "flags")
+
+
+def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, recipe: Recipe | None = None,
+                     *, calib: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                     seed: int | None = None, overwrite: bool = False, dry_run: bool = False, device: str = "cpu",
+                     verify: bool = True, min_cosine: float | None = None, max_rel_error: float | None = None,
+                     trust_remote_code: bool = False, **options: Any) -> tuple[Report, dict[str, Any]]:
+    """Prune the checkpoint in ``src`` with a recipe (or :func:`secateurs.prune` ``options``) and save it to ``dst``.
+
+    ``dst`` receives the checkpoint, tokenizer files, ``report.json``, ``report.html`` and the report's PNG plots,
+    all at once (a temporary folder renamed into place). ``dry_run`` plans and reports on an in-memory copy and
+    writes nothing. ``calib`` / ``samples`` / ``seq_len`` / ``seed`` override the recipe's. With ``verify`` the
+    pruned model is run on the example inputs (output shapes must match; the drift goes into the report) and
+    ``min_cosine`` / ``max_rel_error`` refuse a model that drifted further (nothing is written then). Returns
+    the report and its JSON.
 
     Raises:
         CheckpointError: ``src`` is missing or unreadable, or ``dst`` exists without ``overwrite``.
-        BudgetError: Options or calibration are invalid.
+        BudgetError: Options or calibration are invalid (``RecipeError`` for a bad recipe).
+        VerificationError: The pruned model changed its output shapes or drifted past a threshold.
 
     """
+    if not verify and (min_cosine is not None or max_rel_error is not None):
+        raise BudgetError("drift thresholds need the output check: drop --no-verify")
     source = Path(src)
     if not source.is_dir():
         raise CheckpointError(f"source '{source}' is not a checkpoint folder")
@@ -112,25 +146,41 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         raise CheckpointError(f"output folder '{dst}' exists; pass --overwrite to replace it")
     if not dry_run and dst is None:
         raise BudgetError("an output folder is required (or --dry-run)")
+    if recipe is None:
+        recipe = flags_recipe(options, calib=calib if calib is not None else "pydoc", samples=samples or 16,
+                              seq_len=seq_len or 64, seed=seed or 0)
+    elif options:
+        raise BudgetError("give a recipe or pruning options, not both")
+    calib = calib if calib is not None else recipe.calib.get("source", "pydoc")
+    samples = samples or int(recipe.calib.get("samples", 16))
+    seq_len = seq_len or int(recipe.calib.get("seq_len", 64))
+    seed = recipe.seed if seed is None else seed
     torch.manual_seed(seed)
-    model = load_pretrained(source, trust_remote_code=trust_remote_code)
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise BudgetError(f"device '{device}' is not available here (torch.cuda.is_available() is False)"
+                          if device.startswith("cuda") else f"unknown device '{device}'; use cpu or cuda")
+    with stage("loading checkpoint"):
+        model = load_pretrained(source, trust_remote_code=trust_remote_code).to(device)
     example, batches = example_and_calib(model, source, calib, samples, seq_len, seed)
-    report = prune(model, example, calib=batches, **options)
+    example = {k: v.to(device) for k, v in example.items()}
+    if batches is not None:
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    passes = build_passes(recipe, model, calib=batches)
+    report = run_passes(model, example, passes, check_outputs=verify)
     if report.sparsity is not None:
         from secateurs.passes.sparsity import remove_masks
 
         remove_masks(model)
-    data = report_dict(report, {**options, "calib": calib, "samples": samples, "seq_len": seq_len,
-                                "seed": seed}, source)
+    data = report_dict(report, {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed,
+                                "device": device}, source, recipe=recipe)
+    if report.drift is not None:
+        check_drift(report.drift, min_cosine=min_cosine, max_rel_error=max_rel_error)
     if dry_run:
         return report, data
     assert dst is not None
-    out = Path(dst)
-    save_pretrained(model, out, source=source, overwrite=overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, out / "report.json")
+    with stage("saving checkpoint and report"):
+        save_pretrained(model.to("cpu"), Path(dst), source=source, overwrite=overwrite,
+                        extra=lambda tmp: write_report(tmp, data))
     return report, data
 
 
@@ -149,6 +199,7 @@ def inspect_checkpoint(src: str | os.PathLike[str], *, seq_len: int = 16, seed: 
     graph = capture(model, example)
     info = analyze(graph)
     return {
+        "layers": [{"name": k, "params": p, "flops": f} for k, (p, f) in costs_by_layer(graph).items()],
         "params": graph.param_count(),
         "flops": count_flops(graph),
         "groups": [{"name": g.name, "kind": g.kind, "size": g.size, "params_per_channel": g.params_per_channel}

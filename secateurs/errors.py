@@ -6,10 +6,12 @@ Every error names the node, op, parameter or file at fault so the user can act o
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "BudgetError",
     "CaptureError",
     "CheckpointError",
     "PassContractError",
+    "RecipeError",
     "SecateursError",
     "UnsupportedOpError",
     "VerificationError",
@@ -32,6 +34,10 @@ class BudgetError(SecateursError):
     """A pruning target is invalid (ratio outside [0, 1), unknown target kind) or cannot be met."""
 
 
+class RecipeError(BudgetError):
+    """A recipe file is malformed: unknown pass, bad option or value, or a pass whose inputs are missing."""
+
+
 class VerificationError(SecateursError):
     """A rewritten model does not behave as the plan predicted; the model was restored."""
 
@@ -42,3 +48,7 @@ class CheckpointError(SecateursError):
 
 class PassContractError(SecateursError):
     """A pass ran without what it requires, or broke an invariant it guarantees."""
+
+
+class BackendUnavailableError(SecateursError):
+    """A backend's runtime is missing: its package is not installed or the machine has no suitable device."""

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,7 @@ def save_pretrained(
     tokenizer: Any = None,
     source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path], Any] | None = None,
 ) -> SaveResult:
     """Save a (pruned) Hugging Face model so :func:`load_pretrained` restores it exactly.
 
@@ -203,6 +205,8 @@ def save_pretrained(
         source: A checkpoint folder whose tokenizer files are copied along (when ``tokenizer`` is None).
         overwrite: Replace an existing folder (atomically: the old one is removed only after the new one is
             complete).
+        extra: Called with the temporary folder before it is renamed into place, to add files (a report)
+            that must appear together with the checkpoint or not at all.
 
     Returns:
         Where it went, and whether plain ``from_pretrained`` loads it too.
@@ -273,6 +277,8 @@ def save_pretrained(
                 f = Path(source) / fname
                 if f.is_file():
                     shutil.copy2(f, tmp / fname)
+        if extra is not None:
+            extra(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

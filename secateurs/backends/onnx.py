@@ -122,7 +122,7 @@ def export_onnx(
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 program = torch.onnx.export(
-                    model, args, kwargs=kwargs, dynamo=True,
+                    model, args, kwargs=kwargs, dynamo=True, verbose=False,
                     dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
                 )
                 assert program is not None

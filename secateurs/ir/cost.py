@@ -10,7 +10,7 @@ from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.ir.rules import RULES, Shape
 
-__all__ = ["count_flops", "per_channel_costs", "predict_cost"]
+__all__ = ["count_flops", "flops_by_module", "per_channel_costs", "predict_cost"]
 
 
 def count_flops(graph: Graph) -> float:
@@ -24,6 +24,19 @@ def count_flops(graph: Graph) -> float:
         if entry is not None and entry.flops is not None:
             total += entry.flops(node, _actual_shape)
     return total
+
+
+def flops_by_module(graph: Graph) -> dict[str, float]:
+    """FLOPs of one call split by the innermost module that issued each op (``""`` for top-level code)."""
+    out: dict[str, float] = {}
+    for node in graph.nodes():
+        entry = RULES.get(node.target) if node.op == "call_function" else None
+        if entry is None or entry.flops is None:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        path = str(list(stack.values())[-1][0]) if stack else ""
+        out[path] = out.get(path, 0.0) + entry.flops(node, _actual_shape)
+    return out
 
 
 def _actual_shape(value: object) -> Shape | None:

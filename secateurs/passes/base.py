@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from secateurs.backends.materialize import check_module_attributes
 from secateurs.errors import PassContractError
 from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.progress import track
 
 __all__ = ["Pass", "PassManager", "PassResult", "PipelineResult", "graph_invariants"]
 
@@ -142,7 +143,7 @@ class PassManager:
 
         """
         results: list[tuple[str, PassResult, float]] = []
-        for p in self.passes:
+        for p in track(self.passes, "passes"):
             start = time.perf_counter()
             result = p(graph)
             elapsed = time.perf_counter() - start

@@ -96,11 +96,12 @@ class ChannelOptions:
 
 @dataclasses.dataclass(frozen=True)
 class GroupChange:
-    """One pruned group: its name, size before and after."""
+    """One pruned group: its name, size before and after, and its structure (``heads``, ``ffn``, ...)."""
 
     name: str
     before: int
     after: int
+    kind: str = "channels"
 
 
 @dataclasses.dataclass
@@ -313,7 +314,8 @@ class PruneChannels(Pass):
                 f"the rewritten model kept contradicting the plan after {opts.max_retries} retries; "
                 "the model was restored"
             )
-        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept_counts.items())]
+        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
+                   for g, k in sorted(kept_counts.items())]
         params, flops = predict_cost(graph, info, kept_counts)
         return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, params, flops, attempt, compensated))
 

@@ -33,6 +33,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.hooks import calibration_calls, first_tensor, hidden_input
+from secateurs.progress import track
 
 __all__ = [
     "DEPTH_CRITERIA",
@@ -106,7 +107,7 @@ class DepthRecord:
 def _run(model: nn.Module, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
-        for args, kwargs in calls:
+        for args, kwargs in track(calls, "depth scoring"):
             out = model(*args, **kwargs)
             t = out if isinstance(out, torch.Tensor) else next(
                 v for v in torch.utils._pytree.tree_leaves(out) if isinstance(v, torch.Tensor) and v.is_floating_point()

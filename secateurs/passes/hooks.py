@@ -10,6 +10,7 @@ import torch
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.graph import Graph
+from secateurs.progress import track
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,7 +61,7 @@ def run_calibration(model: nn.Module, calls: list[Call], handles: Iterable[Any] 
     model.eval()
     try:
         with torch.no_grad():
-            for args, kwargs in calls:
+            for args, kwargs in track(calls, "calibration"):
                 model(*args, **kwargs)
     finally:
         for handle in handles:

@@ -38,6 +38,7 @@ from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import find_blocks
 from secateurs.passes.hooks import calibration_calls, first_tensor, layer_targets, run_calibration
+from secateurs.progress import track
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
@@ -375,7 +376,7 @@ class SparsifyWeights(Pass):
                layers: list[tuple[str, float]]) -> None:
         """Choose and apply the masks of ``targets`` from their statistics."""
         with torch.no_grad():
-            for name, mod in targets:
+            for name, mod in track(targets, "sparsify layers"):
                 weight = _weight(mod)
                 w = weight.detach()
                 rows = _as_rows(w, mod).double()
@@ -436,7 +437,7 @@ class SparsifyWeights(Pass):
         inside = set(chain)
         outside = [(n, m) for n, m in targets if not any(n.startswith(b + ".") for b in inside)]
         try:
-            for b in chain:
+            for b in track(chain, "sequential blocks"):
                 block = model.get_submodule(b)
                 mine = [(n, m) for n, m in targets if n.startswith(b + ".")]
                 stats = self._block_statistics(block, b, mine, inputs)

@@ -1,0 +1,106 @@
+"""The end-of-pipeline check: the pruned model runs, its outputs keep their shapes, and how far they moved.
+
+:func:`snapshot_outputs` records the dense model's outputs on the example inputs before a pipeline;
+:func:`measure_drift` runs the pruned model on the same inputs afterwards. A changed output shape is a
+:class:`~secateurs.errors.VerificationError` (a pruned model must be a drop-in replacement); the drift figures
+(cosine similarity and relative error of every floating output) go into the report, and a user threshold on
+them turns excessive drift into an error too (:func:`check_drift`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.errors import VerificationError
+
+__all__ = ["OutputDrift", "check_drift", "measure_drift", "snapshot_outputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputDrift:
+    """How far the pruned model's outputs moved from the dense model's on the example inputs.
+
+    Attributes:
+        outputs: Number of floating-point output tensors compared.
+        cosine: Smallest cosine similarity between a flattened dense and pruned output (1.0 = same direction).
+        rel_error: Largest ``||pruned - dense|| / ||dense||`` over the outputs.
+        max_abs_error: Largest absolute element difference.
+
+    """
+
+    outputs: int
+    cosine: float
+    rel_error: float
+    max_abs_error: float
+
+    def __str__(self) -> str:
+        """One report line."""
+        return (f"output drift on the example inputs: cosine {self.cosine:.4f}, relative error {self.rel_error:.4f}"
+                f" (max abs {self.max_abs_error:.3g}) over {self.outputs} output(s)")
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def snapshot_outputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The model's output tensors on ``args`` / ``kwargs`` (eval mode, no gradients), detached copies."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.detach().clone() for t in _leaves(model(*args, **kwargs))]
+    finally:
+        model.train(was_training)
+
+
+def measure_drift(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  dense: list[torch.Tensor]) -> OutputDrift:
+    """Run the pruned ``model`` and compare its outputs with the ``dense`` snapshot.
+
+    Raises:
+        VerificationError: The model fails to run, or an output's count, shape or dtype changed.
+
+    """
+    try:
+        pruned = snapshot_outputs(model, args, kwargs)
+    except Exception as exc:  # any failure of the rewritten model is a verification failure
+        raise VerificationError(f"the pruned model no longer runs on the example inputs: {exc}") from exc
+    if len(pruned) != len(dense):
+        raise VerificationError(f"the pruned model returns {len(pruned)} tensors, the dense one {len(dense)}")
+    cosines, rels, abses = [], [], []
+    for i, (a, b) in enumerate(zip(dense, pruned, strict=True)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise VerificationError(f"output #{i} changed from {tuple(a.shape)} {a.dtype} to {tuple(b.shape)} "
+                                    f"{b.dtype}: the pruned model is not a drop-in replacement")
+        if not a.is_floating_point() or a.numel() == 0:
+            continue
+        x, y = a.double().reshape(-1), b.double().reshape(-1)
+        na, nb = float(x.norm()), float(y.norm())
+        cos = float(x @ y) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        cosines.append(cos)
+        rels.append(float((y - x).norm()) / na if na > 0 else float((y - x).norm()))
+        abses.append(float((y - x).abs().max()))
+    if any(not math.isfinite(v) for v in rels + abses):
+        raise VerificationError("the pruned model's outputs contain NaN or infinity on the example inputs")
+    return OutputDrift(len(cosines), min(cosines, default=1.0), max(rels, default=0.0), max(abses, default=0.0))
+
+
+def check_drift(drift: OutputDrift, *, min_cosine: float | None = None, max_rel_error: float | None = None) -> None:
+    """Refuse a pruned model whose drift passes the user's threshold.
+
+    Raises:
+        VerificationError: ``drift.cosine < min_cosine`` or ``drift.rel_error > max_rel_error`` (the message
+            gives the measured figure and the threshold).
+
+    """
+    if min_cosine is not None and drift.cosine < min_cosine:
+        raise VerificationError(f"output cosine {drift.cosine:.4f} is below the threshold {min_cosine} ({drift})")
+    if max_rel_error is not None and drift.rel_error > max_rel_error:
+        raise VerificationError(f"output relative error {drift.rel_error:.4f} exceeds the threshold "
+                                f"{max_rel_error} ({drift})")
