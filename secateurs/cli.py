@@ -213,22 +213,28 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    from secateurs.errors import BudgetError
+    from secateurs.errors import BudgetError, CheckpointError
 
     try:
-        from secateurs.frontends.onnx_model import prune_onnx  # type: ignore[attr-defined]
+        from secateurs.onnx_prune import prune_onnx
     except ImportError as exc:
-        raise BudgetError(f"pruning ONNX files needs the 'onnx' extra: {exc}") from exc
-    if args.recipe or args.layers or args.sublayers or args.experts or args.sparsity or args.nm or args.low_rank:
-        raise BudgetError("an ONNX source supports --channels, --heads, --ffn and --criterion l1|l2 only")
+        raise BudgetError(f"pruning ONNX files needs the 'onnx' extra (pip install 'secateurs[onnx]'): {exc}") from exc
+    unsupported = [f"--{f.replace('_', '-')}" for f in ("recipe", "kv_groups", "hidden", "experts", "layers",
+                                                        "sublayers", "sparsity", "nm", "low_rank", "allocate")
+                   if getattr(args, f) is not None]
+    if unsupported:
+        raise BudgetError(f"an ONNX source supports --channels --heads --ffn --criterion l1|l2|maw --round-to only, "
+                          f"not {' '.join(unsupported)}")
+    if not any(getattr(args, f) is not None for f in ("channels", "heads", "ffn")):
+        raise BudgetError("nothing to prune: give at least one of --channels --heads --ffn")
     if args.out is None and not args.dry_run:
         raise BudgetError("an output .onnx file is required (or --dry-run)")
+    if args.out is not None and Path(args.out).exists() and not args.overwrite and not args.dry_run:
+        raise CheckpointError(f"output file '{args.out}' exists; pass --overwrite to replace it")
     result = prune_onnx(args.src, None if args.dry_run else args.out, channels=args.channels, heads=args.heads,
-                        ffn=args.ffn, importance=args.criterion or "l2", round_to=args.round_to or 1,
-                        overwrite=args.overwrite)
-    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+                        ffn=args.ffn, importance=args.criterion or "l2", round_to=args.round_to or 8)
     _say(args, str(result))
-    return data
+    return result.to_dict()
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
@@ -275,7 +281,7 @@ def _engine(args: argparse.Namespace) -> dict[str, Any]:
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     if Path(args.src).suffix == ".onnx":
-        from secateurs.frontends.onnx_model import inspect_onnx  # type: ignore[attr-defined]
+        from secateurs.onnx_prune import inspect_onnx
 
         data = inspect_onnx(args.src)
     else:

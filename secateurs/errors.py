@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "PassContractError",
     "RecipeError",
+    "RecoveryError",
     "SecateursError",
     "UnsupportedOpError",
     "VerificationError",
@@ -52,3 +53,7 @@ class PassContractError(SecateursError):
 
 class BackendUnavailableError(SecateursError):
     """A backend's runtime is missing: its package is not installed or the machine has no suitable device."""
+
+
+class RecoveryError(SecateursError):
+    """Recovery training cannot run: no data, an unknown option value, or a teacher whose outputs do not match."""

@@ -61,6 +61,8 @@ PASSES: dict[str, type[Pass]] = {cls.__name__: cls for cls in (
 _INJECTED = {"self", "calib", "loss_fn", "latency", "dense", "options", "kwargs"}
 _KIND_SUGAR = ("heads", "kv_groups", "ffn", "channels")
 _TOP_KEYS = {"passes", "calib", "seed"}
+# A recipe never chooses where files are written: options naming a path are refused (the CLI sets them).
+_PATH_OPTIONS = {"latency_cache", "checkpoint_dir", "cache_dir", "cache_path"}
 _CALIB_KEYS = {"source", "samples", "seq_len"}
 
 
@@ -131,6 +133,9 @@ def _parse_step(index: int, raw: Any, where: str) -> Step:
         raise RecipeError(f"{where}: step {index} ({name}): options must be a mapping, got {options!r}")
     allowed = _options_of(name)
     for key in options:
+        if key in _PATH_OPTIONS:
+            raise RecipeError(f"{where}: step {index} ({name}): {key!r} names a file path; recipes cannot choose "
+                              "where files are written (the command line sets it)")
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else _owner_hint(str(key))

@@ -346,6 +346,8 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
         out.append("</section><section id='sparsity'><h2>Weight sparsity</h2>")
         out.append(f"<p>{_e(sparsity['pattern'])} by {_e(sparsity['criterion'])}</p>")
         out.append(_table(["layer", "zeros"], [(n, f"{v:.1%}") for n, v in sparsity["layers"]], numeric=(1,)))
+        if sparsity.get("skipped"):
+            out.append("<p>Left dense:</p>" + _table(["layer", "why"], sparsity["skipped"]))
     frozen = data.get("frozen") or []
     out.append(f"</section><section id='frozen'><h2>Frozen groups ({len(frozen)})</h2>")
     out.append("<p class='muted'>Channels the analysis left alone, each with the reason.</p>")

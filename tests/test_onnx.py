@@ -76,3 +76,21 @@ def test_bf16_needs_verify_false_on_cpu(tmp_path):
     assert list(tmp_path.iterdir()) == []
     result = export_onnx(model, x, tmp_path / "bf.onnx", dtype=torch.bfloat16, verify=False)
     assert result.path.is_file()
+
+
+def test_attached_masks_export_as_sparse_weights_not_mul(tmp_path):
+    """Above the exporter's folding limit a masked weight would become Mul(weight_orig, weight_mask)."""
+    import onnx
+
+    from secateurs.backends.onnx_checks import check_sparsity
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
+    x = (torch.randn(2, 128),)
+    sc.prune(model, x, nm="2:4")
+    assert hasattr(model[0], "weight_mask")  # the user's model keeps its masks
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    graph = onnx.load(str(result.path)).graph
+    assert "Mul" not in {n.op_type for n in graph.node}
+    assert check_sparsity(result.path, modules=["0"]) == []  # the output layer stays dense by design
+    assert check_sparsity(result.path, modules=["2"])
+    assert hasattr(model[0], "weight_mask")

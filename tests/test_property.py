@@ -109,9 +109,12 @@ nets = st.builds(
 )
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(net=nets, ratio=st.sampled_from([0.2, 0.4, 0.6]), seed=st.integers(0, 3))
-def test_random_networks_prune_dead_channels_exactly(net, ratio, seed):
+EXACT_EXAMPLES = 40  # CI budget; tools/fuzz.py runs more
+PARITY_EXAMPLES = 8
+
+
+def check_exact(net, ratio, seed):
+    """Dead channels prune exactly; shapes and counts as planned."""
     torch.manual_seed(seed)
     net = net.eval()
     _randomise(net)
@@ -127,3 +130,33 @@ def test_random_networks_prune_dead_channels_exactly(net, ratio, seed):
     assert removed == sum(len(v) for v in dead.values())
     if dead:
         assert report.params_after < report.params_before
+
+
+def check_pipeline_parity(net, ratio, seed, criterion, nm, tmp):
+    """A random pipeline (width by a criterion, optionally 2:4) -> lint between passes (PassManager) -> the
+    rewritten model exports to ONNX and ONNX Runtime equals PyTorch; masks are permanent first."""
+    from secateurs.backends.onnx import export_onnx
+    from secateurs.passes import remove_masks
+
+    torch.manual_seed(seed)
+    net = net.eval()
+    _randomise(net)
+    x = (torch.randn(2, 3, 8, 8),)
+    report = sc.prune(net, x, ratio=ratio, importance=criterion, round_to=1, nm="2:4" if nm else None)
+    assert report.drift is not None and report.drift.outputs == 1
+    remove_masks(net)
+    result = export_onnx(net, x, tmp / f"fuzz_{seed}.onnx", atol=1e-4, rtol=1e-3)
+    assert result.max_abs_error < 1e-4
+
+
+@settings(max_examples=EXACT_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(net=nets, ratio=st.sampled_from([0.2, 0.4, 0.6]), seed=st.integers(0, 3))
+def test_random_networks_prune_dead_channels_exactly(net, ratio, seed):
+    check_exact(net, ratio, seed)
+
+
+@settings(max_examples=PARITY_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(net=nets, ratio=st.sampled_from([0.0, 0.3, 0.5]), seed=st.integers(0, 3),
+       criterion=st.sampled_from(["l1", "l2", "maw", "activation"]), nm=st.booleans())
+def test_random_pipelines_export_and_match_onnx_runtime(net, ratio, seed, criterion, nm, tmp_path_factory):
+    check_pipeline_parity(net, ratio, seed, criterion, nm, tmp_path_factory.mktemp("fuzz"))

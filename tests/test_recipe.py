@@ -71,6 +71,7 @@ def test_prune_step_equals_the_python_api():
     ({"passes": ["AnalyzeDependencies"], "calib": {"samples": 0}}, "calib.samples must be a positive integer"),
     ({"passes": ["AnalyzeDependencies"], "seed": "x"}, "seed must be an integer"),
     ([1, 2], "a recipe is a mapping"),
+    ({"passes": [{"prune": {"ffn": 0.3, "latency_cache": "../../etc/cron.d/x"}}]}, "recipes cannot choose where"),
 ])
 def test_each_mistake_has_a_clear_message(recipe, message):
     with pytest.raises(RecipeError, match=message):

@@ -108,8 +108,18 @@ def test_bad_patterns_are_refused():
     with pytest.raises(BudgetError, match="criterion"):
         SparsifyWeights(criterion="random")
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    with pytest.raises(BudgetError, match="not a multiple of 4"):
+    with pytest.raises(BudgetError, match="no layer can be 2:4 sparse: layer '0' has 6 input channels, not a mult"):
         _run(model, (torch.randn(2, 6),), nm=(2, 4))
+
+
+def test_layers_that_cannot_be_nm_stay_dense_and_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = sc.prune(model, (x,), nm="2:4")
+    assert report.sparsity.skipped == (("0", "3 input channels, not a multiple of 4"),)
+    assert [n for n, _ in report.sparsity.layers] == ["2"]
+    assert check_nm(model, 2, 4, ["2"]) == []
 
 
 def test_prune_with_nm_then_save_and_reload(tmp_path):

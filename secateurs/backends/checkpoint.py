@@ -212,7 +212,8 @@ def save_pretrained(
         Where it went, and whether plain ``from_pretrained`` loads it too.
 
     Raises:
-        CheckpointError: Not a Hugging Face model, or the folder exists.
+        CheckpointError: Not a Hugging Face model, the folder exists, or writing failed (disk full, permission
+            denied); nothing is left behind then.
 
     """
     if not _is_hf(model):
@@ -257,8 +258,11 @@ def save_pretrained(
         "shapes": changed,
         "attributes": {k: v for k, v in attrs.items() if v},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into '{out.parent}': {exc}") from exc
     try:
         from safetensors.torch import save_model
 
@@ -286,6 +290,9 @@ def save_pretrained(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:  # disk full, permission denied, ...: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing '{out}' failed, nothing was written: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -370,7 +377,11 @@ def load_pretrained(
         owner._modules[leaf] = ZeroSublayer(int(extras))
     _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
     state = _read_state(folder)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches: the config (or manifest) does not describe these weights
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
+        raise CheckpointError(f"the weights in '{folder}' do not match its config.json: {detail}") from exc
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]
     # Older checkpoints also store buffers that newer code keeps non-persistent (BERT's position_ids).

@@ -80,7 +80,9 @@ def export_onnx(
 ) -> OnnxExport:
     """Export ``model`` to ``path`` and (by default) verify it in ONNX Runtime.
 
-    With ``dtype`` (``torch.float16`` / ``torch.bfloat16``) a copy of the model and its floating-point inputs
+    A model with sparsity masks still attached is exported from a copy with the masks made permanent, so the
+    file holds the sparse weights themselves. With ``dtype`` (``torch.float16`` / ``torch.bfloat16``) a copy of
+    the model and its floating-point inputs
     is cast first, so the ONNX file carries that precision (TensorRT 11 takes precision from the file); it is
     verified against the cast PyTorch model.
 
@@ -106,6 +108,13 @@ def export_onnx(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = split_inputs(model, example_inputs)
+    if any(hasattr(m, "weight_mask") and hasattr(m, "weight_orig") for m in model.modules()):
+        # Attached sparsity masks export as Mul(weight_orig, weight_mask): TensorRT would see a computed
+        # tensor, not a 2:4 weight, and the file would carry the mask. Export a copy with the masks applied.
+        from secateurs.passes.sparsity import remove_masks
+
+        model = copy.deepcopy(model)
+        remove_masks(model)
     if dtype is not None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise CheckpointError(f"dtype must be float16, bfloat16 or float32, got {dtype}")

@@ -23,6 +23,7 @@ keeps them) unless ``keep_masks=False``; :func:`remove_masks` makes them permane
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -39,6 +40,8 @@ from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import find_blocks
 from secateurs.passes.hooks import calibration_calls, first_tensor, layer_targets, run_calibration
 from secateurs.progress import track
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
@@ -150,13 +153,15 @@ class SparsityRecord:
     """Per-layer sparsity after a :class:`SparsifyWeights` pass.
 
     ``peak_statistics_bytes`` is the most calibration state (input norms / Hessians, plus block inputs in
-    sequential mode) alive at once: sequential calibration keeps it at one block's worth.
+    sequential mode) alive at once: sequential calibration keeps it at one block's worth. ``skipped`` lists the
+    layers left dense under N:M because their input channels are not a multiple of M, with the reason.
     """
 
     criterion: str
     pattern: str
     layers: tuple[tuple[str, float], ...]
     peak_statistics_bytes: int = 0
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 class SparsifyWeights(Pass):
@@ -249,14 +254,25 @@ class SparsifyWeights(Pass):
     def run(self, graph: Graph) -> PassResult:
         """Choose and apply the masks."""
         targets = self._targets(graph)
+        skipped: list[tuple[str, str]] = []
         if self.nm is not None:
+            # Like TensorRT, N:M applies to layers whose input channels split into groups of M; the others
+            # (a 3-channel stem) stay dense and are reported. None eligible at all is an error.
+            eligible = []
             for name, mod in targets:
                 cols = _weight(mod).shape[_in_dim(mod)]
                 if cols % self.nm[1]:
-                    raise BudgetError(
-                        f"layer '{name}' has {cols} input channels, not a multiple of {self.nm[1]} for "
-                        f"{self.nm[0]}:{self.nm[1]} sparsity; ignore it or pad it"
-                    )
+                    skipped.append((name, f"{cols} input channels, not a multiple of {self.nm[1]}"))
+                else:
+                    eligible.append((name, mod))
+            if targets and not eligible:
+                name, why = skipped[0]
+                raise BudgetError(f"no layer can be {self.nm[0]}:{self.nm[1]} sparse: layer '{name}' has {why} "
+                                  f"(and {len(skipped) - 1} more like it); ignore them or pad them")
+            if skipped:
+                log.warning("%d layer(s) stay dense under %d:%d sparsity: %s", len(skipped), *self.nm,
+                            ", ".join(f"{n} ({w})" for n, w in skipped[:5]))
+            targets = eligible
         layers: list[tuple[str, float]] = []
         self._peak = 0
         if self.owl:
@@ -272,7 +288,7 @@ class SparsifyWeights(Pass):
             self._peak = sum(t.numel() * t.element_size() for t in stats.values())
             self._apply(targets, stats, layers)
         pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
-        record = SparsityRecord(self.criterion, pattern, tuple(layers), self._peak)
+        record = SparsityRecord(self.criterion, pattern, tuple(layers), self._peak, tuple(skipped))
         if not layers:
             return PassResult(graph, False, record)
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.

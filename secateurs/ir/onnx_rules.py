@@ -1,0 +1,983 @@
+"""Channel rules for ONNX ops (default domain, opset >= 13), over onnx-ir nodes and values.
+
+The rules speak the same language as the ATen rules (:mod:`secateurs.ir.aten_rules`): a rule unifies the
+dimension atoms of its inputs and outputs, refines them into products (heads x head_dim, groups x
+per_group) or concatenations, and freezes what cannot change. What differs is the op table and the context:
+:class:`OnnxRuleContext` keys atoms by onnx-ir values and reads static shapes and evaluated shape tensors
+from an :class:`~secateurs.ir.onnx_graph.OnnxGraph`. Because an ONNX graph holds sizes as literals (a
+``Reshape`` target, an ``Expand`` shape, ``Slice`` bounds, a ``Conv`` ``group``), a rule also records which
+literal follows which atom, so the rewrite can change exactly those.
+
+Ops absent from this table freeze every dimension they touch and are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from secateurs.errors import UnsupportedOpError
+from secateurs.ir.atoms import AtomTable
+from secateurs.ir.onnx_graph import Computed, OnnxGraph, Origin, origin_sources
+from secateurs.ir.rules import RuleContext, Shape
+
+__all__ = [
+    "ONNX_RULES",
+    "SIZE_INPUTS",
+    "AttrSize",
+    "OnnxFlopFn",
+    "OnnxOpRule",
+    "OnnxOpRuleTable",
+    "OnnxRuleContext",
+    "OnnxRuleFn",
+    "ShapeInput",
+    "SliceBound",
+    "onnx_rule",
+]
+
+OnnxShapeOf = Callable[[ir.Value | None], Shape | None]
+OnnxRuleFn = Callable[["OnnxRuleContext", ir.Node], None]
+OnnxFlopFn = Callable[[ir.Node, OnnxShapeOf], float]
+
+_OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True)
+class ShapeInput:
+    """Element ``j`` of integer input ``index`` of ``node`` is the size of ``atoms[j]`` (None: it follows).
+
+    Reshape targets, Expand shapes, Resize sizes and Split sizes hold channel counts as literals; the
+    rewrite replaces each literal whose atom changes size.
+    """
+
+    node: ir.Node
+    index: int
+    atoms: tuple[int | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceBound:
+    """Element ``element`` of input ``index`` (1 = starts, 2 = ends) of a Slice is a position along ``atom``.
+
+    ``raw`` is the literal in the file (possibly negative); the rewrite maps it to the same position among
+    the kept channels.
+    """
+
+    node: ir.Node
+    index: int
+    element: int
+    atom: int
+    raw: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttrSize:
+    """Integer attribute ``name`` of ``node`` equals the size of ``atom`` (a Conv's ``group``)."""
+
+    node: ir.Node
+    name: str
+    atom: int
+
+
+# ----------------------------------------------------------------------------------------------- table
+@dataclasses.dataclass(frozen=True)
+class OnnxOpRule:
+    """One entry of the ONNX rule table."""
+
+    domain: str
+    op_type: str
+    rule: OnnxRuleFn
+    flops: OnnxFlopFn | None = None
+
+
+class OnnxOpRuleTable:
+    """Registry of op rules keyed by ``(domain, op_type)``."""
+
+    def __init__(self) -> None:
+        """Create an empty table."""
+        self._rules: dict[tuple[str, str], OnnxOpRule] = {}
+
+    def register(self, ops: Iterable[str], rule: OnnxRuleFn, *, domain: str = "",
+                 flops: OnnxFlopFn | None = None) -> None:
+        """Register ``rule`` for every op type in ``ops`` of ``domain``.
+
+        Raises:
+            UnsupportedOpError: An op type is not an identifier, the domain is not a string, or the op already
+                has a rule.
+
+        """
+        if not isinstance(domain, str):
+            raise UnsupportedOpError(f"ONNX domain must be a string, got {domain!r}")
+        for op in ops:
+            if not isinstance(op, str) or not _OP_NAME.match(op):
+                raise UnsupportedOpError(f"{op!r} is not an ONNX op type")
+            key = (_domain(domain), op)
+            if key in self._rules:
+                raise UnsupportedOpError(f"ONNX op {domain or 'ai.onnx'}::{op} already has a rule")
+            self._rules[key] = OnnxOpRule(key[0], op, rule, flops)
+
+    def get(self, domain: str, op_type: str) -> OnnxOpRule | None:
+        """The rule for ``op_type`` in ``domain``, or None."""
+        return self._rules.get((_domain(domain), op_type))
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``(domain, op_type)`` has a rule."""
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        return (_domain(str(key[0])), key[1]) in self._rules
+
+    def __len__(self) -> int:
+        """Number of ops with a rule."""
+        return len(self._rules)
+
+
+def _domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+ONNX_RULES = OnnxOpRuleTable()
+
+
+def onnx_rule(*ops: str, domain: str = "", flops: OnnxFlopFn | None = None) -> Callable[[OnnxRuleFn], OnnxRuleFn]:
+    """Decorator registering a rule function for ONNX op types ``ops`` in :data:`ONNX_RULES`."""
+
+    def deco(fn: OnnxRuleFn) -> OnnxRuleFn:
+        ONNX_RULES.register(ops, fn, domain=domain, flops=flops)
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------- context
+class OnnxRuleContext(RuleContext):
+    """The rule context over an ONNX graph: values are onnx-ir values, keyed by their (unique) names."""
+
+    def __init__(self, table: AtomTable, values: dict[tuple[str, int], list[int]], graph: OnnxGraph) -> None:
+        """Create a context over ``table``, the value -> atoms map being built, and ``graph``."""
+        super().__init__(table, values)
+        self.graph = graph
+        self.current: ir.Node | None = None
+        self.shape_inputs: list[ShapeInput] = []
+        self.slice_bounds: list[SliceBound] = []
+        self.attr_sizes: list[AttrSize] = []
+        self.linear_weights: set[str] = set()
+        self.buffers: set[str] = set()
+        self.params: set[str] = set()
+        self._roots: dict[str, frozenset[str] | None] = {}
+
+    # ------------------------------------------------------------ values
+    def _key(self, value: Any) -> tuple[str, int]:
+        if isinstance(value, ir.Value) and value.name:
+            return (value.name, -1)
+        raise UnsupportedOpError(f"{value!r} is not a named ONNX value")
+
+    def shape(self, value: Any) -> Shape | None:
+        """Static shape of an onnx-ir value, or None."""
+        return self.graph.shape(value) if isinstance(value, ir.Value) else None
+
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        """The value of a small integer tensor known before running the model, or None."""
+        return self.graph.const(value)
+
+    def ints(self, value: ir.Value | None) -> list[int] | None:
+        """A known integer tensor as a flat list, or None."""
+        arr = self.const(value)
+        return None if arr is None else [int(v) for v in np.asarray(arr).reshape(-1)]
+
+    def origins(self, value: ir.Value | None) -> tuple[Any, ...] | None:
+        """Where each element of a known integer tensor comes from (see :data:`~secateurs.ir.onnx_graph.Origin`)."""
+        if value is None or not value.name:
+            return None
+        return self.graph.origins.get(value.name)
+
+    def weight_roots(self, value: ir.Value | None) -> frozenset[str] | None:
+        """The initializers ``value`` is computed from when it depends on nothing else (None otherwise)."""
+        if value is None or not value.name:
+            return None
+        if value.name in self._roots:
+            return self._roots[value.name]
+        self._roots[value.name] = None  # cycles cannot happen in a valid graph; this also bounds recursion
+        result: frozenset[str] | None
+        if self.graph.is_weight(value):
+            result = frozenset([value.name])
+        elif value.producer() is None or value.is_graph_input():
+            result = None
+        else:
+            node = value.producer()
+            assert node is not None
+            parts = [self.weight_roots(v) for v in node.inputs if v is not None]
+            if node.inputs and all(p is not None for p in parts):
+                result = frozenset().union(*(p for p in parts if p is not None))
+            else:
+                result = None
+        self._roots[value.name] = result
+        return result
+
+    def freeze_sources(self, origins: Iterable[Origin], why: str) -> None:
+        """Freeze every tensor size that the given elements read (their values must not change)."""
+        for origin in origins:
+            for name, dim in origin_sources(origin):
+                src = self.graph.value(name)
+                if src is not None and self.is_tensor(src) and self.graph.shapes[name][dim] > 1:
+                    self.freeze([self.dims(src)[dim]], why)
+
+    def is_activation(self, value: ir.Value | None) -> bool:
+        """Whether ``value`` depends on a graph input (as opposed to weights and constants only)."""
+        return self.weight_roots(value) is None
+
+    # ---------------------------------------------------------- linking
+    def where(self) -> str:
+        """Human-readable location of the current node."""
+        node = self.current
+        if node is None:
+            return "graph"
+        return f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+
+    # ------------------------------------------------------ annotations
+    def linear_weight(self, value: ir.Value | None) -> None:
+        """Record that ``value`` (or the initializers it is computed from) is a matrix-product weight."""
+        roots = self.weight_roots(value)
+        if roots:
+            self.linear_weights.update(roots)
+
+    def shape_input(self, node: ir.Node, index: int, atoms: Sequence[int | None]) -> None:
+        """Record that input ``index`` of ``node`` holds the sizes of ``atoms`` (None: follows by itself)."""
+        if any(a is not None for a in atoms):
+            self.shape_inputs.append(ShapeInput(node, index, tuple(atoms)))
+
+    def slice_bound(self, node: ir.Node, index: int, element: int, atom: int, raw: int) -> None:
+        """Record that a Slice bound is a position along ``atom``."""
+        self.slice_bounds.append(SliceBound(node, index, element, atom, raw))
+
+    def attr_size(self, node: ir.Node, name: str, atom: int) -> None:
+        """Record that integer attribute ``name`` of ``node`` equals the size of ``atom``."""
+        self.attr_sizes.append(AttrSize(node, name, atom))
+
+
+SIZE_INPUTS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}), "Expand": frozenset({1}), "Slice": frozenset({1, 2}), "Split": frozenset({1}),
+    "Resize": frozenset({3}),
+}
+"""Integer inputs whose elements' origins the rules handle; sizes read by any other input are frozen."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _axis(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _input(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+def _tensors(ctx: OnnxRuleContext, values: Iterable[ir.Value | None]) -> list[ir.Value]:
+    return [v for v in values if v is not None and ctx.is_tensor(v)]
+
+
+def _shape(ctx: OnnxRuleContext, value: ir.Value | None) -> Shape:
+    shape = ctx.shape(value)
+    if shape is None:
+        raise UnsupportedOpError(f"{ctx.where()}: value {value.name if value else None!r} has no static shape")
+    return shape
+
+
+def _numel(shape: Shape | None) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+# ---------------------------------------------------------------------------------------- elementwise
+_ELEMENTWISE = [
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
+    "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "BitwiseAnd", "BitwiseOr", "BitwiseXor",
+    "BitwiseNot", "BitShift", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid",
+    "HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Shrink", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Tan", "Asin", "Acos",
+    "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "IsNaN", "IsInf", "Clip", "Cast", "Identity", "Dropout",
+    "Softmax", "LogSoftmax", "Hardmax",
+]
+_NORMALISING = ("Softmax", "LogSoftmax", "Hardmax")
+
+
+@onnx_rule(*_ELEMENTWISE)
+def _elementwise(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Broadcasting op: every non-broadcast input dim is the same channels as the output dim.
+
+    Softmax normalises along ``axis``; its channels mix there but keep their identity.
+    """
+    inputs = _tensors(ctx, node.inputs)
+    for out in _tensors(ctx, node.outputs):
+        ctx.broadcast(out, inputs)
+    if node.op_type in _NORMALISING:
+        x = node.inputs[0]
+        rank = len(_shape(ctx, x))
+        if rank:
+            ctx.mixes([ctx.dims(x)[_axis(int(_attr(node, "axis", -1)), rank)]])
+
+
+@onnx_rule("CastLike")
+def _cast_like(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Cast to another tensor's type: only the first input's dims flow (the second gives the type)."""
+    ctx.same_dims(node.inputs[0], node.outputs[0])
+
+
+@onnx_rule("FastGelu", "BiasGelu", "QuickGelu", "Gelu", "BiasAdd", domain="com.microsoft")
+def _ms_elementwise(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """ONNX Runtime's fused activations: broadcasting over their inputs (a bias over the last dim)."""
+    inputs = _tensors(ctx, node.inputs)
+    for out in _tensors(ctx, node.outputs):
+        ctx.broadcast(out, inputs)
+
+
+@onnx_rule("Trilu")
+def _trilu(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Upper / lower triangle: positions along the last two dims matter, so they are frozen."""
+    x, out = node.inputs[0], node.outputs[0]
+    ctx.same_dims(x, out)
+    ctx.freeze(ctx.dims(out)[-2:], "position-dependent op")
+
+
+@onnx_rule("CumSum")
+def _cumsum(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Cumulative sum along one axis: that axis is frozen, the others pass through."""
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(_shape(ctx, x))
+    axes = ctx.ints(_input(node, 1))
+    frozen = {_axis(a, rank) for a in axes} if axes is not None else set(range(rank))
+    for i in range(rank):
+        if i in frozen:
+            ctx.freeze([ctx.dims(x)[i], ctx.dims(out)[i]], "position-dependent op")
+        else:
+            ctx.unify_dims(x, i, out, i)
+
+
+# ------------------------------------------------------------------------------------ linear algebra
+def _matmul_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
+    a = shape_of(node.inputs[0])
+    return 2.0 * _numel(shape_of(node.outputs[0])) * (a[-1] if a else 0)
+
+
+def _matmul_core(ctx: OnnxRuleContext, a: ir.Value, b: ir.Value, out: ir.Value) -> None:
+    sa, sb, so = _shape(ctx, a), _shape(ctx, b), _shape(ctx, out)
+    if len(sa) == 1 or len(sb) == 1:
+        if len(sa) == 1 and len(sb) == 1:
+            ctx.unify_dims(a, 0, b, 0)
+            return
+        if len(sa) == 1:
+            ctx.unify_dims(a, 0, b, -2)
+            for i in range(len(so)):
+                ctx.unify_dims(out, i, b, i if i < len(sb) - 2 else len(sb) - 1)
+        else:
+            ctx.unify_dims(a, -1, b, 0)
+            for i in range(len(so)):
+                ctx.unify_dims(out, i, a, i)
+        return
+    ctx.unify_dims(a, -1, b, -2)
+    ctx.unify_dims(a, -2, out, -2)
+    ctx.unify_dims(b, -1, out, -1)
+    batch = so[:-2]
+    for shape, value in ((sa[:-2], a), (sb[:-2], b)):
+        offset = len(batch) - len(shape)
+        for i, s in enumerate(shape):
+            if s == batch[offset + i]:
+                ctx.unify_dims(value, i, out, offset + i)
+
+
+@onnx_rule("MatMul", flops=_matmul_flops)
+def _matmul(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Batched matrix product: a[..., k] ~ b[..., k, :]; rows of a and columns of b pass through.
+
+    A product of two activations of rank >= 3 is attention (``q k^T`` or ``p v``): the dim before the last
+    two is the heads dim, and the last dims of both operands (``head_dim`` of q and of v) are frozen, as the
+    ATen rule for ``scaled_dot_product_attention`` does (changing head_dim changes the softmax scale and
+    rotary embeddings).
+    """
+    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    assert a is not None and b is not None
+    _matmul_core(ctx, a, b, out)
+    sa, sb, so = _shape(ctx, a), _shape(ctx, b), _shape(ctx, out)
+    if ctx.is_activation(a) and ctx.is_activation(b):
+        if len(sa) >= 3 and len(sb) >= 3:
+            ctx.freeze([ctx.dims(a)[-1], ctx.dims(b)[-1]], "attention head_dim (product of two activations)")
+            if len(so) >= 4:
+                ctx.tag([ctx.dims(out)[-3]], "heads")
+        return
+    for value, shape in ((a, sa), (b, sb)):
+        if not ctx.is_activation(value) and len(shape) >= 2:
+            ctx.linear_weight(value)
+
+
+def _gemm_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
+    a = shape_of(node.inputs[0])
+    k = (a[0] if _attr(node, "transA", 0) else a[1]) if a else 0
+    return 2.0 * _numel(shape_of(node.outputs[0])) * k
+
+
+@onnx_rule("Gemm", flops=_gemm_flops)
+def _gemm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Y = alpha op(A) op(B) + beta C: the contracted dims of A and B are shared; C broadcasts to Y."""
+    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    c = _input(node, 2)
+    ka = 0 if _attr(node, "transA", 0) else 1
+    kb = 1 if _attr(node, "transB", 0) else 0
+    ctx.unify_dims(a, ka, b, kb)
+    ctx.unify_dims(a, 1 - ka, out, 0)
+    ctx.unify_dims(b, 1 - kb, out, 1)
+    if c is not None and ctx.is_tensor(c):
+        ctx.broadcast(out, [c])
+    for value in (a, b):
+        if not ctx.is_activation(value):
+            ctx.linear_weight(value)
+
+
+# -------------------------------------------------------------------------------------------- conv
+def _conv_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
+    w, out = shape_of(node.inputs[1]), shape_of(node.outputs[0])
+    if not w or not out:
+        return 0.0
+    if node.op_type == "ConvTranspose":
+        return 2.0 * _numel(shape_of(node.inputs[0])) * _numel(w[1:])
+    return 2.0 * _numel(out) * _numel(w[1:])
+
+
+@onnx_rule("Conv", "ConvTranspose", flops=_conv_flops)
+def _conv(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Convolution with groups: channels are ``group x per_group`` on both sides.
+
+    Conv: input C = G x Ci ~ weight dim 1 (Ci); weight dim 0 = G x Co ~ output C ~ bias. ConvTranspose:
+    weight is [C_in, C_out / G, ...]. The ``group`` attribute follows the G atom; kernel and spatial dims are
+    frozen.
+    """
+    x, w, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    b = _input(node, 2)
+    groups = int(_attr(node, "group", 1))
+    sw = _shape(ctx, w)
+    ctx.unify_dims(x, 0, out, 0)
+    g = ctx.new(groups)
+    if node.op_type == "ConvTranspose":
+        ci, co = ctx.new(sw[0] // groups), ctx.new(sw[1])
+        ctx.unify(ctx.dims(x)[1], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[1], co)
+        ctx.unify(ctx.dims(out)[1], ctx.product([g, co]))
+    else:
+        ci, co = ctx.new(sw[1]), ctx.new(sw[0] // groups)
+        ctx.unify(ctx.dims(x)[1], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[1], ci)
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, co]))
+        ctx.unify(ctx.dims(out)[1], ctx.dims(w)[0])
+    if b is not None and ctx.is_tensor(b):
+        ctx.unify_dims(b, 0, out, 1)
+    ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
+    if groups > 1:
+        ctx.attr_size(node, "group", g)
+
+
+# ------------------------------------------------------------------------------------------- norms
+@onnx_rule("BatchNormalization", "InstanceNormalization")
+def _batch_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Per-channel normalisation over dim 1: scale, bias and running statistics follow the channels.
+
+    InstanceNormalization's statistics run over every dim after the channels; an exported GroupNorm
+    (``Reshape`` to [N, groups, -1] first) puts the channels of a group there, so those mix.
+    """
+    x = node.inputs[0]
+    if node.op_type == "InstanceNormalization":
+        ctx.mixes(ctx.dims(x)[2:])
+    rank = len(_shape(ctx, x))
+    cdim = 1 if rank > 1 else 0
+    ctx.same_dims(x, node.outputs[0])
+    for i, t in enumerate(node.inputs[1:], start=1):
+        if t is not None and ctx.is_tensor(t) and len(_shape(ctx, t)) == 1:
+            ctx.unify_dims(t, 0, x, cdim)
+            if i >= 3 and node.op_type == "BatchNormalization" and ctx.graph.is_weight(t):
+                ctx.buffers.add(t.name or "")
+    for out in node.outputs[1:]:
+        if ctx.is_tensor(out):
+            shape = _shape(ctx, out)
+            if len(shape) == 1 and shape[0] == _shape(ctx, x)[cdim]:
+                ctx.unify_dims(out, 0, x, cdim)
+            else:
+                ctx.freeze_value(out, "batch-norm statistics output")
+
+
+def _norm_over(ctx: OnnxRuleContext, node: ir.Node, x: ir.Value | None, affine: Sequence[ir.Value | None],
+               axis: int) -> None:
+    assert x is not None
+    sx = _shape(ctx, x)
+    rank = len(sx)
+    axis = _axis(axis, rank)
+    ctx.same_dims(x, node.outputs[0])
+    for t in affine:
+        if t is None or not ctx.is_tensor(t):
+            continue
+        st = _shape(ctx, t)
+        for i, s in enumerate(st):
+            j = rank - len(st) + i
+            if j >= axis and s == sx[j]:
+                ctx.unify_dims(t, i, x, j)
+    ctx.mixes(ctx.dims(x)[axis:])
+
+
+@onnx_rule("LayerNormalization")
+def _layer_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Normalisation over dims ``axis..`` (channels mix in the statistics); Mean / InvStdDev are frozen."""
+    x = node.inputs[0]
+    _norm_over(ctx, node, x, [_input(node, 1), _input(node, 2)], int(_attr(node, "axis", -1)))
+    for out in node.outputs[1:]:
+        ctx.freeze_value(out, "normalisation statistics output")
+
+
+@onnx_rule("SimplifiedLayerNormalization", "RMSNormalization")
+@onnx_rule("SimplifiedLayerNormalization", domain="com.microsoft")
+def _rms_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """RMS normalisation over dims ``axis..`` with a scale (no bias)."""
+    x = node.inputs[0]
+    _norm_over(ctx, node, x, [_input(node, 1)], int(_attr(node, "axis", -1)))
+    for out in node.outputs[1:]:
+        ctx.freeze_value(out, "normalisation statistics output")
+
+
+@onnx_rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def _skip_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """ONNX Runtime's residual add + (RMS) LayerNorm over the last dim; the sum output keeps the channels."""
+    x, skip = node.inputs[0], node.inputs[1]
+    ctx.broadcast(node.outputs[0], _tensors(ctx, [x, skip]))
+    _norm_over(ctx, node, x, list(node.inputs[2:]), -1)
+    for i, out in enumerate(node.outputs[1:], start=1):
+        if not ctx.is_tensor(out):
+            continue
+        if i == len(node.outputs) - 1 and i >= 3:
+            ctx.same_dims(x, out)
+        else:
+            ctx.freeze_value(out, "normalisation statistics output")
+
+
+@onnx_rule("GroupNormalization")
+def _group_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """GroupNorm: C = num_groups x per_group; scale covers C (opset 21) or the groups (opset 18)."""
+    x = node.inputs[0]
+    sx = _shape(ctx, x)
+    groups = int(_attr(node, "num_groups", 1))
+    ctx.same_dims(x, node.outputs[0])
+    if groups < 1 or sx[1] % groups:
+        ctx.freeze([ctx.dims(x)[1]], "channels do not divide into the groups")
+        return
+    parts = ctx.split(ctx.dims(x)[1], "prod", (groups, sx[1] // groups))
+    for t in node.inputs[1:3]:
+        if t is None or not ctx.is_tensor(t):
+            continue
+        size = _shape(ctx, t)[0]
+        if size == sx[1]:
+            ctx.unify_dims(t, 0, x, 1)
+        elif parts is not None and size == groups:
+            ctx.unify(ctx.dims(t)[0], parts[0])
+    if parts is not None:
+        ctx.mixes([parts[1]])
+        ctx.attr_size(node, "num_groups", parts[0])
+
+
+# --------------------------------------------------------------------------------------- reductions
+_REDUCE = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@onnx_rule(*_REDUCE, "ArgMax", "ArgMin")
+def _reduce(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Reduction over some axes (attribute or input): kept dims pass through, reduced ones mix and vanish."""
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(_shape(ctx, x))
+    keepdims = bool(_attr(node, "keepdims", 1))
+    if node.op_type in ("ArgMax", "ArgMin"):
+        axes: list[int] | None = [int(_attr(node, "axis", 0))]
+    elif "axes" in node.attributes:
+        axes = [int(a) for a in _attr(node, "axes")]
+    elif _input(node, 1) is not None:
+        axes = ctx.ints(_input(node, 1))
+        if axes is None:
+            ctx.freeze_value(x, "reduction axes computed from data")
+            ctx.freeze_value(out, "reduction axes computed from data")
+            return
+    else:
+        axes = []
+    if not axes:
+        if _attr(node, "noop_with_empty_axes", 0):
+            ctx.same_dims(x, out)
+            return
+        axes = list(range(rank))
+    reduced = {_axis(a, rank) for a in axes}
+    ctx.mixes([ctx.dims(x)[d] for d in reduced])
+    kept = [i for i in range(rank) if i not in reduced]
+    if keepdims:
+        for i in kept:
+            ctx.unify_dims(x, i, out, i)
+    else:
+        for j, i in enumerate(kept):
+            ctx.unify_dims(x, i, out, j)
+
+
+@onnx_rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxPool", "AveragePool", "LpPool")
+def _pool(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Pooling: batch and channel dims pass through; spatial dims are computed (frozen)."""
+    x = node.inputs[0]
+    for out in _tensors(ctx, node.outputs):
+        for i in range(min(2, len(_shape(ctx, x)))):
+            ctx.unify_dims(x, i, out, i)
+
+
+@onnx_rule("Pad")
+def _pad(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Padding: unpadded dims pass through; padded dims are computed (frozen)."""
+    x, out = node.inputs[0], node.outputs[0]
+    for i, (a, b) in enumerate(zip(_shape(ctx, x), _shape(ctx, out), strict=True)):
+        if a == b:
+            ctx.unify_dims(x, i, out, i)
+
+
+@onnx_rule("Resize", "Upsample")
+def _resize(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Resampling: dims that keep their size pass through; a ``sizes`` input follows the output dims."""
+    x, out = node.inputs[0], node.outputs[0]
+    sx, so = _shape(ctx, x), _shape(ctx, out)
+    for i, (a, b) in enumerate(zip(sx, so, strict=True)):
+        if a == b:
+            ctx.unify_dims(x, i, out, i)
+    sizes = _input(node, 3) if node.op_type == "Resize" else None
+    if sizes is not None and ctx.is_tensor(sizes) and _numel(_shape(ctx, sizes)):
+        _literal_sizes(ctx, node, 3, out, list(range(len(so))))
+
+
+# ------------------------------------------------------------------------------------------ shape ops
+def _reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of source and destination dims with equal products (size-1 dims ignored)."""
+    si = [i for i, s in enumerate(src) if s != 1]
+    di = [i for i, s in enumerate(dst) if s != 1]
+    runs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(si) and j < len(di):
+        a, b = [si[i]], [di[j]]
+        pa, pb = src[si[i]], dst[di[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(si):
+                    return None
+                a.append(si[i])
+                pa *= src[si[i]]
+                i += 1
+            else:
+                if j >= len(di):
+                    return None
+                b.append(di[j])
+                pb *= dst[di[j]]
+                j += 1
+        runs.append((a, b))
+    if i != len(si) or j != len(di):
+        return None
+    return runs
+
+
+def _reshape_core(ctx: OnnxRuleContext, x: ir.Value, out: ir.Value) -> bool:
+    """Row-major reshape: runs of dims with equal products are one channel space, split as a product."""
+    sx, so = _shape(ctx, x), _shape(ctx, out)
+    runs = _reshape_runs(sx, so)
+    if runs is None:
+        ctx.freeze_value(x, "reshape that cannot be factored")
+        ctx.freeze_value(out, "reshape that cannot be factored")
+        return False
+    xd, od = ctx.dims(x), ctx.dims(out)
+    for a, b in runs:
+        ctx.unify(ctx.product([xd[i] for i in a]), ctx.product([od[j] for j in b]))
+        ctx.mark(*(xd[i] for i in a), *(od[j] for j in b))
+    ctx.mark(*(od[j] for j, s in enumerate(so) if s == 1))
+    return True
+
+
+def _literal_sizes(ctx: OnnxRuleContext, node: ir.Node, index: int, out: ir.Value, dims: Sequence[int],
+                   skip: Callable[[int], bool] = lambda _v: False) -> None:
+    """Record which elements of a size vector are literals of output dims; freeze computed ones.
+
+    Element ``k`` gives the size of output dim ``dims[k]``. A literal is rewritten; an element read from a
+    tensor's size (``Shape``) is unified with that dim and follows by itself; an element computed by
+    arithmetic on sizes freezes its dim.
+    """
+    vec = _input(node, index)
+    values, origins = ctx.ints(vec), ctx.origins(vec)
+    if values is None or origins is None:
+        return
+    od = ctx.dims(out)
+    atoms: list[int | None] = []
+    for k, (v, origin) in enumerate(zip(values, origins, strict=True)):
+        if k >= len(dims) or skip(v):
+            atoms.append(None)
+            continue
+        dim = dims[k]
+        if origin is None:
+            atoms.append(od[dim])
+            continue
+        atoms.append(None)
+        if isinstance(origin, Computed):
+            ctx.freeze_sources([origin], f"size read by arithmetic that sizes dim {dim} of '{out.name}'")
+            if _shape(ctx, out)[dim] > 1:
+                ctx.freeze([od[dim]], "size computed in the graph")
+            continue
+        name, src_dim = origin
+        src = ctx.graph.value(name)
+        if src is not None and ctx.is_tensor(src):
+            ctx.unify(od[dim], ctx.dims(src)[src_dim])
+    ctx.shape_input(node, index, atoms)
+
+
+@onnx_rule("Reshape")
+def _reshape(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Reshape to a known target: product refinement as for ATen ``view``; literal sizes in the target follow.
+
+    ``-1`` and (without ``allowzero``) ``0`` are computed by the op; a size read from a tensor's shape stays
+    equal to that size.
+    """
+    x, target, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    assert x is not None
+    if ctx.ints(target) is None:
+        ctx.freeze_value(x, "reshape target computed from data")
+        ctx.freeze_value(out, "reshape target computed from data")
+        return
+    if not _reshape_core(ctx, x, out):
+        return
+    allowzero = bool(_attr(node, "allowzero", 0))
+    _literal_sizes(ctx, node, 1, out, list(range(len(_shape(ctx, out)))),
+                   skip=lambda v: v == -1 or (v == 0 and not allowzero))
+
+
+@onnx_rule("Flatten", "Squeeze", "Unsqueeze")
+def _flatten(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Flatten / squeeze / unsqueeze: a reshape whose target follows from the input (nothing to rewrite)."""
+    x = node.inputs[0]
+    assert x is not None
+    _reshape_core(ctx, x, node.outputs[0])
+
+
+@onnx_rule("Transpose")
+def _transpose(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Permutation of dims: channels follow their dim."""
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(_shape(ctx, x))
+    perm = _attr(node, "perm")
+    order = [int(p) for p in perm] if perm is not None else list(range(rank))[::-1]
+    for j, i in enumerate(order):
+        ctx.unify_dims(x, i, out, j)
+
+
+@onnx_rule("Expand")
+def _expand(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Broadcast to a bigger shape: existing non-1 dims pass through; broadcast dims hold copies.
+
+    As in the ATen rule, a dim broadcast from size 1 stays free (Hugging Face's ``repeat_kv`` makes the query
+    heads of a KV group this way) and is tagged ``copies``. Literal sizes in the shape input follow.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    ctx.broadcast(out, [x])
+    ctx.mark(*ctx.dims(out))
+    sx, so = _shape(ctx, x), _shape(ctx, out)
+    offset = len(so) - len(sx)
+    ctx.tag([a for j, a in enumerate(ctx.dims(out)) if so[j] > 1 and (j < offset or sx[j - offset] == 1)], "copies")
+    vec = ctx.ints(_input(node, 1))
+    if vec is None:
+        ctx.freeze_value(out, "expand shape computed from data")
+        return
+    start = len(so) - len(vec)
+    _literal_sizes(ctx, node, 1, out, [start + k for k in range(len(vec))], skip=lambda v: v == 1)
+
+
+@onnx_rule("Tile")
+def _tile(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Tile: each output dim is (repeats x input dim); the repeat factor is frozen."""
+    x, out = node.inputs[0], node.outputs[0]
+    sx, so = _shape(ctx, x), _shape(ctx, out)
+    for i in range(len(sx)):
+        reps = so[i] // sx[i] if sx[i] else 1
+        if reps == 1:
+            ctx.unify_dims(x, i, out, i)
+        else:
+            r = ctx.new(reps)
+            ctx.freeze([r], "repeat factor")
+            ctx.unify(ctx.dims(out)[i], ctx.product([r, ctx.dims(x)[i]]))
+
+
+@onnx_rule("Concat")
+def _concat(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Concatenation: the output dim is the sum of the inputs' dims; other dims are shared."""
+    out = node.outputs[0]
+    so = _shape(ctx, out)
+    d = _axis(int(_attr(node, "axis", 0)), len(so))
+    parts = []
+    for t in _tensors(ctx, node.inputs):
+        st = _shape(ctx, t)
+        if len(st) != len(so):
+            continue
+        for i in range(len(so)):
+            if i != d:
+                ctx.unify_dims(t, i, out, i)
+        parts.append(ctx.dims(t)[d])
+    ctx.unify(ctx.dims(out)[d], ctx.concat(parts))
+
+
+@onnx_rule("Split")
+def _split(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Split: the input dim is the concatenation of the outputs' dims; the split sizes follow them."""
+    x = node.inputs[0]
+    sx = _shape(ctx, x)
+    d = _axis(int(_attr(node, "axis", 0)), len(sx))
+    outs = _tensors(ctx, node.outputs)
+    split = _input(node, 1)
+    if split is not None and ctx.ints(split) is None:
+        ctx.freeze_value(x, "split sizes computed from data")
+        for out in outs:
+            ctx.freeze_value(out, "split sizes computed from data")
+        return
+    sizes = []
+    for out in outs:
+        for i in range(len(sx)):
+            if i != d:
+                ctx.unify_dims(x, i, out, i)
+        sizes.append(_shape(ctx, out)[d])
+    parts = [ctx.dims(out)[d] for out in outs]
+    if sum(sizes) != sx[d] or len(outs) != len(node.outputs):
+        ctx.freeze([*parts, ctx.dims(x)[d]], "split does not cover its input")
+        return
+    ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
+    origins = ctx.origins(split) if split is not None else None
+    if origins is not None and any(o is not None for o in origins):
+        ctx.freeze([*parts, ctx.dims(x)[d]], "split sizes computed in the graph")
+        ctx.freeze_sources(origins, "size read by split sizes")
+        return
+    ctx.shape_input(node, 1, parts)
+
+
+@onnx_rule("Slice")
+def _slice(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Slice with known bounds: a sliced dim is (before | kept | after); other dims pass through.
+
+    Literal bounds along a dim whose channels may change are rewritten to the same positions among the kept
+    channels; a strided slice, or bounds computed from sizes, freeze the dim.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    sx = _shape(ctx, x)
+    rank = len(sx)
+    starts, ends = ctx.ints(_input(node, 1)), ctx.ints(_input(node, 2))
+    axes_in, steps_in = _input(node, 3), _input(node, 4)
+    axes = ctx.ints(axes_in) if axes_in is not None else (list(range(len(starts))) if starts is not None else None)
+    steps = ctx.ints(steps_in) if steps_in is not None else ([1] * len(axes) if axes is not None else None)
+    if starts is None or ends is None or axes is None or steps is None:
+        ctx.freeze_value(x, "slice bounds computed from data")
+        ctx.freeze_value(out, "slice bounds computed from data")
+        return
+    start_origin = ctx.origins(_input(node, 1)) or (None,) * len(starts)
+    end_origin = ctx.origins(_input(node, 2)) or (None,) * len(ends)
+    sliced = {}
+    for k, axis in enumerate(axes):
+        sliced[_axis(axis, rank)] = k
+    for i in range(rank):
+        if i not in sliced:
+            ctx.unify_dims(x, i, out, i)
+    for i, k in sliced.items():
+        n, step = sx[i], steps[k]
+        xa, oa = ctx.dims(x)[i], ctx.dims(out)[i]
+        raw_start, raw_end = starts[k], ends[k]
+        start = min(max(raw_start + n if raw_start < 0 else raw_start, 0), n)
+        end = min(max(raw_end + n if raw_end < 0 else raw_end, 0), n)
+        if step != 1:
+            ctx.freeze([xa, oa], "strided slice")
+            continue
+        length = max(0, end - start)
+        if start == 0 and length == n:
+            ctx.unify(xa, oa)
+            continue
+        start_follows = start == 0 or start_origin[k] is None
+        end_follows = (end == n and raw_end >= n) or end_origin[k] is None
+        if not (start_follows and end_follows):
+            ctx.freeze([xa, oa], "slice bounds computed in the graph")
+            ctx.freeze_sources([start_origin[k], end_origin[k]], "size read by slice bounds")
+            continue
+        sizes = [s for s in (start, length, n - start - length) if s > 0]
+        parts = ctx.split(xa, "sum", sizes)
+        if parts is None:
+            ctx.freeze([oa], "slice of frozen channels")
+            continue
+        ctx.unify(parts[1] if start > 0 else parts[0], oa)
+        if start > 0:
+            ctx.slice_bound(node, 1, k, xa, raw_start)
+        if end < n:
+            ctx.slice_bound(node, 2, k, xa, raw_end)
+
+
+@onnx_rule("Gather")
+def _gather(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Gather (embedding lookup, select): the indexed dim is frozen; other data dims pass through.
+
+    Output dims are data[:axis] + indices dims + data[axis + 1:].
+    """
+    data, idx, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    sd, si = _shape(ctx, data), _shape(ctx, idx)
+    axis = _axis(int(_attr(node, "axis", 0)), len(sd))
+    ctx.freeze([ctx.dims(data)[axis]], "indexed by tensor indices")
+    for i in range(axis):
+        ctx.unify_dims(data, i, out, i)
+    for j in range(len(si)):
+        ctx.unify_dims(idx, j, out, axis + j)
+    for i in range(axis + 1, len(sd)):
+        ctx.unify_dims(data, i, out, i - 1 + len(si))
+
+
+@onnx_rule("GatherElements")
+def _gather_elements(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Element-wise gather along an axis: that axis is frozen; the output has the indices' dims."""
+    data, idx, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    sd, so = _shape(ctx, data), _shape(ctx, out)
+    axis = _axis(int(_attr(node, "axis", 0)), len(sd))
+    ctx.freeze([ctx.dims(data)[axis], ctx.dims(out)[axis]], "indexed by tensor indices")
+    ctx.same_dims(idx, out)
+    for i in range(len(sd)):
+        if i != axis and sd[i] == so[i]:
+            ctx.unify_dims(data, i, out, i)
+
+
+@onnx_rule("GatherND", "ScatterND", "ScatterElements", "NonZero", "TopK", "Compress", "Unique", "OneHot",
+           "Range", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+           "RandomUniformLike", "Multinomial", "Bernoulli", "Shape", "Size", "Constant")
+def _opaque(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Data-dependent indexing and tensor factories: every dim they touch is frozen."""
+    why = "shape is a literal of a tensor factory" if not _tensors(ctx, node.inputs) else "data-dependent indexing"
+    for v in _tensors(ctx, [*node.inputs, *node.outputs]):
+        if node.op_type in ("Shape", "Size") and v in node.inputs:
+            continue  # reading a size does not touch the channels; the consumers of the size decide
+        ctx.freeze_value(v, why)
+
+
+@onnx_rule("QuantizeLinear", "DequantizeLinear")
+def _quantize(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """(De)quantisation: elementwise, with per-axis scale and zero point along ``axis``."""
+    x, out = node.inputs[0], node.outputs[0]
+    sx = _shape(ctx, x)
+    ctx.same_dims(x, out)
+    axis = _axis(int(_attr(node, "axis", 1)), len(sx)) if sx else 0
+    for t in node.inputs[1:3]:
+        if t is None or not ctx.is_tensor(t):
+            continue
+        st = _shape(ctx, t)
+        if len(st) == 1 and st[0] == sx[axis]:
+            ctx.unify_dims(t, 0, x, axis)
+        elif len(st) > 0 and _numel(st) > 1:
+            ctx.freeze_value(x, "blocked quantisation")
+    if node.op_type == "DequantizeLinear" and x is not None and ctx.graph.is_weight(x):
+        ctx.params.add(x.name or "")

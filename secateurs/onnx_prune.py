@@ -1,0 +1,218 @@
+"""``prune_onnx``: prune an ``.onnx`` file directly, with the same options as :func:`secateurs.prune`.
+
+The pipeline is: load and propagate static shapes (:func:`~secateurs.frontends.onnx_model.load_onnx`),
+analyse channel groups with the ONNX op rule table, score them by weight magnitude, choose the channels to
+keep with the selection of the PyTorch path, rewrite the graph, and write it atomically after
+``onnx.checker`` (full check) and one ONNX Runtime run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from secateurs.backends.onnx_file import save_onnx
+from secateurs.frontends.onnx_model import load_onnx
+from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
+from secateurs.ir.onnx_depgraph import OnnxDependencyInfo
+from secateurs.passes.channels import ChannelOptions, GroupChange
+from secateurs.passes.dependencies import DependencyRecord
+from secateurs.passes.onnx_base import OnnxPassManager
+from secateurs.passes.onnx_channels import OnnxPruneRecord, PruneOnnxChannels
+from secateurs.passes.onnx_dependencies import AnalyzeOnnxDependencies
+from secateurs.passes.onnx_importance import ScoreOnnxChannels
+
+__all__ = ["OnnxReport", "inspect_onnx", "prune_onnx"]
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    """What :func:`prune_onnx` did.
+
+    Attributes:
+        src: The file read.
+        dst: The file written (None for a dry run).
+        params_before: Weight elements before (floating-point initializers that are not statistics).
+        params_after: The same after.
+        flops_before: FLOPs of one call at ``shapes`` (Conv, MatMul, Gemm), before.
+        flops_after: The same after.
+        changes: Every pruned group with its size before and after.
+        frozen: Channel groups left alone, each with the reason.
+        unsupported_ops: Nodes whose op has no rule (their channels are frozen).
+        shapes: The static input shapes the analysis used (symbolic dims given a size).
+        seconds: Wall time of loading + analysis + pruning, and of writing + checking.
+
+    """
+
+    src: Path
+    dst: Path | None
+    params_before: int
+    params_after: int
+    flops_before: float
+    flops_after: float
+    changes: list[GroupChange]
+    frozen: list[FrozenGroup]
+    unsupported_ops: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        data = dataclasses.asdict(self)
+        data.update(src=str(self.src), dst=str(self.dst) if self.dst is not None else None)
+        return data
+
+    @property
+    def param_ratio(self) -> float:
+        """Fraction of parameters removed."""
+        return 1 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def flop_ratio(self) -> float:
+        """Fraction of FLOPs removed."""
+        return 1 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def __str__(self) -> str:
+        """A short human-readable summary."""
+        lines = [
+            f"{self.src} -> {self.dst}",
+            f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.param_ratio:.1f}%)",
+            f"FLOPs  {self.flops_before:,.0f} -> {self.flops_after:,.0f} (-{100 * self.flop_ratio:.1f}%) at "
+            + ", ".join(f"{k}{list(v)}" for k, v in self.shapes.items()),
+            f"pruned groups: {len(self.changes)}",
+        ]
+        for c in self.changes[:20]:
+            lines.append(f"  {c.name}: {c.before} -> {c.after}")
+        if len(self.changes) > 20:
+            lines.append(f"  ... {len(self.changes) - 20} more")
+        lines.append(f"frozen groups: {len(self.frozen)}")
+        by_reason: dict[str, list[FrozenGroup]] = {}
+        for f in self.frozen:
+            by_reason.setdefault(re.sub(r"_\d+'", "'", f.reason), []).append(f)
+        for reason, items in by_reason.items():
+            more = f" and {len(items) - 1} like it" if len(items) > 1 else ""
+            lines.append(f"  {reason}: {', '.join(items[0].members[:3])}"
+                         f"{' ...' if len(items[0].members) > 3 else ''} x{items[0].size}{more}")
+        if self.unsupported_ops:
+            lines.append("unsupported ops (channels frozen): " + ", ".join(self.unsupported_ops[:10]))
+        return "\n".join(lines)
+
+
+def prune_onnx(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
+    ratio: float | None = None,
+    *,
+    heads: float | None = None,
+    kv_groups: float | None = None,
+    ffn: float | None = None,
+    channels: float | None = None,
+    hidden: bool | float = False,
+    importance: str | Callable[..., Any] = "l2",
+    scope: str = "local",
+    min_keep: float = 0.1,
+    round_to: int = 1,
+    ignore: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    verify: bool = True,
+) -> OnnxReport:
+    """Prune the ONNX file ``src`` and write the result to ``dst``.
+
+    Args:
+        src: The ``.onnx`` file (opset >= 13, or convertible to it).
+        dst: Where to write the pruned model (atomically; may equal ``src``); None plans and reports only.
+        ratio: Fraction of every group's channels to remove, in [0, 1). Defaults to 0.3 when no per-structure
+            ratio is given, else to 0 (only the named structures are pruned).
+        heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
+        kv_groups: Fraction of KV groups (a KV head with its query heads) to remove.
+        ffn: Fraction of MLP / GLU neurons to remove.
+        channels: Fraction of other channels (convolutions) to remove.
+        hidden: Also prune channels that enter a normalisation (a transformer's hidden size): ``True`` uses
+            ``ratio``, a float is its own ratio.
+        importance: ``"l1"``, ``"l2"``, ``"maw"`` or a callable ``(graph, info, group) -> scores``.
+        scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking per kind).
+        min_keep: Per-group floor as a fraction of its channels.
+        round_to: Keep every sliced dim a multiple of this (1 disables).
+        ignore: Names (or prefixes ending in ``.``) of the modules / initializers whose groups stay whole.
+        input_shapes: Static shapes for inputs with symbolic dims, for the analysis (see
+            :func:`~secateurs.frontends.onnx_model.load_onnx`).
+        verify: Run the written model once in ONNX Runtime before moving it into place.
+
+    Returns:
+        The report.
+
+    Raises:
+        CheckpointError: ``src`` is missing or malformed, or ``dst`` cannot be written.
+        CaptureError: The opset is too old to convert, or no static shapes could be found.
+        BudgetError: An option is invalid.
+        VerificationError: The rewritten model fails the checks (nothing is written).
+
+    """
+    kinds = {"heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels}
+    kind_ratios = tuple((k, float(v)) for k, v in kinds.items() if v is not None)
+    if not isinstance(hidden, bool):
+        kind_ratios += (("hidden", float(hidden)),)
+    if ratio is None:
+        ratio = 0.0 if kind_ratios else 0.3
+    options = ChannelOptions(ratio=ratio, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
+                             hidden=hidden is True, kind_ratios=kind_ratios, verify=False)
+    scorer = ScoreOnnxChannels(importance)
+    pruner = PruneOnnxChannels(options)
+    start = time.perf_counter()
+    graph = load_onnx(src, input_shapes=input_shapes)
+    params_before = graph.param_count()
+    shapes = {v.name: graph.shapes[v.name] for v in graph.graph.inputs
+              if v.name and not v.is_initializer() and v.name in graph.shapes}
+    results = OnnxPassManager([AnalyzeOnnxDependencies(), scorer, pruner])(graph)
+    deps = results[0][1].record
+    record = results[-1][1].record
+    assert isinstance(deps, DependencyRecord) and isinstance(record, OnnxPruneRecord)
+    analysed = time.perf_counter()
+    out = save_onnx(results[-1][1].graph, dst, run_inputs=shapes if verify else None) if dst is not None else None
+    return OnnxReport(
+        src=Path(src), dst=out,
+        params_before=params_before, params_after=graph.param_count(),
+        flops_before=record.flops_before, flops_after=record.flops_after,
+        changes=record.changes, frozen=record.frozen, unsupported_ops=list(deps.unsupported_ops), shapes=shapes,
+        seconds={"analyse_and_prune": analysed - start, "write_and_check": time.perf_counter() - analysed},
+    )
+
+
+def inspect_onnx(src: str | os.PathLike[str], *, input_shapes: Mapping[str, Sequence[int]] | None = None
+                 ) -> dict[str, Any]:
+    """The dependency groups of an ONNX file, each frozen group's reason, and weight elements per layer.
+
+    Layers group initializers as :func:`secateurs.report.layer_of` names them.
+
+    Raises:
+        CheckpointError: ``src`` is missing or malformed.
+        CaptureError: The opset is too old to convert, or no static shapes could be found.
+
+    """
+    from secateurs.report import layer_of
+
+    graph = load_onnx(src, input_shapes=input_shapes)
+    results = OnnxPassManager([AnalyzeOnnxDependencies()])(graph)
+    graph = results[0][1].graph
+    info = graph.analysis(DependencyInfo)
+    assert isinstance(info, OnnxDependencyInfo)
+    deps = results[0][1].record
+    assert isinstance(deps, DependencyRecord)
+    layers: dict[str, int] = {}
+    for value in graph.graph.initializers.values():
+        if value.name and graph.is_weight(value):
+            layers[layer_of(value.name)] = layers.get(layer_of(value.name), 0) + int(graph.array(value.name).size)
+    return {
+        "params": graph.param_count(),
+        "flops": info.predict_flops(graph, {}),
+        "groups": [{"name": g.name, "kind": g.kind, "size": g.size, "params_per_channel": g.params_per_channel}
+                   for g in info.iter_groups()],
+        "frozen": [{"members": list(f.members), "size": f.size, "reason": f.reason} for f in info.frozen],
+        "unsupported_ops": list(deps.unsupported_ops),
+        "layers": [{"name": k, "params": v, "flops": 0.0} for k, v in layers.items()],
+    }

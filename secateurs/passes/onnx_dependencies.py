@@ -1,0 +1,33 @@
+"""AnalyzeOnnxDependencies: build the coupled channel groups of an ONNX graph."""
+
+from __future__ import annotations
+
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.onnx_depgraph import analyze_onnx
+from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.passes.dependencies import DependencyRecord
+from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
+
+__all__ = ["AnalyzeOnnxDependencies"]
+
+
+class AnalyzeOnnxDependencies(OnnxPass):
+    """Analysis pass: run the ONNX op rule table and attach the result as :class:`DependencyInfo`.
+
+    The attached object is an :class:`~secateurs.ir.onnx_depgraph.OnnxDependencyInfo`. Guarantees: graph
+    inputs, graph outputs and every dim an unknown op touches are frozen with a reason.
+    """
+
+    provides = (DependencyInfo,)
+
+    def run(self, graph: OnnxGraph) -> OnnxPassResult:
+        """Analyse ``graph``."""
+        info = analyze_onnx(graph)
+        graph.analyses[DependencyInfo] = info
+        record = DependencyRecord(
+            groups=len(info.groups),
+            prunable_channels=sum(g.size for g in info.groups.values()),
+            frozen=len(info.frozen),
+            unsupported_ops=tuple(info.unsupported),
+        )
+        return OnnxPassResult(graph, False, record)

