@@ -21,6 +21,7 @@ from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
 from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
+from secateurs.passes.distill import RecoverRecord
 from secateurs.passes.drift import OutputDrift, measure_drift, snapshot_outputs
 from secateurs.passes.experts import ExpertChange, PruneExpertNeurons, PruneExperts, ScoreExperts
 from secateurs.passes.importance import ScoreChannels
@@ -53,6 +54,7 @@ class Report:
             and after.
         layers: Parameters and FLOPs of every layer before and after.
         drift: How far the outputs moved on the example inputs (``check_outputs``), or None.
+        recovery: The :class:`~secateurs.passes.distill.RecoverRecord` of a recovery run (loss curve), or None.
         passes: The passes that ran, in order, with seconds each.
 
     """
@@ -74,6 +76,7 @@ class Report:
     layers: list[LayerCost] = dataclasses.field(default_factory=list)
     passes: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     drift: OutputDrift | None = None
+    recovery: Any = None
 
     @property
     def param_ratio(self) -> float:
@@ -107,6 +110,11 @@ class Report:
             lines.append(f"removed by '{d.criterion}': " + ", ".join(f"{n} ({v:.4f})" for n, v in d.removed))
         for e in self.experts:
             lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
+        if self.recovery is not None:
+            r = self.recovery
+            last = r.evaluations[-1] if r.evaluations else None
+            lines.append(f"recovery ({r.mode}, {r.objective}): {r.steps} steps in {r.seconds:.0f}s"
+                         + (f", held-out loss {last.eval_loss:.4f}" if last is not None and last.eval_loss else ""))
         if self.drift is not None:
             lines.append(str(self.drift))
         lines.append(f"frozen groups: {len(self.frozen)}")
@@ -357,4 +365,5 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         layers=layer_costs(layers_before, costs_by_layer(result.graph, identities)),
         passes=[(name, elapsed) for name, _, elapsed in result.results],
         drift=drift,
+        recovery=result.record(RecoverRecord),
     )

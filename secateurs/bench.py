@@ -49,7 +49,8 @@ def example_for(model: Any, batch: int, seq_len: int, seed: int = 0) -> dict[str
 def onnx_feeds(session: Any, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds for an ONNX Runtime session: the first dynamic dim is the batch, the others ``seq_len``.
 
-    Integer inputs get token ids below 100 (or ones for masks); float inputs get normal noise.
+    Integer inputs get ones (masks) or ids 0 / 1, valid for any vocabulary and token-type table (latency does
+    not depend on which tokens run); float inputs get normal noise.
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
@@ -58,7 +59,7 @@ def onnx_feeds(session: Any, batch: int, seq_len: int, seed: int = 0) -> dict[st
         if "int" in inp.type:
             dtype = np.int64 if "int64" in inp.type else np.int32
             feeds[inp.name] = (np.ones(shape, dtype) if "mask" in inp.name
-                               else rng.integers(0, 100, size=shape).astype(dtype))
+                               else rng.integers(0, 2, size=shape).astype(dtype))
         elif "float16" in inp.type:
             feeds[inp.name] = rng.standard_normal(shape).astype(np.float16)
         else:
@@ -67,6 +68,10 @@ def onnx_feeds(session: Any, batch: int, seq_len: int, seed: int = 0) -> dict[st
 
 
 def _median(fn: Any, warmup: int, runs: int, desc: str) -> float:
+    try:
+        fn()
+    except Exception as exc:  # the runtime rejects the inputs or the model fails: say which
+        raise CheckpointError(f"{desc}: the model does not run on the benchmark inputs: {exc}") from exc
     for _ in range(warmup):
         fn()
     samples = []
@@ -135,8 +140,11 @@ def compare_latency(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
                 model = _load(path)
                 onnx_path = Path(tmp) / f"{label}.onnx"
+                half = runtime == "tensorrt"  # TensorRT 11 takes precision from the file: FP16 for sparse kernels
                 with stage(f"exporting {label} to ONNX"):
-                    export_onnx(model, example_for(model, min(batch, 2), min(seq_len, 16)), onnx_path)
+                    export_onnx(model, example_for(model, min(batch, 2), min(seq_len, 16)), onnx_path,
+                                dtype=torch.float16 if half else None, atol=2e-2 if half else 1e-4,
+                                rtol=2e-2 if half else 1e-3)
             if runtime == "onnxruntime":
                 times.append(_ort_time(onnx_path, batch, seq_len, warmup, runs, threads, f"timing {label}"))
             else:
@@ -144,7 +152,9 @@ def compare_latency(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
                 engine = Path(tmp) / f"{label}.engine"
                 with stage(f"building {label} engine"):
-                    build_engine(onnx_path, engine, batch=(1, batch, max(batch, 8)), dims=(1, seq_len, max(seq_len, 128)))
+                    # SPARSE_WEIGHTS is harmless on dense weights and lets 2:4 layers pick sparse kernels.
+                    build_engine(onnx_path, engine, sparse=True, batch=(1, batch, max(batch, 8)),
+                                 dims=(1, seq_len, max(seq_len, 128)))
                 import onnxruntime as ort
 
                 feeds = onnx_feeds(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]),

@@ -22,6 +22,27 @@ __all__ = ["main"]
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def _amount(text: str) -> float:
+    value = float(text)
+    if value < 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) or a whole count, got {text}")
+    return value
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -38,12 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="the main job on the bundled all-MiniLM-L6-v2")
     demo.add_argument("--out", default="secateurs-demo", help="output folder (default ./secateurs-demo)")
-    demo.add_argument("--heads", type=float, default=0.25, help="fraction of attention heads to remove")
-    demo.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons to remove")
+    demo.add_argument("--heads", type=_fraction, default=0.25, help="fraction of attention heads to remove")
+    demo.add_argument("--ffn", type=_fraction, default=0.3, help="fraction of FFN neurons to remove")
     demo.add_argument("--nm", default="2:4", help="N:M weight sparsity after width pruning ('none' to skip)")
     demo.add_argument("--importance", default="flap", help="l1, l2, maw, taylor, activation or flap")
     demo.add_argument("--no-bias-compensation", action="store_true", help="do not fold removed means into biases")
-    demo.add_argument("--samples", type=int, default=32, help="calibration paragraphs")
+    demo.add_argument("--samples", type=_positive, default=32, help="calibration paragraphs")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and ONNX Runtime benchmark")
 
     pr = sub.add_parser("prune", parents=[common], help="prune a checkpoint folder (or an ONNX file) into a new one")
@@ -51,25 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="output folder / .onnx file (written atomically; refused if it exists)")
     pr.add_argument("--recipe", help="YAML recipe of passes (instead of the pruning flags)")
     g = pr.add_argument_group("pruning flags (a one-step recipe)")
-    g.add_argument("--channels", type=float, help="fraction of conv channels to remove")
-    g.add_argument("--heads", type=float, help="fraction of attention heads to remove")
-    g.add_argument("--kv-groups", type=float, help="fraction of GQA KV groups to remove")
-    g.add_argument("--ffn", type=float, help="fraction of MLP / GLU neurons to remove")
-    g.add_argument("--hidden", type=float, help="fraction of the hidden size to remove")
-    g.add_argument("--experts", type=float, help="fraction of MoE experts to remove")
-    g.add_argument("--layers", type=float, help="blocks to remove: a count >= 1 or a fraction")
-    g.add_argument("--sublayers", type=float, help="attention / MLP sublayers to remove: a count or a fraction")
+    g.add_argument("--channels", type=_fraction, help="fraction of conv channels to remove")
+    g.add_argument("--heads", type=_fraction, help="fraction of attention heads to remove")
+    g.add_argument("--kv-groups", type=_fraction, help="fraction of GQA KV groups to remove")
+    g.add_argument("--ffn", type=_fraction, help="fraction of MLP / GLU neurons to remove")
+    g.add_argument("--hidden", type=_fraction, help="fraction of the hidden size to remove")
+    g.add_argument("--experts", type=_fraction, help="fraction of MoE experts to remove")
+    g.add_argument("--layers", type=_amount, help="blocks to remove: a count >= 1 or a fraction")
+    g.add_argument("--sublayers", type=_amount, help="attention / MLP sublayers to remove: a count or a fraction")
     g.add_argument("--depth-criterion", help="bi, angular or greedy")
-    g.add_argument("--sparsity", type=float, help="unstructured weight sparsity")
+    g.add_argument("--sparsity", type=_fraction, help="unstructured weight sparsity")
     g.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
-    g.add_argument("--low-rank", type=float, help="factorize linear layers keeping this fraction of energy")
+    g.add_argument("--low-rank", type=_fraction, help="factorize linear layers keeping this fraction of energy")
     g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap")
     g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
     g.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
-    g.add_argument("--round-to", type=int, help="keep sizes multiples of this (default 8)")
+    g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")
+    g.add_argument("--recover", type=_positive, metavar="STEPS",
+                   help="then train the pruned model against the dense one on the calibration text for STEPS steps")
+    g.add_argument("--recover-mode", choices=("full", "lora"), help="recovery training of all weights or LoRA "
+                   "adapters merged at the end (default full)")
     pr.add_argument("--calib", help="calibration text: pydoc (default), a .txt / .jsonl file, or none")
-    pr.add_argument("--calib-samples", type=int, help="calibration texts (default 16)")
-    pr.add_argument("--seq-len", type=int, help="tokens per calibration text (default 64)")
+    pr.add_argument("--calib-samples", type=_positive, help="calibration texts (default 16)")
+    pr.add_argument("--seq-len", type=_positive, help="tokens per calibration text (default 64)")
     pr.add_argument("--seed", type=int, help="random seed (default 0)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
@@ -85,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="compare ONNX Runtime with PyTorch (default on)")
     ex.add_argument("--exporter", default="dynamo", help="dynamo (default) or legacy")
     ex.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights / activations")
-    ex.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the verification")
-    ex.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the verification")
-    ex.add_argument("--seq-len", type=int, default=16, help="tokens of the example input")
+    ex.add_argument("--atol", type=float, help="absolute tolerance of the verification (1e-4; 2e-2 for fp16)")
+    ex.add_argument("--rtol", type=float, help="relative tolerance of the verification (1e-3; 2e-2 for fp16)")
+    ex.add_argument("--seq-len", type=_positive, default=16, help="tokens of the example input")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     en = sub.add_parser("engine", parents=[common], help="build a TensorRT engine from an ONNX file")
@@ -96,27 +121,36 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--fp16", action="store_true", help="FP16 kernels (TensorRT 10; TensorRT 11 reads the file)")
     en.add_argument("--sparse", action="store_true", help="enable 2:4 sparse kernels (SPARSE_WEIGHTS)")
     en.add_argument("--timing-cache", help="timing cache file, read and updated")
-    en.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimisation profile")
+    en.add_argument("--max-batch", type=_positive, default=8, help="largest batch of the optimisation profile")
+    en.add_argument("--overwrite", action="store_true", help="replace an existing engine file")
 
     ins = sub.add_parser("inspect", parents=[common], help="dependency groups, frozen parts and costs of a model")
     ins.add_argument("src", help="checkpoint folder or .onnx file")
 
-    be = sub.add_parser("bench", parents=[common], help="latency of a dense and a pruned model, as a ratio")
+    be = sub.add_parser("bench", parents=[common], help="latency of a dense and a pruned model, as a ratio (a "
+                        "pruned folder's report records it)")
     be.add_argument("src", help="dense checkpoint folder or .onnx file")
     be.add_argument("dst", help="pruned checkpoint folder or .onnx file")
     be.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
-    be.add_argument("--batch", type=int, default=1)
-    be.add_argument("--seq-len", type=int, default=128)
-    be.add_argument("--runs", type=int, default=20)
+    be.add_argument("--batch", type=_positive, default=1)
+    be.add_argument("--seq-len", type=_positive, default=128)
+    be.add_argument("--runs", type=_positive, default=20)
     be.add_argument("--warmup", type=int, default=3)
-    be.add_argument("--threads", type=int, help="ONNX Runtime / torch threads (default: all)")
+    be.add_argument("--threads", type=_positive, help="ONNX Runtime / torch threads (default: all)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``secateurs`` command and return its exit code (see the module docstring)."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage and the error on standard error
+        if exc.code == EXIT_BAD_INPUT and "--json" in argv:
+            print(json.dumps({"error": "invalid command line (see standard error)", "exit_code": EXIT_BAD_INPUT}))
+        raise
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet or args.json else logging.WARNING
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", force=True)
     from secateurs.errors import BackendUnavailableError, SecateursError, VerificationError
     from secateurs.progress import reporting, tqdm_renderer
 
@@ -176,6 +210,11 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     extra: list[Any] = []
     if args.low_rank is not None:
         extra = ["AnalyzeDependencies", {"FactorizeLowRank": {"energy": args.low_rank}}]
+    if args.recover is not None:
+        extra.append({"Recover": {"steps": args.recover, "mode": args.recover_mode or "full",
+                                  "eval_every": max(1, args.recover // 5)}})
+    elif args.recover_mode is not None:
+        raise BudgetError("--recover-mode needs --recover STEPS")
     if not structural & set(options) and not extra:
         raise BudgetError("nothing to prune: give --recipe or at least one of --channels --heads --kv-groups --ffn "
                           "--hidden --experts --layers --sublayers --sparsity --nm --low-rank")
@@ -187,7 +226,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.recipe import load_recipe, parse_recipe
 
     flags = ("channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm",
-             "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to")
+             "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to", "recover",
+             "recover_mode")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
     if args.recipe:
@@ -219,20 +259,26 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
         from secateurs.onnx_prune import prune_onnx
     except ImportError as exc:
         raise BudgetError(f"pruning ONNX files needs the 'onnx' extra (pip install 'secateurs[onnx]'): {exc}") from exc
-    unsupported = [f"--{f.replace('_', '-')}" for f in ("recipe", "kv_groups", "hidden", "experts", "layers",
-                                                        "sublayers", "sparsity", "nm", "low_rank", "allocate")
-                   if getattr(args, f) is not None]
+    unsupported = [f"--{f.replace('_', '-')}" for f in (
+        "recipe", "experts", "layers", "sublayers", "sparsity", "nm", "low_rank", "recover", "allocate",
+        "sparsity_criterion",
+        "depth_criterion", "calib", "calib_samples", "seq_len", "seed", "min_cosine", "max_rel_error")
+        if getattr(args, f) is not None]
+    unsupported += ["--no-verify"] if args.no_verify else []
+    unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
     if unsupported:
-        raise BudgetError(f"an ONNX source supports --channels --heads --ffn --criterion l1|l2|maw --round-to only, "
-                          f"not {' '.join(unsupported)}")
-    if not any(getattr(args, f) is not None for f in ("channels", "heads", "ffn")):
-        raise BudgetError("nothing to prune: give at least one of --channels --heads --ffn")
+        raise BudgetError("an ONNX source supports --channels --heads --kv-groups --ffn --hidden --criterion "
+                          f"l1|l2|maw --round-to only, not {' '.join(unsupported)}")
+    if not any(getattr(args, f) is not None for f in ("channels", "heads", "kv_groups", "ffn", "hidden")):
+        raise BudgetError("nothing to prune: give at least one of --channels --heads --kv-groups --ffn --hidden")
     if args.out is None and not args.dry_run:
         raise BudgetError("an output .onnx file is required (or --dry-run)")
     if args.out is not None and Path(args.out).exists() and not args.overwrite and not args.dry_run:
         raise CheckpointError(f"output file '{args.out}' exists; pass --overwrite to replace it")
     result = prune_onnx(args.src, None if args.dry_run else args.out, channels=args.channels, heads=args.heads,
-                        ffn=args.ffn, importance=args.criterion or "l2", round_to=args.round_to or 8)
+                        kv_groups=args.kv_groups, ffn=args.ffn,
+                        hidden=args.hidden if args.hidden is not None else False,
+                        importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to)
     _say(args, str(result))
     return result.to_dict()
 
@@ -255,8 +301,10 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     example, _ = example_and_calib(model, src, "none", 2, args.seq_len, 0)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with stage("exporting ONNX"):
-        result = export_onnx(model, example, out, exporter=args.exporter, verify=args.verify, atol=args.atol,
-                             rtol=args.rtol, dtype=dtype)
+        half = args.dtype != "fp32"
+        result = export_onnx(model, example, out, exporter=args.exporter, verify=args.verify,
+                             atol=args.atol if args.atol is not None else 2e-2 if half else 1e-4,
+                             rtol=args.rtol if args.rtol is not None else 2e-2 if half else 1e-3, dtype=dtype)
     data = {"onnx": str(result.path), "exporter": result.exporter, "verified": args.verify,
             "max_abs_error": result.max_abs_error, "max_rel_error": result.max_rel_error}
     _say(args, f"wrote {result.path}" + (f" (ONNX Runtime vs PyTorch: max abs error {result.max_abs_error:.2e}, "
@@ -266,9 +314,14 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _engine(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.backends.tensorrt import build_engine
+    from secateurs.errors import CheckpointError
     from secateurs.progress import stage
 
     out = args.out or str(Path(args.onnx).with_suffix(".engine"))
+    if Path(out).resolve() == Path(args.onnx).resolve():
+        raise CheckpointError(f"the engine would overwrite its own source '{args.onnx}'; choose another --out")
+    if Path(out).exists() and not args.overwrite:
+        raise CheckpointError(f"'{out}' exists; pass --overwrite to replace it")
     with stage("building TensorRT engine"):
         build = build_engine(args.onnx, out, fp16=args.fp16, sparse=args.sparse, timing_cache=args.timing_cache,
                              batch=(1, 1, args.max_batch))
@@ -306,6 +359,15 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
     result = compare_latency(args.src, args.dst, runtime=args.runtime, batch=args.batch, seq_len=args.seq_len,
                              runs=args.runs, warmup=args.warmup, threads=args.threads)
+    report = Path(args.dst) / "report.json"
+    if report.is_file():  # a folder written by `secateurs prune`: its report gains the measured latency
+        from secateurs.report import write_report
+
+        data = json.loads(report.read_text())
+        data.update(latency_before=result["dense_s"], latency_after=result["pruned_s"],
+                    latency_runtime=f"{args.runtime}, batch {args.batch}")
+        write_report(args.dst, data)
+        result["report"] = str(Path(args.dst) / "report.html")
     _say(args, f"{args.runtime}, batch {args.batch}: dense {1e3 * result['dense_s']:.2f} ms, pruned "
                f"{1e3 * result['pruned_s']:.2f} ms, speed-up {result['speedup']:.2f}x")
     return result

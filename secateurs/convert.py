@@ -31,14 +31,18 @@ def _tokenizer(src: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(src)
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    except Exception as exc:  # tokenizers raise JSON, OS and value errors for damaged files
+        raise CheckpointError(f"the tokenizer files in '{src}' cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 def example_and_calib(model: Any, src: Path, calib: str | None, samples: int, seq_len: int,
                       seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
     """Example inputs and calibration batches for a text model.
 
-    With a tokenizer in ``src``: the calibration text (``"pydoc"`` or a ``.txt`` / ``.jsonl`` file) tokenised.
+    With a tokenizer in ``src``: the calibration text (``"pydoc"`` or a ``.txt`` / ``.jsonl`` file) tokenised;
+    with ``calib="none"`` the example is two tokenised documentation paragraphs and there is no calibration.
     Without one: random token ids below the vocabulary size, or random pixels for a vision model (no
     calibration unless ``calib`` is given, which then needs a tokenizer).
     """
@@ -55,12 +59,13 @@ def example_and_calib(model: Any, src: Path, calib: str | None, samples: int, se
             raise BudgetError(f"'{src}' has neither a tokenizer nor a vocab_size / image size to build example "
                               "inputs from")
         return example_for(model, 2, seq_len, seed), None
-    batches = text_batches(tokenizer, "pydoc" if calib in (None, "pydoc") else calib, samples=samples,
-                           seq_len=seq_len, batch_size=min(8, samples))
+    none = calib == "none"
+    batches = text_batches(tokenizer, "pydoc" if none or calib is None else calib, samples=2 if none else samples,
+                           seq_len=seq_len, batch_size=2 if none else min(8, samples))
     for batch in batches:
         batch.pop("token_type_ids", None)
     example = {k: v[:2] for k, v in batches[0].items()}
-    return example, (batches if calib not in ("none",) else None)
+    return example, (None if none else batches)
 
 
 def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: Recipe | None = None,
@@ -90,6 +95,7 @@ def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: R
         "unsupported_ops": report.unsupported_ops,
         "retries": report.retries,
         "drift": plain(report.drift),
+        "recovery": plain(report.recovery),
         "passes": [{"pass": n, "seconds": round(t, 3)} for n, t in report.passes],
         "latency_before": report.latency_before,
         "latency_after": report.latency_after,
@@ -166,7 +172,12 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     if batches is not None:
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     passes = build_passes(recipe, model, calib=batches)
-    report = run_passes(model, example, passes, check_outputs=verify)
+    from secateurs.passes.allocate import AllocateBudget
+
+    allocators = [p for p in passes if isinstance(p, AllocateBudget) and p.latency is not None]
+    report = run_passes(model, example, passes, check_outputs=verify,
+                        latency=allocators[0].latency if allocators else None,
+                        measure_latency=any(p.speedup is not None for p in allocators))
     if report.sparsity is not None:
         from secateurs.passes.sparsity import remove_masks
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from secateurs.errors import BudgetError
+from secateurs.errors import BudgetError, RecoveryError
 
-__all__ = ["doc_paragraphs", "read_texts", "text_batches"]
+__all__ = ["doc_paragraphs", "read_texts", "self_generated_batches", "split_held_out", "text_batches", "with_labels"]
 
 
 def doc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
@@ -100,4 +100,92 @@ def text_batches(
         enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
                         return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+def split_held_out(items: list[Any], fraction: float = 0.1) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)``: the last ``fraction`` of ``items`` (at least one) held out, order kept.
+
+    Raises:
+        BudgetError: ``fraction`` is outside (0, 1) or there are fewer than two items.
+
+    """
+    if not 0.0 < fraction < 1.0:
+        raise BudgetError(f"held-out fraction must be in (0, 1), got {fraction!r}")
+    if len(items) < 2:
+        raise BudgetError(f"cannot split {len(items)} item(s) into training and held-out parts")
+    cut = min(len(items) - 1, max(1, int(round(len(items) * (1 - fraction)))))
+    return list(items[:cut]), list(items[cut:])
+
+
+def with_labels(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM batches: each batch plus ``labels`` (its ``input_ids``, -100 where ``attention_mask`` is 0)."""
+    out = []
+    for batch in batches:
+        labels = batch["input_ids"].clone()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels[mask == 0] = -100
+        out.append({**batch, "labels": labels})
+    return out
+
+
+def self_generated_batches(
+    teacher: Any,
+    tokenizer: Any,
+    n: int,
+    seq_len: int,
+    seed: int = 0,
+    *,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Training batches sampled from a causal LM's own ``generate()`` (data-free recovery).
+
+    Every sequence starts at the tokenizer's BOS token (else the model config's, else token 0) and is
+    sampled to exactly ``seq_len`` tokens; batches hold ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Args:
+        teacher: A causal LM with ``generate`` (the dense model).
+        tokenizer: Its tokenizer (for the BOS / pad ids), or None.
+        n: Number of sequences.
+        seq_len: Tokens per sequence (at least 2).
+        seed: Sampling seed (the caller's random state is left as it was).
+        batch_size: Sequences per batch.
+        temperature: Sampling temperature.
+        top_k: Sample from the ``top_k`` most likely tokens only (None: all).
+
+    Raises:
+        RecoveryError: The model cannot generate, or ``n`` / ``seq_len`` / ``batch_size`` are too small.
+
+    """
+    if n < 1 or seq_len < 2 or batch_size < 1:
+        raise RecoveryError(f"self-generated data needs n >= 1, seq_len >= 2, batch_size >= 1; got {n}, {seq_len}, "
+                            f"{batch_size}")
+    if not callable(getattr(teacher, "generate", None)):
+        raise RecoveryError(f"{type(teacher).__name__} has no generate(); self-generated data needs a causal LM")
+    config = getattr(teacher, "config", None)
+    start = next((v for v in (getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None))
+                  if isinstance(v, int)), 0)
+    pad = next((v for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                            getattr(config, "eos_token_id", None)) if isinstance(v, int)), start)
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    batches = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+                ids = teacher.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                       max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                       temperature=temperature, top_k=top_k if top_k is not None else 0,
+                                       pad_token_id=pad)
+                ids = ids[:, :seq_len].cpu()
+                batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    finally:
+        teacher.train(was_training)
     return batches

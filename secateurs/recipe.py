@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from secateurs.errors import BudgetError, RecipeError
+from secateurs.errors import BudgetError, RecipeError, RecoveryError
 from secateurs.passes import (
     AllocateBudget,
     AnalyzeDependencies,
@@ -44,6 +44,8 @@ from secateurs.passes import (
     PruneExpertNeurons,
     PruneExperts,
     ReconstructLayers,
+    Recover,
+    RecoverOptions,
     RemoveBlocks,
     RemoveSublayers,
     ScoreChannels,
@@ -55,7 +57,8 @@ __all__ = ["PASSES", "Recipe", "Step", "build_passes", "load_recipe", "parse_rec
 
 PASSES: dict[str, type[Pass]] = {cls.__name__: cls for cls in (
     AnalyzeDependencies, ScoreChannels, AllocateBudget, PruneChannels, RemoveBlocks, RemoveSublayers, ScoreExperts,
-    PruneExperts, PruneExpertNeurons, SparsifyWeights, FactorizeLowRank, FactorizeARMOR, ReconstructLayers)}
+    PruneExperts, PruneExpertNeurons, SparsifyWeights, FactorizeLowRank, FactorizeARMOR, ReconstructLayers,
+    Recover)}
 """Pass classes a recipe may name."""
 
 _INJECTED = {"self", "calib", "loss_fn", "latency", "dense", "options", "kwargs"}
@@ -107,6 +110,8 @@ def _options_of(name: str) -> list[str]:
     opts = [p for p in inspect.signature(cls.__init__).parameters if p not in _INJECTED]
     if cls is PruneChannels:
         opts = [f.name for f in dataclasses.fields(ChannelOptions)] + list(_KIND_SUGAR)
+    if cls is Recover:
+        opts = [f.name for f in dataclasses.fields(RecoverOptions)]
     return opts
 
 
@@ -233,7 +238,9 @@ def build_passes(recipe: Recipe, model: nn.Module | None, *, calib: Iterable[Any
         try:
             options = _coerce(step.name, step.options)
             if step.name == "prune":
-                built = plan_passes(model, calib=calib, latency_cache=latency_cache, **options)[0]
+                # Validation runs without a model: a placeholder stands in for the dense copy ``reconstruct`` keeps.
+                built = plan_passes(model if model is not None else nn.Identity(), calib=calib,
+                                    latency_cache=latency_cache, **options)[0]
             else:
                 cls = PASSES[step.name]
                 params = inspect.signature(cls.__init__).parameters
@@ -244,10 +251,13 @@ def build_passes(recipe: Recipe, model: nn.Module | None, *, calib: Iterable[Any
                     extra["latency"] = LatencyTable("torch", cache=latency_cache)
                 if cls is ReconstructLayers:
                     extra["dense"] = copy.deepcopy(model) if model is not None else nn.Identity()
-                built = [cls(**options, **extra)]
+                if cls is Recover:
+                    built = _recover(RecoverOptions(**options), model, calib)
+                else:
+                    built = [cls(**options, **extra)]
         except RecipeError:
             raise
-        except (BudgetError, TypeError, ValueError) as exc:
+        except (BudgetError, RecoveryError, TypeError, ValueError) as exc:
             raise RecipeError(f"{where}: {exc}") from exc
         for p in built:
             missing = [k for k in p.requires if k not in provided]
@@ -258,3 +268,23 @@ def build_passes(recipe: Recipe, model: nn.Module | None, *, calib: Iterable[Any
             provided = set() if p.transforms else provided | set(p.provides)
         passes += built
     return passes
+
+
+def _recover(options: RecoverOptions, model: nn.Module | None, calib: Iterable[Any] | None) -> list[Pass]:
+    """A :class:`Recover` pass: the dense model (copied now, before any pruning) teaches the pruned one.
+
+    It trains on the calibration batches, a tenth held out for evaluation; causal LMs also get their own
+    next-token labels.
+    """
+    if model is None:  # validation only: the options were checked by RecoverOptions
+        return []
+    batches = list(calib or [])
+    if len(batches) < 2:
+        raise RecoveryError("recovery training needs calibration text (at least two batches): give --calib "
+                            "pydoc or a text file, and --calib-samples large enough")
+    from secateurs.data import split_held_out, with_labels
+
+    if type(model).__name__.endswith("ForCausalLM") and all("input_ids" in b for b in batches):
+        batches = with_labels(batches)
+    train, held = split_held_out(batches, 0.1)
+    return [Recover(copy.deepcopy(model), train, eval_data=held, options=options)]

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from secateurs.backends.files import atomic_file
 from secateurs.errors import CheckpointError
 from secateurs.ir.cost import flops_by_module
 from secateurs.ir.graph import Graph
@@ -121,16 +121,8 @@ def layer_costs(before: Mapping[str, tuple[int, float]], after: Mapping[str, tup
 @contextmanager
 def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
     """Open a temp file next to ``path`` and rename it over ``path`` when the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def _pyplot() -> Any:
@@ -246,8 +238,26 @@ def _kept_png(changes: Sequence[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
+def _recovery_png(record: Mapping[str, Any]) -> bytes:
+    plt = _pyplot()
+    train = [(p["step"], p["train_loss"]) for p in record["curve"] if p.get("train_loss") is not None]
+    held = [(p["step"], p["eval_loss"]) for p in record["curve"] if p.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training objective", color="#9bb7d4")
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", label="held-out loss", color="#1f5a96")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"recovery ({record['mode']}): {record['objective']}")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def _plots(data: Mapping[str, Any]) -> dict[str, bytes]:
     plots: dict[str, bytes] = {}
+    if data.get("recovery") and data["recovery"].get("curve"):
+        plots["recovery.png"] = _recovery_png(data["recovery"])
     if data.get("layers"):
         plots["layers.png"] = _layers_png(data["layers"])
     if data.get("changes"):
@@ -348,6 +358,15 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
         out.append(_table(["layer", "zeros"], [(n, f"{v:.1%}") for n, v in sparsity["layers"]], numeric=(1,)))
         if sparsity.get("skipped"):
             out.append("<p>Left dense:</p>" + _table(["layer", "why"], sparsity["skipped"]))
+    recovery = data.get("recovery")
+    if recovery:
+        out.append("</section><section id='recovery'><h2>Recovery training</h2>")
+        out.append(f"<p>{_e(recovery['mode'])}, {_e(recovery['objective'])}: {recovery['steps']} steps in "
+                   f"{recovery['seconds']:.0f} s, {recovery['trained_params']:,} trained parameters"
+                   + (", stopped early" if recovery.get("stopped_early") else "")
+                   + (f", weights of step {recovery['best_step']} kept" if recovery.get("best_step") is not None
+                      else "") + "</p>")
+        out.append(_img(plots, "recovery.png", "recovery loss curve"))
     frozen = data.get("frozen") or []
     out.append(f"</section><section id='frozen'><h2>Frozen groups ({len(frozen)})</h2>")
     out.append("<p class='muted'>Channels the analysis left alone, each with the reason.</p>")

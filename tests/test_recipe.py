@@ -89,3 +89,27 @@ def test_files_are_read_safely(tmp_path):
     evil.write_text("passes: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(evil)
+
+
+def test_recover_step_trains_against_the_dense_model_and_reports_the_curve(tmp_path):
+    from pathlib import Path
+
+    from secateurs.convert import report_dict
+    from secateurs.report import write_report
+
+    model, inputs = build("llama")
+    gen = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 120, (2, 12), generator=gen)} for _ in range(4)]
+    for batch in calib:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    recipe = parse_recipe({"passes": [{"prune": {"ffn": 0.25, "round_to": 1}},
+                                      {"Recover": {"steps": 3, "eval_every": 1, "lr": 1e-3}}]})
+    report = run_passes(model, inputs, build_passes(recipe, model, calib=calib))
+    assert report.recovery.steps == 3 and len(report.recovery.evaluations) >= 2
+    assert model.model.layers[0].mlp.up_proj.out_features < 96  # pruned shapes kept through training
+    written = write_report(tmp_path, report_dict(report, {}, Path("llama"), recipe=recipe))
+    assert "recovery.png" in written and "id='recovery'" in (tmp_path / "report.html").read_text()
+    with pytest.raises(RecipeError, match="needs calibration text"):
+        build_passes(recipe, model, calib=None)
+    with pytest.raises(RecipeError, match="Recover"):
+        parse_recipe({"passes": [{"Recover": {"steps": 3, "mode": "magic"}}]})

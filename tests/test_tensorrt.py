@@ -144,33 +144,52 @@ def test_sparse_along_the_wrong_axis_fails(make, tmp_path):
     assert f"'{name}.weight'" in problem and "along axis 1" in problem
 
 
-def test_attached_masks_on_large_weights_are_computed_until_folded(tmp_path):
-    # above the exporter's folding limit the masked weight stays Mul(weight_mask, weight_orig)
+def test_attached_masks_export_as_sparse_weights(tmp_path):
+    # export_onnx makes attached masks permanent on a copy: no Mul(weight_orig, weight_mask) in the file
     model, x = MLP(width=128, hidden=256).eval(), (torch.randn(4, 128),)
     report = sc.prune(model, x, nm="2:4")
     path = export_onnx(model, x, tmp_path / "masked.onnx").path
     layouts = {lay.module: lay for lay in sparsity_layout(path)}
-    assert layouts["fc2"].status == "computed" and layouts["fc2"].bad_groups == 0
-    assert "fold_constants()" in layouts["fc2"].describe()
+    assert layouts["fc2"].status == "sparse" and layouts["fc2"].bad_groups == 0
+    assert check_sparsity(path, modules=_targeted(report)) == []
+
+
+class _MaskedMatmul(torch.nn.Module):
+    """A weight computed as weight * mask in forward: above the exporter's folding limit it stays a Mul."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_orig = torch.nn.Parameter(torch.randn(256, 128))
+        mask = torch.zeros(256, 128)
+        mask[:, 0::4] = 1
+        mask[:, 1::4] = 1
+        self.register_buffer("weight_mask", mask)
+
+    def forward(self, x):
+        return x @ (self.weight_orig * self.weight_mask).t()
+
+
+def test_computed_weights_are_flagged_until_folded(tmp_path):
+    model, x = _MaskedMatmul().eval(), (torch.randn(4, 128),)
+    path = export_onnx(model, x, tmp_path / "computed.onnx").path
+    layouts = sparsity_layout(path)
+    assert [lay.status for lay in layouts] == ["computed"] and "fold_constants()" in layouts[0].describe()
     reference = _ort(path, [x[0].numpy()])
 
     folded = fold_constants(path, tmp_path / "folded.onnx")
     assert folded.nodes_after < folded.nodes_before and folded.bytes_after < folded.bytes_before
     np.testing.assert_array_equal(_ort(folded.path, [x[0].numpy()])[0], reference[0])
-    assert check_sparsity(folded.path, modules=_targeted(report)) == []
+    assert [lay.status for lay in sparsity_layout(folded.path)] == ["sparse"]
 
     # weights as external data (what models over 2 GB need) run the same
     external = fold_constants(path, tmp_path / "ext" / "m.onnx", external_data_bytes=0)
     assert sorted(p.name for p in external.path.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_array_equal(_ort(external.path, [x[0].numpy()])[0], reference[0])
 
-    # folding in place leaves only the model; removing the masks before export needs no folding at all
+    # folding in place leaves only the model
     fold_constants(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext", "folded.onnx", "masked.onnx"]
-    assert check_sparsity(path, modules=_targeted(report)) == []
-    remove_masks(model)
-    plain = export_onnx(model, x, tmp_path / "plain.onnx").path
-    assert check_sparsity(plain, modules=_targeted(report)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["computed.onnx", "ext", "folded.onnx"]
+    assert [lay.status for lay in sparsity_layout(path)] == ["sparse"]
 
 
 def test_fold_constants_keeps_outputs_of_a_pruned_transformer(tmp_path):

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.backends.files import publish
 from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
 from secateurs.errors import CheckpointError
 from secateurs.passes.depth import ZeroSublayer
 from secateurs.passes.experts import find_moe_blocks
 
-__all__ = ["SaveResult", "load_pretrained", "save_pretrained"]
+__all__ = ["MANIFEST", "TOKENIZER_FILES", "Layout", "SaveResult", "describe", "load_pretrained", "save_pretrained"]
 
 MANIFEST = "secateurs.json"
 FORMAT = 1
@@ -187,6 +188,61 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
     return cand
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a (pruned) model is written: the config to save, the ``secateurs.json`` manifest and its summary.
+
+    Attributes:
+        config: The config to write (rewritten with uniform pruned sizes when ``plain_loadable``).
+        manifest: The content of ``secateurs.json``.
+        plain_loadable: Whether plain ``from_pretrained`` loads the folder too.
+        changed_tensors: How many tensors differ in shape from a model built from ``config``.
+
+    """
+
+    config: Any
+    manifest: dict[str, Any]
+    plain_loadable: bool
+    changed_tensors: int
+
+
+def describe(model: nn.Module) -> Layout:
+    """The config and manifest :func:`save_pretrained` writes for ``model`` (its tensors may be on ``meta``).
+
+    Streaming writers use it on a meta-device model whose pruned blocks went back to ``meta`` after their
+    weights were written, so their folders load with :func:`load_pretrained` like any other.
+    """
+    config: Any = model.config
+    architecture = type(model).__name__
+    fresh = _skeleton(config, architecture, meta=True)
+    cand = _propose_config(model, fresh, config)
+    shapes = _shapes(model)
+    try:
+        cand_model: nn.Module | None = _skeleton(cand, architecture, meta=True)
+    except (ValueError, TypeError, ZeroDivisionError):
+        cand_model = None  # the config cannot express this pruning (e.g. BERT derives head size from it)
+    plain = cand_model is not None and _shapes(cand_model) == shapes and _attributes(cand_model) == _attributes(model)
+    base = cand_model if plain and cand_model is not None else fresh
+    base_shapes, base_attrs = _shapes(base), _attributes(base)
+    changed = {k: v for k, v in shapes.items() if base_shapes.get(k) != v}
+    attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
+             for name, vals in _attributes(model).items()}
+    zeroed = {name: mod.extras for name, mod in model.named_modules() if isinstance(mod, ZeroSublayer)}
+    fresh_lists = {n: len(m) for n, m in fresh.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    lists = {n: len(m) for n, m in model.named_modules()
+             if isinstance(m, (nn.ModuleList, nn.Sequential)) and fresh_lists.get(n, len(m)) != len(m)}
+    manifest = {
+        "format": FORMAT,
+        "zeroed": zeroed,
+        "lists": lists,
+        "architecture": architecture,
+        "plain_loadable": plain,
+        "shapes": changed,
+        "attributes": {k: v for k, v in attrs.items() if v},
+    }
+    return Layout(cand if plain else config, manifest, plain, len(changed))
+
+
 def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -230,34 +286,7 @@ def save_pretrained(
     out = Path(path)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")
-    config: Any = model.config
-    architecture = type(model).__name__
-    fresh = _skeleton(config, architecture, meta=True)
-    cand = _propose_config(model, fresh, config)
-    shapes = _shapes(model)
-    try:
-        cand_model: nn.Module | None = _skeleton(cand, architecture, meta=True)
-    except (ValueError, TypeError, ZeroDivisionError):
-        cand_model = None  # the config cannot express this pruning (e.g. BERT derives head size from it)
-    plain = cand_model is not None and _shapes(cand_model) == shapes and _attributes(cand_model) == _attributes(model)
-    base = cand_model if plain and cand_model is not None else fresh
-    base_shapes, base_attrs = _shapes(base), _attributes(base)
-    changed = {k: v for k, v in shapes.items() if base_shapes.get(k) != v}
-    attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
-             for name, vals in _attributes(model).items()}
-    zeroed = {name: mod.extras for name, mod in model.named_modules() if isinstance(mod, ZeroSublayer)}
-    fresh_lists = {n: len(m) for n, m in fresh.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
-    lists = {n: len(m) for n, m in model.named_modules()
-             if isinstance(m, (nn.ModuleList, nn.Sequential)) and fresh_lists.get(n, len(m)) != len(m)}
-    manifest = {
-        "format": FORMAT,
-        "zeroed": zeroed,
-        "lists": lists,
-        "architecture": architecture,
-        "plain_loadable": plain,
-        "shapes": changed,
-        "attributes": {k: v for k, v in attrs.items() if v},
-    }
+    layout = describe(model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -269,11 +298,11 @@ def save_pretrained(
         # Weights under the module's own parameter names (tied tensors stored once); Hugging Face's
         # loader accepts these names as they are.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (cand if plain else config).save_pretrained(tmp)
+        layout.config.save_pretrained(tmp)
         generation: Any = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         elif source is not None:
@@ -283,6 +312,7 @@ def save_pretrained(
                     shutil.copy2(f, tmp / fname)
         if extra is not None:
             extra(tmp)
+        publish(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -296,7 +326,7 @@ def save_pretrained(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SaveResult(out, plain, len(changed))
+    return SaveResult(out, layout.plain_loadable, layout.changed_tensors)
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ import inspect
 import logging
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateurs.backends.files import atomic_file
 from secateurs.errors import CheckpointError, VerificationError
 from secateurs.frontends.torch_export import ExampleInputs, split_inputs
 
@@ -108,7 +108,7 @@ def export_onnx(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = split_inputs(model, example_inputs)
-    if any(hasattr(m, "weight_mask") and hasattr(m, "weight_orig") for m in model.modules()):
+    if torch.nn.utils.prune.is_pruned(model):
         # Attached sparsity masks export as Mul(weight_orig, weight_mask): TensorRT would see a computed
         # tensor, not a 2:4 weight, and the file would carry the mask. Export a copy with the masks applied.
         from secateurs.passes.sparsity import remove_masks
@@ -123,35 +123,48 @@ def export_onnx(
             lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, (args, kwargs))
     was_training = model.training
     model.eval()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                program = torch.onnx.export(
-                    model, args, kwargs=kwargs, dynamo=True, verbose=False,
-                    dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
-                )
-                assert program is not None
-                program.save(str(tmp))
-            else:
-                names = [f"input_{i}" for i in range(len(args))]
-                axes = {n: {0: "batch"} for n in names} if dynamic else None
-                torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
-                                  dynamic_axes=axes)
-        result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
-        os.replace(tmp, out)
-    except VerificationError:
-        raise
-    except Exception as exc:  # exporters raise many types; all mean "this model did not export"
-        raise CheckpointError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {exc}") from exc
+        with atomic_file(out, suffix=".onnx") as tmp:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if exporter == "dynamo":
+                        program = torch.onnx.export(
+                            model, args, kwargs=kwargs, dynamo=True, verbose=False,
+                            dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                        )
+                        assert program is not None
+                        program.save(str(tmp))
+                    else:
+                        # TorchScript tracing takes positional tensors only: keyword tensors become positional
+                        # inputs named after their keywords, other keywords (use_cache=False) stay fixed.
+                        tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+                        names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
+                        axes = {n: {0: "batch"} for n in names} if dynamic else None
+                        static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
+                        torch.onnx.export(_Positional(model, len(args), list(tensor_kwargs), static),
+                                          (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
+                                          opset_version=opset, input_names=names, dynamic_axes=axes)
+                result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
+            except (VerificationError, CheckpointError):
+                raise
+            except Exception as exc:  # exporters raise many types; all mean "this model did not export"
+                raise CheckpointError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {exc}") from exc
     finally:
         model.train(was_training)
-        if tmp.exists():
-            tmp.unlink()
     return OnnxExport(out, exporter, result[0], result[1])
+
+
+class _Positional(nn.Module):
+    """Calls a model with its keyword tensors given positionally (for the TorchScript exporter)."""
+
+    def __init__(self, model: nn.Module, n_args: int, names: list[str], static: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.n_args, self.names, self.static = model, n_args, names, static
+
+    def forward(self, *tensors: Any) -> Any:
+        named = dict(zip(self.names, tensors[self.n_args:], strict=True))
+        return self.model(*tensors[: self.n_args], **named, **self.static)
 
 
 def _feeds(session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:

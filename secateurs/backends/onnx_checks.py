@@ -23,14 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from secateurs.backends.files import atomic_dir, publish
 from secateurs.errors import BackendUnavailableError, CheckpointError
 
 __all__ = [
@@ -418,18 +417,16 @@ def fold_constants(onnx_path: str | os.PathLike[str], out_path: str | os.PathLik
         after = (_count_nodes(model), _init_bytes(model))
     except Exception as exc:  # the optimizer and loader raise many types
         raise CheckpointError(f"constant folding of '{src}' failed: {exc}") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp_dir:
         data_name = f"{out.name}.data" if after[1] > external_data_bytes else None
-        ir.save(model, str(tmp_dir / out.name), external_data=data_name)
+        try:
+            ir.save(model, str(tmp_dir / out.name), external_data=data_name)
+        except Exception as exc:  # disk and serialization errors
+            raise CheckpointError(f"cannot write folded model to '{out}': {exc}") from exc
+        publish(tmp_dir)
         if data_name is not None:
             os.replace(tmp_dir / data_name, out.parent / data_name)
         os.replace(tmp_dir / out.name, out)
-    except Exception as exc:  # disk and serialization errors
-        raise CheckpointError(f"cannot write folded model to '{out}': {exc}") from exc
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("folded '%s': %d -> %d nodes, %d -> %d initializer bytes", src, before[0], after[0], before[1],
              after[1])
     return FoldResult(out, before[0], after[0], before[1], after[1])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from secateurs.backends.files import atomic_dir, publish
 from secateurs.errors import CheckpointError, VerificationError
 from secateurs.ir.onnx_graph import OnnxGraph
 
@@ -64,15 +63,13 @@ def save_onnx(
 
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = graph.model
     ir_passes.RemoveUnusedNodesPass()(model)
     dedupe = getattr(ir_passes, "DeduplicateHashedInitializersPass", ir_passes.DeduplicateInitializersPass)
     dedupe()(model)
     external = _tensor_bytes(model) > _EXTERNAL_BYTES
     data_name = f"{out.name}.data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp_dir:
         tmp = tmp_dir / out.name
         try:
             if external:
@@ -89,11 +86,10 @@ def save_onnx(
                 raise VerificationError(f"the rewritten model fails onnx.checker (full check): {first}") from exc
         if run_inputs is not None:
             run_onnx(tmp, run_inputs)
+        publish(tmp_dir)
         if external:
             os.replace(tmp_dir / data_name, out.parent / data_name)
         os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("wrote '%s'", out)
     return out
 

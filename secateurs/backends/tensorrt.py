@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from secateurs.backends.files import atomic_file
 from secateurs.errors import BackendUnavailableError, CheckpointError
 
 __all__ = ["EngineBuild", "EngineLayer", "build_engine", "engine_latency", "run_engine"]
@@ -224,15 +224,8 @@ def _parse_inspector(text: str) -> tuple[EngineLayer, ...]:
 
 def _write_atomic(path: Path, data: Any) -> None:
     """Write bytes (or a buffer such as TensorRT's IHostMemory) to ``path`` via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def build_engine(

@@ -14,6 +14,17 @@ from secateurs.passes.depth import (
     find_blocks,
     find_sublayers,
 )
+from secateurs.passes.distill import (
+    LORA_BACKENDS,
+    RECOVER_MODES,
+    LoraAdapters,
+    LossPoint,
+    Recover,
+    RecoverOptions,
+    RecoverRecord,
+    attach_lora,
+    layer_map_from_depth,
+)
 from secateurs.passes.experts import (
     ExpertChange,
     ExpertScores,
@@ -82,4 +93,13 @@ __all__ = [
     "sparsity_of",
     "find_moe_blocks",
     "graph_invariants",
+    "LORA_BACKENDS",
+    "RECOVER_MODES",
+    "LoraAdapters",
+    "LossPoint",
+    "Recover",
+    "RecoverOptions",
+    "RecoverRecord",
+    "attach_lora",
+    "layer_map_from_depth",
 ]

@@ -71,6 +71,9 @@ def measure_drift(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         pruned = snapshot_outputs(model, args, kwargs)
     except Exception as exc:  # any failure of the rewritten model is a verification failure
         raise VerificationError(f"the pruned model no longer runs on the example inputs: {exc}") from exc
+    if any(not bool(torch.isfinite(t).all()) for t in dense if t.is_floating_point()):
+        raise VerificationError("the dense model's own outputs contain NaN or infinity on the example inputs; "
+                                "the drift of the pruned model cannot be measured")
     if len(pruned) != len(dense):
         raise VerificationError(f"the pruned model returns {len(pruned)} tensors, the dense one {len(dense)}")
     cosines, rels, abses = [], [], []

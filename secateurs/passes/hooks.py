@@ -75,19 +75,24 @@ def layer_targets(
     """Layers accepted by ``accept``, minus ignored ones and (unless asked) output layers.
 
     ``ignore`` holds module names or prefixes ending in ``.``; output layers are those whose output channels
-    reach a graph output (classifier, LM head), read from :class:`DependencyInfo`.
+    reach a graph output (classifier, LM head), read from :class:`DependencyInfo`, and layers sharing their
+    weight with an input embedding (a tied LM head).
     """
     from secateurs.ir.depgraph import DependencyInfo
 
     info = graph.analysis(DependencyInfo)
     outputs = {m for f in info.frozen if f.reason.startswith("graph output") for m in f.members}
+    # An LM head tied to the input embedding is an output layer too, though its frozen group may carry the
+    # embedding's reason instead (one reason per group); changing it would also change the embedding.
+    embeddings = {id(m.weight) for m in graph.module.modules() if isinstance(m, torch.nn.Embedding)}
     skip = tuple(ignore)
     out = []
     for name, mod in graph.module.named_modules():
         if not accept(mod) or any(name == p or (p.endswith(".") and name.startswith(p)) for p in skip):
             continue
         out_dim = 1 if type(mod).__name__ == "Conv1D" else 0
-        if not include_outputs and f"{name}.weight[{out_dim}]" in outputs:
+        tied = not isinstance(mod, torch.nn.Embedding) and id(getattr(mod, "weight", None)) in embeddings
+        if not include_outputs and (f"{name}.weight[{out_dim}]" in outputs or tied):
             continue
         out.append((name, mod))
     return out

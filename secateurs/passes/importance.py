@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from secateurs.distributed import all_reduce_sum, shard
 from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.hooks import calibration_calls, run_calibration
+from secateurs.progress import track
 
 __all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss"]
 
@@ -117,7 +119,9 @@ class ScoreChannels(Pass):
         Args:
             criterion: One of :data:`CRITERIA` or a callable ``(graph, info, group) -> scores``.
             calib: Calibration batches (each a tuple of positional inputs or a dict of keyword inputs) for
-                ``taylor`` and ``activation``; defaults to the capture's example inputs.
+                ``taylor`` and ``activation``; defaults to the capture's example inputs. Under ``torchrun``
+                each rank runs its share and the statistics are summed over the ranks
+                (:mod:`secateurs.distributed`).
             loss_fn: Loss on the model output for ``taylor``. By default a Hugging Face model that takes
                 ``labels`` gets ``labels=input_ids`` (its language-modelling loss, as in LLM-Pruner) or uses
                 the ``loss`` it returns; otherwise half the mean square of the floating-point outputs.
@@ -205,7 +209,7 @@ class ScoreChannels(Pass):
         module.eval()
         try:
             takes_labels = "labels" in inspect.signature(module.forward).parameters
-            for args, kwargs in calibration_calls(graph, self.calib):
+            for args, kwargs in track(shard(calibration_calls(graph, self.calib)), "taylor scoring"):
                 if takes_labels and self.loss_fn is None and "labels" not in kwargs and "input_ids" in kwargs:
                     # Language-modelling loss (LLM-Pruner): the model shifts the labels itself.
                     labels = kwargs["input_ids"].clone()
@@ -222,7 +226,7 @@ class ScoreChannels(Pass):
         finally:
             module.zero_grad(set_to_none=True)
             module.train(was_training)
-        return acc
+        return all_reduce_sum(acc, inplace=True)
 
     def _activations(self, graph: Graph, info: DependencyInfo) -> dict[tuple[str, int], InputStats]:
         """Mean and variance of each consumer's input per channel, keyed by (weight placeholder, dim).
@@ -262,7 +266,8 @@ class ScoreChannels(Pass):
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
             hooks.append(owner.register_forward_pre_hook(hook))
-        run_calibration(module, calibration_calls(graph, self.calib), hooks)
+        run_calibration(module, shard(calibration_calls(graph, self.calib)), hooks)
+        sums, firsts, counts = all_reduce_sum(sums, inplace=True), all_reduce_sum(firsts), all_reduce_sum(counts)
         out: dict[tuple[str, int], InputStats] = {}
         for k, sq in sums.items():
             n = max(counts[k], 1)

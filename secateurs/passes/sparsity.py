@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from secateurs.distributed import all_reduce_sum, shard
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
@@ -220,6 +221,9 @@ class SparsifyWeights(Pass):
             sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
                 the already pruned blocks before it, and only one block's statistics live at a time.
 
+        Under ``torchrun`` (see :mod:`secateurs.distributed`) every rank runs its share of ``calib`` and the
+        statistics are summed over the ranks, so all ranks choose the same masks.
+
         """
         if criterion not in SPARSITY_CRITERIA:
             raise BudgetError(f"unknown sparsity criterion {criterion!r}; choose from {SPARSITY_CRITERIA}")
@@ -251,28 +255,79 @@ class SparsifyWeights(Pass):
     def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
         return layer_targets(graph, _is_target, self.ignore, self.include_outputs)
 
+    def _eligible(self, targets: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]],
+                                                                         list[tuple[str, str]]]:
+        """The targets N:M applies to, and the skipped ones with the reason (all of them when unstructured)."""
+        skipped: list[tuple[str, str]] = []
+        if self.nm is None:
+            return targets, skipped
+        # Like TensorRT, N:M applies to layers whose input channels split into groups of M; the others
+        # (a 3-channel stem) stay dense and are reported. None eligible at all is an error.
+        eligible = []
+        for name, mod in targets:
+            cols = _weight(mod).shape[_in_dim(mod)]
+            if cols % self.nm[1]:
+                skipped.append((name, f"{cols} input channels, not a multiple of {self.nm[1]}"))
+            else:
+                eligible.append((name, mod))
+        if targets and not eligible:
+            name, why = skipped[0]
+            raise BudgetError(f"no layer can be {self.nm[0]}:{self.nm[1]} sparse: layer '{name}' has {why} "
+                              f"(and {len(skipped) - 1} more like it); ignore them or pad them")
+        if skipped:
+            log.warning("%d layer(s) stay dense under %d:%d sparsity: %s", len(skipped), *self.nm,
+                        ", ".join(f"{n} ({w})" for n, w in skipped[:5]))
+        return eligible, skipped
+
+    def _pattern(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
+
+    def sparsify_layers(self, targets: list[tuple[str, nn.Module]],
+                        calibrate: Callable[[], Any] | None = None) -> SparsityRecord:
+        """Sparsify ``targets`` directly, without a graph: the block-by-block (streaming) form of :meth:`run`.
+
+        The masks are those :meth:`run` chooses for the same layers and statistics, so a model sparsified one
+        block at a time, each block calibrated on the previous (already pruned) blocks' outputs, equals
+        ``sequential=True``. Under ``torchrun`` the statistics are summed over the ranks.
+
+        Args:
+            targets: ``(name, module)`` of the linear / conv layers to sparsify.
+            calibrate: For ``wanda`` / ``sparsegpt``: runs this rank's calibration inputs through the modules
+                (their inputs are read with hooks while it runs).
+
+        Returns:
+            The per-layer record.
+
+        Raises:
+            BudgetError: The criterion or allocator needs every layer at once (``global_magnitude``, OWL,
+                ``allocate``), or a calibrated criterion got no ``calibrate``.
+
+        """
+        if self.criterion == "global_magnitude" or self.owl or self.allocate is not None:
+            raise BudgetError(f"sparsity criterion {self.criterion!r} with allocator {self.allocate or 'owl'!r} "
+                              "ranks every layer at once; it cannot run block by block")
+        targets, skipped = self._eligible(targets)
+        stats: dict[str, torch.Tensor] = {}
+        if self.criterion in ("wanda", "sparsegpt") and targets:
+            if calibrate is None:
+                raise BudgetError(f"{self.criterion} sparsity needs calibration inputs; got none")
+            acc: dict[str, torch.Tensor] = {}
+            hooks = [mod.register_forward_pre_hook(self._collector(name, acc)) for name, mod in targets]
+            try:
+                with torch.no_grad():
+                    calibrate()
+            finally:
+                for h in hooks:
+                    h.remove()
+            stats = self._finish(all_reduce_sum(acc, inplace=True))
+        layers: list[tuple[str, float]] = []
+        self._apply(targets, stats, layers)
+        peak = sum(t.numel() * t.element_size() for t in stats.values())
+        return SparsityRecord(self.criterion, self._pattern(), tuple(layers), peak, tuple(skipped))
+
     def run(self, graph: Graph) -> PassResult:
         """Choose and apply the masks."""
-        targets = self._targets(graph)
-        skipped: list[tuple[str, str]] = []
-        if self.nm is not None:
-            # Like TensorRT, N:M applies to layers whose input channels split into groups of M; the others
-            # (a 3-channel stem) stay dense and are reported. None eligible at all is an error.
-            eligible = []
-            for name, mod in targets:
-                cols = _weight(mod).shape[_in_dim(mod)]
-                if cols % self.nm[1]:
-                    skipped.append((name, f"{cols} input channels, not a multiple of {self.nm[1]}"))
-                else:
-                    eligible.append((name, mod))
-            if targets and not eligible:
-                name, why = skipped[0]
-                raise BudgetError(f"no layer can be {self.nm[0]}:{self.nm[1]} sparse: layer '{name}' has {why} "
-                                  f"(and {len(skipped) - 1} more like it); ignore them or pad them")
-            if skipped:
-                log.warning("%d layer(s) stay dense under %d:%d sparsity: %s", len(skipped), *self.nm,
-                            ", ".join(f"{n} ({w})" for n, w in skipped[:5]))
-            targets = eligible
+        targets, skipped = self._eligible(self._targets(graph))
         layers: list[tuple[str, float]] = []
         self._peak = 0
         if self.owl:
@@ -287,8 +342,7 @@ class SparsifyWeights(Pass):
             stats = self._statistics(graph, targets) if self.criterion in ("wanda", "sparsegpt") else {}
             self._peak = sum(t.numel() * t.element_size() for t in stats.values())
             self._apply(targets, stats, layers)
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm is not None else f"{self.ratio:.0%} unstructured"
-        record = SparsityRecord(self.criterion, pattern, tuple(layers), self._peak, tuple(skipped))
+        record = SparsityRecord(self.criterion, self._pattern(), tuple(layers), self._peak, tuple(skipped))
         if not layers:
             return PassResult(graph, False, record)
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
@@ -443,7 +497,7 @@ class SparsifyWeights(Pass):
         model.eval()
         try:
             with torch.no_grad():
-                for args, kwargs in calibration_calls(graph, self.calib):
+                for args, kwargs in shard(calibration_calls(graph, self.calib)):
                     try:
                         model(*args, **kwargs)
                     except _Stop:
@@ -483,7 +537,7 @@ class SparsifyWeights(Pass):
         finally:
             for h in hooks:
                 h.remove()
-        return self._finish(acc)
+        return self._finish(all_reduce_sum(acc, inplace=True))
 
     def _collector(self, name: str, acc: dict[str, torch.Tensor]) -> Any:
         def hook(m: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -506,8 +560,8 @@ class SparsifyWeights(Pass):
         """Per target: input-channel norms (wanda) or the Hessian ``X^T X`` (sparsegpt) over calibration."""
         acc: dict[str, torch.Tensor] = {}
         hooks = [mod.register_forward_pre_hook(self._collector(name, acc)) for name, mod in targets]
-        run_calibration(graph.module, calibration_calls(graph, self.calib), hooks)
-        return self._finish(acc)
+        run_calibration(graph.module, shard(calibration_calls(graph, self.calib)), hooks)
+        return self._finish(all_reduce_sum(acc, inplace=True))
 
 
 def _hidden_out(out: Any) -> torch.Tensor:

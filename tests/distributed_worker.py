@@ -1,0 +1,84 @@
+"""Calibration scenarios run single-process by tests/test_distributed.py and under torchrun by this script.
+
+``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT`` prunes every scenario on every rank
+and writes each rank's pruned weights to ``OUT/<scenario>.rank<r>.safetensors``; then it prunes a sharded
+checkpoint block by block (:func:`stream`) into ``OUT/stream``, written by rank 0; rank 0 also writes
+``OUT/meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SCENARIOS = {
+    "wanda_2_4": {"nm": "2:4", "sparsity_criterion": "wanda"},
+    "sparsegpt_2_4_sequential": {"nm": "2:4", "sparsity_criterion": "sparsegpt", "sequential": True},
+    "activation_ffn_sparsegpt": {"ffn": 0.25, "importance": "activation", "round_to": 8, "sparsity": 0.5,
+                                 "sparsity_criterion": "sparsegpt"},
+    "taylor_ffn": {"ffn": 0.25, "importance": "taylor", "round_to": 8},
+}
+
+
+def build(layers: int = 2, batches: int = 5):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    # an odd number of batches of different lengths: the ranks get unequal shares
+    calib = [{"input_ids": torch.randint(0, 120, (2, 8 + 2 * i))} for i in range(batches)]
+    return model, calib
+
+
+def run(name: str) -> dict[str, torch.Tensor]:
+    """Prune a fresh model by scenario ``name``; its weights (masks made permanent)."""
+    import secateurs as sc
+    from secateurs.passes import remove_masks
+
+    model, calib = build()
+    sc.prune(model, calib[0], calib=calib, check_outputs=False, **SCENARIOS[name])
+    remove_masks(model)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+STREAM_OPTIONS = {"ffn": 0.25, "importance": "activation", "nm": "2:4", "sparsity_criterion": "wanda"}
+
+
+def stream(src: Path, dst: Path) -> None:
+    """Streaming prune of ``src`` (a sharded checkpoint of :func:`build`'s model) with calibration."""
+    from secateurs.stream import prune_checkpoint
+
+    _, calib = build()
+    prune_checkpoint(src, dst, calib=calib, **STREAM_OPTIONS)
+
+
+def main(out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from secateurs import distributed
+
+    assert distributed.init("gloo"), "start me with torchrun"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SCENARIOS:
+        state = run(name)
+        state.pop("lm_head.weight", None)  # tied to the embeddings
+        save_file(state, str(out / f"{name}.rank{distributed.rank()}.safetensors"))
+    if distributed.is_writer():
+        from test_stream import save_sharded
+
+        save_sharded(build()[0], out / "src")
+    distributed.barrier()
+    stream(out / "src", out / "stream")
+    if distributed.is_writer():
+        (out / "meta.json").write_text(json.dumps({"world_size": distributed.world_size(),
+                                                   "scenarios": list(SCENARIOS)}))
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,227 @@
+"""Out-of-core pruning (secateurs.stream): block by block from sharded safetensors equals the in-memory prune."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import secateurs as sc
+from secateurs.backends.sharded import INDEX, ShardedSource, ShardedWriter
+from secateurs.errors import BudgetError, CheckpointError
+from secateurs.passes import check_nm, remove_masks
+from secateurs.stream import StreamOptions, prune_checkpoint
+
+
+def _llama(layers=4, hidden=64, intermediate=128, tie=False, dtype=torch.float32):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return tf.LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def save_sharded(model, folder: Path, shards: int = 4) -> Path:
+    """Save ``model`` as exactly ``shards`` safetensors files with an index (a block may span two files)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _calib(n=3):
+    return [{"input_ids": torch.randint(0, 120, (2, 8 + 2 * i))} for i in range(n)]
+
+
+CASES = {
+    "l2_ffn_magnitude_2_4": ({"ffn": 0.25, "nm": "2:4", "round_to": 8}, {}),
+    "activation_ffn_wanda_2_4": ({"ffn": 0.25, "importance": "activation", "nm": "2:4", "sparsity_criterion": "wanda",
+                                  "round_to": 8}, {"sequential": True}),
+    "flap_ffn_sparsegpt": ({"ffn": 0.5, "importance": "flap", "sparsity": 0.5, "sparsity_criterion": "sparsegpt",
+                            "round_to": 16}, {"sequential": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streaming_equals_in_memory_prune(tmp_path, case):
+    opts, extra = CASES[case]
+    model = _llama(4)
+    src = save_sharded(model, tmp_path / "src")
+    assert len(list(src.glob("*.safetensors"))) == 4
+    calib = _calib()
+    calibrated = "importance" in opts
+    ref = copy.deepcopy(model)
+    sc.prune(ref, calib[0], calib=calib if calibrated else None, check_outputs=False, **opts, **extra)
+    remove_masks(ref)
+    report = prune_checkpoint(src, tmp_path / "out", calib=calib if calibrated else None, **opts)
+    assert report.blocks == 4 and report.plain_loadable
+    assert [w[1:] for w in report.widths] == [(128, ref.model.layers[0].mlp.up_proj.out_features)] * 4
+    loaded = sc.load_pretrained(tmp_path / "out")
+    got, want = loaded.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].shape == v.shape, k  # same kept channels
+        if opts.get("sparsity_criterion") == "sparsegpt":
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+            assert torch.equal(got[k] == 0, v == 0), k
+        else:
+            assert torch.equal(got[k], v), k
+    x = calib[1]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    if "nm" in opts:
+        assert check_nm(loaded, 2, 4, [n for n, _ in loaded.named_modules() if n.endswith("proj")]) == []
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert (tmp_path / "out" / "secateurs.json").is_file()
+
+
+def test_tied_single_file_bf16_checkpoint_copies_embeddings_in_chunks(tmp_path):
+    import transformers as tf
+
+    model = _llama(2, tie=True, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")  # one model.safetensors, lm_head tied to the embeddings
+    report = prune_checkpoint(tmp_path / "src", tmp_path / "out", ffn=0.5, nm="2:4", round_to=8, chunk_bytes=1000)
+    assert report.peak_weight_bytes <= report.block_bytes
+    ref = copy.deepcopy(model)
+    sc.prune(ref, {"input_ids": torch.randint(0, 120, (1, 6))}, ffn=0.5, nm="2:4", round_to=8, check_outputs=False)
+    remove_masks(ref)
+    assert (ref.model.embed_tokens.weight != 0).all()  # the tied LM head is an output layer: left dense
+    plain = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()  # uniform widths: config says it all
+    assert plain.config.intermediate_size == 64 and plain.dtype == torch.bfloat16
+    for k, v in ref.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+
+
+def test_peak_weights_are_one_block_at_any_depth(tmp_path):
+    reports = {}
+    for layers in (4, 16):
+        src = save_sharded(_llama(layers), tmp_path / f"src{layers}")
+        reports[layers] = prune_checkpoint(src, tmp_path / f"out{layers}", ffn=0.25, nm="2:4", round_to=8,
+                                           chunk_bytes=4096)
+    small, big = reports[4], reports[16]
+    assert big.model_bytes > 3 * small.model_bytes
+    assert small.block_bytes == big.block_bytes
+    # the counter of checkpoint bytes loaded at once: one block whatever the depth, a fraction of the model
+    assert small.peak_weight_bytes == big.peak_weight_bytes == big.block_bytes
+    assert big.peak_weight_bytes < big.model_bytes / 12
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    from pathlib import Path
+    from secateurs.stream import prune_checkpoint
+
+    tmp = Path(sys.argv[1])
+
+    def status(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    prune_checkpoint(tmp / "src1", tmp / "out1", ffn=0.25, nm="2:4")  # warm-up: imports, torch.export caches
+    out = {}
+    for layers in (4, 16):
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+        base = status("VmRSS")
+        r = prune_checkpoint(tmp / f"src{layers}", tmp / f"out{layers}", ffn=0.25, nm="2:4", chunk_bytes=1 << 20)
+        out[layers] = {"growth": status("VmHWM") - base, "block": r.block_bytes, "model": r.model_bytes}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+def test_peak_rss_grows_by_one_block_not_the_model(tmp_path):
+    """The peak RSS of streaming a 16-layer model is that of a 4-layer one: a few blocks, not the model."""
+    for layers in (1, 4, 16):
+        save_sharded(_llama(layers, hidden=512, intermediate=2048), tmp_path / f"src{layers}")  # 15 MiB blocks
+    # glibc otherwise raises its mmap threshold as blocks are freed and keeps them in the heap: noise
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    block, model16 = m["16"]["block"], m["16"]["model"]
+    grow4, grow16 = m["4"]["growth"], m["16"]["growth"]
+    assert model16 > 15 * block
+    assert grow16 < grow4 + 2 * block, m  # 12 more layers, (almost) no more memory
+    assert grow16 < 6 * block, m  # a block, its pruned copy, float64 scores of one layer, the shard written
+    assert grow16 < model16 / 3, m  # loading the model would need all of it
+
+
+def test_interrupted_run_leaves_no_output_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    src = save_sharded(_llama(4), tmp_path / "src")
+    calls = []
+    original = ShardedWriter.write_shard
+
+    def failing(self, filename, tensors):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed mid-way
+        original(self, filename, tensors)
+
+    monkeypatch.setattr(ShardedWriter, "write_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(src, tmp_path / "out", ffn=0.25)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temporary folder left either
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(src, tmp_path / "out", ffn=0.25, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_bad_requests_are_refused(tmp_path):
+    src = save_sharded(_llama(2), tmp_path / "src", shards=2)
+    with pytest.raises(BudgetError, match="taylor"):
+        prune_checkpoint(src, tmp_path / "o", ffn=0.25, importance="taylor")
+    with pytest.raises(BudgetError, match="calib"):
+        prune_checkpoint(src, tmp_path / "o", nm="2:4", sparsity_criterion="wanda")
+    with pytest.raises(BudgetError, match="unexpected keyword"):
+        prune_checkpoint(src, tmp_path / "o", ffn_ratio=0.25)
+    with pytest.raises(BudgetError, match="2:4"):
+        StreamOptions(nm="two:four")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(CheckpointError, match="exists"):
+        prune_checkpoint(src, tmp_path / "exists", ffn=0.25)
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        ShardedSource(src)
+    assert not (tmp_path / "o").exists()
+
+
+def test_source_reads_rows_and_chunks_like_the_tensor(tmp_path):
+    model = _llama(1)
+    src = save_sharded(model, tmp_path / "src", shards=2)
+    source = ShardedSource(src)
+    emb = model.model.embed_tokens.weight.detach()
+    ids = torch.tensor([[3, 7, 3], [119, 0, 7]])
+    assert torch.equal(source.rows("model.embed_tokens.weight", ids), emb[ids])
+    assert torch.equal(torch.cat(list(source.chunks("model.embed_tokens.weight", 1000))), emb)
+    with pytest.raises(CheckpointError, match="no tensor"):
+        source.info("model.nope")
