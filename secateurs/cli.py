@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=_positive, help="tokens per calibration text (default 64)")
     pr.add_argument("--seed", type=int, help="random seed (default 0)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    pr.add_argument("--stream", action="store_true", help="out-of-core: load, prune and write one decoder block at a "
+                    "time (--ffn, --sparsity / --nm, --criterion, --sparsity-criterion, --round-to, --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
@@ -151,12 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet or args.json else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s", force=True)
+    if level == logging.WARNING:  # recovery training's periodic evaluation lines are part of normal output
+        logging.getLogger("secateurs.passes.distill").setLevel(logging.INFO)
     from secateurs.errors import BackendUnavailableError, SecateursError, VerificationError
     from secateurs.progress import reporting, tqdm_renderer
 
     commands: dict[str, Callable[[argparse.Namespace], Any]] = {
         "demo": _demo, "prune": _prune, "export": _export, "engine": _engine, "inspect": _inspect, "bench": _bench}
-    quiet = args.quiet or args.json
+    from secateurs.distributed import init, is_writer
+
+    init()  # joins torchrun's process group when launched by torchrun; a no-op otherwise
+    if not is_writer():  # under torchrun only the writing rank prints
+        args.quiet = True
+    quiet = args.quiet or args.json or not is_writer()
     try:
         with reporting(None if quiet else tqdm_renderer(disable=None)):
             result = commands[args.command](args)
@@ -166,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, f"verification failed: {exc}", EXIT_VERIFICATION)
     except (SecateursError, BackendUnavailableError) as exc:
         return _fail(args, f"error: {exc}", EXIT_BAD_INPUT)
-    if args.json:
+    if args.json and is_writer():
         print(json.dumps(result, indent=1, default=str))
     return EXIT_OK
 
@@ -230,6 +239,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
              "recover_mode")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
+    if args.stream:
+        return _prune_stream(args)
     if args.recipe:
         used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
         if used:
@@ -249,6 +260,46 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, str(report))
     _say(args, "dry run: nothing written" if args.dry_run else
          f"wrote {args.out} (report: {Path(args.out) / 'report.html'})")
+    return data
+
+
+def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from secateurs.distributed import is_writer
+    from secateurs.errors import BudgetError
+
+    unsupported = [f"--{f.replace('_', '-')}" for f in (
+        "recipe", "channels", "heads", "kv_groups", "hidden", "experts", "layers", "sublayers", "low_rank",
+        "recover", "allocate", "depth_criterion", "min_cosine", "max_rel_error") if getattr(args, f) is not None]
+    unsupported += ["--dry-run"] if args.dry_run else []
+    unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
+    if unsupported:
+        raise BudgetError("--stream supports --ffn --sparsity --nm --criterion --sparsity-criterion --round-to "
+                          f"--calib --calib-samples --seq-len --overwrite only, not {' '.join(unsupported)}")
+    if args.out is None:
+        raise BudgetError("--stream needs --out")
+    criterion, sparsity_criterion = args.criterion or "l2", args.sparsity_criterion or "magnitude"
+    batches = None
+    if criterion in ("activation", "flap") or sparsity_criterion in ("wanda", "sparsegpt"):
+        from secateurs.convert import _tokenizer
+        from secateurs.data import text_batches
+
+        tokenizer = _tokenizer(Path(args.src))
+        if tokenizer is None or args.calib == "none":
+            raise BudgetError(f"'{criterion}' / '{sparsity_criterion}' need calibration text and the checkpoint's "
+                              "tokenizer files (--calib pydoc or a file)")
+        batches = text_batches(tokenizer, args.calib or "pydoc", samples=args.calib_samples or 16,
+                               seq_len=args.seq_len or 64, batch_size=min(8, args.calib_samples or 16))
+    from secateurs.stream import prune_checkpoint as stream_prune
+
+    report = stream_prune(args.src, args.out, ffn=args.ffn, importance=criterion,
+                          round_to=8 if args.round_to is None else args.round_to, sparsity=args.sparsity, nm=args.nm,
+                          sparsity_criterion=sparsity_criterion, calib=batches, overwrite=args.overwrite)
+    if is_writer():
+        _say(args, report.summary())
+    data = dataclasses.asdict(report)
+    data["path"] = str(report.path)
     return data
 
 

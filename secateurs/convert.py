@@ -186,7 +186,9 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                                 "device": device}, source, recipe=recipe)
     if report.drift is not None:
         check_drift(report.drift, min_cosine=min_cosine, max_rel_error=max_rel_error)
-    if dry_run:
+    from secateurs.distributed import is_writer
+
+    if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes
         return report, data
     assert dst is not None
     with stage("saving checkpoint and report"):

@@ -290,3 +290,20 @@ def test_a_dense_model_producing_nan_is_named():
     lin = torch.nn.Linear(2, 2)
     with pytest.raises(VerificationError, match="dense model's own outputs"):
         measure_drift(lin, (torch.randn(1, 2),), {}, [torch.tensor([float("nan"), 1.0])])
+
+
+def test_streaming_prune_from_the_command_line(llama_dir, tmp_path, capsys):
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "s"), "--stream", "--ffn", "0.25",
+                        "--nm", "2:4", "--round-to", "8")
+    assert code == 0 and json.loads(out)["blocks"] == 2
+    model = sc.load_pretrained(tmp_path / "s")
+    assert model.model.layers[0].mlp.up_proj.out_features == 72
+    from secateurs.passes import check_nm
+
+    assert check_nm(model, 2, 4, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]) == []
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--heads", "0.5")
+    assert code == 2 and "--stream supports" in json.loads(out)["error"]
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--ffn", "0.25",
+                        "--sparsity-criterion", "wanda", "--nm", "2:4")
+    assert code == 2 and "need calibration text" in json.loads(out)["error"]
+    assert _left(tmp_path) == ["s"]

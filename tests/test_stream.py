@@ -115,6 +115,10 @@ def test_tied_single_file_bf16_checkpoint_copies_embeddings_in_chunks(tmp_path):
     for k, v in ref.state_dict().items():
         assert torch.equal(plain.state_dict()[k], v), k
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only mode
+    assert (tmp_path / "out" / INDEX).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_peak_weights_are_one_block_at_any_depth(tmp_path):

@@ -298,7 +298,10 @@ def save_pretrained(
         # Weights under the module's own parameter names (tied tensors stored once); Hugging Face's
         # loader accepts these names as they are.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        layout.config.save_pretrained(tmp)
+        config_out = copy.copy(layout.config)
+        if not getattr(config_out, "architectures", None):  # as Hugging Face's own save_pretrained records it
+            config_out.architectures = [type(model).__name__]
+        config_out.save_pretrained(tmp)
         generation: Any = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(tmp)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from secateurs.backends.files import publish
 from secateurs.errors import CheckpointError
 
 __all__ = ["INDEX", "ShardedSource", "ShardedWriter", "TensorInfo", "shard_name"]
@@ -287,6 +288,7 @@ class ShardedWriter:
             (self.tmp / INDEX).write_text(json.dumps(index, indent=2))
             if files is not None:
                 files(self.tmp)
+            publish(self.tmp)  # mkdtemp made it owner-only; a served model must stay readable
             if self.path.exists():
                 old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
                 os.replace(self.path, old)

@@ -1039,6 +1039,9 @@ class Recover(Pass):
             if evaluate and (state.step == o.steps or (o.eval_every and state.step % o.eval_every == 0)):
                 loss_eval, ppl = self._evaluate(model, teacher, kind, pairs, device, autocast)
                 point = LossPoint(state.step, total, loss_eval, ppl)
+                log.info("recover step %d/%d: training objective %.4f, held-out loss %.4f%s", state.step, o.steps,
+                         total if total is not None else float("nan"), loss_eval,
+                         f", perplexity {ppl:.3f}" if ppl is not None else "")
                 self._consider(model, trainable, state, loss_eval, state.step)
                 if o.patience and state.bad_evals >= o.patience and state.step < o.steps:
                     state.stopped_early = True
