@@ -29,7 +29,7 @@ from secateurs.passes.recover import ReconstructLayers
 from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
 from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
 
-__all__ = ["Report", "plan_passes", "prune", "run_passes"]
+__all__ = ["Report", "change_lines", "frozen_lines", "plan_passes", "prune", "run_passes"]
 
 
 @dataclasses.dataclass
@@ -98,10 +98,7 @@ class Report:
         if self.latency_before and self.latency_after:
             lines.insert(2, f"latency {1e3 * self.latency_before:.2f} ms -> {1e3 * self.latency_after:.2f} ms "
                             f"({self.latency_before / self.latency_after:.2f}x, PyTorch CPU)")
-        for c in self.changes[:20]:
-            lines.append(f"  {c.name}: {c.before} -> {c.after}")
-        if len(self.changes) > 20:
-            lines.append(f"  ... {len(self.changes) - 20} more")
+        lines += change_lines(self.changes)
         if self.sparsity is not None:
             mean = sum(v for _, v in self.sparsity.layers) / max(len(self.sparsity.layers), 1)
             lines.append(f"weight sparsity {self.sparsity.pattern} by {self.sparsity.criterion}: "
@@ -117,15 +114,29 @@ class Report:
                          + (f", held-out loss {last.eval_loss:.4f}" if last is not None and last.eval_loss else ""))
         if self.drift is not None:
             lines.append(str(self.drift))
-        lines.append(f"frozen groups: {len(self.frozen)}")
-        for reason, items in _by_reason(self.frozen).items():
-            example = items[0]
-            more = f" and {len(items) - 1} like it" if len(items) > 1 else ""
-            lines.append(f"  {reason}: {', '.join(example.members[:3])}"
-                         f"{' ...' if len(example.members) > 3 else ''} x{example.size}{more}")
-        if self.unsupported_ops:
-            lines.append("unsupported ops (channels frozen): " + ", ".join(self.unsupported_ops[:10]))
+        lines += frozen_lines(self.frozen, self.unsupported_ops)
         return "\n".join(lines)
+
+
+def change_lines(changes: Sequence[GroupChange], limit: int = 20) -> list[str]:
+    """Report lines for pruned groups (the first ``limit``)."""
+    lines = [f"  {c.name}: {c.before} -> {c.after}" for c in changes[:limit]]
+    if len(changes) > limit:
+        lines.append(f"  ... {len(changes) - limit} more")
+    return lines
+
+
+def frozen_lines(frozen: Sequence[FrozenGroup], unsupported_ops: Sequence[str]) -> list[str]:
+    """Report lines for frozen groups, one per reason, and the ops without a rule."""
+    lines = [f"frozen groups: {len(frozen)}"]
+    for reason, items in _by_reason(frozen).items():
+        example = items[0]
+        more = f" and {len(items) - 1} like it" if len(items) > 1 else ""
+        lines.append(f"  {reason}: {', '.join(example.members[:3])}"
+                     f"{' ...' if len(example.members) > 3 else ''} x{example.size}{more}")
+    if unsupported_ops:
+        lines.append("unsupported ops (channels frozen): " + ", ".join(unsupported_ops[:10]))
+    return lines
 
 
 def _original_names(model: nn.Module, identities: dict[int, str], changes: list[GroupChange]) -> list[GroupChange]:

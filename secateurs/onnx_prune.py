@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from secateurs.api import change_lines, frozen_lines
 from secateurs.backends.onnx_file import save_onnx
 from secateurs.frontends.onnx_model import load_onnx
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
@@ -86,20 +86,7 @@ class OnnxReport:
             + ", ".join(f"{k}{list(v)}" for k, v in self.shapes.items()),
             f"pruned groups: {len(self.changes)}",
         ]
-        for c in self.changes[:20]:
-            lines.append(f"  {c.name}: {c.before} -> {c.after}")
-        if len(self.changes) > 20:
-            lines.append(f"  ... {len(self.changes) - 20} more")
-        lines.append(f"frozen groups: {len(self.frozen)}")
-        by_reason: dict[str, list[FrozenGroup]] = {}
-        for f in self.frozen:
-            by_reason.setdefault(re.sub(r"_\d+'", "'", f.reason), []).append(f)
-        for reason, items in by_reason.items():
-            more = f" and {len(items) - 1} like it" if len(items) > 1 else ""
-            lines.append(f"  {reason}: {', '.join(items[0].members[:3])}"
-                         f"{' ...' if len(items[0].members) > 3 else ''} x{items[0].size}{more}")
-        if self.unsupported_ops:
-            lines.append("unsupported ops (channels frozen): " + ", ".join(self.unsupported_ops[:10]))
+        lines += change_lines(self.changes) + frozen_lines(self.frozen, self.unsupported_ops)
         return "\n".join(lines)
 
 

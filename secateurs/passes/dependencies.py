@@ -20,6 +20,12 @@ class DependencyRecord:
     frozen: int
     unsupported_ops: tuple[str, ...]
 
+    @classmethod
+    def of(cls, info: DependencyInfo) -> DependencyRecord:
+        """The summary of an analysis (either IR)."""
+        return cls(len(info.groups), sum(g.size for g in info.groups.values()), len(info.frozen),
+                   tuple(info.unsupported))
+
 
 class AnalyzeDependencies(Pass):
     """Analysis pass: propagate channels through the op rule table and attach :class:`DependencyInfo`.
@@ -34,10 +40,4 @@ class AnalyzeDependencies(Pass):
         """Analyse ``graph``."""
         info = analyze(graph)
         graph.analyses[DependencyInfo] = info
-        record = DependencyRecord(
-            groups=len(info.groups),
-            prunable_channels=sum(g.size for g in info.groups.values()),
-            frozen=len(info.frozen),
-            unsupported_ops=tuple(info.unsupported),
-        )
-        return PassResult(graph, False, record)
+        return PassResult(graph, False, DependencyRecord.of(info))

@@ -24,10 +24,4 @@ class AnalyzeOnnxDependencies(OnnxPass):
         """Analyse ``graph``."""
         info = analyze_onnx(graph)
         graph.analyses[DependencyInfo] = info
-        record = DependencyRecord(
-            groups=len(info.groups),
-            prunable_channels=sum(g.size for g in info.groups.values()),
-            frozen=len(info.frozen),
-            unsupported_ops=tuple(info.unsupported),
-        )
-        return OnnxPassResult(graph, False, record)
+        return OnnxPassResult(graph, False, DependencyRecord.of(info))
