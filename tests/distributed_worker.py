@@ -20,7 +20,20 @@ SCENARIOS = {
     "activation_ffn_sparsegpt": {"ffn": 0.25, "importance": "activation", "round_to": 8, "sparsity": 0.5,
                                  "sparsity_criterion": "sparsegpt"},
     "taylor_ffn": {"ffn": 0.25, "importance": "taylor", "round_to": 8},
+    "moe_experts_by_frequency": {"experts": 0.5, "expert_importance": "frequency"},
 }
+
+
+def build_moe(batches: int = 5):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = tf.MixtralForCausalLM(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 120, (2, 8 + 2 * i))} for i in range(batches)]
+    return model, calib
 
 
 def build(layers: int = 2, batches: int = 5):
@@ -40,7 +53,7 @@ def run(name: str) -> dict[str, torch.Tensor]:
     import secateurs as sc
     from secateurs.passes import remove_masks
 
-    model, calib = build()
+    model, calib = build_moe() if "experts" in SCENARIOS[name] else build()
     sc.prune(model, calib[0], calib=calib, check_outputs=False, **SCENARIOS[name])
     remove_masks(model)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.materialize import Snapshot
+from secateurs.distributed import all_reduce_sum, shard
 from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
@@ -147,10 +148,11 @@ class ScoreExperts(Pass):
             hooks.append(model.get_submodule(b.router).register_forward_hook(hook))
             if self.criterion == "output_norm":
                 hooks.extend(self._norm_hooks(model, b, norms))
-        calib = calibration_calls(graph, self.calib)
+        calib = shard(calibration_calls(graph, self.calib))  # under torchrun: this rank's share, then summed
         run_calibration(model, calib, hooks)
-        batches = len(calib)
         chosen = {"frequency": freq, "mass": mass, "output_norm": norms}[self.criterion]
+        chosen = all_reduce_sum(chosen)
+        batches = int(all_reduce_sum({"batches": len(calib)})["batches"])
         result = ExpertScores(self.criterion, chosen, batches)
         graph.analyses[ExpertScores] = result
         return PassResult(graph, False, result)
