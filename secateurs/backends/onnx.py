@@ -142,8 +142,9 @@ def export_onnx(
                         names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
                         axes = {n: {0: "batch"} for n in names} if dynamic else None
                         static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
-                        torch.onnx.export(_Positional(model, len(args), list(tensor_kwargs), static),
-                                          (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
+                        # Positional-only models export as they are (initializers keep their module names).
+                        traced = _Positional(model, len(args), list(tensor_kwargs), static) if kwargs else model
+                        torch.onnx.export(traced, (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
                                           opset_version=opset, input_names=names, dynamic_axes=axes)
                 result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
             except (VerificationError, CheckpointError):
