@@ -264,8 +264,10 @@ def plan_passes(
             or ``"dp"`` (each layer capped at 95%).
         reconstruct: After sparsity, refit kept weights by least squares against the dense model, shift biases
             and re-estimate BatchNorm statistics on ``calib`` (keeps a dense copy while pruning).
-        allocate: Spread ``ratio`` over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
-            ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ.
+        allocate: Spread the budget over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
+            ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ. The
+            budget is each per-structure ratio (``ffn``, ``heads``, ...) over that structure's groups when any is
+            given, else ``ratio`` over all FFN, head and conv-channel groups together.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
             or ``"latency"`` (measured on PyTorch CPU and cached in ``latency_cache``).
         speedup: A whole-model latency target (e.g. 1.5 for "1.5x faster"); implies ``budget_unit="latency"``
@@ -308,7 +310,7 @@ def plan_passes(
         if allocate is not None:
             table = LatencyTable(latency_backend, cache=latency_cache) if budget_unit == "latency" else None
             passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib,
-                                         latency=table, speedup=speedup))
+                                         latency=table, speedup=speedup, kind_ratios=kind_ratios))
         passes.append(PruneChannels(options))
     if isinstance(nm, str):
         try:

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap")
     g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
     g.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
+    g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
+                   "ranking across layers (global)")
     g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")
     g.add_argument("--recover", type=_positive, metavar="STEPS",
                    help="then train the pruned model against the dense one on the calibration text for STEPS steps")
@@ -98,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, help="random seed (default 0)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--stream", action="store_true", help="out-of-core: load, prune and write one decoder block at a "
-                    "time (--ffn, --sparsity / --nm, --criterion, --sparsity-criterion, --round-to, --calib)")
+                    "time (--heads --kv-groups --ffn --experts --layers --depth-criterion --scope --allocate "
+                    "--sparsity / --nm --criterion --sparsity-criterion --round-to --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
@@ -209,7 +212,7 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     names = {"channels": "channels", "heads": "heads", "kv_groups": "kv_groups", "ffn": "ffn", "hidden": "hidden",
              "experts": "experts", "layers": "layers", "sublayers": "sublayers", "sparsity": "sparsity", "nm": "nm",
              "criterion": "importance", "sparsity_criterion": "sparsity_criterion",
-             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to"}
+             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to", "scope": "scope"}
     options = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src) is not None}
     for key in ("layers", "sublayers"):
         if key in options and options[key] >= 1:
@@ -236,7 +239,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
     flags = ("channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm",
              "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to", "recover",
-             "recover_mode")
+             "recover_mode", "scope")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
     if args.stream:
@@ -250,7 +253,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
         options, extra = _flag_options(args)
         recipe = parse_recipe({"seed": args.seed or 0, "calib": {},
                                "passes": ([{"prune": options}] if set(options) - {"importance", "sparsity_criterion",
-                                          "depth_criterion", "allocate", "round_to"} else []) + extra}, "flags")
+                                          "depth_criterion", "allocate", "round_to", "scope"} else []) + extra},
+                              "flags")
     from secateurs.convert import prune_checkpoint
 
     report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
@@ -268,34 +272,44 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
 
     from secateurs.distributed import is_writer
     from secateurs.errors import BudgetError
+    from secateurs.stream import StreamOptions
 
     unsupported = [f"--{f.replace('_', '-')}" for f in (
-        "recipe", "channels", "heads", "kv_groups", "hidden", "experts", "layers", "sublayers", "low_rank",
-        "recover", "allocate", "depth_criterion", "min_cosine", "max_rel_error") if getattr(args, f) is not None]
+        "recipe", "channels", "hidden", "sublayers", "low_rank", "recover", "min_cosine", "max_rel_error")
+        if getattr(args, f) is not None]
     unsupported += ["--dry-run"] if args.dry_run else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
     if unsupported:
-        raise BudgetError("--stream supports --ffn --sparsity --nm --criterion --sparsity-criterion --round-to "
-                          f"--calib --calib-samples --seq-len --overwrite only, not {' '.join(unsupported)}")
+        raise BudgetError("--stream supports --heads --kv-groups --ffn --experts --layers --depth-criterion --scope "
+                          "--allocate --sparsity --nm --criterion --sparsity-criterion --round-to --calib "
+                          f"--calib-samples --seq-len --overwrite only, not {' '.join(unsupported)}")
     if args.out is None:
         raise BudgetError("--stream needs --out")
-    criterion, sparsity_criterion = args.criterion or "l2", args.sparsity_criterion or "magnitude"
+    layers = args.layers
+    if layers is not None and layers >= 1:
+        layers = int(layers)
+    options = StreamOptions(
+        ffn=args.ffn, heads=args.heads, kv_groups=args.kv_groups, experts=args.experts, layers=layers,
+        depth_criterion=args.depth_criterion or "bi", scope=args.scope or "local", allocate=args.allocate,
+        importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to,
+        sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude")
+    if not (options.width or options.experts or options.layers or options.sparse):
+        raise BudgetError("nothing to prune: give at least one of --heads --kv-groups --ffn --experts --layers "
+                          "--sparsity --nm")
     batches = None
-    if criterion in ("activation", "flap") or sparsity_criterion in ("wanda", "sparsegpt"):
+    if options.calibrated:
         from secateurs.convert import _tokenizer
         from secateurs.data import text_batches
 
         tokenizer = _tokenizer(Path(args.src))
         if tokenizer is None or args.calib == "none":
-            raise BudgetError(f"'{criterion}' / '{sparsity_criterion}' need calibration text and the checkpoint's "
-                              "tokenizer files (--calib pydoc or a file)")
+            raise BudgetError("depth, experts, the cfsp allocator, activation / flap importance and wanda / sparsegpt "
+                              "need calibration text and the checkpoint's tokenizer files (--calib pydoc or a file)")
         batches = text_batches(tokenizer, args.calib or "pydoc", samples=args.calib_samples or 16,
                                seq_len=args.seq_len or 64, batch_size=min(8, args.calib_samples or 16))
     from secateurs.stream import prune_checkpoint as stream_prune
 
-    report = stream_prune(args.src, args.out, ffn=args.ffn, importance=criterion,
-                          round_to=8 if args.round_to is None else args.round_to, sparsity=args.sparsity, nm=args.nm,
-                          sparsity_criterion=sparsity_criterion, calib=batches, overwrite=args.overwrite)
+    report = stream_prune(args.src, args.out, options, calib=batches, overwrite=args.overwrite)
     if is_writer():
         _say(args, report.summary())
     data = dataclasses.asdict(report)

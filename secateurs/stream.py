@@ -1,38 +1,49 @@
 """Out-of-core pruning: prune a sharded Hugging Face checkpoint one decoder block at a time.
 
-The model is built on the ``meta`` device (no memory), then for every decoder block in turn: its weights are
-read from the safetensors shards (:class:`~secateurs.backends.sharded.ShardedSource`), the FFN width is
-pruned by the same passes :func:`secateurs.prune` runs (captured on the block's MLP alone), its linear layers
-are sparsified (:meth:`~secateurs.passes.sparsity.SparsifyWeights.sparsify_layers`), the block is written as
-its own shard and goes back to ``meta``. Embeddings, the final norm and the LM head are copied through in row
-chunks. The output is a sharded checkpoint with ``model.safetensors.index.json``, the config and the
-``secateurs.json`` manifest, so :func:`secateurs.load_pretrained` loads it (and plain ``from_pretrained`` too
-when the pruning is uniform); it is written into a temporary folder renamed into place at the end, so an
-interrupted run leaves nothing.
+The model is built on the ``meta`` device (no memory). Its decoder blocks are then walked in order: a block's
+weights are read from the safetensors shards (:class:`~secateurs.backends.sharded.ShardedSource`), the block
+is captured on its own and goes through the passes :func:`secateurs.prune` runs on the whole model, in the same
+order, and goes back to ``meta``:
+
+1. depth (``layers``): whole blocks removed by block influence (``bi``) or the angular distance of a window of
+   consecutive blocks (``angular``), scored in a first streaming pass over the dense blocks;
+2. experts (``experts``, routing statistics) and the neurons inside experts (``expert_neurons``);
+3. width: attention heads, KV groups and FFN neurons (``heads``, ``kv_groups``, ``ffn``), each block by its
+   own ranking (``scope="local"``), or by one ranking across all blocks (``scope="global"``) or a budget
+   allocator (``allocate``) fed by per-block scores gathered in a first streaming pass;
+4. sparsity (unstructured or N:M; magnitude, ``wanda`` or ``sparsegpt`` calibrated block by block).
+
+The last walk writes every block as its own shard. Embeddings, the final norm and the LM head are copied
+through in row chunks. The output is a sharded checkpoint with ``model.safetensors.index.json``, the config
+and the ``secateurs.json`` manifest, so :func:`secateurs.load_pretrained` loads it (and plain
+``from_pretrained`` too when the pruning is uniform); it is written into a temporary folder renamed into place
+at the end, so an interrupted run leaves nothing.
 
 Peak memory is one block's weights plus the calibration activations (:class:`StreamReport` measures both).
 
-Calibrated criteria carry the calibration batches' hidden states from block to block:
-
-* activation-scored FFN width (``importance="activation"`` / ``"flap"``) reads the MLP inputs of the dense
-  model, as :func:`secateurs.prune` does;
-* ``wanda`` / ``sparsegpt`` sparsity read the inputs of each block after the previous blocks were pruned,
-  as :func:`secateurs.prune` does with ``sequential=True``.
-
-So ``prune_checkpoint(src, dst, ffn=f, importance=i, nm="2:4", sparsity_criterion=c, calib=b)`` gives the
-weights of ``prune(model, ..., ffn=f, importance=i, nm="2:4", sparsity_criterion=c, calib=b, sequential=True)``.
+Calibrated steps carry the calibration batches' hidden states from block to block, one stream per model state
+the in-memory pipeline calibrates on: the dense blocks for depth and expert scores, the blocks after expert
+pruning for activation / FLAP width scores, and the fully pruned blocks for ``wanda`` / ``sparsegpt``
+(as :func:`secateurs.prune` does with ``sequential=True``). So ``prune_checkpoint(src, dst, **options,
+calib=b)`` gives the weights of ``prune(model, **options, calib=b, sequential=True)``.
 Under ``torchrun`` each rank carries its share of the batches, statistics are summed over the ranks and rank
 0 writes (see :mod:`secateurs.distributed`).
+
+Not streamed (refused with a message): the hidden size, Taylor importance, ``greedy`` depth, sublayers,
+the ``ecoflap`` allocator (each needs the whole model's loss or couples every block's weights at once).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import functools
 import gc
+import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -40,43 +51,78 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
+from secateurs.backends.materialize import Snapshot
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
-from secateurs.distributed import barrier, is_writer, presharded, shard
+from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
-from secateurs.passes.base import PassManager
-from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph
+from secateurs.passes.allocate import AllocateBudget, LayerBudget
+from secateurs.passes.base import Pass, PassManager, PassResult
+from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible
 from secateurs.passes.dependencies import AnalyzeDependencies
-from secateurs.passes.hooks import first_tensor, hidden_input
-from secateurs.passes.importance import ScoreChannels
+from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
+from secateurs.passes.experts import (
+    EXPERT_CRITERIA,
+    ExpertChange,
+    PruneExpertNeurons,
+    PruneExperts,
+    ScoreExperts,
+    find_moe_blocks,
+)
+from secateurs.passes.hooks import first_tensor
+from secateurs.passes.importance import ChannelScores, ScoreChannels
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
 
-__all__ = ["STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint"]
+__all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 STREAM_IMPORTANCE = ("l1", "l2", "maw", "activation", "flap")
+STREAM_ALLOCATORS = ("global", "lamp", "owl", "dp", "cfsp")
 _CALIBRATED_IMPORTANCE = ("activation", "flap")
 _CALIBRATED_SPARSITY = ("wanda", "sparsegpt")
+_WIDTH_KINDS = ("heads", "kv_groups", "ffn")
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0):
+        raise BudgetError(f"{name} ratio must be in [0, 1), got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamOptions:
-    """What :func:`prune_checkpoint` does to every block.
+    """What :func:`prune_checkpoint` does to the blocks (the names and meanings of :func:`secateurs.prune`).
 
     Attributes:
-        ffn: Fraction of each MLP's neurons to remove (None: keep the width).
-        importance: FFN neuron importance: ``l1``, ``l2``, ``maw`` (weights only) or ``activation`` / ``flap``
-            (calibrated on the dense model's MLP inputs).
-        round_to: Keep every FFN width a multiple of this.
-        min_keep: Keep at least this fraction of each MLP's neurons.
+        ffn: Fraction of MLP neurons to remove.
+        heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
+        kv_groups: Fraction of KV groups (a KV head with its query heads) to remove.
+        importance: Width importance: ``l1``, ``l2``, ``maw`` (weights only) or ``activation`` / ``flap``
+            (calibrated on the blocks' inputs).
+        scope: ``local`` (every block loses each ratio) or ``global`` (one ranking per structure across all
+            blocks, scores normalised by each group's mean; needs a first streaming pass).
+        allocate: Spread each ratio over the blocks with a budget allocator: ``global``, ``lamp``, ``owl``,
+            ``dp`` or ``cfsp`` (first streaming pass; see :mod:`secateurs.passes.allocate`).
+        budget_unit: What the allocator's ratios count: ``channels`` or ``params``.
+        bias_compensation: Fold removed inputs' calibration means into the consumers' biases (FLAP).
+        round_to: Keep every width a multiple of this.
+        min_keep: Keep at least this fraction of every group.
+        experts: Fraction of the experts of every mixture-of-experts block to remove.
+        expert_neurons: Fraction of the neurons inside every expert to remove.
+        expert_importance: ``frequency``, ``mass`` or ``output_norm`` of the routing on the calibration data.
+        layers: Whole blocks to remove: a count >= 1 or a fraction of the blocks.
+        depth_criterion: ``bi`` (block influence) or ``angular`` (the window of consecutive blocks that
+            changes the stream least).
         sparsity: Unstructured weight sparsity of every linear layer in the blocks.
         nm: N:M sparsity, ``(2, 4)`` or ``"2:4"``.
         sparsity_criterion: ``magnitude``, or ``wanda`` / ``sparsegpt`` (calibrated block by block).
@@ -88,9 +134,20 @@ class StreamOptions:
     """
 
     ffn: float | None = None
+    heads: float | None = None
+    kv_groups: float | None = None
     importance: str = "l2"
+    scope: str = "local"
+    allocate: str | None = None
+    budget_unit: str = "channels"
+    bias_compensation: bool = False
     round_to: int = 8
     min_keep: float = 0.1
+    experts: float | None = None
+    expert_neurons: float | None = None
+    expert_importance: str = "frequency"
+    layers: float | None = None
+    depth_criterion: str = "bi"
     sparsity: float | None = None
     nm: tuple[int, int] | str | None = None
     sparsity_criterion: str = "magnitude"
@@ -100,14 +157,33 @@ class StreamOptions:
     max_shard_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        if self.ffn is not None and not 0.0 <= self.ffn < 1.0:
-            raise BudgetError(f"ffn ratio must be in [0, 1), got {self.ffn!r}")
+        for name in ("ffn", "heads", "kv_groups", "experts", "expert_neurons", "sparsity"):
+            _check_fraction(name, getattr(self, name))
         if self.importance not in STREAM_IMPORTANCE:
             raise BudgetError(f"importance {self.importance!r} cannot stream block by block; choose from "
                               f"{STREAM_IMPORTANCE} (taylor needs the whole model's loss)")
         if self.sparsity_criterion not in ("magnitude", *_CALIBRATED_SPARSITY):
             raise BudgetError(f"sparsity criterion {self.sparsity_criterion!r} cannot stream block by block; "
                               "choose magnitude, wanda or sparsegpt")
+        if self.scope not in ("local", "global"):
+            raise BudgetError(f"scope must be 'local' or 'global', got {self.scope!r}")
+        if self.allocate is not None and self.allocate not in STREAM_ALLOCATORS:
+            raise BudgetError(f"allocator {self.allocate!r} cannot stream block by block; choose from "
+                              f"{STREAM_ALLOCATORS} (ecoflap needs the whole model's loss)")
+        if self.budget_unit not in ("channels", "params"):
+            raise BudgetError(f"a streamed budget counts 'channels' or 'params', not {self.budget_unit!r}")
+        if self.expert_importance not in EXPERT_CRITERIA:
+            raise BudgetError(f"unknown expert importance {self.expert_importance!r}; choose from {EXPERT_CRITERIA}")
+        if self.layers is not None and (not isinstance(self.layers, (int, float)) or math.isnan(self.layers)
+                                        or self.layers < 0):
+            raise BudgetError(f"layers must be a count >= 1 or a fraction in [0, 1), got {self.layers!r}")
+        if self.depth_criterion not in ("bi", "angular"):
+            raise BudgetError(f"depth criterion {self.depth_criterion!r} cannot stream block by block; choose bi or "
+                              "angular (greedy re-runs the whole model for every candidate)")
+        if self.bias_compensation and self.importance not in _CALIBRATED_IMPORTANCE:
+            raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
+        if int(self.round_to) < 1:
+            raise BudgetError(f"round_to must be >= 1, got {self.round_to!r}")
         if isinstance(self.nm, str):
             try:
                 n, m = (int(v) for v in self.nm.split(":"))
@@ -118,19 +194,31 @@ class StreamOptions:
             raise BudgetError("chunk_bytes and max_shard_bytes must be positive")
 
     @property
+    def kind_ratios(self) -> tuple[tuple[str, float], ...]:
+        """The width ratios that are asked for, per structure kind."""
+        return tuple((k, float(v)) for k in _WIDTH_KINDS if (v := getattr(self, k)))
+
+    @property
+    def width(self) -> bool:
+        """Whether heads, KV groups or FFN neurons are pruned."""
+        return bool(self.kind_ratios)
+
+    @property
+    def surveyed(self) -> bool:
+        """Whether width decisions couple the blocks (one ranking or an allocator over all of them)."""
+        return self.width and (self.scope == "global" or self.allocate is not None)
+
+    @property
     def sparse(self) -> bool:
         """Whether the blocks are sparsified."""
         return self.sparsity is not None or self.nm is not None
 
     @property
-    def dense_stream(self) -> bool:
-        """Whether FFN scoring needs the dense model's activations."""
-        return bool(self.ffn) and self.importance in _CALIBRATED_IMPORTANCE
-
-    @property
-    def pruned_stream(self) -> bool:
-        """Whether sparsity needs the pruned blocks' activations."""
-        return self.sparse and self.sparsity_criterion in _CALIBRATED_SPARSITY
+    def calibrated(self) -> bool:
+        """Whether any step needs calibration data."""
+        return bool(self.layers) or bool(self.experts) or self.allocate == "cfsp" or (
+            self.width and self.importance in _CALIBRATED_IMPORTANCE) or (
+            self.sparse and self.sparsity_criterion in _CALIBRATED_SPARSITY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +227,8 @@ class StreamReport:
 
     Attributes:
         path: The output folder.
-        blocks: How many decoder blocks were streamed.
-        widths: ``(MLP group, width before, width after)`` per block that was width-pruned.
+        blocks: How many decoder blocks were written.
+        widths: ``(group, width before, width after)`` per pruned head / KV-group / FFN group.
         sparsity: ``(layer, fraction of zero weights)`` per sparsified layer.
         peak_weight_bytes: Most checkpoint tensor bytes loaded at once (one block, or a copied chunk).
         block_bytes: The largest block's weights in bytes.
@@ -149,6 +237,10 @@ class StreamReport:
         shards: Output shard files written.
         plain_loadable: Whether plain ``from_pretrained`` loads the output too (False on ranks that do not write).
         seconds: Wall time.
+        experts: Per MoE block, experts or neurons per expert before and after.
+        removed_blocks: ``(block, score)`` of every removed block (the source's numbering).
+        depth_scores: ``(block, score)`` of every candidate block (``bi``) or window start (``angular``).
+        passes: How many times the blocks were walked (1, or 2-3 with first statistics passes).
 
     """
 
@@ -163,17 +255,26 @@ class StreamReport:
     shards: int
     plain_loadable: bool
     seconds: float
+    experts: tuple[ExpertChange, ...] = ()
+    removed_blocks: tuple[tuple[str, float], ...] = ()
+    depth_scores: tuple[tuple[str, float], ...] = ()
+    passes: int = 1
 
     def summary(self) -> str:
         """A few lines for the console."""
         mib = 1 << 20
-        lines = [f"streamed {self.blocks} blocks into {self.path} ({self.shards} shards) in {self.seconds:.1f} s",
+        lines = [f"streamed {self.blocks} blocks into {self.path} ({self.shards} shards, {self.passes} "
+                 f"pass{'es' if self.passes > 1 else ''} over the weights) in {self.seconds:.1f} s",
                  f"peak weights loaded {self.peak_weight_bytes / mib:.1f} MiB (largest block "
                  f"{self.block_bytes / mib:.1f} MiB, model {self.model_bytes / mib:.1f} MiB); "
                  f"calibration activations {self.peak_activation_bytes / mib:.1f} MiB"]
+        if self.removed_blocks:
+            lines.append("removed blocks: " + ", ".join(f"{n} ({v:.4f})" for n, v in self.removed_blocks))
+        for e in self.experts[:8]:
+            lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
         if self.widths:
             before, after = sum(w[1] for w in self.widths), sum(w[2] for w in self.widths)
-            lines.append(f"FFN width {before} -> {after} neurons over {len(self.widths)} blocks")
+            lines.append(f"width {before} -> {after} over {len(self.widths)} groups (heads, KV groups, FFN neurons)")
         if self.sparsity:
             lines.append(f"mean sparsity {sum(s for _, s in self.sparsity) / len(self.sparsity):.1%} "
                          f"over {len(self.sparsity)} layers")
@@ -287,42 +388,16 @@ def _bytes(calls: Sequence[Call] | None) -> int:
     return sum(a.numel() * a.element_size() for args, _ in calls for a in args if isinstance(a, torch.Tensor))
 
 
-def _forward(block: nn.Module, calls: list[Call], mlp: nn.Module | None = None) -> tuple[list[Call], list[Any]]:
-    """``block``'s outputs as the next block's calls, and the MLP's inputs when ``mlp`` is given."""
-    seen: list[Any] = []
-    handle = None
-    if mlp is not None:
-        handle = mlp.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen.append(hidden_input(args, kwargs).detach()), with_kwargs=True)
-    try:
-        out = []
-        with torch.no_grad():
-            for args, kwargs in calls:
-                hidden = first_tensor(block(*args, **kwargs))
-                if hidden is None:
-                    raise BudgetError(f"{type(block).__name__} returned no tensor; the next block has no input")
-                out.append(((hidden.detach(), *args[1:]), kwargs))
-    finally:
-        if handle is not None:
-            handle.remove()
-    return out, seen
-
-
-def _prune_ffn(mlp: nn.Module, name: str, opts: StreamOptions, calib: list[Any] | None) -> tuple[str, int, int]:
-    """Width-prune one MLP with the passes :func:`secateurs.prune` runs; ``(group, before, after)``."""
-    first = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
-        raise BudgetError(f"MLP '{name}' has no linear layer to prune")
-    example = calib[0] if calib else torch.zeros(1, 1, first.in_features, dtype=first.weight.dtype)
-    options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
-                             kind_ratios=(("ffn", float(opts.ffn or 0.0)),))
-    passes = [AnalyzeDependencies(), ScoreChannels(opts.importance, calib=calib), PruneChannels(options)]
-    result = PassManager(passes)(capture(mlp, (example,)))
-    record: PruneRecord | None = result.record(PruneRecord)
-    changes = [c for c in (record.changes if record else []) if c.kind == "ffn"]
-    if not changes:
-        raise BudgetError(f"MLP '{name}' ({type(mlp).__name__}) has no FFN neurons to prune")
-    return f"{name}.{changes[0].name}", changes[0].before, changes[0].after
+def _forward(block: nn.Module, calls: list[Call]) -> tuple[list[Call], list[Any]]:
+    """``block``'s outputs as the next block's calls (and an empty list, the form sparsity streams take)."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs in calls:
+            hidden = first_tensor(block(*args, **kwargs))
+            if hidden is None:
+                raise BudgetError(f"{type(block).__name__} returned no tensor; the next block has no input")
+            out.append(((hidden.detach(), *args[1:]), kwargs))
+    return out, []
 
 
 @functools.cache
@@ -358,6 +433,383 @@ def _passthrough_groups(names: list[str], source: ShardedSource, limit: int) -> 
     return groups
 
 
+def _as_inputs(block: nn.Module, call: Call) -> dict[str, Any]:
+    """A block call as keyword inputs, the form :func:`capture` and the calibration passes take."""
+    args, kwargs = call
+    sig = inspect.signature(block.forward)
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise BudgetError(f"{type(block).__name__} cannot be called with the first block's inputs: {exc}") from exc
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise BudgetError(f"{type(block).__name__}.forward takes *{name}; its inputs cannot be named")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """A width group of one block, as the budget allocators see it (``id`` is unique over all blocks)."""
+
+    id: int
+    size: int
+    kind: str
+    name: str
+    position: int
+    params_per_channel: int
+
+
+class _GivenBudget(Pass):
+    """Analysis pass: the per-group ratios decided from every block's statistics, for this block's groups."""
+
+    requires = (DependencyInfo,)
+    provides = (LayerBudget,)
+
+    def __init__(self, ratios: dict[str, float], allocator: str, unit: str) -> None:
+        self.ratios, self.allocator, self.unit = ratios, allocator, unit
+
+    def run(self, graph: Graph) -> PassResult:
+        info = graph.analysis(DependencyInfo)
+        ratios = {g.id: self.ratios.get(g.name, 0.0) for g in info.iter_groups()}
+        budget = LayerBudget(self.allocator, 0.0, self.unit, ratios, {g: 1.0 for g in ratios})
+        graph.analyses[LayerBudget] = budget
+        return PassResult(graph, False, budget)
+
+
+class _Walker:
+    """The meta model, its checkpoint and the calibration streams; walks the blocks one at a time."""
+
+    def __init__(self, folder: Path, opts: StreamOptions, calib: Iterable[Any] | None) -> None:
+        self.folder, self.opts = folder, opts
+        self.source = source = ShardedSource(folder)
+        self.model, self.config = _meta_model(folder)
+        self.blocks_name = _block_list(self.model, self.config)
+        self.blocks = self.model.get_submodule(self.blocks_name)
+        known = set(self.model.state_dict())
+        skipped = sorted(n for n in source.tensors if n not in known)
+        if skipped:
+            log.warning("%d stored tensors are not part of %s and are dropped: %s", len(skipped),
+                        type(self.model).__name__, ", ".join(skipped[:5]))
+        self.passthrough = [n for n in self.model.state_dict() if n in source and
+                            not n.startswith(self.blocks_name + ".")]
+        self.keys = [list(b.state_dict()) for b in self.blocks.children()]
+        for i, block_keys in enumerate(self.keys):
+            missing = [f"{self.blocks_name}.{i}.{k}" for k in block_keys if f"{self.blocks_name}.{i}.{k}" not in source]
+            if missing:
+                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'")
+        self.block_bytes = max(sum(source.info(f"{self.blocks_name}.{i}.{k}").nbytes for k in ks)
+                               for i, ks in enumerate(self.keys))
+        self.model_bytes = sum(source.info(n).nbytes for n in source.tensors)
+        self.dtype = source.info(f"{self.blocks_name}.0.{self.keys[0][0]}").dtype
+        self.order = list(range(len(self.keys)))  # source block of every output position
+        self.peak_weights = self.peak_acts = 0
+        self.walks = 0
+        if (opts.experts or opts.expert_neurons) and not find_moe_blocks(self.model):
+            raise BudgetError(f"{type(self.model).__name__} has no mixture-of-experts block; experts / "
+                              "expert_neurons cannot apply")
+        self.first: list[Call] = []
+        if opts.calibrated:
+            if calib is None:
+                raise BudgetError("depth, experts, the cfsp allocator, activation / flap importance and wanda / "
+                                  "sparsegpt need calibration batches (calib=...)")
+            types = getattr(self.config, "layer_types", None)
+            if isinstance(types, list) and len(set(types)) > 1:
+                raise BudgetError(f"{type(self.model).__name__} mixes attention types {sorted(set(types))}: "
+                                  "streamed calibration passes one attention mask to every block, so it cannot "
+                                  "calibrate this model; use weight-only criteria or prune it in memory")
+            self.first = _first_inputs(self.model, self.blocks_name, source, shard(_batches(calib)), self.dtype)
+        self.example = self.first[0] if self.first else _first_inputs(
+            self.model, self.blocks_name, source, [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
+            self.dtype)[0]
+        self.experts_state = 0 if opts.experts else None
+        self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
+        self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
+                                      kind_ratios=opts.kind_ratios, bias_compensation=opts.bias_compensation)
+
+    def prefix(self, position: int) -> str:
+        """The source checkpoint's name prefix of the block at ``position``."""
+        return f"{self.blocks_name}.{self.order[position]}."
+
+    def load(self, position: int, block: nn.Module) -> nn.Module:
+        """Assign the block's weights from the checkpoint to ``block`` (a meta module of the same structure)."""
+        i = self.order[position]
+        prefix = self.prefix(position)
+        loaded = self.source.load([prefix + k for k in self.keys[i]])
+        self.peak_weights = max(self.peak_weights, sum(t.numel() * t.element_size() for t in loaded.values()))
+        block.load_state_dict({k: loaded[prefix + k] for k in self.keys[i]}, assign=True, strict=True)
+        del loaded
+        unset = [n for n, t in (*block.named_parameters(), *block.named_buffers()) if t.is_meta]
+        if unset:
+            raise CheckpointError(f"block '{prefix[:-1]}' has tensors the checkpoint does not store, e.g. "
+                                  f"'{unset[0]}'; it cannot be streamed")
+        return block.eval()
+
+    def note_activations(self, streams: dict[Any, list[Call]]) -> None:
+        self.peak_acts = max(self.peak_acts, sum(_bytes(c) for c in streams.values()))
+
+    def streams(self) -> dict[Any, list[Call]]:
+        """The calibration streams the transform stages read, all starting at the first block's inputs."""
+        if not self.first:
+            return {}
+        opts = self.opts
+        out: dict[Any, list[Call]] = {}
+        if self.experts_state is not None:
+            out[self.experts_state] = self.first
+        if opts.width and (opts.importance in _CALIBRATED_IMPORTANCE or opts.allocate == "cfsp"):
+            out[self.width_state] = self.first
+        if opts.sparse and opts.sparsity_criterion in _CALIBRATED_SPARSITY:
+            out["pruned"] = self.first
+        return out
+
+    def capture_example(self, block: nn.Module, calls: list[Call] | None) -> dict[str, Any]:
+        return _as_inputs(block, calls[0] if calls else self.example)
+
+    def depth(self) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """First pass over the dense blocks: choose the blocks to remove, then renumber the meta model."""
+        opts, n = self.opts, len(self.keys)
+        assert opts.layers is not None
+        count = int(round(n * opts.layers)) if opts.layers < 1 else int(opts.layers)
+        if count >= n:
+            raise BudgetError(f"cannot remove {count} of {n} blocks; at least one must stay")
+        if count == 0:
+            return [], []
+        self.walks += 1
+        names = [f"{self.blocks_name}.{i}" for i in range(n)]
+        influence: dict[Any, float] = {}
+        windows: dict[Any, float] = {}
+        boundaries: list[list[torch.Tensor]] = [[args[0] for args, _ in self.first]]
+        calls = self.first
+        for i in track(range(n), "depth scoring blocks"):
+            block = self.load(i, copy.deepcopy(self.blocks.get_submodule(str(i))))
+            out, _ = _forward(block, calls)
+            influence[i] = float(sum(1 - mean_cosine(a[0], o[0]) for (a, _), (o, _) in zip(calls, out, strict=True)))
+            if opts.depth_criterion == "angular":
+                boundaries.append([args[0] for args, _ in out])
+                start = i + 1 - count
+                if start >= 0:
+                    windows[start] = float(sum(mean_cosine(x, y) for x, y in zip(
+                        boundaries[0], boundaries[-1], strict=True)))
+                    boundaries.pop(0)
+            calls = out
+            self.peak_acts = max(self.peak_acts, _bytes(calls) * (count + 1 if windows or boundaries[1:] else 2))
+            del block
+            _release_memory()
+        total = all_reduce_sum({**{("bi", k): v for k, v in influence.items()},
+                                **{("win", k): v for k, v in windows.items()}, "n": float(len(self.first))})
+        seen = max(total["n"], 1.0)
+        if opts.depth_criterion == "bi":
+            scores = {names[i]: total[("bi", i)] / seen for i in range(n)}
+            removed = sorted(names, key=lambda c: scores[c])[:count]
+            chosen = [(c, scores[c]) for c in removed]
+        else:
+            scores = {names[s]: angular_distance(total[("win", s)] / seen) for s in range(n - count + 1)}
+            best = min(range(n - count + 1), key=lambda s: scores[names[s]])
+            chosen = [(names[s], scores[names[best]]) for s in range(best, best + count)]
+        drop = {int(c.rpartition(".")[2]) for c, _ in chosen}
+        RemoveBlocks(count)._apply(self.model, [c for c, _ in chosen], Snapshot(), [])
+        self.order = [i for i in range(n) if i not in drop]
+        return sorted(chosen, key=lambda t: int(t[0].rpartition(".")[2])), sorted(scores.items())
+
+    def advance(self, block: nn.Module, streams: dict[Any, list[Call]], state: Any,
+                influence: list[float] | None = None) -> list[Call] | None:
+        """The calls into ``block`` for ``state``; the stream moves on to the next block's inputs."""
+        calls = streams.get(state)
+        if calls is None:
+            return None
+        out, _ = _forward(block, calls)
+        if influence is not None:
+            influence.append(float(sum(1 - mean_cosine(a[0], o[0]) for (a, _), (o, _) in zip(calls, out, strict=True))))
+        streams[state] = out
+        return calls
+
+    def transform(self, position: int, block: nn.Module, streams: dict[Any, list[Call]], *,
+                  budget: dict[str, float] | None = None, survey: list[Any] | None = None,
+                  influence: list[float] | None = None) -> tuple[list[ExpertChange], list[tuple[str, int, int]]]:
+        """Experts, expert neurons and width on one loaded block, as :func:`secateurs.prune` orders them.
+
+        With ``survey`` the width scores are appended to it (as ``(slot, scores)``) instead of pruning.
+        """
+        opts = self.opts
+        prefix = f"{self.blocks_name}.{position}."
+        graph: Graph | None = None
+        experts: list[ExpertChange] = []
+        if opts.experts or opts.expert_neurons:
+            calls = self.advance(block, streams, self.experts_state) if opts.experts else None
+            graph = capture(block, self.capture_example(block, calls))
+            passes: list[Pass] = []
+            if opts.experts:
+                passes += [ScoreExperts(opts.expert_importance, calib=[_as_inputs(block, c) for c in calls or []]),
+                           PruneExperts(opts.experts)]
+            if opts.expert_neurons:
+                passes.append(PruneExpertNeurons(opts.expert_neurons))
+            result = PassManager(passes)(graph)
+            graph = result.graph
+            experts = [dataclasses.replace(c, block=prefix + c.block) for name, r, _ in result.results
+                       if name in ("PruneExperts", "PruneExpertNeurons") for c in (r.record or [])]
+        if not opts.width:
+            return experts, []
+        calls = self.advance(block, streams, self.width_state, influence)
+        if graph is None:
+            graph = capture(block, self.capture_example(block, calls))
+        calibrated = opts.importance in _CALIBRATED_IMPORTANCE
+        result = PassManager([AnalyzeDependencies(), ScoreChannels(
+            opts.importance, calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
+        graph = result.graph
+        if survey is not None:
+            info = graph.analysis(DependencyInfo)
+            scores = graph.analysis(ChannelScores).scores
+            ratios = dict(opts.kind_ratios)
+            for g in info.iter_groups():
+                if ratios.get(g.kind, 0.0) > 0 and _eligible(g, self.options) and (
+                        opts.allocate is None or (g.mixed_at is None and g.size > 1)):
+                    slot = _Slot(len(survey), g.size, g.kind, g.name, position, int(g.params_per_channel))
+                    survey.append((slot, np.asarray(scores[g.id], dtype=np.float64)))
+            return experts, []
+        passes = [_GivenBudget(budget, opts.allocate or "global", opts.budget_unit)] if budget is not None else []
+        result = PassManager([*passes, PruneChannels(self.options)])(graph)
+        record: PruneRecord | None = result.record(PruneRecord)
+        return experts, [(prefix + c.name, c.before, c.after) for c in (record.changes if record else [])]
+
+    def survey(self) -> tuple[dict[int, dict[str, float]], int]:
+        """First pass over the blocks: width scores of every block, then one ranking or allocation over all.
+
+        Returns:
+            Per block position, the fraction to remove per group name; and the number of width groups.
+
+        """
+        opts = self.opts
+        self.walks += 1
+        streams = self.streams()
+        found: list[tuple[_Slot, np.ndarray]] = []
+        influence: list[float] = []
+        for position in track(range(len(self.order)), "scoring blocks"):
+            block = self.load(position, copy.deepcopy(self.blocks.get_submodule(str(position))))
+            start = len(found)
+            bi: list[float] = []
+            with torch.no_grad():
+                self.transform(position, block, streams, survey=found, influence=bi)
+            influence.extend([bi[0] if bi else 0.0] * (len(found) - start))
+            self.note_activations(streams)
+            del block
+            _release_memory()
+        if not found:
+            raise BudgetError(f"no {'/'.join(k for k, _ in opts.kind_ratios)} groups to rank across the blocks")
+        slots = [s for s, _ in found]
+        scores = {s.id: v for s, v in found}
+        if opts.allocate is not None:
+            weights = {s.id: float(s.params_per_channel) if opts.budget_unit == "params" else 1.0 for s in slots}
+            importance = None
+            if opts.allocate == "cfsp":
+                total = all_reduce_sum({**{i: v for i, v in enumerate(influence)}, "n": float(len(self.first))})
+                importance = np.asarray([total[i] / max(total["n"], 1.0) for i in range(len(slots))])
+            allocator = AllocateBudget(0.0, opts.allocate, unit=opts.budget_unit, min_keep=opts.min_keep,
+                                       kind_ratios=dict(opts.kind_ratios))
+            ratios = allocator.allocate(slots, scores, weights, importance, {s.id: s.kind for s in slots})
+        else:
+            ratios = self._global_ranking(slots, scores)
+        out: dict[int, dict[str, float]] = {}
+        for s in slots:
+            out.setdefault(s.position, {})[s.name] = ratios.get(s.id, 0.0)
+        return out, len(slots)
+
+    def _global_ranking(self, slots: list[_Slot], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """Per kind, one ranking of scores normalised by each group's mean; the lowest ``ratio`` go.
+
+        This is ``scope="global"`` of :func:`~secateurs.passes.channels.plan_keep` over every block's groups.
+        """
+        out: dict[int, float] = {}
+        for kind, ratio in self.opts.kind_ratios:
+            pool: list[tuple[float, int]] = []
+            for s in slots:
+                if s.kind != kind:
+                    continue
+                v = scores[s.id]
+                mean = float(np.mean(v)) if v.size else 0.0
+                pool.extend((float(x), s.id) for x in (v / mean if mean > 0 else np.zeros_like(v)))
+            pool.sort(key=lambda t: t[0])
+            removed: dict[int, int] = {}
+            for _, sid in pool[:int(round(len(pool) * ratio))]:
+                removed[sid] = removed.get(sid, 0) + 1
+            out.update({s.id: removed.get(s.id, 0) / s.size for s in slots if s.kind == kind})
+        return out
+
+    def _sync_expert_count(self, changes: list[ExpertChange]) -> None:
+        """The top-level model's expert count (its load-balancing loss) follows when every block agrees.
+
+        :class:`~secateurs.passes.experts.PruneExperts` does this itself when it sees the whole model.
+        """
+        counts = {b.num_experts for b in find_moe_blocks(self.model)}
+        olds = {c.before for c in changes if c.what == "experts"}
+        if len(counts) == 1 and len(olds) == 1 and getattr(self.model, "num_experts", None) == olds.pop():
+            setattr(self.model, "num_experts", counts.pop())  # noqa: B010 - nn.Module attribute typing
+
+    def write(self, dst: str | os.PathLike[str], overwrite: bool,
+              budget: dict[int, dict[str, float]] | None) -> tuple[list[Any], list[Any], list[Any], int, bool]:
+        """The last pass: transform, sparsify and write every block, then copy the rest through."""
+        opts = self.opts
+        self.walks += 1
+        streams = self.streams()
+        sparsifier = (SparsifyWeights(opts.sparsity or 0.0, nm=opts.nm, criterion=opts.sparsity_criterion,  # type: ignore[arg-type]
+                                      keep_masks=False, block=opts.block, damp=opts.damp) if opts.sparse else None)
+        groups = _passthrough_groups(self.passthrough, self.source, opts.max_shard_bytes)
+        n = len(self.order)
+        total = n + len(groups)
+        widths: list[tuple[str, int, int]] = []
+        experts: list[ExpertChange] = []
+        sparsity: list[tuple[str, float]] = []
+        with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
+            for position in track(range(n), "streaming blocks"):
+                prefix = f"{self.blocks_name}.{position}."
+                block = self.load(position, self.blocks.get_submodule(str(position)))
+                changed, width = self.transform(position, block, streams,
+                                                budget=None if budget is None else budget.get(position, {}))
+                experts += changed
+                widths += width
+                self.note_activations(streams)
+                if sparsifier is not None:
+                    targets: list[tuple[str, nn.Module]] = [
+                        (prefix + name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+                    stream = streams.get("pruned")
+                    record = sparsifier.sparsify_layers(
+                        targets, (lambda: _forward(block, stream)) if stream is not None else None)  # noqa: B023
+                    sparsity.extend(record.layers)
+                    if stream is not None and position + 1 < n:
+                        streams["pruned"], _ = _forward(block, stream)
+                writer.write_shard(shard_name(position + 1, total),
+                                   {prefix + k: v for k, v in block.state_dict().items()})
+                block.to("meta")
+                _release_memory()
+            streams.clear()
+            for j, group in enumerate(track(groups, "copying embeddings and head")):
+                writer.stream_shard(shard_name(n + j + 1, total), [
+                    (name, self.source.info(name).dtype, self.source.info(name).shape,
+                     functools.partial(self.source.chunks, name, opts.chunk_bytes)) for name in group])
+                self.peak_weights = max(self.peak_weights,
+                                        min(max(self.source.info(name).nbytes for name in group), opts.chunk_bytes))
+            self._sync_expert_count(experts)
+            plain = False
+            if writer.enabled:
+                layout = describe(self.model)
+                plain = layout.plain_loadable
+                folder = self.folder
+
+                def extras(tmp: Path) -> None:
+                    layout.config.save_pretrained(tmp)
+                    (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
+                    for fname in ("generation_config.json", *TOKENIZER_FILES):
+                        if (folder / fname).is_file():
+                            shutil.copy2(folder / fname, tmp / fname)
+
+                writer.commit(extras)
+        return widths, experts, sparsity, total, plain
+
+
 def prune_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -371,13 +823,14 @@ def prune_checkpoint(
 
     Args:
         src: A Hugging Face checkpoint folder with safetensors weights (sharded or not) of a decoder-only
-            architecture of ``transformers`` (Llama, Mistral, Qwen2, ...).
+            architecture of ``transformers`` (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE, ...).
         dst: The output folder; complete or absent after the call.
         options: What to do (:class:`StreamOptions`); ``kwargs`` are its fields as keywords instead.
         calib: Calibration batches of token ids (tensors, or dicts with ``input_ids`` and optionally
-            ``attention_mask``) for ``activation`` / ``flap`` importance and ``wanda`` / ``sparsegpt``.
+            ``attention_mask``) for depth, experts, the ``cfsp`` allocator, ``activation`` / ``flap`` importance
+            and ``wanda`` / ``sparsegpt``.
         overwrite: Replace an existing ``dst`` (only once the new one is complete).
-        **kwargs: :class:`StreamOptions` fields (``ffn=0.25, nm="2:4"``).
+        **kwargs: :class:`StreamOptions` fields (``ffn=0.25, heads=0.25, nm="2:4"``).
 
     Returns:
         The report, with the peak memory the run needed.
@@ -392,96 +845,15 @@ def prune_checkpoint(
         opts = dataclasses.replace(options, **kwargs) if options is not None else StreamOptions(**kwargs)
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
-    folder = Path(src)
-    source = ShardedSource(folder)
-    model, config = _meta_model(folder)
-    blocks_name = _block_list(model, config)
-    blocks = model.get_submodule(blocks_name)
-    known = set(model.state_dict())
-    skipped = sorted(n for n in source.tensors if n not in known)
-    if skipped:
-        log.warning("%d stored tensors are not part of %s and are dropped: %s", len(skipped),
-                    type(model).__name__, ", ".join(skipped[:5]))
-    passthrough = [n for n in model.state_dict() if n in source and not n.startswith(blocks_name + ".")]
-    keys = [list(b.state_dict()) for b in blocks.children()]
-    for i, block_keys in enumerate(keys):
-        missing = [f"{blocks_name}.{i}.{k}" for k in block_keys if f"{blocks_name}.{i}.{k}" not in source]
-        if missing:
-            raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'")
-    block_bytes = max(sum(source.info(f"{blocks_name}.{i}.{k}").nbytes for k in ks) for i, ks in enumerate(keys))
-    model_bytes = sum(source.info(n).nbytes for n in source.tensors)
-    dtype = source.info(f"{blocks_name}.0.{keys[0][0]}").dtype
-    dense: list[Call] | None = None
-    pruned: list[Call] | None = None
-    if opts.dense_stream or opts.pruned_stream:
-        if calib is None:
-            raise BudgetError(f"importance {opts.importance!r} / sparsity criterion {opts.sparsity_criterion!r} "
-                              "need calibration batches (calib=...)")
-        first = _first_inputs(model, blocks_name, source, shard(_batches(calib)), dtype)
-        dense = first if opts.dense_stream else None
-        pruned = first if opts.pruned_stream else None
-    sparsifier = (SparsifyWeights(opts.sparsity or 0.0, nm=opts.nm, criterion=opts.sparsity_criterion,  # type: ignore[arg-type]
-                                  keep_masks=False, block=opts.block, damp=opts.damp) if opts.sparse else None)
-    groups = _passthrough_groups(passthrough, source, opts.max_shard_bytes)
-    total = len(keys) + len(groups)
-    widths: list[tuple[str, int, int]] = []
-    sparsity: list[tuple[str, float]] = []
-    peak_weights = peak_acts = 0
-    with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer, presharded():
-        for i in track(range(len(keys)), "streaming blocks"):
-            prefix = f"{blocks_name}.{i}."
-            block = blocks.get_submodule(str(i))
-            loaded = source.load([prefix + k for k in keys[i]])
-            peak_weights = max(peak_weights, sum(t.numel() * t.element_size() for t in loaded.values()))
-            block.load_state_dict({k: loaded[prefix + k] for k in keys[i]}, assign=True, strict=True)
-            del loaded
-            unset = [n for n, t in (*block.named_parameters(), *block.named_buffers()) if t.is_meta]
-            if unset:
-                raise CheckpointError(f"block '{prefix[:-1]}' has tensors the checkpoint does not store, e.g. "
-                                      f"'{unset[0]}'; it cannot be streamed")
-            block.eval()
-            mlp = getattr(block, "mlp", None)
-            mlp_inputs: list[Any] | None = None
-            if dense is not None and opts.ffn:
-                dense, mlp_inputs = _forward(block, dense, mlp)
-            peak_acts = max(peak_acts, _bytes(dense) + _bytes(pruned) + sum(
-                t.numel() * t.element_size() for t in mlp_inputs or []))
-            if opts.ffn:
-                if not isinstance(mlp, nn.Module):
-                    raise BudgetError(f"block '{prefix[:-1]}' ({type(block).__name__}) has no mlp to prune")
-                widths.append(_prune_ffn(mlp, prefix + "mlp", opts, mlp_inputs))
-            del mlp_inputs
-            if sparsifier is not None:
-                targets: list[tuple[str, nn.Module]] = [
-                    (prefix + n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-                stream = pruned
-                record = sparsifier.sparsify_layers(
-                    targets, (lambda: _forward(block, stream)) if stream is not None else None)  # noqa: B023
-                sparsity.extend(record.layers)
-                if pruned is not None and i + 1 < len(keys):
-                    pruned, _ = _forward(block, pruned)
-            writer.write_shard(shard_name(i + 1, total), {prefix + k: v for k, v in block.state_dict().items()})
-            block.to("meta")
-            _release_memory()
-        dense = pruned = None
-        for j, group in enumerate(track(groups, "copying embeddings and head")):
-            writer.stream_shard(shard_name(len(keys) + j + 1, total), [
-                (n, source.info(n).dtype, source.info(n).shape, functools.partial(source.chunks, n, opts.chunk_bytes))
-                for n in group])
-            peak_weights = max(peak_weights, min(max(source.info(n).nbytes for n in group), opts.chunk_bytes))
-        plain = False
-        if writer.enabled:
-            layout = describe(model)
-            plain = layout.plain_loadable
-
-            def extras(tmp: Path) -> None:
-                layout.config.save_pretrained(tmp)
-                (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
-                for fname in ("generation_config.json", *TOKENIZER_FILES):
-                    if (folder / fname).is_file():
-                        shutil.copy2(folder / fname, tmp / fname)
-
-            writer.commit(extras)
+    with presharded():
+        walker = _Walker(Path(src), opts, calib)
+        removed: list[tuple[str, float]] = []
+        depth_scores: list[tuple[str, float]] = []
+        if opts.layers:
+            removed, depth_scores = walker.depth()
+        budget = walker.survey()[0] if opts.surveyed else None
+        widths, experts, sparsity, total, plain = walker.write(dst, overwrite, budget)
     barrier()
-    return StreamReport(Path(dst), len(keys), tuple(widths), tuple(sparsity), peak_weights, block_bytes,
-                        model_bytes, peak_acts, total, plain, time.perf_counter() - start)
+    return StreamReport(Path(dst), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,
+                        walker.block_bytes, walker.model_bytes, walker.peak_acts, total, plain,
+                        time.perf_counter() - start, tuple(experts), tuple(removed), tuple(depth_scores), walker.walks)

@@ -21,6 +21,8 @@ SCENARIOS = {
                                  "sparsity_criterion": "sparsegpt"},
     "taylor_ffn": {"ffn": 0.25, "importance": "taylor", "round_to": 8},
     "moe_experts_by_frequency": {"experts": 0.5, "expert_importance": "frequency"},
+    "depth_block_influence": {"layers": 1},
+    "cfsp_allocated_ffn": {"ffn": 0.25, "allocate": "cfsp", "round_to": 8},
 }
 
 
@@ -48,25 +50,30 @@ def build(layers: int = 2, batches: int = 5):
     return model, calib
 
 
-def run(name: str) -> dict[str, torch.Tensor]:
-    """Prune a fresh model by scenario ``name``; its weights (masks made permanent)."""
+def run(name: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Prune a fresh model by scenario ``name``; its weights (masks made permanent) and its depth scores."""
     import secateurs as sc
     from secateurs.passes import remove_masks
 
-    model, calib = build_moe() if "experts" in SCENARIOS[name] else build()
-    sc.prune(model, calib[0], calib=calib, check_outputs=False, **SCENARIOS[name])
+    options = SCENARIOS[name]
+    model, calib = build_moe() if "experts" in options else build(4 if "layers" in options or "allocate" in options
+                                                                 else 2)
+    report = sc.prune(model, calib[0], calib=calib, check_outputs=False, **options)
     remove_masks(model)
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    scores = {n: v for d in report.depth for n, v in d.scores}
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, scores
 
 
-STREAM_OPTIONS = {"ffn": 0.25, "importance": "activation", "nm": "2:4", "sparsity_criterion": "wanda"}
+STREAM_OPTIONS = {"layers": 1, "heads": 0.5, "ffn": 0.25, "importance": "activation", "nm": "2:4",
+                  "sparsity_criterion": "wanda"}
+STREAM_LAYERS = 4
 
 
 def stream(src: Path, dst: Path) -> None:
-    """Streaming prune of ``src`` (a sharded checkpoint of :func:`build`'s model) with calibration."""
+    """Streaming prune of ``src`` (a sharded checkpoint of :func:`build`'s 4-layer model) with calibration."""
     from secateurs.stream import prune_checkpoint
 
-    _, calib = build()
+    _, calib = build(STREAM_LAYERS)
     prune_checkpoint(src, dst, calib=calib, **STREAM_OPTIONS)
 
 
@@ -78,13 +85,14 @@ def main(out: Path) -> None:
     assert distributed.init("gloo"), "start me with torchrun"
     out.mkdir(parents=True, exist_ok=True)
     for name in SCENARIOS:
-        state = run(name)
+        state, scores = run(name)
         state.pop("lm_head.weight", None)  # tied to the embeddings
         save_file(state, str(out / f"{name}.rank{distributed.rank()}.safetensors"))
+        (out / f"{name}.rank{distributed.rank()}.json").write_text(json.dumps(scores))
     if distributed.is_writer():
         from test_stream import save_sharded
 
-        save_sharded(build()[0], out / "src")
+        save_sharded(build(STREAM_LAYERS)[0], out / "src")
     distributed.barrier()
     stream(out / "src", out / "stream")
     if distributed.is_writer():

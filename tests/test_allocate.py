@@ -148,3 +148,25 @@ def _llama_like():
         model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
         model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
     return model, {"input_ids": torch.randint(0, 120, (2, 12))}
+
+
+@pytest.mark.parametrize("allocator", ["global", "owl", "dp", "cfsp"])
+def test_per_structure_ratios_are_each_spread_over_their_own_groups(allocator):
+    """prune(ffn=0.3, heads=0.5, allocate=...) removes 30% of all FFN neurons and half of all heads (it used to
+    allocate the unset overall ratio, 0, and remove nothing)."""
+    model, inputs = _llama_like()
+    report = sc.prune(model, inputs, ffn=0.3, heads=0.5, allocate=allocator, round_to=1, check_outputs=False)
+    ffn = [layer.mlp.up_proj.out_features for layer in model.model.layers]
+    heads = [layer.self_attn.q_proj.out_features // 16 for layer in model.model.layers]
+    assert sum(ffn) == pytest.approx(0.7 * 3 * 96, abs=2)
+    assert sum(heads) == pytest.approx(0.5 * 3 * 4, abs=1)
+    if allocator in ("global", "cfsp"):  # layer 1 barely changes the stream: its neurons go first
+        assert ffn[1] == min(ffn) and len(set(ffn)) > 1
+    assert report.params_after < report.params_before
+
+
+def test_speedup_and_per_structure_ratios_do_not_mix():
+    with pytest.raises(BudgetError, match="speedup"):
+        AllocateBudget(0.3, "dp", unit="latency", latency=object(), speedup=1.5, kind_ratios={"ffn": 0.3})
+    with pytest.raises(BudgetError, match="ffn"):
+        AllocateBudget(0.0, "global", kind_ratios={"ffn": 1.5})

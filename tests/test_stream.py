@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -97,6 +98,108 @@ def test_streaming_equals_in_memory_prune(tmp_path, case):
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert set(index["weight_map"]) == set(got)
     assert (tmp_path / "out" / "secateurs.json").is_file()
+
+
+def _mixtral(layers=3):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=120, hidden_size=64, intermediate_size=48, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return tf.MixtralForCausalLM(cfg).eval()
+
+
+def _qwen2_moe(layers=3):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2MoeConfig(vocab_size=120, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+    return tf.Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _llama_outliers():
+    """Block 2's MLP has a few outlier neurons: OWL prunes it less than the others."""
+    model = _llama(4)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[:6].mul_(40)
+    return model
+
+
+def _fixed_calib(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 120, (2, 8 + 2 * i), generator=g)} for i in range(n)]
+
+
+# name: (model factory, stream options, extra in-memory options, calibrated, first statistics passes)
+STRUCTURES = {
+    "heads_ffn_l2": (_llama, {"heads": 0.5, "ffn": 0.25, "round_to": 1}, {}, False, 0),
+    "global_activation": (_llama, {"heads": 0.5, "ffn": 0.3, "round_to": 1, "importance": "activation",
+                                   "scope": "global"}, {}, True, 1),
+    "owl": (_llama_outliers, {"ffn": 0.3, "round_to": 1, "allocate": "owl"}, {}, False, 1),
+    "dp_params": (_llama, {"ffn": 0.3, "heads": 0.5, "round_to": 1, "allocate": "dp", "budget_unit": "params"}, {},
+                  False, 1),
+    "cfsp": (_llama, {"ffn": 0.3, "round_to": 1, "allocate": "cfsp"}, {}, True, 1),
+    "depth_bi_wanda": (_llama, {"layers": 1, "ffn": 0.25, "importance": "activation", "nm": "2:4",
+                                "sparsity_criterion": "wanda", "round_to": 8}, {"sequential": True}, True, 1),
+    "depth_angular": (functools.partial(_llama, 6), {"layers": 2, "depth_criterion": "angular", "heads": 0.5,
+                                                     "round_to": 1}, {}, True, 1),
+    "mixtral_experts_heads": (_mixtral, {"experts": 0.25, "expert_neurons": 0.25, "heads": 0.5,
+                                         "importance": "activation", "round_to": 1}, {}, True, 0),
+    "mixtral_depth_mass_sparsegpt": (_mixtral, {"experts": 0.5, "expert_importance": "mass", "layers": 1,
+                                                "nm": "2:4", "sparsity_criterion": "sparsegpt"},
+                                     {"sequential": True}, True, 1),
+    "qwen2_moe_global_flap": (_qwen2_moe, {"experts": 0.25, "ffn": 0.25, "importance": "flap", "round_to": 1,
+                                           "scope": "global"}, {}, True, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURES))
+def test_streamed_structures_equal_in_memory_prune(tmp_path, case):
+    """Heads, experts, depth, global rankings and allocators: the streamed weights are the in-memory ones."""
+    factory, opts, extra, calibrated, surveys = STRUCTURES[case]
+    model = factory()
+    src = save_sharded(model, tmp_path / "src")
+    calib = _fixed_calib() if calibrated else None
+    ref = copy.deepcopy(model)
+    memory = sc.prune(ref, _fixed_calib()[0], calib=calib, check_outputs=False, **opts, **extra)
+    remove_masks(ref)
+    report = prune_checkpoint(src, tmp_path / "out", calib=calib, **opts)
+    assert report.passes == 1 + surveys
+    assert [n for n, _ in report.removed_blocks] == [n for d in memory.depth for n, _ in d.removed]
+    assert len(report.experts) == len(memory.experts)
+    assert sorted((b, a) for _, b, a in report.widths) == sorted((c.before, c.after) for c in memory.changes)
+    loaded = sc.load_pretrained(tmp_path / "out")
+    got, want = loaded.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].shape == v.shape, k  # the same kept heads, neurons, experts and blocks
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    x = _fixed_calib()[1]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+    if case.startswith("mixtral") or case == "heads_ffn_l2":
+        import transformers as tf
+
+        assert report.plain_loadable
+        plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # uniform: the config says it all
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+    if opts.get("scope") == "global" or "allocate" in opts:
+        assert len({a for n, _, a in report.widths if "mlp" in n}) > 1  # the blocks got different widths
+
+
+def test_depth_first_pass_loads_one_block_at_a_time(tmp_path):
+    src = save_sharded(_llama(8), tmp_path / "src")
+    report = prune_checkpoint(src, tmp_path / "out", calib=_fixed_calib(), layers=0.25, ffn=0.25, scope="global")
+    assert report.passes == 3 and report.blocks == 6
+    assert report.peak_weight_bytes == report.block_bytes
+    assert len(report.depth_scores) == 8
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert "removed blocks" in report.summary()
 
 
 def test_tied_single_file_bf16_checkpoint_copies_embeddings_in_chunks(tmp_path):
@@ -210,6 +313,20 @@ def test_bad_requests_are_refused(tmp_path):
         prune_checkpoint(src, tmp_path / "o", ffn_ratio=0.25)
     with pytest.raises(BudgetError, match="2:4"):
         StreamOptions(nm="two:four")
+    with pytest.raises(BudgetError, match="greedy"):
+        StreamOptions(layers=1, depth_criterion="greedy")
+    with pytest.raises(BudgetError, match="ecoflap"):
+        StreamOptions(ffn=0.3, allocate="ecoflap")
+    with pytest.raises(BudgetError, match="heads ratio"):
+        StreamOptions(heads=1.5)
+    with pytest.raises(BudgetError, match="flops"):
+        StreamOptions(ffn=0.3, allocate="dp", budget_unit="flops")
+    with pytest.raises(BudgetError, match="mixture-of-experts"):
+        prune_checkpoint(src, tmp_path / "o", experts=0.25, calib=_calib())
+    with pytest.raises(BudgetError, match="calib"):
+        prune_checkpoint(src, tmp_path / "o", layers=1)
+    with pytest.raises(BudgetError, match="at least one must stay"):
+        prune_checkpoint(src, tmp_path / "o", layers=2, calib=_calib())
     (tmp_path / "exists").mkdir()
     with pytest.raises(CheckpointError, match="exists"):
         prune_checkpoint(src, tmp_path / "exists", ffn=0.25)

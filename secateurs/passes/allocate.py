@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,10 +46,22 @@ from secateurs.passes.depth import block_influence, find_blocks
 from secateurs.passes.hooks import calibration_calls
 from secateurs.passes.importance import ChannelScores, default_loss
 
-__all__ = ["ALLOCATORS", "AllocateBudget", "LayerBudget"]
+__all__ = ["ALLOCATORS", "AllocateBudget", "BudgetSlot", "LayerBudget"]
 
 ALLOCATORS = ("global", "lamp", "owl", "dp", "ecoflap", "cfsp")
 UNITS = ("channels", "params", "flops", "latency")
+
+
+class BudgetSlot(Protocol):
+    """What an allocator needs of a group: a unique id and its number of channels (a ``ChannelGroup`` has both)."""
+
+    @property
+    def id(self) -> int:
+        """Unique key of the group."""
+
+    @property
+    def size(self) -> int:
+        """Channels of the group."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +106,7 @@ class AllocateBudget(Pass):
         calib: Iterable[Any] | None = None,
         latency: LatencyTable | None = None,
         speedup: float | None = None,
+        kind_ratios: Mapping[str, float] | Sequence[tuple[str, float]] = (),
     ) -> None:
         """Create the pass.
 
@@ -110,6 +123,8 @@ class AllocateBudget(Pass):
             latency: The measured table for ``unit="latency"``.
             speedup: With ``unit="latency"``: the whole model's target speed-up (> 1); ``ratio`` is then
                 derived from the measured model latency and the time the prunable layers take.
+            kind_ratios: Per structure kind, its own budget (``{"ffn": 0.3, "heads": 0.25}``): each kind's
+                groups share that kind's fraction, allocated separately; ``ratio`` and ``kinds`` are then unused.
 
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
@@ -127,14 +142,21 @@ class AllocateBudget(Pass):
         if speedup is not None and (unit != "latency" or not speedup > 1.0):
             raise BudgetError(f"speedup needs unit='latency' and a value > 1, got {speedup!r}")
         self.latency, self.speedup = latency, speedup
+        self.kind_ratios = {k: float(v) for k, v in dict(kind_ratios).items()}
+        for kind, value in self.kind_ratios.items():
+            if not 0.0 <= value < 1.0 or math.isnan(value):
+                raise BudgetError(f"budget ratio of {kind!r} must be in [0, 1), got {value!r}")
+        if self.kind_ratios and speedup is not None:
+            raise BudgetError("a speedup target sets the whole budget; do not combine it with per-structure ratios")
 
     def run(self, graph: Graph) -> PassResult:
         """Compute per-group ratios."""
         info = graph.analysis(DependencyInfo)
         scores = graph.analysis(ChannelScores).scores
-        groups = [g for g in info.iter_groups() if g.kind in self.kinds and g.mixed_at is None and g.size > 1]
+        kinds = tuple(k for k, v in self.kind_ratios.items() if v > 0) if self.kind_ratios else self.kinds
+        groups = [g for g in info.iter_groups() if g.kind in kinds and g.mixed_at is None and g.size > 1]
         if not groups:
-            raise BudgetError(f"no prunable groups of kinds {self.kinds} to spread the budget over")
+            raise BudgetError(f"no prunable groups of kinds {kinds} to spread the budget over")
         if self.unit == "flops":
             costs = per_channel_costs(graph, info)
             self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
@@ -153,21 +175,59 @@ class AllocateBudget(Pass):
                 self.ratio = needed / prunable
         else:
             self._w = {g.id: float(g.params_per_channel) if self.unit == "params" else 1.0 for g in groups}
+        importance = None
         if self.allocator == "ecoflap":
-            ratios = self._by_importance(groups, self._zeroth_order(graph, groups))
+            importance = self._zeroth_order(graph, groups)
         elif self.allocator == "cfsp":
-            ratios = self._by_importance(groups, self._block_influence(graph, groups))
-        else:
-            method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
-            ratios = method(groups, scores)
+            importance = self._block_influence(graph, groups)
+        ratios = self.allocate(groups, scores, self._w, importance)
         budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w))
         graph.analyses[LayerBudget] = budget
         return PassResult(graph, False, budget)
 
-    def _floor(self, g: ChannelGroup) -> int:
+    def allocate(self, groups: Sequence[BudgetSlot], scores: Mapping[int, np.ndarray], weights: Mapping[int, float],
+                 importance: np.ndarray | None = None, kinds: Mapping[int, str] | None = None) -> dict[int, float]:
+        """Per-group ratios for ``groups`` (from one graph, or gathered from many, e.g. block by block).
+
+        Args:
+            groups: The groups sharing the budget (anything with a unique ``id`` and a ``size``).
+            scores: Channel scores per group id.
+            weights: What one channel of each group is worth in the budget's unit.
+            importance: Per group (in ``groups`` order), its importance for ``ecoflap`` / ``cfsp``.
+            kinds: Per group id, its structure kind; needed with ``kind_ratios`` (``ChannelGroup.kind`` otherwise).
+
+        Returns:
+            Fraction to remove per group id.
+
+        """
+        self._w = dict(weights)
+        if self.allocator in ("ecoflap", "cfsp") and (importance is None or len(importance) != len(groups)):
+            raise BudgetError(f"the {self.allocator} allocator needs one importance value per group")
+        if not self.kind_ratios:
+            return self._allocate(list(groups), scores, self.ratio, importance)
+        kind_of = dict(kinds) if kinds is not None else {g.id: str(getattr(g, "kind", "")) for g in groups}
+        out: dict[int, float] = {}
+        for kind, ratio in self.kind_ratios.items():
+            idx = [i for i, g in enumerate(groups) if kind_of.get(g.id) == kind]
+            if not idx:
+                continue
+            sub = [groups[i] for i in idx]
+            out.update(self._allocate(sub, scores, ratio, importance[idx] if importance is not None else None))
+        return out
+
+    def _allocate(self, groups: list[BudgetSlot], scores: Mapping[int, np.ndarray], ratio: float,
+                  importance: np.ndarray | None) -> dict[int, float]:
+        if ratio <= 0:
+            return {g.id: 0.0 for g in groups}
+        if importance is not None and self.allocator in ("ecoflap", "cfsp"):
+            return self._by_importance(groups, importance, ratio)
+        method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
+        return method(groups, scores, ratio)
+
+    def _floor(self, g: BudgetSlot) -> int:
         return max(1, math.ceil(g.size * self.min_keep))
 
-    def _ranked(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+    def _ranked(self, groups: list[BudgetSlot], scores: Mapping[int, np.ndarray], ratio: float) -> dict[int, float]:
         """Remove the globally lowest channels (raw scores, or LAMP scores) until the budget is spent."""
         entries: list[tuple[float, int, float]] = []
         for g in groups:
@@ -181,7 +241,7 @@ class AllocateBudget(Pass):
             # Only the channels above the floor are candidates; within a group they go lowest first.
             entries.extend((float(k), g.id, self._w[g.id]) for k in key[: g.size - self._floor(g)])
         entries.sort(key=lambda t: t[0])
-        target = self.ratio * sum(self._w[g.id] * g.size for g in groups)
+        target = ratio * sum(self._w[g.id] * g.size for g in groups)
         removed: dict[int, int] = {g.id: 0 for g in groups}
         spent = 0.0
         for _, gid, w in entries:
@@ -191,7 +251,7 @@ class AllocateBudget(Pass):
             spent += w
         return {g.id: removed[g.id] / g.size for g in groups}
 
-    def _owl(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+    def _owl(self, groups: list[BudgetSlot], scores: Mapping[int, np.ndarray], ratio: float) -> dict[int, float]:
         """Outlier-weighted ratios: more outliers, less pruning."""
         outliers = []
         for g in groups:
@@ -201,14 +261,14 @@ class AllocateBudget(Pass):
         d = np.asarray(outliers)
         spread = d.max() - d.min()
         norm = (d - d.min()) / spread if spread > 0 else np.zeros_like(d)
-        raw = self.ratio + self.owl_lambda * (1 - 2 * norm)  # most outliers -> ratio - lambda
-        return self._recentre(groups, raw)
+        raw = ratio + self.owl_lambda * (1 - 2 * norm)  # most outliers -> ratio - lambda
+        return self._recentre(groups, raw, ratio)
 
-    def _by_importance(self, groups: list[ChannelGroup], importance: np.ndarray) -> dict[int, float]:
+    def _by_importance(self, groups: list[BudgetSlot], importance: np.ndarray, ratio: float) -> dict[int, float]:
         """Most important group -> ratio - lambda, least -> ratio + lambda, then re-centred to the budget."""
         spread = importance.max() - importance.min()
         norm = (importance - importance.min()) / spread if spread > 0 else np.zeros_like(importance)
-        return self._recentre(groups, self.ratio + self.owl_lambda * (1 - 2 * norm))
+        return self._recentre(groups, ratio + self.owl_lambda * (1 - 2 * norm), ratio)
 
     def _zeroth_order(self, graph: Graph, groups: list[ChannelGroup]) -> np.ndarray:
         """|d L / d t| at t = 1 for the group's weights scaled by t, by a central difference (forward only)."""
@@ -265,7 +325,7 @@ class AllocateBudget(Pass):
         arr = np.asarray(out, dtype=np.float64)
         return np.where(np.isnan(arr), np.nanmean(arr) if not np.isnan(arr).all() else 0.0, arr)
 
-    def _recentre(self, groups: list[ChannelGroup], raw: np.ndarray) -> dict[int, float]:
+    def _recentre(self, groups: list[BudgetSlot], raw: np.ndarray, ratio: float) -> dict[int, float]:
         """Shift ``raw`` ratios by one constant so the weighted total meets the budget (floors respected)."""
         w = np.asarray([self._w[g.id] * g.size for g in groups])
         cap = np.asarray([1 - self._floor(g) / g.size for g in groups])
@@ -273,18 +333,18 @@ class AllocateBudget(Pass):
         for _ in range(60):
             mid = (lo + hi) / 2
             r = np.clip(raw + mid, 0.0, cap)
-            if float((r * w).sum() / w.sum()) < self.ratio:
+            if float((r * w).sum() / w.sum()) < ratio:
                 lo = mid
             else:
                 hi = mid
         r = np.clip(raw + hi, 0.0, cap)
         return {g.id: float(x) for g, x in zip(groups, r, strict=True)}
 
-    def _dp(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray]) -> dict[int, float]:
+    def _dp(self, groups: list[BudgetSlot], scores: Mapping[int, np.ndarray], ratio: float) -> dict[int, float]:
         """Knapsack over discrete ratios: least total distortion for at least the budget's removal."""
         bins = 1000
         total_w = sum(self._w[g.id] * g.size for g in groups)
-        need = int(math.ceil(self.ratio * bins - 1e-9))
+        need = int(math.ceil(ratio * bins - 1e-9))
         options = []
         for g in groups:
             s = np.sort(np.asarray(scores[g.id], dtype=np.float64))
@@ -316,7 +376,7 @@ class AllocateBudget(Pass):
             choice.append(pick)
             best = nxt
         if best[need] == inf:
-            raise BudgetError(f"the {self.ratio:.0%} budget cannot be met within the per-group floors")
+            raise BudgetError(f"the {ratio:.0%} budget cannot be met within the per-group floors")
         out: dict[int, float] = {}
         b = need
         for g, opts, pick in zip(reversed(groups), reversed(options), reversed(choice), strict=True):

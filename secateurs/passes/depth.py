@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.materialize import Snapshot
+from secateurs.distributed import all_reduce_sum, shard
 from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
@@ -41,9 +42,11 @@ __all__ = [
     "RemoveBlocks",
     "RemoveSublayers",
     "ZeroSublayer",
+    "angular_distance",
     "block_influence",
     "find_blocks",
     "find_sublayers",
+    "mean_cosine",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,8 @@ def _features(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of the feature vectors (tokens, or pixels of a feature map) of ``a`` and ``b``."""
     return float(torch.nn.functional.cosine_similarity(_features(a), _features(b), dim=-1).mean())
 
 
@@ -265,8 +269,11 @@ class _DepthPass(Pass):
         return pairs
 
     def _scores(self, model: nn.Module, cands: list[str], calls: list[Any]) -> dict[str, float]:
-        """Block influence: 1 - cos of the stream before and after a candidate, averaged over calls."""
-        return _influence(self._streams(model, cands, calls))
+        """Block influence: 1 - cos of the stream before and after a candidate, averaged over calls.
+
+        Under ``torchrun`` every rank runs its share of the calls and the sums are added up over the ranks.
+        """
+        return _influence(self._streams(model, cands, shard(calls)))
 
     def _choose(self, model: nn.Module, cands: list[str], count: int, calls: list[Any]) -> tuple[
             list[tuple[str, float]], dict[str, float]]:
@@ -286,7 +293,7 @@ class _DepthPass(Pass):
                     continue
                 with _bypassed(model, [r for r, _ in removed] + [c], zero=self.zero):
                     outs = _run(model, calls)
-                trial[c] = 1 - sum(_cos(a, b) for a, b in zip(outs, reference, strict=True)) / len(outs)
+                trial[c] = 1 - sum(mean_cosine(a, b) for a, b in zip(outs, reference, strict=True)) / len(outs)
             if not first:
                 first = dict(trial)
             best = min(trial, key=lambda c: trial[c])
@@ -295,15 +302,20 @@ class _DepthPass(Pass):
 
     def _angular(self, model: nn.Module, cands: list[str], count: int, calls: list[Any]) -> tuple[
             list[tuple[str, float]], dict[str, float]]:
-        pairs = self._streams(model, cands, calls)
-        best: tuple[float, int] | None = None
-        scores = {}
+        pairs = self._streams(model, cands, shard(calls))
+        windows: dict[str, float] = {}
         for start in range(len(cands) - count + 1):
             a, b = cands[start], cands[start + count - 1]
             if not self.zero and a.rpartition(".")[0] != b.rpartition(".")[0]:
                 continue  # a window of blocks must stay inside one block list
-            cos = sum(_cos(x, y) for (x, _), (_, y) in zip(pairs[a], pairs[b], strict=True)) / len(pairs[a])
-            dist = math.acos(max(-1.0, min(1.0, cos))) / math.pi
+            windows[a] = float(sum(mean_cosine(x, y) for (x, _), (_, y) in zip(pairs[a], pairs[b], strict=True)))
+        total = all_reduce_sum({**windows, "": float(len(pairs[cands[0]]))})
+        best: tuple[float, int] | None = None
+        scores = {}
+        for start, a in enumerate(cands):
+            if a not in windows:
+                continue
+            dist = angular_distance(total[a] / max(total[""], 1.0))
             scores[a] = dist
             if best is None or dist < best[0]:
                 best = (dist, start)
@@ -342,16 +354,28 @@ class _DepthPass(Pass):
         raise NotImplementedError
 
 
+def angular_distance(cos: float) -> float:
+    """``arccos(cos) / pi``, in [0, 1] (the angular distance of ShortGPT's layer-window criterion)."""
+    return math.acos(max(-1.0, min(1.0, cos))) / math.pi
+
+
 def _influence(pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
-    return {c: sum(1 - _cos(x, y) for x, y in v) / len(v) if v else 0.0 for c, v in pairs.items()}
+    """Mean ``1 - cos`` per candidate; the sums and counts are added up over ``torchrun`` ranks."""
+    sums = {c: float(sum(1 - mean_cosine(x, y) for x, y in v)) for c, v in pairs.items()}
+    counts = {c: float(len(v)) for c, v in pairs.items()}
+    total = all_reduce_sum({**{("sum", c): v for c, v in sums.items()}, **{("n", c): v for c, v in counts.items()}})
+    return {c: total[("sum", c)] / total[("n", c)] if total[("n", c)] else 0.0 for c in pairs}
 
 
 def block_influence(model: nn.Module, blocks: list[str], calls: list[Any]) -> dict[str, float]:
-    """Block influence (ShortGPT) of each named block on the calibration calls: ``1 - cos(input, output)``."""
+    """Block influence (ShortGPT) of each named block on the calibration calls: ``1 - cos(input, output)``.
+
+    Under ``torchrun`` each rank runs its share of the calls and the sums are added up over the ranks.
+    """
     was_training = model.training
     model.eval()
     try:
-        return _influence(RemoveBlocks(1)._streams(model, blocks, calls))
+        return _influence(RemoveBlocks(1)._streams(model, blocks, shard(calls)))
     finally:
         model.train(was_training)
 

@@ -358,8 +358,7 @@ class SparsifyWeights(Pass):
 
             groups = [ChannelGroup(i, m.numel(), (), 1) for i, m in enumerate(mags)]
             alloc = AllocateBudget(self.ratio, "dp", min_keep=1 - self.max_layer_sparsity)
-            alloc._w = {g.id: 1.0 for g in groups}
-            ratios = alloc._dp(groups, {i: m.numpy() for i, m in enumerate(mags)})
+            ratios = alloc.allocate(groups, {i: m.numpy() for i, m in enumerate(mags)}, {g.id: 1.0 for g in groups})
             return {name: ratios[i] for i, (name, _) in enumerate(targets)}
         keys = []
         for m in mags:
