@@ -362,3 +362,96 @@ def test_plain_module_with_tuple_batches_and_a_custom_task_loss():
     assert error() < start and y.shape == (64,)
     with pytest.raises(RecoveryError, match="hidden states"):
         Recover(teacher, data, options=RecoverOptions(steps=1, hidden_weight=1.0)).run(sc.capture(student, (x[:2],)))
+
+
+def test_top_k_teacher_cache_is_smaller_and_exact_at_full_vocabulary(lm, pruned, tmp_path):
+    """Top-k logits: k = vocabulary gives the full cache's curve; a small k shrinks the cache and still trains."""
+    dense, corpus = lm
+    student, example = pruned
+    vocab = len(corpus.vocab)
+    data = [{"input_ids": b["input_ids"]} for b in corpus.batches(corpus.train, 3, 4, seed=8)]
+    held = [{"input_ids": b["input_ids"]} for b in corpus.batches(corpus.held, 1, 4, seed=9)]
+    curves, sizes = {}, {}
+    for k in (None, vocab, 8):
+        folder = tmp_path / f"teacher-{k}"
+        options = RecoverOptions(steps=6, lr=3e-3, eval_every=6, cache_teacher=True, cache_dir=str(folder),
+                                 cache_top_k=k)
+        out = Recover(dense, data, eval_data=held, options=options).run(sc.capture(copy.deepcopy(student), example))
+        curves[k] = out.record.curve
+        sizes[k] = sum(p.stat().st_size for p in folder.glob("train-*.safetensors"))
+    for a, b in zip(curves[None], curves[vocab], strict=True):
+        for got, want in ((a.train_loss, b.train_loss), (a.eval_loss, b.eval_loss)):
+            assert (got is None) == (want is None)
+            assert got is None or got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    evals = [p for p in curves[8] if p.eval_loss is not None]
+    assert evals[-1].eval_loss < evals[0].eval_loss  # sparse distillation still lowers the (top-k) objective
+    # values float32 + ids int32 for 8 of the vocabulary's logits
+    assert sizes[8] < sizes[None] * (2 * 8 / vocab) * 1.2
+    with pytest.raises(RecoveryError, match="cache_top_k needs cache_teacher"):
+        RecoverOptions(cache_top_k=8)
+    with pytest.raises(RecoveryError, match="cache_top_k"):
+        RecoverOptions(cache_teacher=True, cache_dir=str(tmp_path), cache_top_k=0)
+
+
+class _LazyBatches(torch.utils.data.Dataset):
+    """A map-style dataset that builds each batch on access and counts the accesses."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self.batches):
+            raise IndexError(i)
+        self.reads += 1
+        return {k: v.clone() for k, v in self.batches[i].items()}
+
+
+def test_map_style_datasets_are_read_lazily_with_the_same_curve(lm, pruned):
+    dense, corpus = lm
+    student, example = pruned
+    batches = corpus.batches(corpus.train, 4, 4, seed=12)
+    held = corpus.batches(corpus.held, 1, 4, seed=13)
+    options = RecoverOptions(steps=4, lr=3e-3, eval_every=2)
+    listed = Recover(dense, batches, eval_data=held, options=options).run(sc.capture(copy.deepcopy(student), example))
+    lazy = _LazyBatches(batches)
+    recover = Recover(dense, lazy, eval_data=_LazyBatches(held), options=options)
+    assert recover.data is lazy and lazy.reads == 0  # not copied into a list
+    out = recover.run(sc.capture(copy.deepcopy(student), example))
+    assert lazy.reads > 0
+    assert [p.train_loss for p in out.record.curve] == [p.train_loss for p in listed.record.curve]
+    assert [p.eval_loss for p in out.record.curve] == [p.eval_loss for p in listed.record.curve]
+
+
+def test_bf16_autocast_trains_on_cpu_and_keeps_float32_weights(lm, sparse24):
+    dense, corpus = lm
+    student = sparse24
+    example = {"input_ids": corpus.test[:SEQ].unsqueeze(0)}
+    test = corpus.batches(corpus.test, 2, 8, seed=14)
+    before = perplexity(student, test)
+    options = RecoverOptions(steps=8, lr=3e-3, bf16=True)
+    Recover(dense, corpus.batches(corpus.train, 8, 8, seed=15), options=options).run(sc.capture(student, example))
+    assert perplexity(student, test) < before
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    names = [n for n, m in student.named_modules() if hasattr(m, "weight_mask")]
+    assert names and check_nm(student, 2, 4, names) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.sh runs it on one)")
+def test_bf16_recovery_on_cuda_lowers_perplexity_and_returns_the_model_to_the_cpu(lm, sparse24):
+    dense, corpus = lm
+    student = sparse24
+    example = {"input_ids": corpus.test[:SEQ].unsqueeze(0)}
+    test = corpus.batches(corpus.test, 2, 8, seed=16)
+    before = perplexity(student, test)
+    options = RecoverOptions(steps=8, lr=3e-3, bf16=True, device="cuda", mode="lora")
+    record = Recover(dense, corpus.batches(corpus.train, 8, 8, seed=17), options=options).run(
+        sc.capture(student, example)).record
+    assert record.steps == 8
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in student.parameters())
+    assert next(dense.parameters()).device.type == "cpu"
+    assert perplexity(student, test) < before
+    names = [n for n, m in student.named_modules() if hasattr(m, "weight_mask")]
+    assert check_nm(student, 2, 4, names) == []

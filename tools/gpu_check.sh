@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check in one go (well under 8 minutes): what the machine has, the TensorRT / ONNX tests with their GPU
-# cases live, and the quick GPU speed-up benchmark. Meant for a copy of the repository on a GPU machine that may
+# cases live, CUDA bf16 recovery training, and the quick GPU speed-up benchmark. Meant for a copy of the repository on a GPU machine that may
 # have no internet: it installs nothing but tries `pip install -e .[trt,dev]` once if tensorrt is missing (and
 # says so if that fails; the GPU tests then skip with their reason).
 #
@@ -49,7 +49,9 @@ fi
 cat "$out/env.txt"
 
 echo "== tests"
-timeout 300 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py tests/test_onnx.py 2>&1 | tee "$out/pytest.txt"
+timeout 300 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py tests/test_onnx.py \
+    tests/test_distill.py::test_bf16_recovery_on_cuda_lowers_perplexity_and_returns_the_model_to_the_cpu \
+    2>&1 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark (GPU rows)"

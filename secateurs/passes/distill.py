@@ -24,7 +24,13 @@ Training state (trainable tensors, buffers, optimizer moments, random state, the
 checkpointed to ``checkpoint_dir`` as safetensors plus a JSON file of scalars, written to a new folder that is
 renamed into place, so an interrupted run resumes where its last checkpoint left it with the same loss curve.
 Nothing is pickled. With ``cache_teacher`` the teacher's outputs are computed once into safetensors shards and
-read back during training, so the teacher can be dropped (pass ``teacher=None`` once the cache exists).
+read back during training, so the teacher can be dropped (pass ``teacher=None`` once the cache exists);
+``cache_top_k`` keeps only the ``k`` largest logits of every position and their token ids (the KL is then taken
+over the teacher's top ``k``, renormalised: sparse distillation), which shrinks the cache by ``vocab / (2 k)``.
+
+Training data can be any map-style dataset (``len`` and integer indexing: a list, a ``torch.utils.data.Dataset``,
+a Hugging Face ``datasets.Dataset`` of tensors): it is read batch by batch when needed, never copied whole; other
+iterables (generators) are read once into a list. bf16 autocast works on CUDA and on CPU.
 """
 
 from __future__ import annotations
@@ -118,8 +124,10 @@ class RecoverOptions:
         resume: Continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
         cache_teacher: Precompute the teacher's outputs once into ``cache_dir`` (safetensors shards).
         cache_dir: Folder of the teacher cache (None: ``checkpoint_dir/teacher``).
+        cache_top_k: With ``cache_teacher`` and logit distillation: keep only the top ``k`` logits per position
+            (and their ids) in the cache; the KL runs over them (None: the full logits).
         device: Where to train (None: where the model is); the model goes back where it was afterwards.
-        bf16: bfloat16 autocast (CUDA only; ignored with a warning elsewhere).
+        bf16: bfloat16 autocast of the forward passes (CUDA or CPU; weights and optimizer stay float32).
         seed: Seed of adapter initialisation, data order and dropout.
 
     """
@@ -149,6 +157,7 @@ class RecoverOptions:
     resume: bool = False
     cache_teacher: bool = False
     cache_dir: str | None = None
+    cache_top_k: int | None = None
     device: str | None = None
     bf16: bool = False
     seed: int = 0
@@ -183,6 +192,11 @@ class RecoverOptions:
             raise RecoveryError("recovery option resume needs checkpoint_dir")
         if self.cache_teacher and self.cache_dir is None and self.checkpoint_dir is None:
             raise RecoveryError("recovery option cache_teacher needs cache_dir (or checkpoint_dir)")
+        if self.cache_top_k is not None:
+            if isinstance(self.cache_top_k, bool) or not isinstance(self.cache_top_k, int) or self.cache_top_k < 1:
+                raise RecoveryError(f"recovery option cache_top_k must be an integer >= 1, got {self.cache_top_k!r}")
+            if not self.cache_teacher:
+                raise RecoveryError("recovery option cache_top_k needs cache_teacher")
         if self.layer_map is not None:
             object.__setattr__(self, "layer_map", tuple(int(i) for i in self.layer_map))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -518,6 +532,17 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: 
     return (per * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _kl_top_k(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor, temperature: float,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """KL over the teacher's top-k tokens: the teacher renormalised on them, the student's full softmax read there."""
+    s = torch.log_softmax(student.float() / temperature, dim=-1).gather(-1, index.long())
+    t = torch.log_softmax(values.float() / temperature, dim=-1)
+    per = (t.exp() * (t - s)).sum(-1) * temperature**2
+    if mask is None:
+        return per.mean()
+    return (per * mask).sum() / mask.sum().clamp_min(1)
+
+
 def _nmse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     s, t = student.float(), teacher.float()
     err, ref = (s - t).pow(2), t.pow(2)
@@ -544,10 +569,17 @@ def _to(value: Any, device: torch.device) -> Any:
     return torch.utils._pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
 
 
+def _indexed(data: Any) -> Sequence[Any]:
+    """``data`` itself when it has a length and integer indexing (read lazily), else its items in a list."""
+    if not isinstance(data, (dict, str, bytes)) and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return data  # type: ignore[no-any-return]
+    return list(data)
+
+
 def _fingerprint(batches: Sequence[Any]) -> str:
     h = hashlib.sha256()
-    for b in batches:
-        for leaf in torch.utils._pytree.tree_leaves(b):
+    for i in range(len(batches)):
+        for leaf in torch.utils._pytree.tree_leaves(batches[i]):
             if isinstance(leaf, torch.Tensor):
                 t = leaf.detach().cpu().contiguous()
                 h.update(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -591,14 +623,16 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 class _Target:
     main: torch.Tensor
     hidden: dict[int, torch.Tensor]
+    index: torch.Tensor | None = None  # token ids of ``main`` when it holds only the top-k logits
 
 
 class _Teacher:
     """Teacher outputs per batch: computed live, or read from a safetensors cache built once."""
 
     def __init__(self, teacher: nn.Module | None, kind: str, hidden: list[int], device: torch.device,
-                 autocast: Callable[[], Any]) -> None:
+                 autocast: Callable[[], Any], top_k: int | None = None) -> None:
         self.teacher, self.kind, self.hidden, self.device, self.autocast = teacher, kind, hidden, device, autocast
+        self.top_k = top_k if kind == "kl" else None
         self.cache: Path | None = None
         self._open: dict[Path, Any] = {}
 
@@ -629,13 +663,14 @@ class _Teacher:
         if handle is None:
             handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu")
         main = handle.get_tensor(f"{index}.main").to(self.device)
-        return _Target(main, {i: handle.get_tensor(f"{index}.hidden.{i}").to(self.device) for i in self.hidden})
+        ids = handle.get_tensor(f"{index}.index").to(self.device) if self.top_k is not None else None
+        return _Target(main, {i: handle.get_tensor(f"{index}.hidden.{i}").to(self.device) for i in self.hidden}, ids)
 
-    def build_cache(self, folder: Path, splits: dict[str, list[Any]], teacher_layers: int | None) -> None:
+    def build_cache(self, folder: Path, splits: dict[str, Sequence[Any]], teacher_layers: int | None) -> None:
         """Reuse the cache in ``folder`` when it matches these batches and this teacher, else (re)build it."""
         folder.mkdir(parents=True, exist_ok=True)
         manifest = folder / "manifest.json"
-        want = {"format": _FORMAT, "kind": self.kind, "hidden": self.hidden,
+        want = {"format": _FORMAT, "kind": self.kind, "hidden": self.hidden, "top_k": self.top_k,
                 "batches": {s: [len(b), _fingerprint(b)] for s, b in splits.items()}}
         if self.teacher is not None:
             want["teacher"] = _model_fingerprint(self.teacher)
@@ -658,7 +693,16 @@ class _Teacher:
                         shard: dict[str, torch.Tensor] = {}
                         for i in range(start, min(start + _SHARD, len(batches))):
                             target = self.compute(batches[i])
-                            shard[f"{i}.main"] = target.main
+                            if self.top_k is not None and self.top_k < target.main.shape[-1]:
+                                top = target.main.topk(self.top_k, dim=-1)
+                                shard[f"{i}.main"] = top.values.contiguous()
+                                shard[f"{i}.index"] = top.indices.to(torch.int32).contiguous()
+                            elif self.top_k is not None:
+                                shard[f"{i}.main"] = target.main
+                                shard[f"{i}.index"] = torch.arange(target.main.shape[-1], dtype=torch.int32) \
+                                    .expand_as(target.main).contiguous()
+                            else:
+                                shard[f"{i}.main"] = target.main
                             shard.update({f"{i}.hidden.{j}": t for j, t in target.hidden.items()})
                         _save_tensors(shard, folder / f"{split}-{start // _SHARD:05d}.safetensors")
             finally:
@@ -707,7 +751,8 @@ class Recover(Pass):
             teacher: The dense model (outputs to distil); None for task-loss-only training or when the
                 teacher cache already exists.
             data: Training batches: dicts of tensors (keyword inputs, Hugging Face style, ``labels`` for the
-                task loss) or tuples of positional tensors. Read once into a list; cycled in a seeded order.
+                task loss) or tuples of positional tensors, cycled in a seeded order. A map-style dataset (``len``
+                and integer indexing) is read batch by batch as needed; any other iterable is read once into a list.
             eval_data: Held-out batches for evaluation, early stopping and choosing the kept weights.
             options: The :class:`RecoverOptions` (defaults if None).
             loss_fn: Task loss ``(student_output, batch) -> scalar`` instead of the model's own ``loss``.
@@ -720,11 +765,11 @@ class Recover(Pass):
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise RecoveryError(f"the teacher must be an nn.Module, got {type(teacher).__name__}")
         self.teacher = teacher
-        self.data = list(data)
-        if not self.data:
+        self.data = _indexed(data)
+        if not len(self.data):
             raise RecoveryError("recovery data is empty: give at least one training batch")
-        self.eval_data = None if eval_data is None else list(eval_data)
-        if self.eval_data is not None and not self.eval_data:
+        self.eval_data = None if eval_data is None else _indexed(eval_data)
+        if self.eval_data is not None and not len(self.eval_data):
             raise RecoveryError("held-out recovery data (eval_data) is empty")
         self.options = options if options is not None else RecoverOptions()
         if not isinstance(self.options, RecoverOptions):
@@ -788,12 +833,12 @@ class Recover(Pass):
         if self.teacher is not None:
             teacher_home = next(self.teacher.parameters(), first).device
             teacher_training = self.teacher.training
-        use_bf16 = o.bf16 and device.type == "cuda"
+        use_bf16 = o.bf16 and device.type in ("cuda", "cpu")
         if o.bf16 and not use_bf16:
-            log.warning("bf16 autocast is for CUDA only; training in float32 on %s", device)
+            log.warning("bf16 autocast works on CUDA and CPU; training in float32 on %s", device)
 
         def autocast() -> Any:
-            return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+            return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
         was_training = model.training
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -810,11 +855,11 @@ class Recover(Pass):
                     if not o.cache_teacher:  # a cached teacher visits the device only while the cache is built
                         self.teacher.to(device)
                 kind, pairs, layers = self._inspect(model, device, autocast, hidden_w)
-                teacher = _Teacher(self.teacher, kind, [t for _, t in pairs], device, autocast)
+                teacher = _Teacher(self.teacher, kind, [t for _, t in pairs], device, autocast, o.cache_top_k)
                 if (distill_w or hidden_w) and o.cache_teacher:
                     folder = self._cache_folder()
                     splits = {"train": self.data}
-                    if self.eval_data and not self._has_task(self.eval_data[0]):
+                    if self.eval_data is not None and not self._has_task(self.eval_data[0]):
                         splits["eval"] = self.eval_data
                     teacher.build_cache(folder, splits, layers)
                 self._check_teacher(model, teacher, kind, pairs, device, autocast)
@@ -918,7 +963,11 @@ class Recover(Pass):
             out = model(*_to(args, device), **_to(kwargs, device))
         target = teacher.get("train", 0, self.data[0])
         mine = _main(out, kind)
-        if tuple(target.main.shape) != tuple(mine.shape):
+        if target.index is not None:
+            if tuple(target.main.shape[:-1]) != tuple(mine.shape[:-1]) or int(target.index.max()) >= mine.shape[-1]:
+                raise RecoveryError(f"the teacher's top-{target.main.shape[-1]} logits {tuple(target.main.shape)} do not "
+                                    f"match the student's output {tuple(mine.shape)} (another vocabulary?)")
+        elif tuple(target.main.shape) != tuple(mine.shape):
             raise RecoveryError(f"the teacher's output {tuple(target.main.shape)} does not match the student's "
                                 f"{tuple(mine.shape)} (another vocabulary or output head?)")
         hs = _hidden(out) if pairs else ()
@@ -952,8 +1001,12 @@ class Recover(Pass):
             mine = _main(out, kind)
             mask = _token_mask(batch, mine)
             if distill_w:
-                d = _kl(mine, target.main, self.options.temperature, mask) if kind == "kl" else \
-                    _nmse(mine, target.main, mask)
+                if kind == "kl" and target.index is not None:
+                    d = _kl_top_k(mine, target.main, target.index, self.options.temperature, mask)
+                elif kind == "kl":
+                    d = _kl(mine, target.main, self.options.temperature, mask)
+                else:
+                    d = _nmse(mine, target.main, mask)
                 total = total + distill_w * d
             if hidden_w and pairs:
                 hs = _hidden(out)
@@ -969,7 +1022,8 @@ class Recover(Pass):
         losses = []
         builtin = self.loss_fn is None
         with torch.no_grad():
-            for i, batch in enumerate(self.eval_data):
+            for i in range(len(self.eval_data)):
+                batch = self.eval_data[i]
                 d, _, h = self._weights(batch)
                 weights = (0.0, 1.0, 0.0) if self._has_task(batch) else (d, 0.0, h)
                 total, task = self._loss(model, "eval", i, batch, teacher, kind, pairs, device, autocast, weights)
