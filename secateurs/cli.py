@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, help="random seed (default 0)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--stream", action="store_true", help="out-of-core: load, prune and write one decoder block at a "
-                    "time (--heads --kv-groups --ffn --experts --layers --depth-criterion --scope --allocate "
+                    "time (--heads --kv-groups --ffn --hidden --experts --layers --depth-criterion --scope --allocate "
                     "--sparsity / --nm --criterion --sparsity-criterion --round-to --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -275,13 +275,13 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.stream import StreamOptions
 
     unsupported = [f"--{f.replace('_', '-')}" for f in (
-        "recipe", "channels", "hidden", "sublayers", "low_rank", "recover", "min_cosine", "max_rel_error")
+        "recipe", "channels", "sublayers", "low_rank", "recover", "min_cosine", "max_rel_error")
         if getattr(args, f) is not None]
     unsupported += ["--dry-run"] if args.dry_run else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
     if unsupported:
-        raise BudgetError("--stream supports --heads --kv-groups --ffn --experts --layers --depth-criterion --scope "
-                          "--allocate --sparsity --nm --criterion --sparsity-criterion --round-to --calib "
+        raise BudgetError("--stream supports --heads --kv-groups --ffn --hidden --experts --layers --depth-criterion "
+                          "--scope --allocate --sparsity --nm --criterion --sparsity-criterion --round-to --calib "
                           f"--calib-samples --seq-len --overwrite only, not {' '.join(unsupported)}")
     if args.out is None:
         raise BudgetError("--stream needs --out")
@@ -289,13 +289,13 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     if layers is not None and layers >= 1:
         layers = int(layers)
     options = StreamOptions(
-        ffn=args.ffn, heads=args.heads, kv_groups=args.kv_groups, experts=args.experts, layers=layers,
+        ffn=args.ffn, heads=args.heads, kv_groups=args.kv_groups, hidden=args.hidden, experts=args.experts, layers=layers,
         depth_criterion=args.depth_criterion or "bi", scope=args.scope or "local", allocate=args.allocate,
         importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to,
         sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude")
-    if not (options.width or options.experts or options.layers or options.sparse):
-        raise BudgetError("nothing to prune: give at least one of --heads --kv-groups --ffn --experts --layers "
-                          "--sparsity --nm")
+    if not (options.width or options.hidden or options.experts or options.layers or options.sparse):
+        raise BudgetError("nothing to prune: give at least one of --heads --kv-groups --ffn --hidden --experts "
+                          "--layers --sparsity --nm")
     batches = None
     if options.calibrated:
         from secateurs.convert import _tokenizer

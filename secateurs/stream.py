@@ -10,7 +10,10 @@ order, and goes back to ``meta``:
 2. experts (``experts``, routing statistics) and the neurons inside experts (``expert_neurons``);
 3. width: attention heads, KV groups and FFN neurons (``heads``, ``kv_groups``, ``ffn``), each block by its
    own ranking (``scope="local"``), or by one ranking across all blocks (``scope="global"``) or a budget
-   allocator (``allocate``) fed by per-block scores gathered in a first streaming pass;
+   allocator (``allocate``) fed by per-block scores gathered in a first streaming pass; and the hidden size
+   (``hidden``): the residual channels are one group across the embeddings, every block, the final norm and
+   the LM head (found by capturing the whole model on ``meta``), scored from every block's weights in the
+   first pass and sliced from each block, and from the embeddings and LM head in row chunks, while writing;
 4. sparsity (unstructured or N:M; magnitude, ``wanda`` or ``sparsegpt`` calibrated block by block).
 
 The last walk writes every block as its own shard. Embeddings, the final norm and the LM head are copied
@@ -29,8 +32,8 @@ calib=b)`` gives the weights of ``prune(model, **options, calib=b, sequential=Tr
 Under ``torchrun`` each rank carries its share of the batches, statistics are summed over the ranks and rank
 0 writes (see :mod:`secateurs.distributed`).
 
-Not streamed (refused with a message): the hidden size, Taylor importance, ``greedy`` depth, sublayers,
-the ``ecoflap`` allocator (each needs the whole model's loss or couples every block's weights at once).
+Not streamed (refused with a message): Taylor importance, ``greedy`` depth, sublayers and the ``ecoflap``
+allocator (they need the whole model's loss), and the hidden size by calibrated criteria.
 """
 
 from __future__ import annotations
@@ -56,16 +59,16 @@ import torch
 from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
-from secateurs.backends.materialize import Snapshot
+from secateurs.backends.materialize import Snapshot, slice_dims
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
 from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
-from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
-from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible
+from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible, _round_keep
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
 from secateurs.passes.experts import (
@@ -77,7 +80,7 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.hooks import first_tensor
-from secateurs.passes.importance import ChannelScores, ScoreChannels
+from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_position, _reduce_positions
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
 
@@ -107,6 +110,8 @@ class StreamOptions:
         ffn: Fraction of MLP neurons to remove.
         heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
         kv_groups: Fraction of KV groups (a KV head with its query heads) to remove.
+        hidden: Fraction of the hidden size (the residual stream, the embeddings' columns) to remove; weight
+            criteria only (``l1``, ``l2``, ``maw``), like :func:`secateurs.prune`'s ``hidden=``.
         importance: Width importance: ``l1``, ``l2``, ``maw`` (weights only) or ``activation`` / ``flap``
             (calibrated on the blocks' inputs).
         scope: ``local`` (every block loses each ratio) or ``global`` (one ranking per structure across all
@@ -136,6 +141,7 @@ class StreamOptions:
     ffn: float | None = None
     heads: float | None = None
     kv_groups: float | None = None
+    hidden: float | None = None
     importance: str = "l2"
     scope: str = "local"
     allocate: str | None = None
@@ -157,7 +163,7 @@ class StreamOptions:
     max_shard_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        for name in ("ffn", "heads", "kv_groups", "experts", "expert_neurons", "sparsity"):
+        for name in ("ffn", "heads", "kv_groups", "hidden", "experts", "expert_neurons", "sparsity"):
             _check_fraction(name, getattr(self, name))
         if self.importance not in STREAM_IMPORTANCE:
             raise BudgetError(f"importance {self.importance!r} cannot stream block by block; choose from "
@@ -180,6 +186,11 @@ class StreamOptions:
         if self.depth_criterion not in ("bi", "angular"):
             raise BudgetError(f"depth criterion {self.depth_criterion!r} cannot stream block by block; choose bi or "
                               "angular (greedy re-runs the whole model for every candidate)")
+        if self.hidden and self.importance in _CALIBRATED_IMPORTANCE:
+            raise BudgetError(f"the hidden size streams with weight criteria (l1, l2, maw), not {self.importance!r}: "
+                              "its activation statistics span every block at once")
+        if self.hidden and self.allocate is not None:
+            raise BudgetError("the hidden size is one group; do not combine hidden with an allocator when streaming")
         if self.bias_compensation and self.importance not in _CALIBRATED_IMPORTANCE:
             raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
         if int(self.round_to) < 1:
@@ -202,6 +213,11 @@ class StreamOptions:
     def width(self) -> bool:
         """Whether heads, KV groups or FFN neurons are pruned."""
         return bool(self.kind_ratios)
+
+    @property
+    def surveys(self) -> bool:
+        """Whether a first pass gathers statistics of every block (coupled width decisions, the hidden size)."""
+        return self.surveyed or bool(self.hidden)
 
     @property
     def surveyed(self) -> bool:
@@ -274,7 +290,8 @@ class StreamReport:
             lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
         if self.widths:
             before, after = sum(w[1] for w in self.widths), sum(w[2] for w in self.widths)
-            lines.append(f"width {before} -> {after} over {len(self.widths)} groups (heads, KV groups, FFN neurons)")
+            lines.append(f"width {before} -> {after} over {len(self.widths)} groups (heads, KV groups, FFN neurons, "
+                         "hidden size)")
         if self.sparsity:
             lines.append(f"mean sparsity {sum(s for _, s in self.sparsity) / len(self.sparsity):.1%} "
                          f"over {len(self.sparsity)} layers")
@@ -465,6 +482,27 @@ class _Slot:
     params_per_channel: int
 
 
+@dataclasses.dataclass
+class _HiddenPlan:
+    """The hidden-size group of the whole (meta) model, its members and the scores gathered block by block."""
+
+    group: ChannelGroup
+    members: list[tuple[str, int, np.ndarray, bool]]  # name, dim, channel of every flat index, is a parameter
+    attrs: list[tuple[str, str, int]]  # module, attribute, size it takes once the group keeps ``keep``
+    scores: np.ndarray
+    table: Any
+    keep: np.ndarray | None = None
+
+    def cuts(self, prefix: str) -> tuple[list[tuple[str, int, np.ndarray]], list[tuple[str, str, int]]]:
+        """The slices and attributes of the members under ``prefix``, named relative to it."""
+        assert self.keep is not None
+        cuts = [(name[len(prefix):], dim, np.flatnonzero(np.isin(pos, self.keep)))
+                for name, dim, pos, _ in self.members if name.startswith(prefix)]
+        attrs = [(module[len(prefix):], attr, value) for module, attr, value in self.attrs
+                 if (module + ".").startswith(prefix)]
+        return cuts, attrs
+
+
 class _GivenBudget(Pass):
     """Analysis pass: the per-group ratios decided from every block's statistics, for this block's groups."""
 
@@ -529,8 +567,11 @@ class _Walker:
             self.dtype)[0]
         self.experts_state = 0 if opts.experts else None
         self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
+        hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
         self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
-                                      kind_ratios=opts.kind_ratios, bias_compensation=opts.bias_compensation)
+                                      kind_ratios=opts.kind_ratios + hidden, bias_compensation=opts.bias_compensation)
+        self.removed: list[str] = []
+        self.hidden: _HiddenPlan | None = None
 
     def prefix(self, position: int) -> str:
         """The source checkpoint's name prefix of the block at ``position``."""
@@ -565,6 +606,9 @@ class _Walker:
             out[self.width_state] = self.first
         if opts.sparse and opts.sparsity_criterion in _CALIBRATED_SPARSITY:
             out["pruned"] = self.first
+            if self.hidden is not None and self.hidden.keep is not None:  # the pruned model's embeddings are sliced
+                keep = torch.from_numpy(self.hidden.keep)
+                out["pruned"] = [((args[0].index_select(-1, keep), *args[1:]), kwargs) for args, kwargs in self.first]
         return out
 
     def capture_example(self, block: nn.Module, calls: list[Call] | None) -> dict[str, Any]:
@@ -612,7 +656,8 @@ class _Walker:
             best = min(range(n - count + 1), key=lambda s: scores[names[s]])
             chosen = [(names[s], scores[names[best]]) for s in range(best, best + count)]
         drop = {int(c.rpartition(".")[2]) for c, _ in chosen}
-        RemoveBlocks(count)._apply(self.model, [c for c, _ in chosen], Snapshot(), [])
+        self.removed = [c for c, _ in chosen]
+        RemoveBlocks(count)._apply(self.model, self.removed, Snapshot(), [])
         self.order = [i for i in range(n) if i not in drop]
         return sorted(chosen, key=lambda t: int(t[0].rpartition(".")[2])), sorted(scores.items())
 
@@ -676,11 +721,100 @@ class _Walker:
         record: PruneRecord | None = result.record(PruneRecord)
         return experts, [(prefix + c.name, c.before, c.after) for c in (record.changes if record else [])]
 
-    def survey(self) -> tuple[dict[int, dict[str, float]], int]:
+    def plan_hidden(self) -> None:
+        """Find the hidden-size group: capture the whole (depth-pruned) model on ``meta`` and analyse it."""
+        skeleton, _ = _meta_model(self.folder)
+        if self.removed:
+            RemoveBlocks(len(self.removed))._apply(skeleton, self.removed, Snapshot(), [])
+        graph = capture(skeleton, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        AnalyzeDependencies()(graph)
+        info = graph.analysis(DependencyInfo)
+        groups = [g for g in info.iter_groups() if g.kind == "hidden"]
+        embeddings = skeleton.get_input_embeddings()  # type: ignore[operator]
+        emb = next((f"{n}.weight[1]" for n, m in skeleton.named_modules() if m is embeddings), "")
+        why = next((f.reason for f in info.frozen if emb in f.members), None)
+        if not groups and why is not None:
+            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is frozen (as it is in memory): {why}")
+        if len(groups) != 1:
+            raise BudgetError(f"{type(skeleton).__name__} has {len(groups)} hidden-size groups; streaming prunes "
+                              "exactly one (the residual stream)")
+        g = groups[0]
+        members = [(m.name, m.dim, info.channel_positions(m, g.id), m.is_param) for m in g.members]
+        outside = [n for n, _, _, _ in members if not n.startswith(self.blocks_name + ".")]
+        stream_dims = [pos for n, d, pos, _ in members if n in outside and d == 1]
+        if any(not np.array_equal(pos, np.arange(g.size)) for pos in stream_dims):
+            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is not laid out channel by channel in "
+                              "its embeddings; it cannot be streamed")
+        state = {**graph.params, **graph.buffers}
+        attrs = [(state[p].rpartition(".")[0], attr, atom) for p, attr, atom in info.module_attrs if p in state]
+        self.hidden = _HiddenPlan(g, members, attrs, np.zeros(g.size), info.table)  # type: ignore[arg-type]
+
+    def _hidden_how(self) -> tuple[str, bool]:
+        return {"l1": "l1", "l2": "l2", "maw": "max"}[self.opts.importance], self.opts.importance == "maw"
+
+    def _add_hidden(self, per: np.ndarray, positions: np.ndarray) -> None:
+        plan = self.hidden
+        assert plan is not None
+        _, maw = self._hidden_how()
+        red = _reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
+        plan.scores = np.maximum(plan.scores, red) if maw else plan.scores + red
+
+    def score_hidden(self, position: int, block: nn.Module) -> None:
+        """Add the contributions of block ``position``'s hidden-size members (as :class:`ScoreChannels` does)."""
+        assert self.hidden is not None
+        how, _ = self._hidden_how()
+        prefix = f"{self.blocks_name}.{position}."
+        for name, dim, pos, is_param in self.hidden.members:
+            if is_param and name.startswith(prefix):
+                self._add_hidden(_per_position(block.get_parameter(name[len(prefix):]), dim, how), pos)
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint's name of a tensor of the model (a tied weight is stored under one of its names)."""
+        if name in self.source:
+            return name
+        target = dict(self.model.named_parameters(remove_duplicate=False)).get(name)
+        for alias, t in self.model.named_parameters(remove_duplicate=False):
+            if t is target and alias in self.source:
+                return alias
+        raise CheckpointError(f"the checkpoint in '{self.folder}' lacks '{name}'")
+
+    def finish_hidden(self) -> None:
+        """Add the embeddings', final norm's and LM head's contributions (read in row chunks); choose the channels."""
+        plan = self.hidden
+        assert plan is not None
+        how, maw = self._hidden_how()
+        for name, dim, pos, is_param in plan.members:
+            if not is_param or name.startswith(self.blocks_name + "."):
+                continue
+            stored = self.stored_name(name)
+            per: np.ndarray | None = None
+            pieces = [self.source.load([stored])[stored]] if dim == 0 else self.source.chunks(stored,
+                                                                                            self.opts.chunk_bytes)
+            for piece in pieces:
+                self.peak_weights = max(self.peak_weights, piece.numel() * piece.element_size())
+                p = _per_position(piece, dim, how)
+                per = p if per is None else (np.maximum(per, p) if maw else per + p)
+            assert per is not None
+            self._add_hidden(per, pos)
+        scores = np.sqrt(plan.scores) if self.opts.importance == "l2" else plan.scores
+        g = plan.group
+        kept = _round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
+        if kept >= g.size:
+            self.hidden = None
+            return
+        plan.keep = np.sort(np.argsort(-scores, kind="stable")[:kept])
+        memo: dict[int, int] = {}
+        table = plan.table
+        plan.attrs = [(module, attr, table.sized(atom, {g.id: kept}, memo)) for module, attr, atom in plan.attrs
+                      if table.sized(atom, {g.id: kept}, memo) != table.sized(atom, {}, {})]
+
+    def survey(self) -> dict[int, dict[str, float]] | None:
         """First pass over the blocks: width scores of every block, then one ranking or allocation over all.
 
+        The hidden size's scores are gathered in the same pass.
+
         Returns:
-            Per block position, the fraction to remove per group name; and the number of width groups.
+            Per block position, the fraction to remove per group name (None: width is decided block by block).
 
         """
         opts = self.opts
@@ -694,10 +828,16 @@ class _Walker:
             bi: list[float] = []
             with torch.no_grad():
                 self.transform(position, block, streams, survey=found, influence=bi)
+                if self.hidden is not None:
+                    self.score_hidden(position, block)
             influence.extend([bi[0] if bi else 0.0] * (len(found) - start))
             self.note_activations(streams)
             del block
             _release_memory()
+        if self.hidden is not None:
+            self.finish_hidden()
+        if not opts.surveyed:
+            return None
         if not found:
             raise BudgetError(f"no {'/'.join(k for k, _ in opts.kind_ratios)} groups to rank across the blocks")
         slots = [s for s, _ in found]
@@ -716,7 +856,7 @@ class _Walker:
         out: dict[int, dict[str, float]] = {}
         for s in slots:
             out.setdefault(s.position, {})[s.name] = ratios.get(s.id, 0.0)
-        return out, len(slots)
+        return out
 
     def _global_ranking(self, slots: list[_Slot], scores: dict[int, np.ndarray]) -> dict[int, float]:
         """Per kind, one ranking of scores normalised by each group's mean; the lowest ``ratio`` go.
@@ -738,6 +878,32 @@ class _Walker:
                 removed[sid] = removed.get(sid, 0) + 1
             out.update({s.id: removed.get(s.id, 0) / s.size for s in slots if s.kind == kind})
         return out
+
+    def _outside_cuts(self) -> dict[str, tuple[int, np.ndarray]]:
+        """Per stored tensor outside the blocks, the hidden-size dim and the flat indices it keeps."""
+        if self.hidden is None:
+            return {}
+        cuts, _ = self.hidden.cuts("")
+        return {self.stored_name(name): (dim, idx) for name, dim, idx in cuts
+                if not name.startswith(self.blocks_name + ".")}
+
+    def _passthrough(self, name: str, outside: dict[str, tuple[int, np.ndarray]]) -> tuple[Any, ...]:
+        """A copied-through tensor for :meth:`ShardedWriter.stream_shard`, sliced when the hidden size is pruned."""
+        info = self.source.info(name)
+        if name not in outside:
+            return name, info.dtype, info.shape, functools.partial(self.source.chunks, name, self.opts.chunk_bytes)
+        dim, idx = outside[name]
+        index = torch.from_numpy(idx)
+        shape = tuple(len(idx) if d == dim else v for d, v in enumerate(info.shape))
+
+        def pieces() -> Iterable[torch.Tensor]:
+            if dim == 0:
+                yield self.source.load([name])[name].index_select(0, index)
+                return
+            for chunk in self.source.chunks(name, self.opts.chunk_bytes):
+                yield chunk.index_select(dim, index)
+
+        return name, info.dtype, shape, pieces
 
     def _sync_expert_count(self, changes: list[ExpertChange]) -> None:
         """The top-level model's expert count (its load-balancing loss) follows when every block agrees.
@@ -771,6 +937,8 @@ class _Walker:
                                                 budget=None if budget is None else budget.get(position, {}))
                 experts += changed
                 widths += width
+                if self.hidden is not None:
+                    slice_dims(block, *self.hidden.cuts(prefix))
                 self.note_activations(streams)
                 if sparsifier is not None:
                     targets: list[tuple[str, nn.Module]] = [
@@ -786,12 +954,17 @@ class _Walker:
                 block.to("meta")
                 _release_memory()
             streams.clear()
+            outside = self._outside_cuts()
             for j, group in enumerate(track(groups, "copying embeddings and head")):
-                writer.stream_shard(shard_name(n + j + 1, total), [
-                    (name, self.source.info(name).dtype, self.source.info(name).shape,
-                     functools.partial(self.source.chunks, name, opts.chunk_bytes)) for name in group])
+                writer.stream_shard(shard_name(n + j + 1, total), [self._passthrough(name, outside) for name in group])
                 self.peak_weights = max(self.peak_weights,
                                         min(max(self.source.info(name).nbytes for name in group), opts.chunk_bytes))
+            if self.hidden is not None:
+                assert self.hidden.keep is not None
+                size = self.hidden.group.size
+                widths.append((f"hidden size: {self.hidden.group.name}", size, len(self.hidden.keep)))
+                slice_dims(self.model, [(name, dim, idx) for name, (dim, idx) in outside.items()],
+                           self.hidden.cuts("")[1])
             self._sync_expert_count(experts)
             plain = False
             if writer.enabled:
@@ -851,7 +1024,9 @@ def prune_checkpoint(
         depth_scores: list[tuple[str, float]] = []
         if opts.layers:
             removed, depth_scores = walker.depth()
-        budget = walker.survey()[0] if opts.surveyed else None
+        if opts.hidden:
+            walker.plan_hidden()
+        budget = walker.survey() if opts.surveys else None
         widths, experts, sparsity, total, plain = walker.write(dst, overwrite, budget)
     barrier()
     return StreamReport(Path(dst), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,

@@ -302,7 +302,7 @@ def test_streaming_prune_from_the_command_line(llama_dir, tmp_path, capsys):
     from secateurs.passes import check_nm
 
     assert check_nm(model, 2, 4, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]) == []
-    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--hidden", "0.5")
+    code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--sublayers", "1")
     assert code == 2 and "--stream supports" in json.loads(out)["error"]
     code, out, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "t"), "--stream", "--ffn", "0.25",
                         "--allocate", "ecoflap")
@@ -328,6 +328,10 @@ def test_streaming_depth_heads_and_a_global_ranking_from_the_command_line(tmp_pa
     code, out, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "s"), "--stream", "--layers", "1",
                         "--heads", "0.5", "--ffn", "0.25", "--criterion", "activation", "--scope", "global",
                         "--round-to", "1", "--calib-samples", "4", "--seq-len", "16")
+    code2, out2, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "h"), "--stream", "--hidden", "0.25",
+                          "--calib", "none")
+    assert code2 == 0, out2
+    assert sc.load_pretrained(tmp_path / "h").config.hidden_size == 24
     assert code == 0, out
     data = json.loads(out)
     assert data["blocks"] == 3 and data["passes"] == 3 and len(data["removed_blocks"]) == 1

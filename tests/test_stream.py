@@ -151,6 +151,10 @@ STRUCTURES = {
     "mixtral_depth_mass_sparsegpt": (_mixtral, {"experts": 0.5, "expert_importance": "mass", "layers": 1,
                                                 "nm": "2:4", "sparsity_criterion": "sparsegpt"},
                                      {"sequential": True}, True, 1),
+    "hidden_l2": (_llama, {"hidden": 0.25, "round_to": 8}, {}, False, 1),
+    "hidden_depth_heads_ffn_wanda": (_llama, {"hidden": 0.25, "heads": 0.5, "ffn": 0.25, "layers": 1, "nm": "2:4",
+                                              "sparsity_criterion": "wanda", "round_to": 8}, {"sequential": True},
+                                     True, 2),
     "qwen2_moe_global_flap": (_qwen2_moe, {"experts": 0.25, "ffn": 0.25, "importance": "flap", "round_to": 1,
                                            "scope": "global"}, {}, True, 1),
 }
@@ -180,7 +184,7 @@ def test_streamed_structures_equal_in_memory_prune(tmp_path, case):
     x = _fixed_calib()[1]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
-    if case.startswith("mixtral") or case == "heads_ffn_l2":
+    if case.startswith("mixtral") or case in ("heads_ffn_l2", "hidden_l2"):
         import transformers as tf
 
         assert report.plain_loadable
@@ -189,6 +193,35 @@ def test_streamed_structures_equal_in_memory_prune(tmp_path, case):
             torch.testing.assert_close(plain(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
     if opts.get("scope") == "global" or "allocate" in opts:
         assert len({a for n, _, a in report.widths if "mlp" in n}) > 1  # the blocks got different widths
+
+
+def test_hidden_size_of_a_tied_bf16_checkpoint_is_sliced_in_row_chunks(tmp_path):
+    """The embeddings (tied to the LM head) lose hidden columns chunk by chunk; the result is the in-memory one."""
+    import transformers as tf
+
+    model = _llama(2, tie=True, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    opts = {"hidden": 0.25, "ffn": 0.25, "importance": "maw", "round_to": 8}
+    report = prune_checkpoint(tmp_path / "src", tmp_path / "out", chunk_bytes=1000, **opts)
+    ref = copy.deepcopy(model)
+    sc.prune(ref, {"input_ids": torch.randint(0, 120, (1, 6))}, check_outputs=False, **opts)
+    assert report.widths[-1][1:] == (64, 48) and report.peak_weight_bytes <= report.block_bytes
+    plain = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert plain.config.hidden_size == 48 and plain.config.head_dim == 16
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+
+
+def test_hidden_size_refusals(tmp_path):
+    src = save_sharded(_mixtral(2), tmp_path / "src", shards=2)
+    with pytest.raises(BudgetError, match="frozen .*grouped_mm"):  # frozen in memory too: an op without a rule
+        prune_checkpoint(src, tmp_path / "o", hidden=0.25)
+    with pytest.raises(BudgetError, match="weight criteria"):
+        StreamOptions(hidden=0.25, importance="activation")
+    with pytest.raises(BudgetError, match="allocator"):
+        StreamOptions(hidden=0.25, ffn=0.25, allocate="owl")
+    assert not (tmp_path / "o").exists()
 
 
 def test_depth_first_pass_loads_one_block_at_a_time(tmp_path):

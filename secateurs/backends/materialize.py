@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from secateurs.backends.hf_attributes import sync_module
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 
-__all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases"]
+__all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases", "slice_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +162,9 @@ def apply_keep(
             for d, m in enumerate(masks):
                 if not m.all():
                     new = new.index_select(d, torch.from_numpy(np.flatnonzero(m)).to(new.device))
-            new = new.contiguous()
-            is_param = isinstance(old, nn.Parameter)
-            replacement: torch.Tensor = nn.Parameter(new, requires_grad=old.requires_grad) if is_param else new
-            for alias in aliases.get(id(old), [fqn]):
-                done.add(alias)
-                mod, name = _owner(model, alias)
-                kind = "param" if name in mod._parameters else "buffer"
-                snap.record(mod, kind, name, getattr(mod, name))
-                if kind == "param":
-                    mod._parameters[name] = replacement  # type: ignore[assignment]
-                else:
-                    mod._buffers[name] = replacement
-                touched.add(mod)
+            names = aliases.get(id(old), [fqn])
+            done.update(names)
+            touched.update(_replace_tensor(model, names, old, new, snap))
         memo: dict[int, int] = {}
         kept = {g: int(m.sum()) for g, m in keep.items()}
         for placeholder, attr, atom in info.module_attrs:
@@ -183,12 +174,75 @@ def apply_keep(
             mod, _ = _owner(model, weight_name)
             _set_attr(snap, mod, attr, info.table.sized(atom, kept, memo))
             touched.add(mod)
-        for mod in touched:
-            _update_attributes(snap, mod)
-        parents = {name.rpartition(".")[0] for name, mod in model.named_modules() if mod in touched}
-        for name in sorted(parents):
-            sync_module(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
+        _follow_tensors(model, touched, snap)
     return snap
+
+
+def slice_dims(
+    model: nn.Module,
+    cuts: Sequence[tuple[str, int, np.ndarray]],
+    attrs: Sequence[tuple[str, str, int]] = (),
+    snap: Snapshot | None = None,
+) -> Snapshot:
+    """Keep the flat indices ``idx`` of dim ``dim`` of every named tensor ``(name, dim, idx)`` of ``model``.
+
+    The piecewise form of :func:`apply_keep`, for a model whose tensors are not all in memory at once (streamed
+    blocks): the plan comes from an analysis of the whole model, the cuts are applied to the part present.
+    Tied aliases of a tensor are replaced together; ``attrs`` ``(module, attribute, value)`` are set, known
+    modules' size attributes follow their tensors and Hugging Face attention attributes are re-synced.
+
+    Raises:
+        KeyError: A named tensor or module does not exist.
+
+    """
+    snap = snap if snap is not None else Snapshot()
+    aliases: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(t), []).append(name)
+    touched: set[nn.Module] = set()
+    with torch.no_grad():
+        for fqn, dim, idx in cuts:
+            owner, leaf = _owner(model, fqn)
+            old = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+            if old is None:
+                raise KeyError(fqn)
+            new = old.detach().index_select(dim, torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(old.device))
+            touched.update(_replace_tensor(model, aliases.get(id(old), [fqn]), old, new, snap))
+        for module_name, attr, value in attrs:
+            mod = model.get_submodule(module_name)
+            _set_attr(snap, mod, attr, value)
+            touched.add(mod)
+        _follow_tensors(model, touched, snap)
+    return snap
+
+
+def _follow_tensors(model: nn.Module, touched: set[nn.Module], snap: Snapshot) -> None:
+    """Size attributes of the touched modules follow their tensors; their parents' HF attributes are re-synced."""
+    for mod in touched:
+        _update_attributes(snap, mod)
+    parents = {name.rpartition(".")[0] for name, mod in model.named_modules() if mod in touched}
+    for name in sorted(parents):
+        sync_module(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
+
+
+def _replace_tensor(model: nn.Module, names: list[str], old: torch.Tensor, new: torch.Tensor,
+                    snap: Snapshot) -> list[nn.Module]:
+    """Put ``new`` (a parameter if ``old`` was one) under every name of ``old``; the modules touched."""
+    new = new.contiguous()
+    replacement: torch.Tensor = nn.Parameter(new, requires_grad=old.requires_grad) \
+        if isinstance(old, nn.Parameter) else new
+    owners = []
+    for alias in names:
+        mod, name = _owner(model, alias)
+        kind = "param" if name in mod._parameters else "buffer"
+        snap.record(mod, kind, name, getattr(mod, name))
+        if kind == "param":
+            mod._parameters[name] = replacement  # type: ignore[assignment]
+        else:
+            mod._buffers[name] = replacement
+        owners.append(mod)
+    return owners
 
 
 def _update_attributes(snap: Snapshot, mod: nn.Module) -> None:
