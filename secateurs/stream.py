@@ -61,7 +61,7 @@ from torch import nn
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
 from secateurs.backends.materialize import Snapshot, slice_dims
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
-from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard
+from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard, world_size
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
@@ -180,7 +180,7 @@ class StreamOptions:
             raise BudgetError(f"a streamed budget counts 'channels' or 'params', not {self.budget_unit!r}")
         if self.expert_importance not in EXPERT_CRITERIA:
             raise BudgetError(f"unknown expert importance {self.expert_importance!r}; choose from {EXPERT_CRITERIA}")
-        if self.layers is not None and (not isinstance(self.layers, (int, float)) or math.isnan(self.layers)
+        if self.layers is not None and (not isinstance(self.layers, (int, float)) or not math.isfinite(self.layers)
                                         or self.layers < 0):
             raise BudgetError(f"layers must be a count >= 1 or a fraction in [0, 1), got {self.layers!r}")
         if self.depth_criterion not in ("bi", "angular"):
@@ -232,9 +232,25 @@ class StreamOptions:
     @property
     def calibrated(self) -> bool:
         """Whether any step needs calibration data."""
-        return bool(self.layers) or bool(self.experts) or self.allocate == "cfsp" or (
-            self.width and self.importance in _CALIBRATED_IMPORTANCE) or (
-            self.sparse and self.sparsity_criterion in _CALIBRATED_SPARSITY)
+        return bool(self.needs_calibration)
+
+    @property
+    def needs_calibration(self) -> list[str]:
+        """The options that need calibration data, as a user wrote them."""
+        out = [f"layers={self.layers}"] if self.layers else []
+        out += [f"experts={self.experts}"] if self.experts else []
+        if self.width and self.allocate == "cfsp":
+            out.append("allocate='cfsp'")
+        if self.width and self.importance in _CALIBRATED_IMPORTANCE:
+            out.append(f"importance={self.importance!r}")
+        if self.sparse and self.sparsity_criterion in _CALIBRATED_SPARSITY:
+            out.append(f"sparsity_criterion={self.sparsity_criterion!r}")
+        return out
+
+    @property
+    def block_capture(self) -> bool:
+        """Whether blocks are captured whole (else only the MLP, for weight-scored FFN width alone)."""
+        return bool(self.heads or self.kv_groups or self.experts or self.expert_neurons or self.calibrated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +273,7 @@ class StreamReport:
         removed_blocks: ``(block, score)`` of every removed block (the source's numbering).
         depth_scores: ``(block, score)`` of every candidate block (``bi``) or window start (``angular``).
         passes: How many times the blocks were walked (1, or 2-3 with first statistics passes).
+        calibration_batches: The calibration batches this process ran (its share under ``torchrun``).
 
     """
 
@@ -275,6 +292,7 @@ class StreamReport:
     removed_blocks: tuple[tuple[str, float], ...] = ()
     depth_scores: tuple[tuple[str, float], ...] = ()
     passes: int = 1
+    calibration_batches: int = 0
 
     def summary(self) -> str:
         """A few lines for the console."""
@@ -335,8 +353,11 @@ def _batches(calib: Iterable[Any]) -> list[dict[str, torch.Tensor]]:
     for i, batch in enumerate(calib):
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
-        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        elif isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
             batch = {"input_ids": batch[0]}
+        elif isinstance(batch, (tuple, list)):
+            raise BudgetError(f"calibration batch {i} is a tuple of {len(batch)}; give a dict with input_ids (and "
+                              "attention_mask), so no tensor is dropped")
         if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
             raise BudgetError(f"calibration batch {i} has no input_ids tensor; streaming needs token ids")
         ids = batch["input_ids"]
@@ -496,7 +517,7 @@ class _HiddenPlan:
     def cuts(self, prefix: str) -> tuple[list[tuple[str, int, np.ndarray]], list[tuple[str, str, int]]]:
         """The slices and attributes of the members under ``prefix``, named relative to it."""
         assert self.keep is not None
-        cuts = [(name[len(prefix):], dim, np.flatnonzero(np.isin(pos, self.keep)))
+        cuts = [(name[len(prefix):], dim, np.flatnonzero((pos < 0) | np.isin(pos, self.keep)))
                 for name, dim, pos, _ in self.members if name.startswith(prefix)]
         attrs = [(module[len(prefix):], attr, value) for module, attr, value in self.attrs
                  if (module + ".").startswith(prefix)]
@@ -523,7 +544,7 @@ class _GivenBudget(Pass):
 class _Walker:
     """The meta model, its checkpoint and the calibration streams; walks the blocks one at a time."""
 
-    def __init__(self, folder: Path, opts: StreamOptions, calib: Iterable[Any] | None) -> None:
+    def __init__(self, folder: Path, opts: StreamOptions, batches: list[dict[str, torch.Tensor]] | None) -> None:
         self.folder, self.opts = folder, opts
         self.source = source = ShardedSource(folder)
         self.model, self.config = _meta_model(folder)
@@ -553,18 +574,16 @@ class _Walker:
                               "expert_neurons cannot apply")
         self.first: list[Call] = []
         if opts.calibrated:
-            if calib is None:
-                raise BudgetError("depth, experts, the cfsp allocator, activation / flap importance and wanda / "
-                                  "sparsegpt need calibration batches (calib=...)")
+            if batches is None:
+                raise BudgetError(f"{', '.join(opts.needs_calibration)} need{'s' if len(opts.needs_calibration) == 1 else ''}"
+                                  " calibration batches (calib=...)")
             types = getattr(self.config, "layer_types", None)
             if isinstance(types, list) and len(set(types)) > 1:
                 raise BudgetError(f"{type(self.model).__name__} mixes attention types {sorted(set(types))}: "
                                   "streamed calibration passes one attention mask to every block, so it cannot "
                                   "calibrate this model; use weight-only criteria or prune it in memory")
-            self.first = _first_inputs(self.model, self.blocks_name, source, shard(_batches(calib)), self.dtype)
-        self.example = self.first[0] if self.first else _first_inputs(
-            self.model, self.blocks_name, source, [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
-            self.dtype)[0]
+            self.first = _first_inputs(self.model, self.blocks_name, source, batches, self.dtype) if batches else []
+        self._example: Call | None = None
         self.experts_state = 0 if opts.experts else None
         self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
         hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
@@ -612,7 +631,30 @@ class _Walker:
         return out
 
     def capture_example(self, block: nn.Module, calls: list[Call] | None) -> dict[str, Any]:
-        return _as_inputs(block, calls[0] if calls else self.example)
+        """Keyword inputs to capture ``block`` with: its first calibration call, or one made up of 8 zero tokens."""
+        if calls:
+            return _as_inputs(block, calls[0])
+        if self._example is None:
+            self._example = self.first[0] if self.first else _first_inputs(
+                self.model, self.blocks_name, self.source, [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
+                self.dtype)[0]
+        return _as_inputs(block, self._example)
+
+    def width_target(self, block: nn.Module, position: int) -> tuple[nn.Module, Any, str]:
+        """What width pruning captures: the whole block, or (FFN width by weights alone) only its MLP.
+
+        The MLP alone needs no inputs from the model's preamble (rotary tables, masks), which some models
+        cannot rebuild outside the blocks; its scores and cuts are the same.
+        """
+        if self.opts.block_capture:
+            return block, None, ""
+        mlp = getattr(block, "mlp", None)
+        first = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None) if isinstance(mlp, nn.Module) else None
+        if first is None:
+            raise BudgetError(f"block '{self.blocks_name}.{position}' ({type(block).__name__}) has no mlp with a "
+                              "linear layer to prune")
+        assert isinstance(mlp, nn.Module)
+        return mlp, (torch.zeros(1, 1, first.in_features, dtype=first.weight.dtype),), "mlp."
 
     def depth(self) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """First pass over the dense blocks: choose the blocks to remove, then renumber the meta model."""
@@ -700,8 +742,9 @@ class _Walker:
         if not opts.width:
             return experts, []
         calls = self.advance(block, streams, self.width_state, influence)
+        target, example, sub = self.width_target(block, position)
         if graph is None:
-            graph = capture(block, self.capture_example(block, calls))
+            graph = capture(target, example if example is not None else self.capture_example(block, calls))
         calibrated = opts.importance in _CALIBRATED_IMPORTANCE
         result = PassManager([AnalyzeDependencies(), ScoreChannels(
             opts.importance, calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
@@ -713,13 +756,14 @@ class _Walker:
             for g in info.iter_groups():
                 if ratios.get(g.kind, 0.0) > 0 and _eligible(g, self.options) and (
                         opts.allocate is None or (g.mixed_at is None and g.size > 1)):
-                    slot = _Slot(len(survey), g.size, g.kind, g.name, position, int(g.params_per_channel))
+                    slot = _Slot(len(survey), g.size, g.kind, sub + g.name, position, int(g.params_per_channel))
                     survey.append((slot, np.asarray(scores[g.id], dtype=np.float64)))
             return experts, []
-        passes = [_GivenBudget(budget, opts.allocate or "global", opts.budget_unit)] if budget is not None else []
+        passes = [_GivenBudget({k[len(sub):]: v for k, v in budget.items()}, opts.allocate or "global",
+                               opts.budget_unit)] if budget is not None else []
         result = PassManager([*passes, PruneChannels(self.options)])(graph)
         record: PruneRecord | None = result.record(PruneRecord)
-        return experts, [(prefix + c.name, c.before, c.after) for c in (record.changes if record else [])]
+        return experts, [(prefix + sub + c.name, c.before, c.after) for c in (record.changes if record else [])]
 
     def plan_hidden(self) -> None:
         """Find the hidden-size group: capture the whole (depth-pruned) model on ``meta`` and analyse it."""
@@ -1018,8 +1062,17 @@ def prune_checkpoint(
         opts = dataclasses.replace(options, **kwargs) if options is not None else StreamOptions(**kwargs)
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
+    if is_writer() and Path(dst).exists() and not overwrite:  # before any pass over the weights
+        raise CheckpointError(f"output folder '{dst}' exists; pass overwrite=True to replace it")
+    batches = None
+    if calib is not None and opts.calibrated:
+        everything = _batches(calib)
+        if len(everything) < world_size():
+            raise BudgetError(f"{len(everything)} calibration batches for {world_size()} processes: every process "
+                              "needs at least one")
+        batches = shard(everything)  # this rank's share, carried from block to block
     with presharded():
-        walker = _Walker(Path(src), opts, calib)
+        walker = _Walker(Path(src), opts, batches)
         removed: list[tuple[str, float]] = []
         depth_scores: list[tuple[str, float]] = []
         if opts.layers:
@@ -1031,4 +1084,5 @@ def prune_checkpoint(
     barrier()
     return StreamReport(Path(dst), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,
                         walker.block_bytes, walker.model_bytes, walker.peak_acts, total, plain,
-                        time.perf_counter() - start, tuple(experts), tuple(removed), tuple(depth_scores), walker.walks)
+                        time.perf_counter() - start, tuple(experts), tuple(removed), tuple(depth_scores), walker.walks,
+                        len(batches or []))

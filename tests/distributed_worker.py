@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,12 +70,12 @@ STREAM_OPTIONS = {"layers": 1, "heads": 0.5, "ffn": 0.25, "importance": "activat
 STREAM_LAYERS = 4
 
 
-def stream(src: Path, dst: Path) -> None:
+def stream(src: Path, dst: Path, batches: int = 5) -> Any:
     """Streaming prune of ``src`` (a sharded checkpoint of :func:`build`'s 4-layer model) with calibration."""
     from secateurs.stream import prune_checkpoint
 
     _, calib = build(STREAM_LAYERS)
-    prune_checkpoint(src, dst, calib=calib, **STREAM_OPTIONS)
+    return prune_checkpoint(src, dst, calib=calib[:batches], **STREAM_OPTIONS)
 
 
 def main(out: Path) -> None:
@@ -94,7 +95,14 @@ def main(out: Path) -> None:
 
         save_sharded(build(STREAM_LAYERS)[0], out / "src")
     distributed.barrier()
-    stream(out / "src", out / "stream")
+    report = stream(out / "src", out / "stream")
+    try:  # one batch for two processes: refused on every rank, before anything is written
+        stream(out / "src", out / "one-batch", batches=1)
+        refused = ""
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        refused = f"{type(exc).__name__}: {exc}"
+    (out / f"stream.rank{distributed.rank()}.json").write_text(json.dumps(
+        {"calibration_batches": report.calibration_batches, "refused": refused}))
     if distributed.is_writer():
         (out / "meta.json").write_text(json.dumps({"world_size": distributed.world_size(),
                                                    "scenarios": list(SCENARIOS)}))

@@ -170,3 +170,10 @@ def test_speedup_and_per_structure_ratios_do_not_mix():
         AllocateBudget(0.3, "dp", unit="latency", latency=object(), speedup=1.5, kind_ratios={"ffn": 0.3})
     with pytest.raises(BudgetError, match="ffn"):
         AllocateBudget(0.0, "global", kind_ratios={"ffn": 1.5})
+
+
+def test_the_hidden_size_is_not_allocated():
+    """It is one group: an allocator would silently leave it whole."""
+    model, inputs = _llama_like()
+    with pytest.raises(BudgetError, match="hidden size is one group"):
+        sc.prune(model, inputs, hidden=0.25, ffn=0.3, allocate="owl")

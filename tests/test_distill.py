@@ -425,6 +425,23 @@ def test_map_style_datasets_are_read_lazily_with_the_same_curve(lm, pruned):
     assert [p.eval_loss for p in out.record.curve] == [p.eval_loss for p in listed.record.curve]
 
 
+def test_an_iterable_dataset_with_a_length_is_read_into_a_list(lm, pruned):
+    dense, corpus = lm
+    student, example = pruned
+    batches = corpus.batches(corpus.train, 2, 4, seed=12)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            return iter(batches)
+
+    recover = Recover(dense, Stream(), options=RecoverOptions(steps=2, lr=3e-3))
+    assert isinstance(recover.data, list) and len(recover.data) == 2
+    assert recover.run(sc.capture(copy.deepcopy(student), example)).record.steps == 2
+
+
 def test_bf16_autocast_trains_on_cpu_and_keeps_float32_weights(lm, sparse24):
     dense, corpus = lm
     student = sparse24

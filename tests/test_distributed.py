@@ -81,6 +81,10 @@ def test_two_process_streaming_prune_equals_one_process(torchrun_out, tmp_path):
     assert got.config.intermediate_size == want.config.intermediate_size < 128
     assert got.config.num_hidden_layers == want.config.num_hidden_layers == 3  # the same block removed
     assert got.config.num_attention_heads == 2
+    ranks = [json.loads((torchrun_out / f"stream.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["calibration_batches"] for r in ranks] == [3, 2]  # each rank carried its own share of the 5
+    assert all("1 calibration batches for 2 processes" in r["refused"] for r in ranks)
+    assert not (torchrun_out / "one-batch").exists()
     for k, v in want.state_dict().items():
         assert torch.equal(got.state_dict()[k] == 0, v == 0), k
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)

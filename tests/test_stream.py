@@ -224,6 +224,38 @@ def test_hidden_size_refusals(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_weight_only_ffn_width_streams_a_model_whose_preamble_cannot_be_rebuilt(tmp_path):
+    """Gemma's scaled embedding has a buffer the checkpoint does not store: weight-only FFN width and sparsity
+    capture the MLP alone and never run the model's preamble."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GemmaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = tf.GemmaForCausalLM(cfg).eval()
+    src = save_sharded(model, tmp_path / "src", shards=2)
+    prune_checkpoint(src, tmp_path / "out", ffn=0.25, nm="2:4", round_to=8)
+    ref = copy.deepcopy(model)
+    sc.prune(ref, {"input_ids": torch.randint(0, 120, (1, 6))}, ffn=0.25, nm="2:4", round_to=8, check_outputs=False)
+    remove_masks(ref)
+    got = sc.load_pretrained(tmp_path / "out").state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+    with pytest.raises(CheckpointError, match="embed_tokens"):  # heads need the block's real inputs
+        prune_checkpoint(src, tmp_path / "heads", heads=0.5)
+    assert not (tmp_path / "heads").exists()
+
+
+def test_an_existing_output_is_refused_before_reading_any_block(tmp_path, monkeypatch):
+    src = save_sharded(_llama(4), tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    loads = []
+    monkeypatch.setattr(ShardedSource, "load", lambda self, names: loads.append(names))
+    with pytest.raises(CheckpointError, match="exists"):
+        prune_checkpoint(src, tmp_path / "out", layers=1, ffn=0.25, scope="global", calib=_fixed_calib())
+    assert loads == []
+
+
 def test_depth_first_pass_loads_one_block_at_a_time(tmp_path):
     src = save_sharded(_llama(8), tmp_path / "src")
     report = prune_checkpoint(src, tmp_path / "out", calib=_fixed_calib(), layers=0.25, ffn=0.25, scope="global")
@@ -356,8 +388,13 @@ def test_bad_requests_are_refused(tmp_path):
         StreamOptions(ffn=0.3, allocate="dp", budget_unit="flops")
     with pytest.raises(BudgetError, match="mixture-of-experts"):
         prune_checkpoint(src, tmp_path / "o", experts=0.25, calib=_calib())
-    with pytest.raises(BudgetError, match="calib"):
+    with pytest.raises(BudgetError, match="layers=1 needs calibration"):
         prune_checkpoint(src, tmp_path / "o", layers=1)
+    with pytest.raises(BudgetError, match="tuple of 2"):
+        prune_checkpoint(src, tmp_path / "o", layers=1, calib=[(torch.zeros(1, 4, dtype=torch.long),) * 2])
+    assert not StreamOptions(nm="2:4", allocate="cfsp").calibrated  # cfsp without width allocates nothing
+    with pytest.raises(BudgetError, match="layers"):
+        StreamOptions(layers=float("inf"))
     with pytest.raises(BudgetError, match="at least one must stay"):
         prune_checkpoint(src, tmp_path / "o", layers=2, calib=_calib())
     (tmp_path / "exists").mkdir()

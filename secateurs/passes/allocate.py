@@ -146,6 +146,9 @@ class AllocateBudget(Pass):
         for kind, value in self.kind_ratios.items():
             if not 0.0 <= value < 1.0 or math.isnan(value):
                 raise BudgetError(f"budget ratio of {kind!r} must be in [0, 1), got {value!r}")
+        if "hidden" in self.kind_ratios:
+            raise BudgetError("the hidden size is one group across the whole model, so an allocator has nothing to "
+                              "spread it over: prune it with hidden= and no allocator (or in a separate step)")
         if self.kind_ratios and speedup is not None:
             raise BudgetError("a speedup target sets the whole budget; do not combine it with per-structure ratios")
 

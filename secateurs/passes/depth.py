@@ -229,7 +229,7 @@ class _DepthPass(Pass):
     def __init__(self, amount: float, criterion: str = "bi", *, calib: Iterable[Any] | None = None) -> None:
         if criterion not in DEPTH_CRITERIA:
             raise BudgetError(f"unknown depth criterion {criterion!r}; choose from {DEPTH_CRITERIA}")
-        if not isinstance(amount, (int, float)) or math.isnan(amount) or amount < 0:
+        if not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
             raise BudgetError(f"depth amount must be a count >= 1 or a fraction in [0, 1), got {amount!r}")
         self.amount = amount
         self.criterion = criterion

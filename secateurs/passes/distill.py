@@ -571,7 +571,9 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def _indexed(data: Any) -> Sequence[Any]:
     """``data`` itself when it has a length and integer indexing (read lazily), else its items in a list."""
-    if not isinstance(data, (dict, str, bytes)) and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+    iterable_only = isinstance(data, torch.utils.data.IterableDataset)  # has __getitem__, which raises
+    if not iterable_only and not isinstance(data, (dict, str, bytes)) and hasattr(data, "__len__") and \
+            hasattr(data, "__getitem__"):
         return data  # type: ignore[no-any-return]
     return list(data)
 
