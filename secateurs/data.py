@@ -11,7 +11,8 @@ import torch
 
 from secateurs.errors import BudgetError, RecoveryError
 
-__all__ = ["doc_paragraphs", "read_texts", "self_generated_batches", "split_held_out", "text_batches", "with_labels"]
+__all__ = ["TextBatches", "doc_paragraphs", "read_texts", "self_generated_batches", "split_held_out", "text_batches",
+           "with_labels"]
 
 
 def doc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
@@ -101,6 +102,107 @@ def text_batches(
                         return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return batches
+
+
+class TextBatches:
+    """Tokenised batches of a text or JSONL file, read from disk when indexed (a map-style dataset).
+
+    The file is read once, line by line, to find where its texts start and end (a ``.jsonl`` file's ``"text"``
+    fields, a plain file's blank-line paragraphs: the texts of :func:`read_texts`); only those offsets stay in
+    memory. ``batches[i]`` reads and tokenises the ``i``-th ``batch_size`` texts, exactly as
+    :func:`text_batches` does, so a corpus larger than memory can feed :class:`~secateurs.passes.Recover`
+    (``torch.utils.data.Subset(batches, range(a, b))`` makes lazy training / held-out parts).
+
+    Args:
+        path: A ``.jsonl`` file (one JSON object with a string ``"text"`` per line) or a plain text file.
+        tokenizer: A Hugging Face tokenizer.
+        seq_len: Truncation length in tokens.
+        batch_size: Texts per batch.
+        labels: Add causal-LM ``labels`` (as :func:`with_labels`).
+        min_chars: Texts shorter than this (after folding whitespace) are skipped.
+
+    Raises:
+        BudgetError: The file is missing, unreadable, malformed (naming the line) or holds no text.
+
+    """
+
+    def __init__(self, path: str | os.PathLike[str], tokenizer: Any, *, seq_len: int = 128, batch_size: int = 8,
+                 labels: bool = False, min_chars: int = 1) -> None:
+        if batch_size < 1 or seq_len < 2:
+            raise BudgetError("batch_size must be >= 1 and seq_len >= 2")
+        self.path, self.tokenizer, self.seq_len, self.batch_size, self.labels = Path(path), tokenizer, seq_len, \
+            batch_size, labels
+        self.jsonl = self.path.suffix == ".jsonl"
+        self.spans: list[tuple[int, int]] = []
+        try:
+            with open(self.path, "rb") as f:
+                self._index(f, min_chars)
+        except OSError as exc:
+            raise BudgetError(f"cannot read calibration text '{self.path}': {exc}") from exc
+        if not self.spans:
+            raise BudgetError(f"calibration file '{self.path}' holds no text")
+        if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def _text(self, raw: bytes, lineno: int) -> str:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BudgetError(f"cannot read calibration text '{self.path}' line {lineno}: {exc}") from exc
+        if not self.jsonl:
+            return " ".join(text.split())
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise BudgetError(f"'{self.path}' line {lineno} is not JSON: {exc}") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise BudgetError(f"'{self.path}' line {lineno} has no string field 'text'")
+        return str(obj["text"])
+
+    def _index(self, f: Any, min_chars: int) -> None:
+        start, first, lineno, offset = None, 0, 0, 0
+        while True:
+            line = f.readline()
+            lineno += 1
+            if self.jsonl:
+                if line.strip() and len(self._text(line, lineno)) >= min_chars:
+                    self.spans.append((offset, offset + len(line)))
+            elif line in (b"\n", b"\r\n") or not line:  # a paragraph ends at an empty line or at the end
+                if start is not None and len(self._text(self._read(f, start, offset), first)) >= min_chars:
+                    self.spans.append((start, offset))
+                start = None
+            elif start is None:
+                start, first = offset, lineno
+            if not line:
+                return
+            offset += len(line)
+
+    @staticmethod
+    def _read(f: Any, start: int, end: int) -> bytes:
+        here = f.tell()
+        f.seek(start)
+        raw = f.read(end - start)
+        f.seek(here)
+        return bytes(raw)
+
+    def texts(self, index: int) -> list[str]:
+        """The texts of batch ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        spans = self.spans[index * self.batch_size:(index + 1) * self.batch_size]
+        with open(self.path, "rb") as f:
+            return [self._text(self._read(f, a, b), 0) for a, b in spans]
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return -(-len(self.spans) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch ``index``: ``input_ids``, ``attention_mask`` (and ``labels``)."""
+        enc = self.tokenizer(self.texts(index), padding=True, truncation=True, max_length=self.seq_len,
+                             return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return with_labels([batch])[0] if self.labels else batch
 
 
 def split_held_out(items: list[Any], fraction: float = 0.1) -> tuple[list[Any], list[Any]]:
