@@ -1062,7 +1062,9 @@ def prune_checkpoint(
         opts = dataclasses.replace(options, **kwargs) if options is not None else StreamOptions(**kwargs)
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
-    if is_writer() and Path(dst).exists() and not overwrite:  # before any pass over the weights
+    # before any pass over the weights, and on every rank (the others would wait for the writer forever)
+    taken = is_writer() and Path(dst).exists() and not overwrite
+    if all_reduce_sum({"output exists": int(taken)})["output exists"]:
         raise CheckpointError(f"output folder '{dst}' exists; pass overwrite=True to replace it")
     batches = None
     if calib is not None and opts.calibrated:
