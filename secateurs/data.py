@@ -30,6 +30,17 @@ def doc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
     return out
 
 
+def _jsonl_text(line: str, path: Path, lineno: int) -> str:
+    """The ``"text"`` field of one JSONL line, or an error naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise BudgetError(f"'{path}' line {lineno} is not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise BudgetError(f"'{path}' line {lineno} has no string field 'text'")
+    return str(obj["text"])
+
+
 def read_texts(path: str | os.PathLike[str], min_chars: int = 1) -> list[str]:
     """Texts from a file: a ``.jsonl`` file's ``"text"`` fields, or a plain file's blank-line paragraphs.
 
@@ -47,13 +58,7 @@ def read_texts(path: str | os.PathLike[str], min_chars: int = 1) -> list[str]:
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise BudgetError(f"'{p}' line {lineno} is not JSON: {exc}") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise BudgetError(f"'{p}' line {lineno} has no string field 'text'")
-            texts.append(obj["text"])
+            texts.append(_jsonl_text(line, p, lineno))
     else:
         texts = [" ".join(par.split()) for par in raw.split("\n\n")]
     texts = [t for t in texts if len(t) >= min_chars]
@@ -151,13 +156,7 @@ class TextBatches:
             raise BudgetError(f"cannot read calibration text '{self.path}' line {lineno}: {exc}") from exc
         if not self.jsonl:
             return " ".join(text.split())
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise BudgetError(f"'{self.path}' line {lineno} is not JSON: {exc}") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise BudgetError(f"'{self.path}' line {lineno} has no string field 'text'")
-        return str(obj["text"])
+        return _jsonl_text(text, self.path, lineno)
 
     def _index(self, f: Any, min_chars: int) -> None:
         start, first, lineno, offset = None, 0, 0, 0
