@@ -84,8 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity", type=_fraction, help="unstructured weight sparsity")
     g.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
     g.add_argument("--low-rank", type=_fraction, help="factorize linear layers keeping this fraction of energy")
-    g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap")
+    g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap (default: flap with "
+                   "calibration text, l2 with --calib none or without a tokenizer)")
     g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
+    g.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold the removed channels' calibration means into the next layers' biases (FLAP; default "
+                   "on with --criterion flap, which is the default when there is calibration text)")
     g.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
     g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
                    "ranking across layers (global)")
@@ -212,7 +216,8 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     names = {"channels": "channels", "heads": "heads", "kv_groups": "kv_groups", "ffn": "ffn", "hidden": "hidden",
              "experts": "experts", "layers": "layers", "sublayers": "sublayers", "sparsity": "sparsity", "nm": "nm",
              "criterion": "importance", "sparsity_criterion": "sparsity_criterion",
-             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to", "scope": "scope"}
+             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to", "scope": "scope",
+             "bias_compensation": "bias_compensation"}
     options = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src) is not None}
     for key in ("layers", "sublayers"):
         if key in options and options[key] >= 1:
@@ -230,6 +235,10 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     if not structural & set(options) and not extra:
         raise BudgetError("nothing to prune: give --recipe or at least one of --channels --heads --kv-groups --ffn "
                           "--hidden --experts --layers --sublayers --sparsity --nm --low-rank")
+    if not structural & set(options) and options:  # e.g. --criterion with only --low-rank: no pass would read it
+        from secateurs.api import check_read
+
+        check_read(options, width=False, sparse=False)
     return options, extra
 
 
@@ -239,7 +248,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
 
     flags = ("channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm",
              "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to", "recover",
-             "recover_mode", "scope")
+             "recover_mode", "scope", "bias_compensation")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
     if args.stream:
@@ -252,9 +261,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     else:
         options, extra = _flag_options(args)
         recipe = parse_recipe({"seed": args.seed or 0, "calib": {},
-                               "passes": ([{"prune": options}] if set(options) - {"importance", "sparsity_criterion",
-                                          "depth_criterion", "allocate", "round_to", "scope"} else []) + extra},
-                              "flags")
+                               "passes": ([{"prune": options}] if options else []) + extra}, "flags")
     from secateurs.convert import prune_checkpoint
 
     report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
@@ -275,7 +282,7 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.stream import StreamOptions
 
     unsupported = [f"--{f.replace('_', '-')}" for f in (
-        "recipe", "channels", "sublayers", "low_rank", "recover", "min_cosine", "max_rel_error")
+        "recipe", "channels", "sublayers", "low_rank", "recover", "recover_mode", "min_cosine", "max_rel_error")
         if getattr(args, f) is not None]
     unsupported += ["--dry-run"] if args.dry_run else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
@@ -288,20 +295,33 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     layers = args.layers
     if layers is not None and layers >= 1:
         layers = int(layers)
+    from secateurs.api import check_read
+    from secateurs.convert import _tokenizer
+    from secateurs.stream import resolve_defaults
+
+    width = any(getattr(args, k) for k in ("ffn", "heads", "kv_groups", "hidden"))
+    given = {k: v for k, v in (("importance", args.criterion), ("scope", args.scope), ("allocate", args.allocate),
+                               ("round_to", args.round_to), ("bias_compensation", args.bias_compensation),
+                               ("sparsity_criterion", args.sparsity_criterion),
+                               ("depth_criterion", args.depth_criterion)) if v is not None}
+    check_read(given, width=width, sparse=args.sparsity is not None or args.nm is not None,
+               depth=bool(layers), experts=bool(args.experts))
+    tokenizer = _tokenizer(Path(args.src)) if args.calib != "none" else None
     options = StreamOptions(
         ffn=args.ffn, heads=args.heads, kv_groups=args.kv_groups, hidden=args.hidden, experts=args.experts, layers=layers,
         depth_criterion=args.depth_criterion or "bi", scope=args.scope or "local", allocate=args.allocate,
-        importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to,
+        importance=args.criterion, bias_compensation=args.bias_compensation,
+        round_to=8 if args.round_to is None else args.round_to,
         sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude")
+    # the in-memory defaults: flap with calibration text, weights only without a tokenizer or with --calib none
+    options = resolve_defaults(options, calibrated=tokenizer is not None)
     if not (options.width or options.hidden or options.experts or options.layers or options.sparse):
         raise BudgetError("nothing to prune: give at least one of --heads --kv-groups --ffn --hidden --experts "
                           "--layers --sparsity --nm")
     batches = None
     if options.calibrated:
-        from secateurs.convert import _tokenizer
         from secateurs.data import text_batches
 
-        tokenizer = _tokenizer(Path(args.src))
         if tokenizer is None or args.calib == "none":
             raise BudgetError("depth, experts, the cfsp allocator, activation / flap importance and wanda / sparsegpt "
                               "need calibration text and the checkpoint's tokenizer files (--calib pydoc or a file)")
@@ -326,7 +346,7 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
         raise BudgetError(f"pruning ONNX files needs the 'onnx' extra (pip install 'secateurs[onnx]'): {exc}") from exc
     unsupported = [f"--{f.replace('_', '-')}" for f in (
         "recipe", "experts", "layers", "sublayers", "sparsity", "nm", "low_rank", "recover", "allocate",
-        "sparsity_criterion",
+        "sparsity_criterion", "scope", "bias_compensation", "recover_mode",
         "depth_criterion", "calib", "calib_samples", "seq_len", "seed", "min_cosine", "max_rel_error")
         if getattr(args, f) is not None]
     unsupported += ["--no-verify"] if args.no_verify else []

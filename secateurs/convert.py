@@ -94,6 +94,8 @@ def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: R
         "sparsity": plain(report.sparsity),
         "unsupported_ops": report.unsupported_ops,
         "retries": report.retries,
+        "width_criterion": report.width_criterion,
+        "compensated_biases": report.compensated_biases,
         "drift": plain(report.drift),
         "recovery": plain(report.recovery),
         "passes": [{"pass": n, "seconds": round(t, 3)} for n, t in report.passes],

@@ -354,7 +354,9 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
     sparsity = data.get("sparsity")
     if sparsity:
         out.append("</section><section id='sparsity'><h2>Weight sparsity</h2>")
-        out.append(f"<p>{_e(sparsity['pattern'])} by {_e(sparsity['criterion'])}</p>")
+        total = len(sparsity["layers"]) + len(sparsity.get("skipped") or ())
+        out.append(f"<p>{_e(sparsity['pattern'])} by {_e(sparsity['criterion'])}: {len(sparsity['layers'])} of "
+                   f"{total} linear / conv layers</p>")
         out.append(_table(["layer", "zeros"], [(n, f"{v:.1%}") for n, v in sparsity["layers"]], numeric=(1,)))
         if sparsity.get("skipped"):
             out.append("<p>Left dense:</p>" + _table(["layer", "why"], sparsity["skipped"]))

@@ -84,7 +84,8 @@ from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_posit
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
 
-__all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint"]
+__all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint",
+           "resolve_defaults"]
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,15 @@ class StreamOptions:
         hidden: Fraction of the hidden size (the residual stream, the embeddings' columns) to remove; weight
             criteria only (``l1``, ``l2``, ``maw``), like :func:`secateurs.prune`'s ``hidden=``.
         importance: Width importance: ``l1``, ``l2``, ``maw`` (weights only) or ``activation`` / ``flap``
-            (calibrated on the blocks' inputs).
+            (calibrated on the blocks' inputs). Default (None): ``flap`` when :func:`prune_checkpoint` gets
+            calibration batches and the hidden size is not pruned, else ``l2`` (as :func:`secateurs.prune`).
         scope: ``local`` (every block loses each ratio) or ``global`` (one ranking per structure across all
             blocks, scores normalised by each group's mean; needs a first streaming pass).
         allocate: Spread each ratio over the blocks with a budget allocator: ``global``, ``lamp``, ``owl``,
             ``dp`` or ``cfsp`` (first streaming pass; see :mod:`secateurs.passes.allocate`).
         budget_unit: What the allocator's ratios count: ``channels`` or ``params``.
-        bias_compensation: Fold removed inputs' calibration means into the consumers' biases (FLAP).
+        bias_compensation: Fold removed inputs' calibration means into the consumers' biases (FLAP). Default
+            (None): on with ``flap``.
         round_to: Keep every width a multiple of this.
         min_keep: Keep at least this fraction of every group.
         experts: Fraction of the experts of every mixture-of-experts block to remove.
@@ -142,11 +145,11 @@ class StreamOptions:
     heads: float | None = None
     kv_groups: float | None = None
     hidden: float | None = None
-    importance: str = "l2"
+    importance: str | None = None
     scope: str = "local"
     allocate: str | None = None
     budget_unit: str = "channels"
-    bias_compensation: bool = False
+    bias_compensation: bool | None = None
     round_to: int = 8
     min_keep: float = 0.1
     experts: float | None = None
@@ -165,7 +168,7 @@ class StreamOptions:
     def __post_init__(self) -> None:
         for name in ("ffn", "heads", "kv_groups", "hidden", "experts", "expert_neurons", "sparsity"):
             _check_fraction(name, getattr(self, name))
-        if self.importance not in STREAM_IMPORTANCE:
+        if self.importance is not None and self.importance not in STREAM_IMPORTANCE:
             raise BudgetError(f"importance {self.importance!r} cannot stream block by block; choose from "
                               f"{STREAM_IMPORTANCE} (taylor needs the whole model's loss)")
         if self.sparsity_criterion not in ("magnitude", *_CALIBRATED_SPARSITY):
@@ -588,7 +591,8 @@ class _Walker:
         self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
         hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
         self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
-                                      kind_ratios=opts.kind_ratios + hidden, bias_compensation=opts.bias_compensation)
+                                      kind_ratios=opts.kind_ratios + hidden,
+                                      bias_compensation=bool(opts.bias_compensation))
         self.removed: list[str] = []
         self.hidden: _HiddenPlan | None = None
 
@@ -747,7 +751,7 @@ class _Walker:
             graph = capture(target, example if example is not None else self.capture_example(block, calls))
         calibrated = opts.importance in _CALIBRATED_IMPORTANCE
         result = PassManager([AnalyzeDependencies(), ScoreChannels(
-            opts.importance, calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
+            opts.importance or "l2", calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
         graph = result.graph
         if survey is not None:
             info = graph.analysis(DependencyInfo)
@@ -794,7 +798,7 @@ class _Walker:
         self.hidden = _HiddenPlan(g, members, attrs, np.zeros(g.size), info.table)  # type: ignore[arg-type]
 
     def _hidden_how(self) -> tuple[str, bool]:
-        return {"l1": "l1", "l2": "l2", "maw": "max"}[self.opts.importance], self.opts.importance == "maw"
+        return {"l1": "l1", "l2": "l2", "maw": "max"}[self.opts.importance or "l2"], self.opts.importance == "maw"
 
     def _add_hidden(self, per: np.ndarray, positions: np.ndarray) -> None:
         plan = self.hidden
@@ -1027,6 +1031,23 @@ class _Walker:
         return widths, experts, sparsity, total, plain
 
 
+def resolve_defaults(opts: StreamOptions, *, calibrated: bool) -> StreamOptions:
+    """``opts`` with the default width criterion filled in, as :func:`secateurs.prune` chooses it.
+
+    ``flap`` with bias compensation when calibration batches are given (and the hidden size, which streams with
+    weight criteria only, is not pruned); the best weight-only criterion otherwise.
+    """
+    from secateurs.api import WEIGHT_DEFAULT
+
+    importance = opts.importance
+    if importance is None:
+        importance = "flap" if calibrated and not opts.hidden else WEIGHT_DEFAULT
+    compensate = opts.bias_compensation
+    if compensate is None:
+        compensate = importance == "flap" and opts.width
+    return dataclasses.replace(opts, importance=importance, bias_compensation=compensate)
+
+
 def prune_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -1062,6 +1083,7 @@ def prune_checkpoint(
         opts = dataclasses.replace(options, **kwargs) if options is not None else StreamOptions(**kwargs)
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
+    opts = resolve_defaults(opts, calibrated=calib is not None)
     # before any pass over the weights, and on every rank (the others would wait for the writer forever)
     taken = is_writer() and Path(dst).exists() and not overwrite
     if all_reduce_sum({"output exists": int(taken)})["output exists"]:

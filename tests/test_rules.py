@@ -33,3 +33,38 @@ def test_core_ops_have_rules():
                aten.relu.default, aten.dropout.default, aten.matmul.default, aten.addmm.default, aten.bmm.default,
                aten.conv_transpose2d.input, aten.rms_norm.default]:
         assert op in RULES, op
+
+
+def test_a_rule_that_raises_freezes_its_node_instead_of_crashing(monkeypatch):
+    """A rule's exception freezes what its node touches and is reported; the analysis goes on."""
+    import secateurs as sc
+    from secateurs.ir import analyze
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+            self.c, self.d = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.d(torch.tanh(self.c(self.b(torch.relu(self.a(x))))))
+
+    def broken(ctx, node):
+        ctx.same_dims(node.args[0], node)  # links something first, then fails like a rule bug would
+        raise IndexError("tuple index out of range")
+
+    graph = sc.capture(Net(), (torch.randn(2, 8),))
+    healthy = analyze(graph)
+    assert sorted(g.size for g in healthy.iter_groups()) == [8, 16, 32]
+    monkeypatch.setitem(RULES._rules, aten.relu.default, RULES.get(aten.relu.default).__class__(
+        aten.relu.default, broken))
+    info = analyze(graph)
+    assert sorted(g.size for g in info.iter_groups()) == [8, 32]  # the tanh side is still prunable
+    assert any("relu" in u and "IndexError: tuple index out of range" in u for u in info.unsupported)
+    frozen = [f for f in info.frozen if "a.weight[0]" in f.members]
+    assert frozen and "cannot handle this node" in frozen[0].reason and "IndexError" in frozen[0].reason
+    model = Net()
+    report = sc.prune(model, (torch.randn(2, 8),), ratio=0.5)
+    assert model.a.out_features == 16 and model.c.out_features == 16  # frozen by the failing rule; pruned
+    assert any("rule failed: IndexError" in u for u in report.unsupported_ops)
+    assert any("cannot handle this node" in f.reason for f in report.frozen)

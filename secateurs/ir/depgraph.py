@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -13,11 +13,12 @@ from torch import fx, nn
 
 # Importing the table registers the ATen rules.
 import secateurs.ir.aten_rules  # noqa: F401
+from secateurs.errors import BudgetError
 from secateurs.ir.atoms import AtomTable
 from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.ir.rules import RULES, ConsumerUse, RuleContext
 
-__all__ = ["ChannelGroup", "DependencyInfo", "FrozenGroup", "Member", "analyze"]
+__all__ = ["FLAGS", "ChannelGroup", "DependencyInfo", "FrozenGroup", "Member", "analyze", "require_kinds"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,31 @@ class DependencyInfo:
         return iter(sorted(self.groups.values(), key=lambda g: g.id))
 
 
+FLAGS = {"heads": "--heads", "kv_groups": "--kv-groups", "ffn": "--ffn", "hidden": "--hidden",
+         "channels": "--channels"}
+"""The command-line flag of each structure kind (error messages name both spellings)."""
+
+
+def require_kinds(info: DependencyInfo, ratios: Iterable[tuple[str, float]]) -> None:
+    """Refuse a per-structure ratio that selects no group of the model, naming the kinds the model has.
+
+    Raises:
+        BudgetError: A kind with a ratio above 0 has no prunable group in ``info``.
+
+    """
+    have: dict[str, int] = {}
+    for g in info.iter_groups():
+        have[g.kind] = have.get(g.kind, 0) + 1
+    for kind, ratio in ratios:
+        if ratio <= 0 or have.get(kind):
+            continue
+        listed = ", ".join(f"{k} x{n}" for k, n in sorted(have.items())) or "no prunable group at all"
+        use = " / ".join(f"{k}= ({FLAGS[k]})" for k in sorted(have) if k in FLAGS)
+        frozen = f"; {len(info.frozen)} groups are frozen (see `secateurs inspect`)" if info.frozen else ""
+        raise BudgetError(f"{kind}={ratio:g} ({FLAGS.get(kind, kind)}) selects no group in this model (it has "
+                          f"{listed}{frozen})" + (f"; use {use}" if use else ""))
+
+
 def _value_keys(node: fx.Node) -> list[Any]:
     val = node.meta.get("val")
     if isinstance(val, (list, tuple)):
@@ -185,6 +211,29 @@ def _classify(
     if linear >= 2:
         return "heads" if group.stride > 1 else "ffn"
     return "channels"
+
+
+def _apply_rule(ctx: RuleContext, node: fx.Node, rule: Any, keys: list[Any], unsupported: list[str]) -> bool:
+    """Run one op rule; a rule that raises freezes what the node touches instead of ending the analysis.
+
+    Whatever the rule recorded before it failed (consumers, size attributes) is dropped, and every input and
+    output of the node is frozen with the rule's own message, so nothing it may have half-linked is pruned.
+    Returns whether the rule succeeded.
+    """
+    consumers, attrs = len(ctx.consumers), len(ctx.module_attrs)
+    try:
+        rule(ctx, node)
+    except Exception as exc:  # a rule bug or an unforeseen case must not crash the analysis: freeze and report
+        del ctx.consumers[consumers:], ctx.module_attrs[attrs:]
+        why = f"the op rule cannot handle this node ({type(exc).__name__}: {exc})"
+        log.warning("%s at node '%s' (%s); its channels are frozen", why, node.name, node.target)
+        unsupported.append(f"{node.name} ({node.target}): rule failed: {type(exc).__name__}: {exc}")
+        for a in node.all_input_nodes:
+            ctx.freeze_value(a, why)
+        for key in keys:
+            ctx.freeze_value(key, why)
+        return False
+    return True
 
 
 def analyze(graph: Graph) -> DependencyInfo:
@@ -243,7 +292,8 @@ def analyze(graph: Graph) -> DependencyInfo:
             for key in keys:
                 ctx.freeze_value(key, f"output of unsupported op {node.target}")
             continue
-        entry.rule(ctx, node)
+        if not _apply_rule(ctx, node, entry.rule, keys, unsupported):
+            continue
         for key in keys:
             unlinked = [a for a in ctx.dims(key) if a not in ctx.linked and table.size(a) > 1]
             if unlinked:

@@ -39,7 +39,7 @@ import torch
 from secateurs.backends.latency import LatencyTable
 from secateurs.errors import BudgetError
 from secateurs.ir.cost import per_channel_costs
-from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, require_kinds
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import block_influence, find_blocks
@@ -156,6 +156,7 @@ class AllocateBudget(Pass):
         """Compute per-group ratios."""
         info = graph.analysis(DependencyInfo)
         scores = graph.analysis(ChannelScores).scores
+        require_kinds(info, self.kind_ratios.items())
         kinds = tuple(k for k, v in self.kind_ratios.items() if v > 0) if self.kind_ratios else self.kinds
         groups = [g for g in info.iter_groups() if g.kind in kinds and g.mixed_at is None and g.size > 1]
         if not groups:

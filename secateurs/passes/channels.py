@@ -16,7 +16,7 @@ from secateurs.backends.materialize import Snapshot, apply_keep, compensate_bias
 from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.cost import predict_cost
-from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup
+from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult
@@ -146,6 +146,41 @@ def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
 def _eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
     hidden_ok = opts.hidden or "hidden" in dict(opts.kind_ratios)
     return not _ignored(group, opts.ignore) and (hidden_ok or group.mixed_at is None)
+
+
+def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, np.ndarray], exclude: set[int],
+                     frozen: Sequence[FrozenGroup]) -> None:
+    """Refuse a plan that removes nothing of a structure the options asked to prune (never exit 0 with less done).
+
+    Raises:
+        BudgetError: A kind (or the overall ``ratio``) asked for removes no channel: every group it selects is
+            ignored, too small for ``round_to`` / ``min_keep``, or frozen because the model's code contradicts it.
+
+    """
+    asked = {k: v for k, v in opts.kind_ratios if v > 0}
+    if not asked and opts.ratio > 0 and not opts.kind_ratios:
+        asked = {"": opts.ratio}
+    for kind, ratio in asked.items():
+        selected = [g for g in info.iter_groups() if (not kind or g.kind == kind) and _eligible(g, opts)
+                    and (kind or opts.ratio_for(g.kind) > 0)]
+        if any(g.id in keep for g in selected):
+            continue
+        what = f"{kind}={ratio:g} ({FLAGS.get(kind, kind)})" if kind else f"ratio={ratio:g}"
+        verified = [g for g in selected if g.id in exclude]
+        if verified:
+            reasons = sorted({f.reason for f in frozen if f.reason.startswith("the model's code")})
+            raise VerificationError(f"{what} removes nothing: the model's code contradicts pruning {len(verified)} "
+                                    f"of the {len(selected)} groups it selects ({'; '.join(reasons[:2])}) and the "
+                                    "others keep every channel after rounding")
+        if not selected:
+            reasons = sorted({f.reason for f in frozen})
+            raise BudgetError(f"{what} selects no prunable group in this model"
+                              + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""))
+        smallest = min(g.size for g in selected)
+        raise BudgetError(f"{what} removes no channel: each of its {len(selected)} groups keeps every channel "
+                          f"after rounding to multiples of round_to={opts.round_to} (--round-to) and the "
+                          f"min_keep={opts.min_keep:g} floor (smallest group: {smallest} channels); ask for more or "
+                          "lower round_to")
 
 
 def plan_keep(
@@ -288,8 +323,12 @@ class PruneChannels(Pass):
                 ))
         budget = graph.analyses.get(LayerBudget)
         per_group = budget.ratios if budget is not None else None
+        if per_group is None:
+            require_kinds(info, opts.kind_ratios)
         for attempt in range(opts.max_retries + 1):
             keep = plan_keep(graph, info, scores, opts, exclude, per_group)
+            if per_group is None:
+                _require_removal(info, opts, keep, exclude, frozen)
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
             kept_counts = {g: int(m.sum()) for g, m in keep.items()}

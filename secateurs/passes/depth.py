@@ -328,10 +328,16 @@ class _DepthPass(Pass):
         """Score the candidates, remove the chosen ones, re-capture."""
         model = graph.module
         cands = self._candidates(graph)
-        if not cands:
-            return PassResult(graph, False, DepthRecord(self.criterion, (), ()))
-        count = self._count(len(cands))
+        what = "layers= (--layers)" if isinstance(self, RemoveBlocks) else "sublayers= (--sublayers)"
+        if not cands and self.amount > 0:
+            raise BudgetError(f"{what} selects nothing: the model has no repeated residual blocks "
+                              f"({'sublayers' if what.startswith('sub') else 'blocks'} are found in a list of "
+                              "identical modules that each add to the residual stream)")
+        count = self._count(len(cands)) if cands else 0
         if count == 0:
+            if self.amount > 0:
+                raise BudgetError(f"{what} {self.amount:g} of {len(cands)} candidates rounds to none; give a count "
+                                  "(1, 2, ...) or a larger fraction")
             return PassResult(graph, False, DepthRecord(self.criterion, (), ()))
         calls = calibration_calls(graph, self.calib)
         was_training = model.training

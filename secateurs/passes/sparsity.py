@@ -1,7 +1,8 @@
 """Weight sparsity: unstructured and N:M (2:4) masks by magnitude, Wanda or SparseGPT.
 
-Targets are the weights of linear and conv layers (and Hugging Face's Conv1D), except layers whose output
-channels reach a graph output (the classifier / LM head) unless asked. N:M groups run along the input
+Targets are the weights of linear and conv layers (and Hugging Face's Conv1D), except the real heads unless
+asked: a layer that computes a graph output with no parametrised op after it (LM head, classifier, pooler) or
+shares its weight with an input embedding. Every layer left dense is listed in the record with its reason. N:M groups run along the input
 dimension, the layout TensorRT and cuSPARSELt accelerate: ``in_features`` of a linear (``[out, in]``), axis 1
 of a conv weight, axis 0 of a Conv1D (``[in, out]``).
 
@@ -39,7 +40,7 @@ from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import find_blocks
-from secateurs.passes.hooks import calibration_calls, first_tensor, layer_targets, run_calibration
+from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration, select_layers
 from secateurs.progress import track
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,9 @@ class SparsityRecord:
     """Per-layer sparsity after a :class:`SparsifyWeights` pass.
 
     ``peak_statistics_bytes`` is the most calibration state (input norms / Hessians, plus block inputs in
-    sequential mode) alive at once: sequential calibration keeps it at one block's worth. ``skipped`` lists the
-    layers left dense under N:M because their input channels are not a multiple of M, with the reason.
+    sequential mode) alive at once: sequential calibration keeps it at one block's worth. ``skipped`` lists every
+    linear / conv layer left dense, with the reason: an output head, a weight tied to the input embedding,
+    ignored by the user, or (under N:M) input channels that are not a multiple of M.
     """
 
     criterion: str
@@ -203,7 +205,7 @@ class SparsifyWeights(Pass):
             criterion: One of :data:`SPARSITY_CRITERIA`.
             calib: Calibration batches for ``wanda`` / ``sparsegpt`` (defaults to the example inputs).
             ignore: Module names (or prefixes ending in ``.``) left dense.
-            include_outputs: Also sparsify layers whose outputs reach a graph output (classifier, LM head).
+            include_outputs: Also sparsify the output heads (LM head, classifier, pooler) and tied weights.
             keep_masks: Keep masks attached (``torch.nn.utils.prune``) so training keeps them; else zero only.
             block: SparseGPT column block size.
             damp: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
@@ -252,8 +254,8 @@ class SparsifyWeights(Pass):
             raise BudgetError("global_magnitude is unstructured; use magnitude, wanda or sparsegpt for N:M")
         self._peak = 0
 
-    def _targets(self, graph: Graph) -> list[tuple[str, nn.Module]]:
-        return layer_targets(graph, _is_target, self.ignore, self.include_outputs)
+    def _targets(self, graph: Graph) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+        return select_layers(graph, _is_target, self.ignore, self.include_outputs)
 
     def _eligible(self, targets: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]],
                                                                          list[tuple[str, str]]]:
@@ -327,7 +329,12 @@ class SparsifyWeights(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         """Choose and apply the masks."""
-        targets, skipped = self._eligible(self._targets(graph))
+        chosen, left = self._targets(graph)
+        if not chosen:
+            why = "; ".join(sorted({w for _, w in left})) or "the model has no linear / conv layer"
+            raise BudgetError(f"{self._pattern()} sparsity selects no layer ({len(left)} left dense: {why})")
+        targets, skipped = self._eligible(chosen)
+        skipped = left + skipped
         layers: list[tuple[str, float]] = []
         self._peak = 0
         if self.owl:
