@@ -113,7 +113,7 @@ def run_demo(
     compensate = bias_compensation and importance in ("flap", "activation")
     options: dict[str, Any] = {"heads": heads, "ffn": ffn, "importance": importance, "bias_compensation": compensate}
     if nm:
-        options.update(nm=nm, sparsity_criterion="wanda")
+        options.update(nm=nm, sparsity_criterion="sparsegpt")
     recipe = parse_recipe({"calib": {"source": "pydoc", "samples": samples, "seq_len": 128},
                            "passes": [{"prune": options}]}, "demo")
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def run_demo(
     data["demo"] = True
     lines = [
         f"all-MiniLM-L6-v2: {heads:.0%} of attention heads and {ffn:.0%} of FFN neurons by '{importance}'"
-        f"{' with bias compensation' if compensate else ''}" + (f", then {nm} sparsity by wanda" if nm else "")
+        f"{' with bias compensation' if compensate else ''}" + (f", then {nm} sparsity by sparsegpt" if nm else "")
         + f", calibrated on {samples} documentation paragraphs",
         str(report),
         f"pruning took {elapsed:.1f}s; mean embedding cosine to the dense model on {len(texts) - samples} "

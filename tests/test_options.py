@@ -232,3 +232,16 @@ def test_cli_default_width_criterion_is_flap_with_bias_compensation(capsys, mini
     report = json.loads((out / "report.json").read_text())
     assert report["width_criterion"] == criterion
     assert (report["compensated_biases"] > 0) is compensated
+
+
+def test_recipe_passes_take_the_same_defaults(bert):
+    from secateurs.api import run_passes
+    from secateurs.recipe import build_passes
+
+    model, inputs = _fresh(bert)
+    recipe = parse_recipe({"passes": ["AnalyzeDependencies", "ScoreChannels", {"PruneChannels": {"ffn": 0.3}}]})
+    report = run_passes(model, inputs, build_passes(recipe, model, calib=[inputs]))
+    assert report.width_criterion == "flap" and report.compensated_biases > 0
+    model, inputs = _fresh(bert)
+    report = run_passes(model, inputs, build_passes(recipe, model))
+    assert report.width_criterion == "l2" and report.compensated_biases == 0

@@ -51,7 +51,8 @@ class ChannelOptions:
             ratio instead of ``ratio`` (see ``ChannelGroup.kind``). Listing ``hidden`` enables it. Only with
             ``target="channels"``.
         bias_compensation: Fold the calibration mean of every removed input channel into its consumer's bias
-            (FLAP); needs ``activation`` or ``flap`` scores. Consumers without a bias are skipped.
+            (FLAP); needs ``activation`` or ``flap`` scores. Consumers without a bias are skipped. Default (None):
+            on when the scores are ``flap`` with calibration statistics.
         verify: Re-capture the rewritten model and check every traced shape against the plan.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
 
@@ -65,7 +66,7 @@ class ChannelOptions:
     ignore: tuple[str, ...] = ()
     hidden: bool = False
     kind_ratios: tuple[tuple[str, float], ...] = ()
-    bias_compensation: bool = False
+    bias_compensation: bool | None = None
     verify: bool = True
     max_retries: int = 8
 
@@ -307,6 +308,8 @@ class PruneChannels(Pass):
         scored = graph.analysis(ChannelScores)
         scores = scored.scores
         opts = self.options
+        if opts.bias_compensation is None:  # FLAP's own default: compensate what flap scores removed
+            opts = dataclasses.replace(opts, bias_compensation=scored.criterion == "flap" and bool(scored.inputs))
         if opts.bias_compensation and not scored.inputs:
             raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
         means = {k: v.mean for k, v in scored.inputs.items()}

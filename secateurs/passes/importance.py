@@ -109,7 +109,7 @@ class ScoreChannels(Pass):
 
     def __init__(
         self,
-        criterion: Criterion = "l2",
+        criterion: Criterion | None = None,
         *,
         calib: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
@@ -117,7 +117,8 @@ class ScoreChannels(Pass):
         """Create the pass.
 
         Args:
-            criterion: One of :data:`CRITERIA` or a callable ``(graph, info, group) -> scores``.
+            criterion: One of :data:`CRITERIA` or a callable ``(graph, info, group) -> scores``. Default:
+                ``"flap"`` when ``calib`` is given, else ``"l2"`` (what :func:`secateurs.prune` chooses).
             calib: Calibration batches (each a tuple of positional inputs or a dict of keyword inputs) for
                 ``taylor`` and ``activation``; defaults to the capture's example inputs. Under ``torchrun``
                 each rank runs its share and the statistics are summed over the ranks
@@ -127,6 +128,8 @@ class ScoreChannels(Pass):
                 the ``loss`` it returns; otherwise half the mean square of the floating-point outputs.
 
         """
+        if criterion is None:
+            criterion = "flap" if calib is not None else "l2"
         if not callable(criterion) and criterion not in CRITERIA:
             raise BudgetError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         self.criterion = criterion
