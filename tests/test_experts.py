@@ -48,7 +48,10 @@ def test_unselected_experts_are_removed_exactly():
 @pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
 def test_experts_and_expert_neurons_then_generate_and_reload(fn, tmp_path):
     model, inputs = _build(fn)
-    report = sc.prune(model, inputs, experts=0.5, expert_neurons=0.25, expert_importance="mass", ffn=0.25)
+    # Mixtral has no dense FFN besides its experts (ffn= selects no group there and is refused); Qwen2-MoE's
+    # shared expert is one
+    dense_ffn = {"ffn": 0.25} if fn is qwen2_moe else {}
+    report = sc.prune(model, inputs, experts=0.5, expert_neurons=0.25, expert_importance="mass", **dense_ffn)
     blocks = find_moe_blocks(model)
     assert all(b.num_experts in (3, 4) and b.num_experts >= b.top_k for b in blocks)
     assert {e.what for e in report.experts} == {"experts", "neurons per expert"}
@@ -98,7 +101,7 @@ def test_output_norm_is_zero_for_unused_experts_and_matches_frequency_support():
 @pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
 def test_moe_forward_with_and_without_masks_after_pruning(fn):
     model, inputs = _build(fn)
-    sc.prune(model, inputs, experts=0.5, heads=0.5, ffn=0.25)
+    sc.prune(model, inputs, experts=0.5, heads=0.5, **({"ffn": 0.25} if fn is qwen2_moe else {}))
     ids = inputs["input_ids"]
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
