@@ -274,7 +274,8 @@ def plan_passes(
             (defaults to the example).
         importance: Width criterion: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"``, ``"flap"`` or
             a callable ``(graph, info, group) -> scores``. Default: ``"flap"`` when ``calib`` is given (the best
-            measured criterion, see the README), else the best weight-only one (:data:`WEIGHT_DEFAULT`).
+            measured criterion, see the README) and the hidden size is not pruned, else the best weight-only one
+            (:data:`WEIGHT_DEFAULT`).
         scope: ``"local"`` (same fraction per group, the default) or ``"global"`` (one normalised ranking).
         target: What ``ratio`` is a fraction of: ``"channels"`` (default), ``"params"`` or ``"flops"``.
         min_keep: Per-group floor as a fraction of its channels (default 0.1).
@@ -349,7 +350,8 @@ def plan_passes(
             raise BudgetError(f"{'experts=' if experts else 'expert_neurons='} (--experts) selects nothing: the model "
                               "has no mixture-of-experts block (a router beside a list or fused tensor of experts)")
     if importance is None:
-        importance = "flap" if calib is not None else WEIGHT_DEFAULT
+        # the hidden size streams with weight criteria only: the same default in memory keeps the paths equal
+        importance = "flap" if calib is not None and hidden is False else WEIGHT_DEFAULT
     if bias_compensation is None:
         bias_compensation = importance == "flap"
     elif bias_compensation and importance not in ("flap", "activation"):

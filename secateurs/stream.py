@@ -592,7 +592,7 @@ class _Walker:
         hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
         self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
                                       kind_ratios=opts.kind_ratios + hidden,
-                                      bias_compensation=bool(opts.bias_compensation))
+                                      bias_compensation=bool(opts.bias_compensation), require=False)
         self.removed: list[str] = []
         self.hidden: _HiddenPlan | None = None
 

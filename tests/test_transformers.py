@@ -57,7 +57,8 @@ def test_decoder_heads_groups_and_ffn_then_generate_with_cache(name):
 @pytest.mark.parametrize("name", ["bert", "distilbert", "roberta", "gpt2", "llama", "qwen2", "mistral", "vit"])
 def test_save_load_round_trip(name, tmp_path):
     model, inputs = build(name)
-    sc.prune(model, inputs, heads=0.5, kv_groups=0.5, ffn=0.3, round_to=1)
+    gqa = name in ("llama", "qwen2", "mistral")  # kv_groups= on a model without GQA selects nothing: refused
+    sc.prune(model, inputs, heads=0.5, ffn=0.3, round_to=1, **({"kv_groups": 0.5} if gqa else {}))
     ref = first_tensor(call(model, inputs))
     result = sc.save_pretrained(model, tmp_path / "pruned")
     assert (tmp_path / "pruned" / "model.safetensors").is_file()

@@ -55,6 +55,8 @@ class ChannelOptions:
             on when the scores are ``flap`` with calibration statistics.
         verify: Re-capture the rewritten model and check every traced shape against the plan.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
+        require: Refuse a structure ratio that selects or removes nothing (off for one block of a streamed model,
+            where the whole-model check already ran and a block may lack a kind).
 
     """
 
@@ -69,6 +71,7 @@ class ChannelOptions:
     bias_compensation: bool | None = None
     verify: bool = True
     max_retries: int = 8
+    require: bool = True
 
     def __post_init__(self) -> None:
         """Validate every option with a message naming it."""
@@ -326,11 +329,11 @@ class PruneChannels(Pass):
                 ))
         budget = graph.analyses.get(LayerBudget)
         per_group = budget.ratios if budget is not None else None
-        if per_group is None:
+        if per_group is None and opts.require:
             require_kinds(info, opts.kind_ratios)
         for attempt in range(opts.max_retries + 1):
             keep = plan_keep(graph, info, scores, opts, exclude, per_group)
-            if per_group is None:
+            if per_group is None and opts.require:
                 _require_removal(info, opts, keep, exclude, frozen)
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
