@@ -43,6 +43,57 @@ def _amount(text: str) -> float:
     return value
 
 
+def _cosine(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:  # also refuses nan, which would switch the check off
+        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {text}")
+    return value
+
+
+def _rel_error(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):  # also refuses nan, which would switch the check off
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    import os
+
+    value, cores = int(text), os.cpu_count() or 1
+    if not 1 <= value <= cores:
+        raise argparse.ArgumentTypeError(f"must be between 1 and this machine's {cores} cores, got {text}")
+    return value
+
+
+def _count(limit: int, low: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {limit:,}, got {text}")
+        return value
+    return parse
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if sep and name else ()
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"must be NAME=D,D,... with positive sizes (e.g. pixel_values=1,3,224,224), "
+                                         f"got {text!r}")
+    return name, shape
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -109,8 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
-    pr.add_argument("--min-cosine", type=float, help="fail (exit 3) if the outputs' cosine to the dense model is lower")
-    pr.add_argument("--max-rel-error", type=float, help="fail (exit 3) if the outputs' relative error is higher")
+    pr.add_argument("--min-cosine", type=_cosine, help="fail (exit 3) if the outputs' cosine to the dense model is "
+                    "lower (in [-1, 1])")
+    pr.add_argument("--max-rel-error", type=_rel_error, help="fail (exit 3) if the outputs' relative error is higher")
+    pr.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=D,D,...",
+                    help="ONNX sources: static shape of an input with symbolic dims (repeat per input)")
 
     ex = sub.add_parser("export", parents=[common], help="export a (pruned) checkpoint folder to ONNX")
     ex.add_argument("src", help="checkpoint folder")
@@ -119,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="compare ONNX Runtime with PyTorch (default on)")
     ex.add_argument("--exporter", default="dynamo", help="dynamo (default) or legacy")
     ex.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights / activations")
-    ex.add_argument("--atol", type=float, help="absolute tolerance of the verification (1e-4; 2e-2 for fp16)")
-    ex.add_argument("--rtol", type=float, help="relative tolerance of the verification (1e-3; 2e-2 for fp16)")
+    ex.add_argument("--atol", type=_tolerance, help="absolute tolerance of the verification (1e-4; 2e-2 for fp16)")
+    ex.add_argument("--rtol", type=_tolerance, help="relative tolerance of the verification (1e-3; 2e-2 for fp16)")
     ex.add_argument("--seq-len", type=_positive, default=16, help="tokens of the example input")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
@@ -135,17 +189,20 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", parents=[common], help="dependency groups, frozen parts and costs of a model")
     ins.add_argument("src", help="checkpoint folder or .onnx file")
+    ins.add_argument("--input-shape", type=_input_shape, action="append", metavar="NAME=D,D,...",
+                     help="ONNX sources: static shape of an input with symbolic dims (repeat per input)")
 
     be = sub.add_parser("bench", parents=[common], help="latency of a dense and a pruned model, as a ratio (a "
                         "pruned folder's report records it)")
     be.add_argument("src", help="dense checkpoint folder or .onnx file")
     be.add_argument("dst", help="pruned checkpoint folder or .onnx file")
     be.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
-    be.add_argument("--batch", type=_positive, default=1)
-    be.add_argument("--seq-len", type=_positive, default=128)
-    be.add_argument("--runs", type=_positive, default=20)
-    be.add_argument("--warmup", type=int, default=3)
-    be.add_argument("--threads", type=_positive, help="ONNX Runtime / torch threads (default: all)")
+    be.add_argument("--batch", type=_count(4096), default=1)
+    be.add_argument("--seq-len", type=_count(1 << 20), default=128)
+    be.add_argument("--runs", type=_count(100_000), default=20)
+    be.add_argument("--warmup", type=_count(100_000, 0), default=3)
+    be.add_argument("--threads", type=_threads, help="ONNX Runtime / torch threads, at most the machine's cores "
+                    "(default: all)")
     return parser
 
 
@@ -251,6 +308,9 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
              "recover_mode", "scope", "bias_compensation")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
+    if args.input_shape:
+        raise BudgetError("--input-shape applies to ONNX sources; a checkpoint's example inputs come from its config "
+                          "(--seq-len)")
     if args.stream:
         return _prune_stream(args)
     if args.recipe:
@@ -358,20 +418,36 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
         raise BudgetError("nothing to prune: give at least one of --channels --heads --kv-groups --ffn --hidden")
     if args.out is None and not args.dry_run:
         raise BudgetError("an output .onnx file is required (or --dry-run)")
+    if args.out is not None:
+        from secateurs.backends.files import guard_source
+
+        guard_source(args.src, args.out, "--out")
     if args.out is not None and Path(args.out).exists() and not args.overwrite and not args.dry_run:
         raise CheckpointError(f"output file '{args.out}' exists; pass --overwrite to replace it")
     result = prune_onnx(args.src, None if args.dry_run else args.out, channels=args.channels, heads=args.heads,
-                        kv_groups=args.kv_groups, ffn=args.ffn,
+                        kv_groups=args.kv_groups, ffn=args.ffn, input_shapes=_shapes(args),
                         hidden=args.hidden if args.hidden is not None else False,
                         importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to)
     _say(args, str(result))
     return result.to_dict()
 
 
+def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]] | None:
+    from secateurs.errors import BudgetError
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in args.input_shape or []:
+        if name in shapes:
+            raise BudgetError(f"--input-shape gives '{name}' twice")
+        shapes[name] = shape
+    return shapes or None
+
+
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from secateurs.backends.checkpoint import load_pretrained
+    from secateurs.backends.files import guard_source
     from secateurs.backends.onnx import export_onnx
     from secateurs.convert import example_and_calib
     from secateurs.errors import CheckpointError
@@ -380,6 +456,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     src, out = Path(args.src), Path(args.onnx)
     if not src.is_dir():
         raise CheckpointError(f"source '{src}' is not a checkpoint folder")
+    guard_source(src, out, "--onnx")
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"'{out}' exists; pass --overwrite to replace it")
     model = load_pretrained(src).eval()
@@ -398,13 +475,13 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine(args: argparse.Namespace) -> dict[str, Any]:
+    from secateurs.backends.files import guard_source
     from secateurs.backends.tensorrt import build_engine
     from secateurs.errors import CheckpointError
     from secateurs.progress import stage
 
     out = args.out or str(Path(args.onnx).with_suffix(".engine"))
-    if Path(out).resolve() == Path(args.onnx).resolve():
-        raise CheckpointError(f"the engine would overwrite its own source '{args.onnx}'; choose another --out")
+    guard_source(args.onnx, out, "--out")
     if Path(out).exists() and not args.overwrite:
         raise CheckpointError(f"'{out}' exists; pass --overwrite to replace it")
     with stage("building TensorRT engine"):
@@ -421,10 +498,13 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     if Path(args.src).suffix == ".onnx":
         from secateurs.onnx_prune import inspect_onnx
 
-        data = inspect_onnx(args.src)
+        data = inspect_onnx(args.src, input_shapes=_shapes(args))
     else:
         from secateurs.convert import inspect_checkpoint
+        from secateurs.errors import BudgetError
 
+        if args.input_shape:
+            raise BudgetError("--input-shape applies to ONNX sources")
         data = inspect_checkpoint(args.src)
     if not (args.quiet or args.json):
         print(f"params {data['params']:,}, FLOPs {data['flops']:,.0f} on the example inputs")

@@ -17,8 +17,9 @@ import torch
 
 from secateurs.api import Report, run_passes
 from secateurs.backends.checkpoint import TOKENIZER_FILES, load_pretrained, save_pretrained
+from secateurs.backends.files import guard_source
 from secateurs.errors import BudgetError, CheckpointError
-from secateurs.passes.drift import check_drift
+from secateurs.passes.drift import check_drift, check_thresholds
 from secateurs.progress import stage
 from secateurs.recipe import Recipe, build_passes, parse_recipe
 from secateurs.report import costs_by_layer, write_report
@@ -147,9 +148,12 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     """
     if not verify and (min_cosine is not None or max_rel_error is not None):
         raise BudgetError("drift thresholds need the output check: drop --no-verify")
+    check_thresholds(min_cosine, max_rel_error)
     source = Path(src)
     if not source.is_dir():
         raise CheckpointError(f"source '{source}' is not a checkpoint folder")
+    if dst is not None:
+        guard_source(source, dst, "--out")
     if dst is not None and Path(dst).exists() and not overwrite and not dry_run:
         raise CheckpointError(f"output folder '{dst}' exists; pass --overwrite to replace it")
     if not dry_run and dst is None:

@@ -15,11 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from secateurs.api import change_lines, frozen_lines
+from secateurs.backends.files import guard_source
 from secateurs.backends.onnx_file import save_onnx
+from secateurs.errors import CheckpointError
 from secateurs.frontends.onnx_model import load_onnx
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
 from secateurs.ir.onnx_depgraph import OnnxDependencyInfo
+from secateurs.ir.onnx_graph import OnnxGraph
 from secateurs.passes.channels import ChannelOptions, GroupChange
 from secateurs.passes.dependencies import DependencyRecord
 from secateurs.passes.onnx_base import OnnxPassManager
@@ -112,7 +117,7 @@ def prune_onnx(
 
     Args:
         src: The ``.onnx`` file (opset >= 13, or convertible to it).
-        dst: Where to write the pruned model (atomically; may equal ``src``); None plans and reports only.
+        dst: Where to write the pruned model (atomically; never ``src`` itself); None plans and reports only.
         ratio: Fraction of every group's channels to remove, in [0, 1). Defaults to 0.3 when no per-structure
             ratio is given, else to 0 (only the named structures are pruned).
         heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
@@ -151,7 +156,11 @@ def prune_onnx(
     scorer = ScoreOnnxChannels(importance)
     pruner = PruneOnnxChannels(options)
     start = time.perf_counter()
+    if dst is not None:
+        guard_source(src, dst, "the output")
     graph = load_onnx(src, input_shapes=input_shapes)
+    if verify:
+        _refuse_custom_ops(graph)
     params_before = graph.param_count()
     shapes = {v.name: graph.shapes[v.name] for v in graph.graph.inputs
               if v.name and not v.is_initializer() and v.name in graph.shapes}
@@ -168,6 +177,28 @@ def prune_onnx(
         changes=record.changes, frozen=record.frozen, unsupported_ops=list(deps.unsupported_ops), shapes=shapes,
         seconds={"analyse_and_prune": analysed - start, "write_and_check": time.perf_counter() - analysed},
     )
+
+
+ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",
+               "com.ms.internal.nhwc")
+"""Operator domains ONNX Runtime has kernels for (standard ONNX and its own contrib ops)."""
+
+
+def _refuse_custom_ops(graph: OnnxGraph) -> None:
+    """Refuse a file whose ops ONNX Runtime cannot run: the rewrite could not be verified (bad input, exit 2).
+
+    Raises:
+        CheckpointError: A node of a custom domain that is neither ONNX Runtime's nor a function of the model.
+
+    """
+    functions = {(f.domain, f.name) for f in graph.model.functions.values()}
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.domain not in ORT_DOMAINS and (node.domain, node.op_type) not in functions:
+            where = f"node '{node.name}'" if node.name else "an unnamed node"
+            raise CheckpointError(
+                f"'{graph.path}': {where} is the custom op {node.domain}::{node.op_type}, which ONNX "
+                "Runtime has no kernel for; every rewrite is verified by running it in ONNX Runtime, so this file "
+                "cannot be pruned (register the op's kernel library in ONNX Runtime, or export without custom ops)")
 
 
 def inspect_onnx(src: str | os.PathLike[str], *, input_shapes: Mapping[str, Sequence[int]] | None = None

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
+from secateurs.backends.files import guard_source
 from secateurs.backends.materialize import Snapshot, slice_dims
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
 from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard, world_size
@@ -1084,6 +1085,7 @@ def prune_checkpoint(
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
     opts = resolve_defaults(opts, calibrated=calib is not None)
+    guard_source(src, dst)
     # before any pass over the weights, and on every rank (the others would wait for the writer forever)
     taken = is_writer() and Path(dst).exists() and not overwrite
     if all_reduce_sum({"output exists": int(taken)})["output exists"]:

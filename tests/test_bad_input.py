@@ -15,16 +15,6 @@ import secateurs as sc
 from secateurs.cli import main
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("ckpt") / "llama"
-    sc.save_pretrained(tf.LlamaForCausalLM(cfg).eval(), path)
-    return path
-
-
 def _copy(src, tmp_path):
     dst = tmp_path / "src"
     shutil.copytree(src, dst)
@@ -255,7 +245,7 @@ def test_engine_refuses_to_overwrite(tmp_path, capsys):
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"x")
     code, out, _ = _run(capsys, "engine", str(onnx_file), "--out", str(onnx_file))
-    assert code == 2 and "overwrite its own source" in json.loads(out)["error"]
+    assert code == 2 and "is the source itself" in json.loads(out)["error"]
     (tmp_path / "m.engine").write_bytes(b"old")
     code, out, _ = _run(capsys, "engine", str(onnx_file))
     assert code == 2 and "--overwrite" in json.loads(out)["error"]
@@ -341,3 +331,141 @@ def test_streaming_depth_heads_and_a_global_ranking_from_the_command_line(tmp_pa
     assert sum(layer.mlp.up_proj.out_features for layer in model.model.layers) == 3 * 64 - round(3 * 64 * 0.25)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 30522, (1, 8))).logits).all()
+
+
+# --- the source is never destroyed; replacing an output leaves nothing behind (issue 16, item 3) ---------------
+
+def _digest(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "link", "parent"])
+def test_prune_refuses_an_output_that_overlaps_the_source(llama_dir, tmp_path, capsys, where):
+    src = _copy(llama_dir, tmp_path)
+    before = _digest(src)
+    out = {"itself": src, "inside": src / "pruned", "link": tmp_path / "link", "parent": tmp_path}[where]
+    if where == "link":
+        out.symlink_to(src, target_is_directory=True)
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(out), "--ffn", "0.25", "--calib", "none",
+                         "--overwrite")
+    assert code == 2 and "would destroy the source" in json.loads(text)["error"]
+    assert _digest(src) == before and not (src / "pruned").exists()
+
+
+def test_streamed_prune_refuses_its_own_source(llama_dir, tmp_path, capsys):
+    src = _copy(llama_dir, tmp_path)
+    before = _digest(src)
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(src), "--ffn", "0.25", "--calib", "none",
+                         "--stream", "--overwrite")
+    assert code == 2 and "is the source itself" in json.loads(text)["error"]
+    assert _digest(src) == before
+
+
+def test_export_refuses_to_write_into_its_source_and_leaves_no_folder_when_it_fails(llama_dir, tmp_path, capsys):
+    src = _copy(llama_dir, tmp_path)
+    before = _digest(src)
+    code, text, _ = _run(capsys, "export", str(src), "--onnx", str(src / "model.safetensors"), "--overwrite")
+    assert code == 2 and "inside the source" in json.loads(text)["error"]
+    assert _digest(src) == before
+    # a failing export (a bad exporter name) leaves none of the folders it would have created
+    code, _, _ = _run(capsys, "export", str(src), "--onnx", str(tmp_path / "a" / "b" / "m.onnx"), "--exporter", "x")
+    assert code == 2 and not (tmp_path / "a").exists()
+
+
+def test_onnx_prune_refuses_its_own_source(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    _tiny_onnx(src)
+    before = src.read_bytes()
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(src), "--ffn", "0.25", "--overwrite")
+    assert code == 2 and "is the source itself" in json.loads(text)["error"]
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("old", ["file", "link", "folder"])
+def test_overwrite_replaces_any_kind_of_output_without_leftovers(llama_dir, tmp_path, capsys, old):
+    out = tmp_path / "out"
+    if old == "file":
+        out.write_text("x")
+    elif old == "folder":
+        out.mkdir()
+        (out / "stale.txt").write_text("x")
+    else:
+        (tmp_path / "target").mkdir()
+        out.symlink_to(tmp_path / "target", target_is_directory=True)
+    code, _, _ = _run(capsys, "prune", str(llama_dir), "--out", str(out), "--ffn", "0.25", "--calib", "none",
+                      "--overwrite")
+    assert code == 0 and (out / "model.safetensors").is_file() and not out.is_symlink()
+    assert not (out / "stale.txt").exists()
+    assert _left(tmp_path, "out", "target") == []  # no .out.old-PID, no temporary folder
+    if old == "link":
+        assert list((tmp_path / "target").iterdir()) == []  # the link's target was not written through
+
+
+# --- checks that would switch themselves off are refused (issue 16, item 6) ------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--min-cosine", "nan"), ("--min-cosine", "1.5"), ("--max-rel-error", "nan"),
+                                        ("--max-rel-error", "-1"), ("--max-rel-error", "inf")])
+def test_drift_thresholds_out_of_range_are_refused(llama_dir, tmp_path, capsys, flag, value):
+    code, _, err = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "o"), "--ffn", "0.25", "--calib",
+                        "none", flag, value)
+    assert code == 2 and flag in err and not (tmp_path / "o").exists()
+
+
+def test_python_thresholds_are_checked_too(llama_dir, tmp_path):
+    from secateurs.convert import prune_checkpoint
+    from secateurs.errors import BudgetError
+    from secateurs.recipe import parse_recipe
+
+    recipe = parse_recipe({"passes": [{"prune": {"ffn": 0.25}}]}, "test")
+    with pytest.raises(BudgetError, match="min_cosine"):
+        prune_checkpoint(llama_dir, tmp_path / "o", recipe, calib="none", min_cosine=float("nan"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["--threads", "100000"], ["--threads", "0"], ["--batch", "1000000"],
+                                  ["--warmup", "-1"]])
+def test_bench_refuses_absurd_sizes(tmp_path, capsys, argv):
+    code, _, err = _run(capsys, "bench", str(tmp_path / "a"), str(tmp_path / "b"), *argv)
+    assert code == 2 and argv[0] in err
+
+
+def _tiny_onnx(path, custom=False, dynamic=False):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 32)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")
+    act = helper.make_node("MyRelu", ["h"], ["r"], name="act", domain="com.example") if custom else \
+        helper.make_node("Relu", ["h"], ["r"], name="act")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), act,
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    shape = ["batch", 8] if dynamic else [2, 8]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [w1, w2])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.example", 1)] if custom else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+
+
+def test_onnx_custom_op_is_bad_input_not_a_verification_failure(tmp_path, capsys):
+    src = tmp_path / "custom.onnx"
+    _tiny_onnx(src, custom=True)
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "o.onnx"), "--ffn", "0.25")
+    error = json.loads(text)["error"]
+    assert code == 2 and "com.example::MyRelu" in error and "'act'" in error
+    assert _left(tmp_path, "custom.onnx") == []
+
+
+def test_input_shape_flag_reaches_the_onnx_analysis(tmp_path, capsys):
+    src = tmp_path / "dyn.onnx"
+    _tiny_onnx(src, dynamic=True)
+    code, text, _ = _run(capsys, "inspect", str(src), "--input-shape", "x=3,8")
+    assert code == 0 and json.loads(text)["groups"]
+    code, _, err = _run(capsys, "inspect", str(src), "--input-shape", "x=3,oops")
+    assert code == 2 and "NAME=D,D" in err
+    code, text, _ = _run(capsys, "inspect", str(src), "--input-shape", "nope=3,8")
+    assert code == 2 and "'nope'" in json.loads(text)["error"]
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "o.onnx"), "--ffn", "0.25",
+                         "--input-shape", "x=3,8", "--round-to", "1")
+    assert code == 0 and (tmp_path / "o.onnx").is_file()

@@ -319,8 +319,8 @@ def _custom_op_model(path):
 def test_unknown_op_freezes_what_it_touches_and_is_reported(tmp_path):
     src = tmp_path / "custom.onnx"
     _custom_op_model(src)
-    # ONNX Runtime cannot run the custom op, so the default check refuses and leaves nothing behind.
-    with pytest.raises(VerificationError, match="ONNX Runtime"):
+    # ONNX Runtime cannot run the custom op, so the rewrite could not be verified: refused as bad input up front.
+    with pytest.raises(CheckpointError, match="custom op acme::Mystery"):
         prune_onnx(src, tmp_path / "out.onnx", ratio=0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
     report = prune_onnx(src, tmp_path / "out.onnx", ratio=0.5, verify=False)
@@ -380,10 +380,14 @@ def test_a_failed_check_leaves_the_destination_untouched(tmp_path, monkeypatch):
         raise VerificationError("simulated failure")
 
     monkeypatch.setattr("secateurs.backends.onnx_file.run_onnx", broken)
+    (tmp_path / "o.onnx").write_bytes(b"old output")
     with pytest.raises(VerificationError, match="simulated"):
-        prune_onnx(tmp_path / "m.onnx", tmp_path / "m.onnx", ratio=0.5)  # in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]
     assert (tmp_path / "m.onnx").read_bytes() == before
+    assert (tmp_path / "o.onnx").read_bytes() == b"old output"
+    with pytest.raises(CheckpointError, match="is the source itself"):  # in place would risk the source
+        prune_onnx(tmp_path / "m.onnx", tmp_path / "m.onnx", ratio=0.5)
 
 
 def _from_text(text, path, **arrays):

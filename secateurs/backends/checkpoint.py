@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.backends.files import publish
+from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
 from secateurs.errors import CheckpointError
 from secateurs.passes.depth import ZeroSublayer
@@ -287,10 +287,11 @@ def save_pretrained(
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")
     layout = describe(model)
+    made = make_parents(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as exc:
+        remove_made(made)
         raise CheckpointError(f"cannot write into '{out.parent}': {exc}") from exc
     try:
         from safetensors.torch import save_model
@@ -316,18 +317,14 @@ def save_pretrained(
         if extra is not None:
             extra(tmp)
         publish(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_into(tmp, out)
     except OSError as exc:  # disk full, permission denied, ...: nothing is left behind
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
         raise CheckpointError(f"writing '{out}' failed, nothing was written: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
         raise
     return SaveResult(out, layout.plain_loadable, layout.changed_tensors)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from secateurs.errors import CheckpointError
 
-__all__ = ["atomic_dir", "atomic_file", "publish"]
+__all__ = ["atomic_dir", "atomic_file", "guard_source", "make_parents", "publish", "remove_made", "replace_into"]
 
 
 def _umask() -> int:
@@ -42,13 +42,81 @@ def publish(path: str | os.PathLike[str]) -> None:
         os.chmod(p, 0o666 & ~mask)
 
 
-def _parent(path: Path) -> None:
+def guard_source(src: str | os.PathLike[str], out: str | os.PathLike[str], flag: str = "the output") -> None:
+    """Refuse an output that is, is inside, or contains the source, links resolved (it would destroy the source).
+
+    Raises:
+        CheckpointError: ``out`` and ``src`` overlap; the message names both.
+
+    """
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if o == s:
+        why = "is the source itself"
+    elif s in o.parents:
+        why = "is inside the source"
+    elif o in s.parents:
+        why = "contains the source"
+    else:
+        return
+    raise CheckpointError(f"{flag} '{out}' {why} '{src}': writing it would destroy the source; choose another path")
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; returns those it created, outermost first.
+
+    Raises:
+        CheckpointError: A folder cannot be created.
+
+    """
+    missing: list[Path] = []
+    p = path.absolute().parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        remove_made(list(reversed(missing)))
         raise CheckpointError(f"cannot create the folder of '{path}': {exc}") from exc
+    return list(reversed(missing))
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` created, innermost first, as long as they are empty."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def replace_into(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``, replacing whatever ``out`` was, with nothing left behind.
+
+    ``out`` may be a folder, a file or a link (a link is replaced, never followed).
+    """
+    if not (out.is_symlink() or out.exists()):
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def _parent(path: Path) -> list[Path]:
+    made = make_parents(path)
     if path.is_dir():
+        remove_made(made)
         raise CheckpointError(f"'{path}' is a folder; give a file name")
+    return made
 
 
 @contextlib.contextmanager
@@ -60,22 +128,27 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
 
     """
     out = Path(path)
-    _parent(out)
+    made = _parent(out)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or ".tmp", dir=out.parent)
     except OSError as exc:
+        remove_made(made)
         raise CheckpointError(f"cannot write into '{out.parent}': {exc}") from exc
     os.close(fd)
     tmp = Path(name)
+    done = False
     try:
         yield tmp
         publish(tmp)
         os.replace(tmp, out)
+        done = True
     except OSError as exc:
         raise CheckpointError(f"writing '{out}' failed, nothing was written: {exc}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not done:
+            remove_made(made)
 
 
 @contextlib.contextmanager
@@ -85,10 +158,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     The caller moves what it wrote into place; errors are reported as :class:`CheckpointError`.
     """
     out = Path(path)
-    _parent(out)
+    made = _parent(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as exc:
+        remove_made(made)
         raise CheckpointError(f"cannot write into '{out.parent}': {exc}") from exc
     try:
         yield tmp
@@ -96,3 +170,5 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise CheckpointError(f"writing '{out}' failed, nothing was written: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            remove_made(made)

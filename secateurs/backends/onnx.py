@@ -106,7 +106,6 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise CheckpointError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     args, kwargs = split_inputs(model, example_inputs)
     if torch.nn.utils.prune.is_pruned(model):
         # Attached sparsity masks export as Mul(weight_orig, weight_mask): TensorRT would see a computed

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from secateurs.backends.files import publish
+from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.errors import CheckpointError
 
 __all__ = ["INDEX", "ShardedSource", "ShardedWriter", "TensorInfo", "shard_name"]
@@ -202,15 +202,17 @@ class ShardedWriter:
         if enabled and self.path.exists() and not overwrite:
             raise CheckpointError(f"output folder '{self.path}' exists; pass overwrite=True to replace it")
         self.tmp: Path | None = None
+        self.made: list[Path] = []
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
 
     def __enter__(self) -> ShardedWriter:
         if self.enabled:
+            self.made = make_parents(self.path)
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
             except OSError as exc:
+                remove_made(self.made)
                 raise CheckpointError(f"cannot write into '{self.path.parent}': {exc}") from exc
         return self
 
@@ -218,6 +220,7 @@ class ShardedWriter:
         if self.tmp is not None:  # not committed
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+            remove_made(self.made)
 
     @property
     def folder(self) -> Path | None:
@@ -289,13 +292,7 @@ class ShardedWriter:
             if files is not None:
                 files(self.tmp)
             publish(self.tmp)  # mkdtemp made it owner-only; a served model must stay readable
-            if self.path.exists():
-                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                os.replace(self.path, old)
-                os.replace(self.tmp, self.path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, self.path)
+            replace_into(self.tmp, self.path)
         except OSError as exc:
             raise CheckpointError(f"writing '{self.path}' failed, nothing was written: {exc}") from exc
         self.tmp = None

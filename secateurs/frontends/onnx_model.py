@@ -219,7 +219,8 @@ def propagate_shapes(
         if not problem:
             return
         log.info("symbol size %d does not fit the model (%s); trying a larger one", size, problem)
-    raise CaptureError(f"no static shapes for '{graph.path}': {problem}; pass input_shapes")
+    raise CaptureError(f"no static shapes for '{graph.path}': {problem}; pass input_shapes "
+                       "(on the command line: --input-shape NAME=1,3,224,224, once per input)")
 
 
 def _propagate(graph: OnnxGraph, given: dict[str, Sequence[int]], size: int) -> str:

@@ -125,6 +125,7 @@ class DependencyInfo:
     consumers: list[ConsumerUse]
     module_attrs: list[tuple[str, str, int]]
     unsupported: list[str]
+    mixing: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def shape_under(self, value: tuple[str, int], kept: dict[int, int], memo: dict[int, int]) -> tuple[int, ...]:
         """Predicted shape of a graph value when each group ``g`` keeps ``kept[g]`` channels."""
@@ -337,4 +338,4 @@ def analyze(graph: Graph) -> DependencyInfo:
         group.kind = _classify(group, tags, table, values, graph)
         groups[leaf] = group
     log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
-    return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported)
+    return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported, ctx.mixing)

@@ -124,6 +124,7 @@ class RuleContext:
         self.ever_linked: set[int] = set()
         self.consumers: list[ConsumerUse] = []
         self.module_attrs: list[tuple[str, str, int]] = []
+        self.mixing: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------ values
     def _key(self, value: Any) -> tuple[str, int]:
@@ -251,6 +252,9 @@ class RuleContext:
 
     def mixes(self, atoms: Iterable[int]) -> None:
         """Record that ``atoms`` enter a cross-channel statistic here (pruning them is never exact)."""
+        atoms = list(atoms)
+        if self.node is not None:
+            self.mixing.setdefault(self.node.name, []).extend(atoms)
         for a in atoms:
             self.table.mark_mixed(a, self.where())
 

@@ -21,6 +21,7 @@ from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.importance import ChannelScores
+from secateurs.passes.masked import masked_mismatch
 
 __all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "plan_keep"]
 
@@ -341,11 +342,12 @@ class PruneChannels(Pass):
             snap = Snapshot()
             if opts.bias_compensation:
                 compensated = compensate_biases(graph, info, keep, means, snap)
+            overrides = _replaced_params(graph, snap)
             snap = apply_keep(graph, info, keep, snap)
             if not opts.verify:
                 new_graph = self._recapture(graph, snap)
                 break
-            checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap)
+            checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap, overrides)
             if checked is not None:
                 new_graph = checked
                 break
@@ -379,35 +381,53 @@ class PruneChannels(Pass):
         keep: dict[int, np.ndarray],
         kept: dict[int, int],
         snap: Snapshot,
+        overrides: dict[str, torch.Tensor] | None = None,
     ) -> tuple[Graph | None, set[int], str]:
-        """Check the rewritten model against the plan.
+        """Check the rewritten model against the plan: every traced shape, then every value (masked check).
 
         Returns the new capture when it agrees; otherwise restores the model and names the culprit groups.
         """
-        new, problem = _shape_problem(graph, info, kept)
+        new, problem, partner = _shape_problem(graph, info, kept)
         if problem is None:
-            return new, set(), ""
+            assert new is not None
+            mismatch = masked_mismatch(graph, new, info, keep, partner, overrides)
+            if mismatch is None:
+                return new, set(), ""
+            problem = (mismatch.node, list(mismatch.atoms), mismatch.detail)
+            why, numeric = mismatch.detail, True
+        else:
+            numeric = False
+            why = f"the model's code disagrees with pruning it ({problem[2]}); a size is probably hard-coded"
         snap.restore()
-        node_name, bad_atoms, detail = problem
         culprits: set[int] = set()
-        for atom in bad_atoms:
+        for atom in problem[1]:
             culprits.update(leaf for leaf in info.table.leaves(atom) if leaf in keep)
-        if not culprits:
-            culprits = self._bisect(graph, info, keep)
-        return None, culprits, f"the model's code disagrees with pruning it ({detail}); a size is probably hard-coded"
+        if not culprits or (numeric and len(culprits) > 1):
+            # A value mismatch names the node, not which of the groups it reads is to blame (pruning channels
+            # after a literal range is harmless, before it is not): narrow down among them.
+            culprits = self._bisect(graph, info, keep, numeric, sorted(culprits) or None)
+        return None, culprits, why
 
-    def _bisect(self, graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) -> set[int]:
-        """Find a smallest set of groups whose pruning alone breaks the model."""
+    def _bisect(self, graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray], numeric: bool,
+                among: list[int] | None = None) -> set[int]:
+        """Find a smallest set of ``among`` (default all) groups whose pruning alone breaks the model.
+
+        Breaking means a shape contradiction, or with ``numeric`` also a value contradiction (the masked check).
+        """
 
         def fails(ids: list[int]) -> bool:
             sub = {g: keep[g] for g in ids}
             snap = apply_keep(graph, info, sub)
             try:
-                return _shape_problem(graph, info, {g: int(m.sum()) for g, m in sub.items()})[1] is not None
+                new, problem, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in sub.items()})
+                if problem is not None or not numeric:
+                    return problem is not None
+                assert new is not None
+                return masked_mismatch(graph, new, info, sub, partner) is not None
             finally:
                 snap.restore()
 
-        ids = sorted(keep)
+        ids = among if among is not None else sorted(keep)
         while len(ids) > 1:
             half, rest = ids[: len(ids) // 2], ids[len(ids) // 2:]
             if fails(half):
@@ -419,18 +439,30 @@ class PruneChannels(Pass):
         return set(ids)
 
 
+def _replaced_params(graph: Graph, snap: Snapshot) -> dict[str, torch.Tensor]:
+    """Parameter name -> current full-size tensor of every parameter ``snap`` replaced (compensated biases)."""
+    names = {id(m): n for n, m in graph.module.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+    for owner, kind, name, _ in snap.entries:
+        if kind == "param" and id(owner) in names:
+            prefix = names[id(owner)]
+            out[f"{prefix}.{name}" if prefix else name] = owner._parameters[name].detach()
+    return out
+
+
 def _shape_problem(
     graph: Graph, info: DependencyInfo, kept: dict[int, int]
-) -> tuple[Graph | None, tuple[str, list[int], str] | None]:
+) -> tuple[Graph | None, tuple[str, list[int], str] | None, dict[str, fx.Node]]:
     """Capture the (already rewritten) module and compare every traced shape with the prediction.
 
-    Returns (new capture, None) when they agree, else (capture or None, (node, atoms of the mismatching
-    dims, description)).
+    Returns (new capture, None, partners) when they agree, else (capture or None, (node, atoms of the
+    mismatching dims, description), partners); partners maps each dense node to the pruned node it lines up with.
     """
+    partner: dict[str, fx.Node] = {}
     try:
         new = capture_call(graph.module, graph.args, graph.kwargs)
     except CaptureError as exc:
-        return None, ("<capture>", [], str(exc).splitlines()[0])
+        return None, ("<capture>", [], str(exc).splitlines()[0]), partner
     old_nodes = [n for n in graph.nodes() if n.op in ("placeholder", "call_function")]
     new_nodes = [n for n in new.nodes() if n.op in ("placeholder", "call_function")]
     memo: dict[int, int] = {}
@@ -443,13 +475,14 @@ def _shape_problem(
             # keeps one query head); anything that computes must line up.
             odd = [n for n in old_nodes[i1:i2] + new_nodes[j1:j2] if n.target not in _LAYOUT_ONLY]
             if odd:
-                return new, (odd[0].name, [], f"the traced graph changed structure at node '{odd[0].name}'")
+                return new, (odd[0].name, [], f"the traced graph changed structure at node '{odd[0].name}'"), partner
             continue
         for old, new_node in zip(old_nodes[i1:i2], new_nodes[j1:j2], strict=True):
+            partner[old.name] = new_node
             problem = _compare_node(info, kept, memo, old, new_node)
             if problem is not None:
-                return new, problem
-    return new, None
+                return new, problem, partner
+    return new, None, partner
 
 
 _LAYOUT_ONLY = {

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.errors import VerificationError
+from secateurs.errors import BudgetError, VerificationError
 
-__all__ = ["OutputDrift", "check_drift", "measure_drift", "snapshot_outputs"]
+__all__ = ["OutputDrift", "check_drift", "check_thresholds", "measure_drift", "snapshot_outputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +94,29 @@ def measure_drift(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return OutputDrift(len(cosines), min(cosines, default=1.0), max(rels, default=0.0), max(abses, default=0.0))
 
 
+def check_thresholds(min_cosine: float | None = None, max_rel_error: float | None = None) -> None:
+    """Refuse thresholds that could never or always pass (NaN would silently switch the check off).
+
+    Raises:
+        BudgetError: ``min_cosine`` outside [-1, 1] or ``max_rel_error`` negative, infinite or NaN.
+
+    """
+    if min_cosine is not None and not (isinstance(min_cosine, (int, float)) and -1.0 <= min_cosine <= 1.0):
+        raise BudgetError(f"min_cosine must be a cosine in [-1, 1], got {min_cosine!r}")
+    if max_rel_error is not None and not (isinstance(max_rel_error, (int, float)) and 0.0 <= max_rel_error < math.inf):
+        raise BudgetError(f"max_rel_error must be a finite number >= 0, got {max_rel_error!r}")
+
+
 def check_drift(drift: OutputDrift, *, min_cosine: float | None = None, max_rel_error: float | None = None) -> None:
     """Refuse a pruned model whose drift passes the user's threshold.
 
     Raises:
         VerificationError: ``drift.cosine < min_cosine`` or ``drift.rel_error > max_rel_error`` (the message
             gives the measured figure and the threshold).
+        BudgetError: A threshold is out of range (see :func:`check_thresholds`).
 
     """
+    check_thresholds(min_cosine, max_rel_error)
     if min_cosine is not None and drift.cosine < min_cosine:
         raise VerificationError(f"output cosine {drift.cosine:.4f} is below the threshold {min_cosine} ({drift})")
     if max_rel_error is not None and drift.rel_error > max_rel_error:

@@ -1,0 +1,267 @@
+"""The numerical check of a width rewrite: the pruned model must compute what the masked dense model computes.
+
+Shape verification cannot see code that keeps every shape but changes its meaning: a literal channel range
+(``h[:, 32:96]`` reads other features once channels before 32 are gone), a split with literal sizes, or a
+size that ``torch.export`` bakes in as a constant (``q @ k.T / sqrt(q.size(-1))``). This check runs both
+captures side by side on the example inputs. The dense graph runs with every removed channel zeroed wherever
+it appears (parameters, buffers and every intermediate value) and with the compensated biases when bias
+compensation applies: that is the plan's own meaning. Every node of the dense graph that lines up with a node
+of the pruned graph is compared, after slicing away the removed channels, with the pruned graph's value, and
+the pruned value then replaces it (zero-padded), so each node is checked on identical inputs and rounding
+never accumulates. Nodes where a pruned hidden size enters a normalisation (its statistics change by design)
+are not compared. The first node that disagrees names what the model's code does there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.graph import Graph
+
+__all__ = ["Mismatch", "masked_mismatch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """Where the pruned graph stops computing what the masked dense graph computes.
+
+    Attributes:
+        node: Name of the dense graph's node.
+        atoms: Atoms of its input and output values (the groups to freeze are among their leaves).
+        detail: What differs, for the frozen group's reason.
+
+    """
+
+    node: str
+    atoms: tuple[int, ...]
+    detail: str
+
+
+_UNDEFINED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted", "rand",
+              "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "bernoulli_",
+              "normal", "normal_", "uniform", "uniform_", "dropout", "native_dropout", "multinomial", "exponential_",
+              "poisson", "cauchy_", "geometric_", "log_normal_", "random_"}
+"""Ops whose values are arbitrary (uninitialised memory, random numbers): never compared, only adopted."""
+
+
+def _undefined(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._opname in _UNDEFINED
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative (norm) tolerance: far above rounding of the dtype, far below a wrong channel or constant."""
+    return 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
+def _literals(node: fx.Node) -> list[Any]:
+    """The non-node leaves of a node's arguments (sizes, bounds, scales traced as constants)."""
+    leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+    return [v for v in leaves if not isinstance(v, fx.Node)]
+
+
+class _Masks:
+    """Kept and removed indices of every value dim under a plan, cached per atom."""
+
+    def __init__(self, info: DependencyInfo, keep: dict[int, np.ndarray]) -> None:
+        self.info, self.keep = info, keep
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def split(self, atom: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(kept, removed) sorted flat indices of ``atom``, or None when it keeps everything."""
+        if atom not in self._cache:
+            mask = self.info.table.keep_mask(atom, self.keep)
+            self._cache[atom] = None if mask.all() else (torch.from_numpy(np.flatnonzero(mask)),
+                                                         torch.from_numpy(np.flatnonzero(~mask)))
+        return self._cache[atom]
+
+    def dims(self, key: tuple[str, int], value: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(dim, kept, removed)`` index tensors for each dim of ``value`` that loses channels."""
+        atoms = self.info.values.get(key)
+        if atoms is None or len(atoms) != value.dim():
+            return []
+        out = []
+        for d, atom in enumerate(atoms):
+            parts = self.split(atom)
+            if parts is not None and value.shape[d] == len(parts[0]) + len(parts[1]):
+                out.append((d, parts[0].to(value.device), parts[1].to(value.device)))
+        return out
+
+
+def _zeroed(value: torch.Tensor, dims: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    for d, _, removed in dims:
+        value = value.index_fill(d, removed, False if value.dtype == torch.bool else 0)
+    return value
+
+
+def _sliced(value: torch.Tensor, dims: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    for d, kept, _ in dims:
+        value = value.index_select(d, kept)
+    return value
+
+
+def _padded(small: torch.Tensor, full_shape: torch.Size,
+            dims: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``small`` put back at its kept positions of a zero tensor of ``full_shape``."""
+    value = small
+    for d, kept, _ in dims:
+        shape = list(value.shape)
+        shape[d] = full_shape[d]
+        value = value.new_zeros(shape).index_copy(d, kept, value)
+    return value
+
+
+def _differs(want: torch.Tensor, got: torch.Tensor) -> float | None:
+    """Relative error of ``got`` against ``want`` when it exceeds the tolerance, else None."""
+    if want.shape != got.shape or want.dtype != got.dtype:
+        return math.inf
+    if torch.equal(want, got):
+        return None
+    if not want.is_floating_point() and not want.is_complex():
+        return math.inf
+    a, b = want.detach().float(), got.detach().float()
+    diff = b - a
+    if not bool(torch.isfinite(diff).all()):  # equal infinities and NaNs in the same places are agreement
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        diff = torch.where(same, torch.zeros_like(a), diff)
+        if not bool(torch.isfinite(diff).all()):
+            return math.inf
+        a, b = torch.where(same, torch.zeros_like(a), a), torch.where(same, torch.zeros_like(b), b)
+    scale = max(float(a.norm()), float(b.norm()))
+    err = float(diff.norm())
+    if err <= _tolerance(want.dtype) * scale + 1e-6 * math.sqrt(max(a.numel(), 1)):
+        return None
+    return err / scale if scale > 0 else math.inf
+
+
+def _flat_inputs(graph: Graph) -> list[Any]:
+    return list(graph.program._graph_module_flat_inputs(graph.args, graph.kwargs))
+
+
+class _Stop(Exception):
+    """Ends the lockstep run at the first disagreement."""
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps a copy of every node's value (later in-place ops must not change it)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        """Run one node and copy its tensors."""
+        out = super().run_node(n)
+        if n.op == "placeholder":
+            self.values[n.name] = out
+        elif n.op == "call_function":
+            self.values[n.name] = torch.utils._pytree.tree_map(
+                lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
+        return out
+
+
+class _Lockstep(fx.Interpreter):
+    """Runs the dense graph masked, comparing with (and adopting) the pruned graph's aligned values."""
+
+    def __init__(self, gm: fx.GraphModule, info: DependencyInfo, masks: _Masks, pruned: dict[str, Any],
+                 partner: dict[str, fx.Node], skip: set[str]) -> None:
+        super().__init__(gm)
+        self.info, self.masks, self.pruned, self.partner, self.skip = info, masks, pruned, partner, skip
+        self.mismatch: Mismatch | None = None
+
+    def _one(self, node: fx.Node, key: tuple[str, int], value: Any, new: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        dims = self.masks.dims(key, value)
+        value = _zeroed(value, dims)
+        if not isinstance(new, torch.Tensor) or node.op == "placeholder":
+            return value  # parameters stay the dense ones, masked: a wrong slice shows where they are used
+        want = _sliced(value, dims)
+        if node.name not in self.skip and not _undefined(node):
+            err = _differs(want, new)
+            if err is not None:
+                self.mismatch = self._explain(node, err)
+                raise _Stop
+        if new.shape != want.shape or new.dtype != want.dtype:
+            return value
+        return _padded(new, value.shape, dims)
+
+    def _explain(self, node: fx.Node, err: float) -> Mismatch:
+        names = {v.name for v in [*node.all_input_nodes, node]}
+        atoms = [a for key, dims in self.info.values.items() if key[0] in names for a in dims]
+        partner = self.partner[node.name]
+        old_lit, new_lit = _literals(node), _literals(partner)
+        how = f"relative error {err:.3g}" if math.isfinite(err) else "different values"
+        if old_lit != new_lit:
+            changed = [(a, b) for a, b in zip(old_lit, new_lit, strict=False) if a != b]
+            shown = ", ".join(f"{a!r} became {b!r}" for a, b in changed[:2]) or "its constant arguments changed"
+            detail = (f"the model's code uses a size traced as a constant at node '{node.name}' ({node.target}: "
+                      f"{shown}); pruning would change what it computes ({how})")
+        else:
+            detail = (f"the model's code reads a fixed channel range or count at node '{node.name}' "
+                      f"({node.target}); pruning would make it compute something else ({how})")
+        return Mismatch(node.name, tuple(atoms), detail)
+
+    def run_node(self, n: fx.Node) -> Any:
+        """Run one dense node, mask it, and compare / adopt the pruned value when the node lines up."""
+        out = super().run_node(n)
+        if n.op not in ("placeholder", "call_function"):
+            return out
+        partner = self.partner.get(n.name)
+        new = self.pruned.get(partner.name) if partner is not None else None
+        if isinstance(out, (list, tuple)):
+            news = new if isinstance(new, (list, tuple)) and len(new) == len(out) else [None] * len(out)
+            return type(out)(self._one(n, (n.name, k), v, w) for k, (v, w) in enumerate(zip(out, news, strict=True)))
+        return self._one(n, (n.name, -1), out, new)
+
+
+def masked_mismatch(
+    old: Graph,
+    new: Graph,
+    info: DependencyInfo,
+    keep: dict[int, np.ndarray],
+    partner: dict[str, fx.Node],
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> Mismatch | None:
+    """Compare the pruned capture ``new`` with the dense capture ``old`` masked by ``keep``.
+
+    Args:
+        old: The dense capture the plan was made on (its program still holds the dense tensors).
+        new: The capture of the rewritten module.
+        info: The dependency analysis of ``old``.
+        keep: Group id -> keep mask of the plan.
+        partner: Dense node name -> the pruned node it lines up with.
+        overrides: Parameter name -> full-size tensor that replaces the dense one (compensated biases).
+
+    Returns:
+        None when every aligned node agrees, else the first disagreement.
+
+    """
+    recorder = _Recorder(new.program.graph_module)
+    with torch.no_grad():
+        recorder.run(*_flat_inputs(new))
+    pruned = recorder.values
+    del recorder
+    inputs = _flat_inputs(old)
+    if overrides:
+        names = [n.name for n in old.program.graph.nodes if n.op == "placeholder"]
+        for i, name in enumerate(names[: len(inputs)]):
+            fqn = old.params.get(name)
+            if fqn in overrides:
+                inputs[i] = overrides[fqn]
+    masks = _Masks(info, keep)
+    skip = {node for node, atoms in info.mixing.items()
+            if any(leaf in keep for a in atoms for leaf in info.table.leaves(a))}
+    runner = _Lockstep(old.program.graph_module, info, masks, pruned, partner, skip)
+    try:
+        with torch.no_grad():
+            runner.run(*inputs)
+    except _Stop:
+        pass
+    return runner.mismatch

@@ -1,0 +1,210 @@
+"""The masked-model check: code that keeps every shape but changes its meaning after pruning is caught.
+
+Oracles: channels outside a literal range are provably dead, so what is pruned must leave the output
+equal; a size traced as a constant must freeze the group it belongs to; the check itself passes a
+correct rewrite (bias compensation included) and fails a tampered one.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secateurs as sc
+from secateurs.backends.materialize import apply_keep
+from secateurs.errors import VerificationError
+from secateurs.ir import analyze
+from secateurs.passes.channels import _shape_problem
+from secateurs.passes.masked import masked_mismatch
+
+
+class PrefixSlice(nn.Module):
+    """Reads a literal channel range: channels 0:32 and 96:128 of ``a`` are dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(32, 128), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.o(F.relu(self.a(x))[:, 32:96])
+
+
+class HalfSlices(nn.Module):
+    """Splits a hidden layer with literal slices: pruning the first half shifts what the second reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o1, self.o2 = nn.Linear(16, 64), nn.Linear(32, 8), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.o1(h[:, :32]) + self.o2(h[:, 32:])
+
+
+class ParamSlice(nn.Module):
+    """Scales a hidden layer by a literal slice of a longer parameter (its entries 0:8 and 56:64 are unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(16, 48), nn.Linear(48, 8)
+        self.gain = nn.Parameter(torch.rand(64) + 0.5)
+
+    def forward(self, x):
+        return self.o(F.relu(self.a(x)) * self.gain[8:56])
+
+
+class SizeScale(nn.Module):
+    """Single-head attention scaled by ``sqrt(q.size(-1))``, which torch.export bakes in; then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(32, 32)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), -1) @ self.v(x)
+        return self.down(F.relu(self.up(att)))
+
+
+def _frozen(report, needle):
+    return [f for f in report.frozen if needle in f.reason]
+
+
+def test_literal_range_freezes_the_channels_before_it_and_prunes_the_dead_ones_after_it_exactly():
+    torch.manual_seed(0)
+    model, x = PrefixSlice(), torch.randn(4, 32)
+    ref = model(x)
+    report = sc.prune(model, (x,), ratio=0.3, round_to=1)
+    hits = _frozen(report, "fixed channel range")
+    assert hits and "slice" in hits[0].reason, [f.reason for f in report.frozen]
+    assert model.a.out_features < 128  # the channels after the range went
+    # What was removed is dead under the literal range: the output is unchanged (up to the matmul's rounding).
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_literal_slice_of_a_parameter_freezes_what_would_shift_it():
+    torch.manual_seed(0)
+    model, x = ParamSlice(), torch.randn(6, 16)
+    ref = model(x)
+    report = sc.prune(model, (x,), ratio=0.3, round_to=1)
+    hits = _frozen(report, "fixed channel range")
+    assert hits and any(m.startswith("gain") for m in hits[0].members)
+    assert 56 <= model.gain.numel() < 64  # only the unused tail went
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+class ScaledAttention(nn.Module):
+    """Only the q/k width is prunable, and ``sqrt(q.size(-1))`` is traced as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(32, 32)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), -1) @ self.v(x)
+
+
+def test_a_model_whose_only_group_contradicts_the_masked_model_is_refused_and_restored():
+    torch.manual_seed(0)
+    model, x = ScaledAttention(), torch.randn(2, 5, 32)
+    ref = model(x)
+    with pytest.raises(VerificationError, match="size traced as a constant"):
+        sc.prune(model, (x,), ratio=0.3, round_to=1)
+    assert model.q.out_features == 64 and torch.equal(model(x), ref)
+
+
+def test_open_ended_slice_stays_prunable_and_the_model_computes_what_the_masked_dense_model_does():
+    """``h[:, :32]`` is a fixed range (its group freezes); ``h[:, 32:]`` follows the pruned size (it prunes)."""
+    torch.manual_seed(0)
+    model, x = HalfSlices(), torch.randn(6, 16)
+    dense = copy.deepcopy(model)
+    report = sc.prune(model, (x,), ratio=0.3, round_to=1)
+    assert _frozen(report, "the model's code")
+    assert 32 < model.a.out_features < 64
+    kept = [bool((model.a.weight == row).all(1).any()) for row in dense.a.weight]
+    assert all(kept[:32]) and not all(kept[32:])
+    with torch.no_grad():  # the plan's meaning: the removed channels are zero
+        gone = torch.tensor([not k for k in kept])
+        dense.a.weight[gone] = 0
+        dense.a.bias[gone] = 0
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_size_traced_as_a_constant_freezes_its_group_and_the_rest_is_pruned():
+    torch.manual_seed(0)
+    model, x = SizeScale(), torch.randn(2, 5, 32)
+    report = sc.prune(model, (x,), ratio=0.25, round_to=1)
+    hits = _frozen(report, "size traced as a constant")
+    assert hits and "8.0 became" in hits[0].reason and any("q.weight" in m for m in hits[0].members)
+    assert model.q.out_features == model.k.out_features == 64
+    assert model.up.out_features == 48  # the MLP still shrinks
+
+
+def _rewrite(model, x, seed=0):
+    graph = sc.capture(model, (x,))
+    info = analyze(graph)
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for g in info.iter_groups():
+        mask = np.ones(g.size, dtype=bool)
+        mask[rng.choice(g.size, g.size // 4, replace=False)] = False
+        keep[g.id] = mask
+    snap = apply_keep(graph, info, keep)
+    new, problem, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in keep.items()})
+    assert problem is None
+    return graph, info, keep, new, partner, snap
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 40), nn.Linear(40, 6)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+def test_the_check_passes_a_correct_rewrite_and_names_the_node_of_a_tampered_one():
+    torch.manual_seed(0)
+    model, x = Mlp(), torch.randn(5, 12)
+    graph, info, keep, new, partner, _ = _rewrite(model, x)
+    assert masked_mismatch(graph, new, info, keep, partner) is None
+    with torch.no_grad():
+        model.b.weight[0, 0] += 1.0  # a kept weight that the plan did not change
+    tampered = sc.capture(model, (x,))
+    _, _, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in keep.items()})
+    found = masked_mismatch(graph, tampered, info, keep, partner)
+    assert found is not None and found.node.startswith("linear")
+
+
+def test_the_check_includes_compensated_biases():
+    torch.manual_seed(0)
+    model, x = Mlp(), torch.randn(5, 12)
+    graph, info, keep, new, partner, _ = _rewrite(model, x)
+    model.b.bias = nn.Parameter(model.b.bias.detach() + 0.5)  # what bias compensation does: a new, moved bias
+    moved = sc.capture(model, (x,))
+    _, _, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in keep.items()})
+    assert masked_mismatch(graph, moved, info, keep, partner) is not None
+    full = graph.program.state_dict["b.bias"] + 0.5
+    assert masked_mismatch(graph, moved, info, keep, partner, {"b.bias": full}) is None
+
+
+def test_flap_with_bias_compensation_and_hidden_pruning_pass_the_check():
+    """The check compares what the plan means: compensated biases and changed norm statistics are not errors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    calib = [{"input_ids": torch.randint(0, 128, (2, 12))} for _ in range(2)]
+    report = sc.prune(model, {"input_ids": ids}, ffn=0.25, hidden=0.25, calib=calib, round_to=1)
+    assert not _frozen(report, "the model's code"), [f.reason for f in report.frozen]
+    assert model.config.hidden_size == 48 or model.model.embed_tokens.embedding_dim == 48
