@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from secateurs.api import Report, run_passes
-from secateurs.backends.checkpoint import TOKENIZER_FILES, load_pretrained, save_pretrained
+from secateurs.backends.checkpoint import TOKENIZER_FILES, check_reload, describe, load_pretrained, save_pretrained
 from secateurs.backends.files import guard_source
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.passes.drift import check_drift, check_thresholds
@@ -198,8 +198,15 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         return report, data
     assert dst is not None
     with stage("saving checkpoint and report"):
-        save_pretrained(model.to("cpu"), Path(dst), source=source, overwrite=overwrite,
-                        extra=lambda tmp: write_report(tmp, data))
+        model = model.to("cpu")
+        example = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+
+        def finish(tmp: Path) -> None:
+            write_report(tmp, data)
+            if verify:  # what is renamed into place must reload as the model that was verified
+                check_reload(tmp, model, example, describe(model).plain_loadable)
+
+        save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish)
     return report, data
 
 

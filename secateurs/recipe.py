@@ -192,14 +192,32 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 
     file = Path(path)
     try:
-        text = file.read_text()
+        if file.stat().st_size > 1 << 20:
+            raise RecipeError(f"recipe '{file}' is over 1 MiB; a recipe is a short YAML file")
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"cannot read recipe '{file}': {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe '{file}' is not UTF-8 text (a binary file?): {exc}") from exc
+    if "\x00" in text:
+        raise RecipeError(f"recipe '{file}' contains NUL bytes (a binary file?)")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe '{file}' is not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise RecipeError(f"recipe '{file}' is nested too deeply to be a recipe") from exc
+    if _depth(data) > 32:
+        raise RecipeError(f"recipe '{file}' is nested more than 32 levels deep; a recipe is a list of steps")
     return parse_recipe(data, str(file))
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """Nesting depth of parsed YAML, without recursing past what a recipe could need."""
+    if level > 32 or not isinstance(value, (dict, list)):
+        return level
+    items = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in items), default=level + 1)
 
 
 def _coerce(name: str, options: Mapping[str, Any]) -> dict[str, Any]:

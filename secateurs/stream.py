@@ -325,21 +325,18 @@ class _Stop(Exception):  # noqa: N818 - control flow only
 
 
 def _meta_model(folder: Path) -> tuple[nn.Module, Any]:
-    import transformers
     from transformers import AutoConfig
+
+    from secateurs.backends.checkpoint import _skeleton
 
     try:
         config = AutoConfig.from_pretrained(folder)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a malformed config raises ValueError, TypeError, validation errors, ...
         raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
-    name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None:
-        what = f"architecture {name!r}, which transformers lacks" if name else "no architecture ('architectures')"
-        raise CheckpointError(f"'{folder / 'config.json'}' names {what}; it cannot be streamed")
-    with torch.device("meta"):
-        model = cls._from_config(config)
-    return model, config
+    if not (getattr(config, "architectures", None) or [None])[0]:
+        raise CheckpointError(f"'{folder / 'config.json'}' names no architecture ('architectures'); it cannot be "
+                              "streamed")
+    return _skeleton(config, None, meta=True), config
 
 
 def _block_list(model: nn.Module, config: Any) -> str:
@@ -554,7 +551,16 @@ class _Walker:
         self.model, self.config = _meta_model(folder)
         self.blocks_name = _block_list(self.model, self.config)
         self.blocks = self.model.get_submodule(self.blocks_name)
-        known = set(self.model.state_dict())
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        for name, shape in expected.items():
+            if name in source and tuple(source.info(name).shape) != shape:
+                hint = ("; the folder was pruned with per-layer sizes (secateurs.json), which streaming cannot "
+                        "read: stream the original checkpoint, or prune this one without --stream") \
+                    if (folder / MANIFEST).is_file() else ""
+                raise CheckpointError(
+                    f"'{folder / 'config.json'}' does not match the weights: it makes '{name}' {list(shape)}, the "
+                    f"checkpoint stores {list(source.info(name).shape)}{hint}")
+        known = set(expected)
         skipped = sorted(n for n in source.tensors if n not in known)
         if skipped:
             log.warning("%d stored tensors are not part of %s and are dropped: %s", len(skipped),
@@ -565,7 +571,10 @@ class _Walker:
         for i, block_keys in enumerate(self.keys):
             missing = [f"{self.blocks_name}.{i}.{k}" for k in block_keys if f"{self.blocks_name}.{i}.{k}" not in source]
             if missing:
-                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'")
+                per_expert = any(".experts.0." in n for n in source.tensors)
+                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'" + (
+                    "; its experts are stored one by one (experts.N.w1.weight), which streaming does not convert "
+                    "yet: prune it without --stream (that path converts the layout)" if per_expert else ""))
         self.block_bytes = max(sum(source.info(f"{self.blocks_name}.{i}.{k}").nbytes for k in ks)
                                for i, ks in enumerate(self.keys))
         self.model_bytes = sum(source.info(n).nbytes for n in source.tensors)

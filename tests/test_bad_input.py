@@ -469,3 +469,98 @@ def test_input_shape_flag_reaches_the_onnx_analysis(tmp_path, capsys):
     code, text, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "o.onnx"), "--ffn", "0.25",
                          "--input-shape", "x=3,8", "--round-to", "1")
     assert code == 0 and (tmp_path / "o.onnx").is_file()
+
+
+# --- outside data is validated where it enters: config, index, header, manifest, recipe (issue 16, items 4-5) ---
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"num_attention_heads": "four"}, "config.json"),
+    ({"intermediate_size": -5}, "config.json"),
+    ({"architectures": ["LlamaConfig"]}, "not a transformers model class"),
+    ({"architectures": "LlamaForCausalLM"}, "config.json"),
+    ({"vocab_size": 10 ** 12}, "does not match the weights"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_malformed_configs_are_bad_input(llama_dir, tmp_path, capsys, changes, needle, stream):
+    src = _copy(llama_dir, tmp_path)
+    (src / "secateurs.json").unlink()  # a plain Hugging Face checkpoint
+    _edit_json(src / "config.json", **changes)
+    argv = ["prune", str(src), "--out", str(tmp_path / "o"), "--ffn", "0.25", "--calib", "none"]
+    code, text, err = _run(capsys, *argv, *(["--stream"] if stream else []))
+    assert code == 2, err
+    assert "Traceback" not in err and (needle in json.loads(text)["error"] or "config" in json.loads(text)["error"])
+    assert _left(tmp_path, "src") == []
+
+
+def test_index_naming_a_file_outside_the_folder_is_refused(llama_dir, tmp_path, capsys):
+    src = _copy(llama_dir, tmp_path)
+    (tmp_path / "x.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (src / "model.safetensors").unlink()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "../x.safetensors" for n in names}}))
+    for extra in ([], ["--stream"]):
+        code, text, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "o"), "--ffn", "0.25", "--calib",
+                             "none", *extra)
+        assert code == 2 and "not a file inside the checkpoint folder" in json.loads(text)["error"]
+
+
+@pytest.mark.parametrize("manifest,field", [({"shapes": {"lm_head.weight": [-1, 3]}}, "shapes"),
+                                            ({"lists": {"model.layers": "two"}}, "lists"),
+                                            ({"attributes": []}, "attributes")])
+def test_malformed_manifest_is_bad_input(llama_dir, tmp_path, capsys, manifest, field):
+    src = _copy(llama_dir, tmp_path)
+    _edit_json(src / "secateurs.json", **manifest)
+    code, text, _ = _run(capsys, "inspect", str(src))
+    assert code == 2 and f"field '{field}'" in json.loads(text)["error"]
+
+
+def test_malformed_safetensors_header_is_bad_input_when_streaming(llama_dir, tmp_path, capsys):
+    src = _copy(llama_dir, tmp_path)
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}})
+    blob = header.encode()
+    (src / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 4)
+    code, text, _ = _run(capsys, "prune", str(src), "--out", str(tmp_path / "o"), "--ffn", "0.25", "--calib",
+                         "none", "--stream")
+    assert code == 2 and "is malformed" in json.loads(text)["error"]
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", b"passes:\n" + b"[" * 5000 + b"]" * 5000])
+def test_binary_or_absurdly_nested_recipes_are_bad_input(llama_dir, tmp_path, capsys, content):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(content)
+    code, text, err = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "o"), "--recipe", str(recipe))
+    assert code == 2 and "Traceback" not in err and "recipe" in json.loads(text)["error"]
+
+
+def test_a_full_disk_in_safetensors_is_bad_input_and_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*_a, **_k):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_model", full)
+    code, text, _ = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "a" / "o"), "--ffn", "0.25",
+                         "--calib", "none")
+    assert code == 2 and "No space left" in json.loads(text)["error"]
+    assert _left(tmp_path) == []  # neither the output, its temporary folder nor the parent it created
+
+
+def test_ctrl_c_while_starting_up_exits_130(monkeypatch, capsys):
+    import secateurs.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", interrupted)
+    assert cli.main(["inspect", "x"]) == 130
+    assert "interrupted" in capsys.readouterr().err

@@ -32,7 +32,8 @@ from secateurs.errors import CheckpointError
 from secateurs.passes.depth import ZeroSublayer
 from secateurs.passes.experts import find_moe_blocks
 
-__all__ = ["MANIFEST", "TOKENIZER_FILES", "Layout", "SaveResult", "describe", "load_pretrained", "save_pretrained"]
+__all__ = ["MANIFEST", "TOKENIZER_FILES", "Layout", "SaveResult", "check_reload", "describe", "load_pretrained",
+           "save_pretrained"]
 
 MANIFEST = "secateurs.json"
 FORMAT = 1
@@ -66,7 +67,10 @@ def _skeleton(config: Any, architecture: str | None, *, meta: bool, trust_remote
     """A model of the config's architecture (on the meta device for shape comparisons)."""
     import transformers
 
-    name = architecture or (config.architectures or [None])[0]
+    archs = getattr(config, "architectures", None)
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"config.json: 'architectures' must be a list of class names, got {archs!r}")
+    name = architecture or (archs[0] if archs else None)
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
         if not trust_remote_code:
@@ -75,11 +79,39 @@ def _skeleton(config: Any, architecture: str | None, *, meta: bool, trust_remote
             )
         from transformers import AutoModel
 
-        return AutoModel.from_config(config, trust_remote_code=True)  # type: ignore[no-any-return]
-    if meta:
-        with torch.device("meta"):
-            return cls._from_config(config)  # type: ignore[no-any-return]
-    return cls._from_config(config)  # type: ignore[no-any-return]
+        return _build(lambda: AutoModel.from_config(config, trust_remote_code=True), name, meta)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"config.json: architecture {name!r} is not a transformers model class")
+    return _build(lambda: cls._from_config(config), name, meta)
+
+
+def _build(make: Callable[[], Any], name: str | None, meta: bool) -> nn.Module:
+    """Build a model from its config, on ``meta`` or for real.
+
+    A config the class rejects (sizes that do not divide, negative or string sizes) is a :class:`CheckpointError`
+    naming the class and the reason, never a traceback.
+    """
+    try:
+        if meta:
+            with torch.device("meta"):
+                return make()  # type: ignore[no-any-return]
+        return make()  # type: ignore[no-any-return]
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any construction failure means the config is malformed for this class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"config.json cannot build {name or 'the model'}: {type(exc).__name__}: {first}"
+                              [:400]) from exc
+
+
+def _check_size(meta_model: nn.Module, folder: Path) -> None:
+    """Refuse a config that describes a model far larger than the weights stored (before allocating it)."""
+    stored = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    wanted = sum(t.numel() * 4 for t in meta_model.state_dict().values())  # built in float32
+    if wanted > 4 * stored + (1 << 30):
+        raise CheckpointError(f"'{folder / 'config.json'}' describes a model of {wanted / 4:,.0f} parameters "
+                              f"({wanted / (1 << 30):,.1f} GiB in float32) but the folder stores "
+                              f"{stored / (1 << 30):,.2f} GiB of weights: the config does not match the weights")
 
 
 def _shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -219,21 +251,29 @@ def describe(model: nn.Module) -> Layout:
     shapes = _shapes(model)
     try:
         cand_model: nn.Module | None = _skeleton(cand, architecture, meta=True)
-    except (ValueError, TypeError, ZeroDivisionError):
+    except (CheckpointError, ValueError, TypeError, ZeroDivisionError):
         cand_model = None  # the config cannot express this pruning (e.g. BERT derives head size from it)
     plain = cand_model is not None and _shapes(cand_model) == shapes and _attributes(cand_model) == _attributes(model)
+    if plain and hasattr(cand, "validate"):
+        try:  # transformers' own checks on save (e.g. hidden_size a multiple of num_attention_heads)
+            cand.validate()
+        except Exception:  # the config class refuses these sizes: the manifest records them instead
+            plain = False
     base = cand_model if plain and cand_model is not None else fresh
     base_shapes, base_attrs = _shapes(base), _attributes(base)
     changed = {k: v for k, v in shapes.items() if base_shapes.get(k) != v}
     attrs = {name: {a: v for a, v in vals.items() if base_attrs.get(name, {}).get(a) != v}
              for name, vals in _attributes(model).items()}
     zeroed = {name: mod.extras for name, mod in model.named_modules() if isinstance(mod, ZeroSublayer)}
+    replaced = _replaced_modules(model)
+    plain = plain and not replaced  # a config cannot describe factorised layers
     fresh_lists = {n: len(m) for n, m in fresh.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
     lists = {n: len(m) for n, m in model.named_modules()
              if isinstance(m, (nn.ModuleList, nn.Sequential)) and fresh_lists.get(n, len(m)) != len(m)}
     manifest = {
         "format": FORMAT,
         "zeroed": zeroed,
+        "modules": replaced,
         "lists": lists,
         "architecture": architecture,
         "plain_loadable": plain,
@@ -294,11 +334,15 @@ def save_pretrained(
         remove_made(made)
         raise CheckpointError(f"cannot write into '{out.parent}': {exc}") from exc
     try:
-        from safetensors.torch import save_model
-
         # Weights under the module's own parameter names (tied tensors stored once); Hugging Face's
         # loader accepts these names as they are.
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        from safetensors import SafetensorError
+        from safetensors.torch import save_model
+
+        try:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as exc:  # a full disk while writing, for one: not an OSError
+            raise OSError(str(exc)) from exc
         config_out = copy.copy(layout.config)
         if not getattr(config_out, "architectures", None):  # as Hugging Face's own save_pretrained records it
             config_out.architectures = [type(model).__name__]
@@ -339,11 +383,9 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"'{index}' is not a valid safetensors index: {exc}") from exc
-        files = sorted({folder / f for f in weight_map.values()})
+        from secateurs.backends.sharded import read_index
+
+        files = sorted({folder / f for f in read_index(folder).values()})
     elif (folder / "pytorch_model.bin").is_file():
         f = folder / "pytorch_model.bin"
         try:
@@ -388,8 +430,11 @@ def load_pretrained(
             raise CheckpointError(f"'{folder / MANIFEST}' has unknown format {manifest.get('format')!r}")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a malformed config raises ValueError, TypeError, KeyError, ... from its class
         raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
+    _check_manifest(manifest, folder / MANIFEST)
+    if not manifest:  # a plain checkpoint: its config must not ask for far more than the weights hold
+        _check_size(_skeleton(config, None, meta=True, trust_remote_code=trust_remote_code), folder)
     model = _skeleton(config, manifest.get("architecture"), meta=False, trust_remote_code=trust_remote_code)
     for name, length in manifest.get("lists", {}).items():
         try:
@@ -405,6 +450,13 @@ def load_pretrained(
         except AttributeError as exc:
             raise CheckpointError(f"removed sublayer '{name}' does not exist in {type(model).__name__}") from exc
         owner._modules[leaf] = ZeroSublayer(int(extras))
+    for name, spec in manifest.get("modules", {}).items():
+        parent, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError as exc:
+            raise CheckpointError(f"factorised layer '{name}' does not exist in {type(model).__name__}") from exc
+        owner._modules[leaf] = _build_module(spec, name, folder)
     _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
     state = _read_state(folder)
     try:
@@ -418,12 +470,155 @@ def load_pretrained(
     buffers = dict(model.named_buffers())
     unexpected = [k for k in result.unexpected_keys if k not in buffers]
     if missing or unexpected:
+        converted = None if manifest else _load_converted(folder, config, type(model), trust_remote_code)
+        if converted is not None:  # the same weights under the module's own names, into the model built here
+            model.load_state_dict(converted, strict=True)
+            missing = unexpected = []
+    if missing or unexpected:
         raise CheckpointError(
             f"weights in '{folder}' do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a ``secateurs.json`` whose fields have the wrong types (it is outside data like any other).
+
+    Raises:
+        CheckpointError: A field is not of its documented form; the message names the file and the field.
+
+    """
+    def size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+
+    def mapping(key: str, ok: Callable[[Any], bool], what: str) -> None:
+        value = manifest.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and ok(v) for k, v in value.items()):
+            raise CheckpointError(f"'{path}': field '{key}' must map names to {what}")
+
+    if not manifest:
+        return
+    arch = manifest.get("architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise CheckpointError(f"'{path}': field 'architecture' must be a class name, got {arch!r}")
+    mapping("shapes", lambda v: isinstance(v, list) and len(v) <= 8 and all(size(d) for d in v),
+            "shapes (lists of sizes >= 0)")
+    mapping("attributes", lambda v: isinstance(v, dict) and all(
+        isinstance(a, str) and (size(x) or (isinstance(x, list) and all(size(d) for d in x))) for a, x in v.items()),
+            "attribute tables of sizes")
+    mapping("lists", size, "block counts")
+    mapping("zeroed", size, "counts")
+    mapping("modules", lambda v: isinstance(v, dict), "layer descriptions")
+
+
+def _load_converted(folder: Path, config: Any, cls: type, trust_remote_code: bool) -> dict[str, torch.Tensor] | None:
+    """A Hugging Face checkpoint in another key layout than the module's, read by transformers' own conversion.
+
+    Mixtral / Qwen2-MoE experts saved one by one (``experts.N.w1.weight``) are fused on load. Returns the state
+    dict under the module's names, or None unless every weight came from the file (nothing randomly initialised).
+    """
+    loader = getattr(cls, "from_pretrained", None)
+    if loader is None:
+        return None
+    try:
+        model, info = loader(folder, config=copy.deepcopy(config), local_files_only=True, dtype=torch.float32,
+                             trust_remote_code=trust_remote_code, output_loading_info=True)
+    except Exception:  # not a layout transformers converts either: the caller reports the mismatch
+        return None
+    tied = _tied_names(model)
+    if [k for k in info.get("missing_keys", ()) if k not in tied] or info.get("unexpected_keys") or \
+            info.get("mismatched_keys"):
+        return None
+    return dict(model.state_dict())
+
+
+def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Factorised layers (low-rank, ARMOR) by module name, with what rebuilds them before their weights load."""
+    from secateurs.passes.armor import ArmorLinear
+    from secateurs.passes.lowrank import LowRankLinear
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            out[name] = {"type": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                         "rank": mod.rank, "bias": mod.up.bias is not None}
+        elif isinstance(mod, ArmorLinear):
+            out[name] = {"type": "ArmorLinear", "a": list(mod.a_blocks.shape), "s": list(mod.sparse.shape),
+                         "b": list(mod.b_blocks.shape), "bias": mod.bias is not None}
+    return out
+
+
+def _build_module(spec: Any, name: str, folder: Path) -> nn.Module:
+    """An empty factorised layer from its manifest entry (weights load afterwards)."""
+    from secateurs.passes.armor import ArmorLinear
+    from secateurs.passes.lowrank import LowRankLinear
+
+    def dims(key: str, rank: int) -> list[int]:
+        value = spec.get(key)
+        if not (isinstance(value, list) and len(value) == rank and all(isinstance(v, int) and 0 < v < 1 << 31
+                                                                         for v in value)):
+            raise CheckpointError(f"'{folder / MANIFEST}': layer '{name}' has an invalid {key!r}: {value!r}")
+        return value
+
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "LowRankLinear":
+        i, o, r = (spec.get(k) for k in ("in_features", "out_features", "rank"))
+        if not all(isinstance(v, int) and 0 < v < 1 << 31 for v in (i, o, r)):
+            raise CheckpointError(f"'{folder / MANIFEST}': layer '{name}' has invalid sizes {spec!r}")
+        return LowRankLinear(i, o, r, bool(spec.get("bias")))
+    if kind == "ArmorLinear":
+        s = dims("s", 2)
+        return ArmorLinear(torch.zeros(dims("a", 3)), torch.zeros(s), torch.zeros(dims("b", 3)),
+                           torch.zeros(s[0]) if spec.get("bias") else None)
+    raise CheckpointError(f"'{folder / MANIFEST}': layer '{name}' has unknown type {kind!r}")
+
+
+def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain: bool) -> None:
+    """Reload ``folder`` the way its manifest says it loads and compare with ``model`` on ``example``.
+
+    Plain ``from_pretrained`` of the model's class when the folder claims it, :func:`load_pretrained` otherwise.
+
+    Raises:
+        VerificationError: The reloaded model's outputs differ from the verified model's (or it does not load).
+
+    """
+    from secateurs.errors import VerificationError
+    from secateurs.passes.drift import snapshot_outputs
+
+    how = f"{type(model).__name__}.from_pretrained" if plain else "load_pretrained"
+    try:
+        if plain:
+            reloaded: nn.Module = type(model).from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
+        else:
+            reloaded = load_pretrained(folder)
+    except Exception as exc:  # any failure to load what was just written means the output is not what was verified
+        raise VerificationError(f"the written checkpoint does not reload with {how}: {exc}") from exc
+    reloaded = reloaded.to(next(model.parameters()).device).eval()
+    if plain:
+        reloaded.to(next(model.parameters()).dtype)
+    want = snapshot_outputs(model, (), example)
+    got = snapshot_outputs(reloaded, (), example)
+    del reloaded
+    if len(want) != len(got):
+        raise VerificationError(f"the checkpoint reloaded with {how} returns {len(got)} outputs, not {len(want)}")
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a.shape != b.shape:
+            raise VerificationError(f"output #{i} of the checkpoint reloaded with {how} has shape {tuple(b.shape)}, "
+                                    f"not {tuple(a.shape)}")
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                raise VerificationError(f"output #{i} of the checkpoint reloaded with {how} differs")
+            continue
+        tol = 1e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        diff = float((a.double() - b.double()).abs().max())
+        scale = float(a.double().abs().max())
+        if not diff <= tol * scale + tol * 1e-2:
+            raise VerificationError(
+                f"the checkpoint reloaded with {how} differs from the verified model (output #{i}: max abs "
+                f"difference {diff:.3g}, largest value {scale:.3g}): a size-derived constant or an unrecorded "
+                "layer did not survive saving; nothing was written")
 
 
 def _tied_names(model: nn.Module) -> set[str]:

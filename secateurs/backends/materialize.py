@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -270,6 +271,7 @@ def _update_attributes(snap: Snapshot, mod: nn.Module) -> None:
         if isinstance(w, torch.Tensor):
             _set_attr(snap, mod, "num_channels", w.shape[0])
     elif isinstance(mod, nn.Embedding):
+        _follow_embed_scale(snap, mod)
         _set_attr(snap, mod, "num_embeddings", mod.weight.shape[0])
         _set_attr(snap, mod, "embedding_dim", mod.weight.shape[1])
     elif isinstance(mod, nn.PReLU):
@@ -279,6 +281,29 @@ def _update_attributes(snap: Snapshot, mod: nn.Module) -> None:
         _set_attr(snap, mod, "nf", w.shape[1])
         if hasattr(mod, "nx"):
             _set_attr(snap, mod, "nx", w.shape[0])
+
+
+def _follow_embed_scale(snap: Snapshot, mod: nn.Module) -> None:
+    """A scaled embedding's ``sqrt(hidden_size)`` (Gemma) follows a pruned width, as every loader rebuilds it.
+
+    Loaders compute the scale from the config's ``hidden_size``; keeping the dense one would make the model that
+    was verified differ from every reload of the checkpoint.
+    """
+    weight, old_dim = getattr(mod, "weight", None), getattr(mod, "embedding_dim", None)
+    scale = getattr(mod, "scalar_embed_scale", None)
+    buf = mod._buffers.get("embed_scale")
+    if not isinstance(weight, torch.Tensor) or not isinstance(old_dim, int) or not isinstance(scale, float) \
+            or not isinstance(buf, torch.Tensor) or buf.numel() != 1:
+        return
+    new_dim = int(weight.shape[1])
+    if old_dim == new_dim:
+        return
+    if not math.isclose(scale, float(old_dim) ** 0.5, rel_tol=1e-6):
+        return  # not the sqrt(hidden) convention: leave it to the masked check / drift
+    new_scale = float(new_dim) ** 0.5
+    snap.record(mod, "buffer", "embed_scale", buf)
+    mod._buffers["embed_scale"] = torch.tensor(new_scale, dtype=buf.dtype, device=buf.device)
+    _set_attr(snap, mod, "scalar_embed_scale", new_scale)
 
 
 def check_module_attributes(model: nn.Module) -> list[str]:

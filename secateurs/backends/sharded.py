@@ -69,8 +69,46 @@ def _header(path: Path) -> dict[str, Any]:
             header: dict[str, Any] = json.loads(f.read(size))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}' is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    for name, meta in header.items():
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and isinstance(meta.get("dtype"), str)):
+            raise CheckpointError(f"'{path}': the header entry of tensor '{name}' is malformed (needs a dtype, a shape "
+                                  f"of sizes >= 0 and two data offsets): {str(meta)[:120]}")
     return header
+
+
+def read_index(folder: Path) -> dict[str, str]:
+    """The weight map of ``folder``'s ``model.safetensors.index.json``, every shard a file inside ``folder``.
+
+    Raises:
+        CheckpointError: The index is not valid JSON, has no string-to-string ``weight_map``, or names a shard
+            outside the folder (an absolute path, ``..``, a link leading out).
+
+    """
+    index = folder / INDEX
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"'{index}' is not a valid safetensors index: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"'{index}' is not a valid safetensors index: 'weight_map' must map tensor names to "
+                              "file names")
+    root = folder.resolve()
+    for name, shard in weight_map.items():
+        target = (folder / shard).resolve()
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or target.parent != root:
+            raise CheckpointError(f"'{index}': tensor '{name}' is in '{shard}', which is not a file inside the "
+                                  "checkpoint folder; refused")
+    return weight_map
 
 
 class ShardedSource:
@@ -87,11 +125,7 @@ class ShardedSource:
         index = self.folder / INDEX
         single = self.folder / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, OSError) as exc:
-                raise CheckpointError(f"'{index}' is not a valid safetensors index: {exc}") from exc
-            files = sorted({self.folder / f for f in weight_map.values()})
+            files = sorted({self.folder / f for f in read_index(self.folder).values()})
         elif single.is_file():
             files = [single]
         else:

@@ -344,6 +344,7 @@ class PruneChannels(Pass):
                 compensated = compensate_biases(graph, info, keep, means, snap)
             overrides = _replaced_params(graph, snap)
             snap = apply_keep(graph, info, keep, snap)
+            overrides = {**_replaced_params(graph, snap, unsliced=True), **overrides}
             if not opts.verify:
                 new_graph = self._recapture(graph, snap)
                 break
@@ -439,14 +440,22 @@ class PruneChannels(Pass):
         return set(ids)
 
 
-def _replaced_params(graph: Graph, snap: Snapshot) -> dict[str, torch.Tensor]:
-    """Parameter name -> current full-size tensor of every parameter ``snap`` replaced (compensated biases)."""
+def _replaced_params(graph: Graph, snap: Snapshot, unsliced: bool = False) -> dict[str, torch.Tensor]:
+    """Name -> current tensor of every parameter / buffer ``snap`` replaced.
+
+    These are compensated biases and scales that follow a pruned size; with ``unsliced`` only the tensors whose
+    shape did not change.
+    """
     names = {id(m): n for n, m in graph.module.named_modules()}
     out: dict[str, torch.Tensor] = {}
-    for owner, kind, name, _ in snap.entries:
-        if kind == "param" and id(owner) in names:
-            prefix = names[id(owner)]
-            out[f"{prefix}.{name}" if prefix else name] = owner._parameters[name].detach()
+    for owner, kind, name, old in snap.entries:
+        if kind not in ("param", "buffer") or id(owner) not in names:
+            continue
+        current = (owner._parameters if kind == "param" else owner._buffers).get(name)
+        if current is None or (unsliced and (old is None or tuple(old.shape) != tuple(current.shape))):
+            continue
+        prefix = names[id(owner)]
+        out.setdefault(f"{prefix}.{name}" if prefix else name, current.detach())
     return out
 
 

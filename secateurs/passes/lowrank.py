@@ -140,8 +140,14 @@ class FactorizeLowRank(Pass):
                 changed.append((name, rank, min(in_f, out_f)))
                 after += rank * (in_f + out_f)
         record = LowRankRecord(tuple(changed), before, after)
-        if not changed:
-            return PassResult(graph, False, record)
+        if not changed:  # asked to factorise, did nothing: refuse rather than exit 0 with an unchanged model
+            what = f"rank={self.rank}" if self.rank is not None else f"param_ratio={self.param_ratio:g}" \
+                if self.param_ratio is not None else f"energy={self.energy:g} (--low-rank)"
+            raise BudgetError(
+                f"low-rank factorisation with {what} saves parameters in none of the {len(targets)} eligible linear "
+                "layers (a rank-r factor pays off only below in*out/(in+out)); keep less energy or give a rank"
+                if targets else "low-rank factorisation found no eligible linear layer (layers computing a graph "
+                "output and ignored ones are left alone)")
         return PassResult(capture_call(graph.module, graph.args, graph.kwargs), True, record)
 
     def _ranks(self, targets: list[tuple[str, nn.Linear]], factors: dict[str, Any]) -> dict[str, int]:

@@ -237,7 +237,8 @@ def masked_mismatch(
         info: The dependency analysis of ``old``.
         keep: Group id -> keep mask of the plan.
         partner: Dense node name -> the pruned node it lines up with.
-        overrides: Parameter name -> full-size tensor that replaces the dense one (compensated biases).
+        overrides: Parameter / buffer name -> full-size tensor that replaces the dense one (compensated biases, a
+            scale that follows a pruned size).
 
     Returns:
         None when every aligned node agrees, else the first disagreement.
@@ -252,7 +253,7 @@ def masked_mismatch(
     if overrides:
         names = [n.name for n in old.program.graph.nodes if n.op == "placeholder"]
         for i, name in enumerate(names[: len(inputs)]):
-            fqn = old.params.get(name)
+            fqn = old.params.get(name) or old.buffers.get(name)
             if fqn in overrides:
                 inputs[i] = overrides[fqn]
     masks = _Masks(info, keep)
