@@ -31,10 +31,7 @@ def _low_rank_llama(path):
 
 
 def _gemma(path):
-    torch.manual_seed(0)
-    cfg = tf.GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    model = tf.GemmaForCausalLM(cfg).eval()
+    model = _gemma_model()
     sc.save_pretrained(model, path)
     return model
 

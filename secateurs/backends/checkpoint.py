@@ -444,19 +444,9 @@ def load_pretrained(
         # removed blocks were renumbered: the first ``length`` blocks of a fresh list have the kept layout
         lst._modules = {str(i): lst._modules[str(i)] for i in range(int(length))}
     for name, extras in manifest.get("zeroed", {}).items():
-        parent, _, leaf = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent)
-        except AttributeError as exc:
-            raise CheckpointError(f"removed sublayer '{name}' does not exist in {type(model).__name__}") from exc
-        owner._modules[leaf] = ZeroSublayer(int(extras))
+        _put_module(model, name, ZeroSublayer(int(extras)), "removed sublayer")
     for name, spec in manifest.get("modules", {}).items():
-        parent, _, leaf = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent)
-        except AttributeError as exc:
-            raise CheckpointError(f"factorised layer '{name}' does not exist in {type(model).__name__}") from exc
-        owner._modules[leaf] = _build_module(spec, name, folder)
+        _put_module(model, name, _build_module(spec, name, folder), "factorised layer")
     _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
     state = _read_state(folder)
     try:
@@ -481,6 +471,16 @@ def load_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _put_module(model: nn.Module, name: str, module: nn.Module, what: str) -> None:
+    """Replace the submodule ``name`` of ``model`` (a recorded structure change) by ``module``."""
+    parent, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent)
+    except AttributeError as exc:
+        raise CheckpointError(f"{what} '{name}' does not exist in {type(model).__name__}") from exc
+    owner._modules[leaf] = module
 
 
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
