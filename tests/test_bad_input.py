@@ -564,3 +564,23 @@ def test_ctrl_c_while_starting_up_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_parser", interrupted)
     assert cli.main(["inspect", "x"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_streamed_output_streams_again_and_per_layer_sizes_are_refused_with_advice(llama_dir, tmp_path, capsys):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    base = ["--ffn", "0.25", "--calib", "none", "--stream", "--round-to", "1"]
+    assert _run(capsys, "prune", str(llama_dir), "--out", str(once), *base)[0] == 0
+    code, _, err = _run(capsys, "prune", str(once), "--out", str(twice), *base)
+    assert code == 0, err
+    assert sc.load_pretrained(twice).model.layers[0].mlp.up_proj.out_features == 54  # 96 -> 72 -> 54
+    per_layer = tmp_path / "per_layer"  # a global ranking gives each layer its own width
+    model = sc.load_pretrained(llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(10)
+    sc.prune(model, {"input_ids": torch.randint(0, 120, (1, 8))}, ffn=0.3, scope="global", round_to=1)
+    widths = {layer.mlp.up_proj.out_features for layer in model.model.layers}
+    assert len(widths) == 2
+    sc.save_pretrained(model, per_layer)
+    code, text, _ = _run(capsys, "prune", str(per_layer), "--out", str(tmp_path / "o"), *base)
+    assert code == 2 and "stream the original checkpoint" in json.loads(text)["error"]
+    assert not (tmp_path / "o").exists()
