@@ -443,3 +443,14 @@ def test_rule_table_refuses_bad_registrations():
     for op in ("Conv", "Gemm", "MatMul", "Reshape", "Transpose", "Softmax", "LayerNormalization", "Split", "Slice",
                "Concat", "Gather", "BatchNormalization", "ReduceMean", "GlobalAveragePool", "Expand", "Gelu"):
         assert ONNX_RULES.get("", op) is not None, op
+
+
+def test_the_pruned_file_is_compared_with_the_masked_dense_file(tmp_path, monkeypatch):
+    """The check runs and can fail: compared with the unmasked dense file, a real pruning differs."""
+    model = models.ConvBN().eval()
+    export_onnx(model, (torch.randn(1, 3, 4, 4),), tmp_path / "m.onnx")
+    prune_onnx(tmp_path / "m.onnx", tmp_path / "ok.onnx", ratio=0.5)  # masked dense == pruned
+    monkeypatch.setattr("secateurs.onnx_prune._masked", lambda dense, masks: dense)
+    with pytest.raises(VerificationError, match="removed channels zeroed"):
+        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5)
+    assert not (tmp_path / "o.onnx").exists()

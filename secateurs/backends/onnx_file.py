@@ -23,7 +23,7 @@ from secateurs.backends.files import atomic_dir, publish
 from secateurs.errors import CheckpointError, VerificationError
 from secateurs.ir.onnx_graph import OnnxGraph
 
-__all__ = ["run_onnx", "save_onnx"]
+__all__ = ["compare_outputs", "run_onnx", "run_onnx_model", "save_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def save_onnx(
     *,
     check: bool = True,
     run_inputs: Mapping[str, Sequence[int]] | None = None,
+    expect: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Write ``graph`` to ``path`` atomically.
 
@@ -53,6 +54,7 @@ def save_onnx(
         check: Run ``onnx.checker.check_model(full_check=True)`` on the written file.
         run_inputs: When given (input name -> static shape), also run the file once in ONNX Runtime on inputs of
             these shapes and check that it runs.
+        expect: The outputs that run must give (the masked dense model's, see :func:`compare_outputs`).
 
     Returns:
         The path written.
@@ -85,13 +87,51 @@ def save_onnx(
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise VerificationError(f"the rewritten model fails onnx.checker (full check): {first}") from exc
         if run_inputs is not None:
-            run_onnx(tmp, run_inputs)
+            got = run_onnx(tmp, run_inputs)
+            if expect is not None:
+                compare_outputs(expect, got)
         publish(tmp_dir)
         if external:
             os.replace(tmp_dir / data_name, out.parent / data_name)
         os.replace(tmp, out)
     log.info("wrote '%s'", out)
     return out
+
+
+def compare_outputs(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> None:
+    """The pruned file's outputs must equal the masked dense model's (relative norm error 1e-3, 3e-2 in fp16).
+
+    Raises:
+        VerificationError: An output differs; the rewrite changed what the graph computes (nothing is written).
+
+    """
+    if len(want) != len(got):
+        raise VerificationError(f"the rewritten model returns {len(got)} outputs, the dense one {len(want)}")
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a.shape != b.shape:
+            raise VerificationError(f"output #{i} changed shape from {a.shape} to {b.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            if not np.array_equal(a, b):
+                raise VerificationError(f"output #{i} of the rewritten model differs from the masked dense model's")
+            continue
+        x, y = a.astype(np.float64), b.astype(np.float64)
+        err, scale = float(np.linalg.norm(y - x)), float(max(np.linalg.norm(x), np.linalg.norm(y)))
+        tol = 3e-2 if a.dtype == np.float16 else 1e-3
+        if not err <= tol * scale + 1e-6 * np.sqrt(max(x.size, 1)):
+            raise VerificationError(
+                f"output #{i} of the rewritten model differs from the dense model with the removed channels "
+                f"zeroed (relative error {err / max(scale, 1e-30):.3g}): the graph holds something that reads "
+                "channels the rewrite did not follow; nothing was written")
+
+
+def run_onnx_model(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> list[np.ndarray]:
+    """Run an in-memory model once in ONNX Runtime, on the inputs :func:`run_onnx` uses."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path)
+        return run_onnx(path, shapes)
 
 
 def run_onnx(path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]]) -> list[np.ndarray]:

@@ -45,6 +45,9 @@ class OnnxPruneRecord:
         params_after: Weight elements after.
         flops_before: FLOPs of one call at the analysis shapes, before.
         flops_after: The same after.
+        masks: Initializer name -> per-dim keep masks of every initializer that lost channels (for the
+            masked-model check: the dense file with those entries zeroed computes what the pruned one must).
+        mixed: Whether a pruned group enters a normalisation (then no masked dense model computes the same).
 
     """
 
@@ -55,6 +58,8 @@ class OnnxPruneRecord:
     params_after: int
     flops_before: float
     flops_after: float
+    masks: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
+    mixed: bool = False
 
 
 def _ignored(names: set[str], ignore: tuple[str, ...]) -> bool:
@@ -119,11 +124,17 @@ class PruneOnnxChannels(OnnxPass):
         params_after, flops_after = info.predict_params(kept), info.predict_flops(graph, kept)
         inputs = {v.name: graph.shapes[v.name] for v in graph.graph.inputs
                   if v.name and not v.is_initializer() and v.name in graph.shapes}
+        masks: dict[str, list[np.ndarray]] = {}
+        for name in graph.graph.initializers:
+            per_dim = [info.table.keep_mask(a, keep) for a in info.values.get((name, -1), [])]
+            if not all(m.all() for m in per_dim):
+                masks[name] = per_dim
         _Rewriter(graph, info, keep).apply()
         propagate_shapes(graph, input_shapes=inputs)
         _check(graph, info, kept)
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept.items())]
-        record = OnnxPruneRecord(opts, changes, frozen, params_before, params_after, flops_before, flops_after)
+        record = OnnxPruneRecord(opts, changes, frozen, params_before, params_after, flops_before, flops_after,
+                                 masks, any(info.groups[g].mixed_at is not None for g in keep))
         return OnnxPassResult(graph, True, record)
 
 
