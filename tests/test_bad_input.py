@@ -584,3 +584,25 @@ def test_a_streamed_output_streams_again_and_per_layer_sizes_are_refused_with_ad
     code, text, _ = _run(capsys, "prune", str(per_layer), "--out", str(tmp_path / "o"), *base)
     assert code == 2 and "stream the original checkpoint" in json.loads(text)["error"]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_manifest_that_is_not_an_object_is_bad_input(llama_dir, tmp_path, capsys):
+    src = _copy(llama_dir, tmp_path)
+    (src / "secateurs.json").write_text("[]")
+    code, text, _ = _run(capsys, "inspect", str(src))
+    assert code == 2 and "must hold a JSON object" in json.loads(text)["error"]
+
+
+def test_index_shards_may_be_links_as_in_the_hugging_face_cache(llama_dir, tmp_path):
+    src = _copy(llama_dir, tmp_path)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (src / "model.safetensors").rename(blobs / "abc")
+    (src / "model-00001-of-00001.safetensors").symlink_to(blobs / "abc")
+    from safetensors import safe_open
+
+    with safe_open(str(blobs / "abc"), "pt") as f:
+        names = list(f.keys())
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    assert sc.load_pretrained(src) is not None

@@ -426,6 +426,8 @@ def load_pretrained(
             manifest = json.loads((folder / MANIFEST).read_text())
         except ValueError as exc:
             raise CheckpointError(f"'{folder / MANIFEST}' is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"'{folder / MANIFEST}' must hold a JSON object, got {type(manifest).__name__}")
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"'{folder / MANIFEST}' has unknown format {manifest.get('format')!r}")
     try:
@@ -599,7 +601,10 @@ def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain:
     if plain:
         reloaded.to(next(model.parameters()).dtype)
     want = snapshot_outputs(model, (), example)
-    got = snapshot_outputs(reloaded, (), example)
+    try:
+        got = snapshot_outputs(reloaded, (), example)
+    except Exception as exc:  # the reloaded model does not even run: the output is not what was verified
+        raise VerificationError(f"the checkpoint reloaded with {how} fails on the example inputs: {exc}") from exc
     del reloaded
     if len(want) != len(got):
         raise VerificationError(f"the checkpoint reloaded with {how} returns {len(got)} outputs, not {len(want)}")

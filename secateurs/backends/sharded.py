@@ -104,8 +104,9 @@ def read_index(folder: Path) -> dict[str, str]:
                               "file names")
     root = folder.resolve()
     for name, shard in weight_map.items():
-        target = (folder / shard).resolve()
-        if Path(shard).is_absolute() or ".." in Path(shard).parts or target.parent != root:
+        # the shard's folder must be the checkpoint's; the file itself may be a link (the Hugging Face cache links
+        # snapshots/<rev>/*.safetensors into blobs/)
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or (folder / shard).parent.resolve() != root:
             raise CheckpointError(f"'{index}': tensor '{name}' is in '{shard}', which is not a file inside the "
                                   "checkpoint folder; refused")
     return weight_map
