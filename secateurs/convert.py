@@ -204,7 +204,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         def finish(tmp: Path) -> None:
             write_report(tmp, data)
             if verify:  # what is renamed into place must reload as the model that was verified
-                check_reload(tmp, model, example, describe(model).plain_loadable)
+                check_reload(tmp, model, example, describe(model).plain_loadable,
+                             trust_remote_code=trust_remote_code)
 
         save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish)
     return report, data

@@ -207,17 +207,35 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError(f"recipe '{file}' is not valid YAML: {exc}") from exc
     except RecursionError as exc:
         raise RecipeError(f"recipe '{file}' is nested too deeply to be a recipe") from exc
-    if _depth(data) > 32:
+    depth, size = _extent(data, {}, set())
+    if depth > 32:
         raise RecipeError(f"recipe '{file}' is nested more than 32 levels deep; a recipe is a list of steps")
+    if size > 100_000:  # YAML aliases can describe a huge tree in a few lines ("billion laughs")
+        raise RecipeError(f"recipe '{file}' expands to {size:,} values (through YAML aliases); a recipe is a "
+                          "short list of steps")
     return parse_recipe(data, str(file))
 
 
-def _depth(value: Any, level: int = 0) -> int:
-    """Nesting depth of parsed YAML, without recursing past what a recipe could need."""
-    if level > 32 or not isinstance(value, (dict, list)):
-        return level
-    items = value.values() if isinstance(value, dict) else value
-    return max((_depth(v, level + 1) for v in items), default=level + 1)
+def _extent(value: Any, memo: dict[int, tuple[int, int]], active: set[int], level: int = 0) -> tuple[int, int]:
+    """(nesting depth, number of values once aliases are expanded) of parsed YAML, each node visited once.
+
+    A node that contains itself (``&a [*a]``) counts as infinitely deep; the walk stops past 33 levels.
+    """
+    if not isinstance(value, (dict, list)):
+        return 0, 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in active or level > 32:
+        return 33, 1
+    active.add(key)
+    depth, size = 0, 1
+    for item in (value.values() if isinstance(value, dict) else value):
+        d, n = _extent(item, memo, active, level + 1)
+        depth, size = max(depth, d), min(size + n, 1 << 62)
+    active.discard(key)
+    memo[key] = (depth + 1, size)
+    return memo[key]
 
 
 def _coerce(name: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -372,6 +372,22 @@ def test_export_refuses_to_write_into_its_source_and_leaves_no_folder_when_it_fa
     assert code == 2 and not (tmp_path / "a").exists()
 
 
+def test_overwrite_does_not_collide_with_another_writers_backup(llama_dir, tmp_path, capsys):
+    """A fixed backup name (.out.old-PID) is shared by processes with the same id in other containers."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = tmp_path / f".out.old-{os.getpid()}"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("another writer's")
+    code, _, err = _run(capsys, "prune", str(llama_dir), "--out", str(out), "--ffn", "0.25", "--calib", "none",
+                        "--overwrite")
+    assert code == 0, err
+    assert (theirs / "keep.txt").read_text() == "another writer's"
+    assert _left(tmp_path, "out", theirs.name) == []
+
+
 def test_onnx_prune_refuses_its_own_source(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     _tiny_onnx(src)
@@ -524,6 +540,22 @@ def test_malformed_manifest_is_bad_input(llama_dir, tmp_path, capsys, manifest, 
     assert code == 2 and f"field '{field}'" in json.loads(text)["error"]
 
 
+@pytest.mark.parametrize("manifest,needle", [
+    ({"lists": {"model.layers": 7}}, "recorded with 7 blocks but the config builds 2"),
+    ({"shapes": {"lm_head.weight": [1 << 20, 1 << 19]}}, "does not match the weights"),
+    ({"modules": {"model.layers.0.mlp.up_proj": {"type": "LowRankLinear", "in_features": 1 << 30,
+                                                   "out_features": 1 << 30, "rank": 1 << 30}}},
+     "does not match the weights"),
+])
+def test_manifest_asking_for_more_than_the_model_or_the_files_is_bad_input(llama_dir, tmp_path, capsys, manifest,
+                                                                            needle):
+    """Checked before anything is allocated: these would have raised KeyError or allocated terabytes."""
+    src = _copy(llama_dir, tmp_path)
+    _edit_json(src / "secateurs.json", **manifest)
+    code, text, err = _run(capsys, "inspect", str(src))
+    assert code == 2 and "Traceback" not in err and needle in json.loads(text)["error"]
+
+
 def test_malformed_safetensors_header_is_bad_input_when_streaming(llama_dir, tmp_path, capsys):
     src = _copy(llama_dir, tmp_path)
     header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}})
@@ -540,6 +572,22 @@ def test_binary_or_absurdly_nested_recipes_are_bad_input(llama_dir, tmp_path, ca
     recipe.write_bytes(content)
     code, text, err = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "o"), "--recipe", str(recipe))
     assert code == 2 and "Traceback" not in err and "recipe" in json.loads(text)["error"]
+
+
+def _laughs(levels):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return ("\n".join(lines) + f"\npasses: *a{levels - 1}\n").encode()
+
+
+@pytest.mark.parametrize("content,needle", [(_laughs(9), "expands to"), (b"passes: &a [*a]\n", "nested more than")])
+def test_recipes_that_expand_through_aliases_are_refused_at_once(llama_dir, tmp_path, capsys, content, needle):
+    """A billion values in nine lines, and a list that contains itself: refused without walking them (walking the
+    expanded tree, as before, takes hours)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(content)
+    code, text, err = _run(capsys, "prune", str(llama_dir), "--out", str(tmp_path / "o"), "--recipe", str(recipe))
+    assert code == 2 and "Traceback" not in err and needle in json.loads(text)["error"]
 
 
 def test_a_full_disk_in_safetensors_is_bad_input_and_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):

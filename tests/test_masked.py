@@ -146,6 +146,83 @@ def test_size_traced_as_a_constant_freezes_its_group_and_the_rest_is_pruned():
     assert model.up.out_features == 48  # the MLP still shrinks
 
 
+class InPlaceWrite(nn.Module):
+    """Writes a literal channel range in place (``slice`` + ``fill_`` in the capture: a write through a view)."""
+
+    def __init__(self, lo, hi, fill) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(16, 64), nn.Linear(64, 8)
+        self.lo, self.hi, self.fill = lo, hi, fill
+
+    def forward(self, x):
+        g = F.relu(self.a(x))
+        g[:, self.lo:self.hi] = self.fill
+        return self.o(g)
+
+
+@pytest.mark.parametrize("lo,hi,fill", [(0, 2, 0.0), (10, 12, 5.0)])
+def test_writes_through_a_view_are_followed_and_the_range_they_write_is_kept(lo, hi, fill):
+    """Oracle: the pruned model computes the dense model with the removed channels zeroed. The written range
+    and every channel before it keep their positions; a range at the start leaves the rest prunable (this was
+    a false alarm: the masked run lost the write when it replaced the view by a copy)."""
+    torch.manual_seed(0)
+    dense, x = InPlaceWrite(lo, hi, fill), torch.randn(4, 16)
+    model = copy.deepcopy(dense)
+    sc.prune(model, (x,), ratio=0.3, round_to=1)
+    assert model.a.out_features < 64
+    kept = [bool((model.a.weight == row).all(1).any()) for row in dense.a.weight]
+    assert all(kept[:hi])
+    with torch.no_grad():
+        gone = torch.tensor([not k for k in kept])
+        dense.a.weight[gone] = 0
+        dense.a.bias[gone] = 0
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_check_never_writes_into_the_dense_capture():
+    """It writes masks and adopted values into the dense run's own values, never into parameters or buffers."""
+    torch.manual_seed(0)
+    model, x = Mlp(), torch.randn(5, 12)
+    graph, info, keep, new, partner, _ = _rewrite(model, x)
+    before = {k: v.clone() for k, v in graph.program.state_dict.items()}
+    assert masked_mismatch(graph, new, info, keep, partner) is None
+    assert all(torch.equal(before[k], v) for k, v in graph.program.state_dict.items())
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's convention: the embedding is scaled by ``sqrt(width)``, which follows a pruned width."""
+
+    def __init__(self, n, d) -> None:
+        super().__init__(n, d)
+        self.scalar_embed_scale = float(d) ** 0.5
+        self.register_buffer("embed_scale", torch.tensor(float(d) ** 0.5), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class ScaledEmbeddingAttention(SizeScale):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = ScaledEmbedding(50, 32)
+
+    def forward(self, ids):
+        return super().forward(self.emb(ids))
+
+
+def test_narrowing_down_a_culprit_keeps_scales_that_follow_a_pruned_size():
+    """The traced-size node reads no pruned dim, so the culprit is searched among all groups; the embedding's
+    group, whose scale follows its width by design, must not be blamed (it was, before the search used the
+    scale the rewrite gave it)."""
+    torch.manual_seed(0)
+    model, ids = ScaledEmbeddingAttention(), torch.randint(0, 50, (2, 5))
+    report = sc.prune(model, (ids,), ratio=0.25, round_to=1)
+    hits = _frozen(report, "size traced as a constant")
+    assert [sorted(f.members) for f in hits] == [["k.bias", "k.weight", "q.bias", "q.weight"]]
+    assert model.emb.embedding_dim == 24 and float(model.emb.embed_scale) == pytest.approx(24 ** 0.5)
+    assert model.q.out_features == 64 and model.up.out_features == 48
+
+
 def _rewrite(model, x, seed=0):
     graph = sc.capture(model, (x,))
     info = analyze(graph)

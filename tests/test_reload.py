@@ -87,6 +87,19 @@ def test_in_memory_gemma_keeps_what_loaders_rebuild():
     assert model.model.embed_tokens.scalar_embed_scale == pytest.approx(48 ** 0.5)
 
 
+def test_gemma_saved_with_per_layer_sizes_reloads_its_pruned_embed_scale(tmp_path):
+    """Non-plain: load_pretrained builds the dense config (scale sqrt(64)) and must follow the restored width."""
+    model = _gemma_model()
+    ids = torch.randint(0, 128, (2, 10))
+    sc.prune(model, {"input_ids": ids}, 0.3, hidden=0.25, scope="global")
+    widths = {layer.mlp.up_proj.out_features for layer in model.model.layers}
+    assert len(widths) > 1, "the test needs per-layer sizes, so that the checkpoint is not plain"
+    assert not sc.save_pretrained(model, tmp_path / "g").plain_loadable
+    reloaded = sc.load_pretrained(tmp_path / "g")
+    assert float(reloaded.model.embed_tokens.embed_scale) == pytest.approx(48 ** 0.5)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=0, rtol=0)
+
+
 def _gemma_model():
     torch.manual_seed(0)
     cfg = tf.GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -183,3 +196,25 @@ def test_head_counts_the_config_class_refuses_are_recorded_in_the_manifest(tmp_p
     result = sc.save_pretrained(model, tmp_path / "o")
     assert result.plain_loadable is False
     torch.testing.assert_close(_logits(sc.load_pretrained(tmp_path / "o"), ids), _logits(model, ids), atol=0, rtol=0)
+
+
+def test_the_reload_check_loads_as_the_source_was_loaded(llama_dir, tmp_path, monkeypatch):
+    """trust_remote_code reaches the reload as it reached the load (remote-code models reload only so)."""
+    import secateurs.backends.checkpoint as ckpt
+    from secateurs.convert import prune_checkpoint
+
+    seen = []
+    real = ckpt.load_pretrained
+
+    def spy(path, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(ckpt, "load_pretrained", spy)
+    model = sc.load_pretrained(llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(10)  # per-layer widths: the reload goes through load_pretrained
+    sc.save_pretrained(model, tmp_path / "src")
+    prune_checkpoint(tmp_path / "src", tmp_path / "o", calib="none", ffn=0.3, scope="global", round_to=1,
+                     trust_remote_code=True)
+    assert seen == [True]

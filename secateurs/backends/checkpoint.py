@@ -13,9 +13,11 @@ Writing goes to a temporary folder that is renamed into place, so a folder is co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ from torch import nn
 
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
+from secateurs.backends.materialize import embed_scale_for, set_embed_scale
 from secateurs.errors import CheckpointError
 from secateurs.passes.depth import ZeroSublayer
 from secateurs.passes.experts import find_moe_blocks
@@ -435,21 +438,10 @@ def load_pretrained(
     except Exception as exc:  # a malformed config raises ValueError, TypeError, KeyError, ... from its class
         raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
     _check_manifest(manifest, folder / MANIFEST)
-    if not manifest:  # a plain checkpoint: its config must not ask for far more than the weights hold
-        _check_size(_skeleton(config, None, meta=True, trust_remote_code=trust_remote_code), folder)
-    model = _skeleton(config, manifest.get("architecture"), meta=False, trust_remote_code=trust_remote_code)
-    for name, length in manifest.get("lists", {}).items():
-        try:
-            lst = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"recorded block list '{name}' does not exist in {type(model).__name__}") from exc
-        # removed blocks were renumbered: the first ``length`` blocks of a fresh list have the kept layout
-        lst._modules = {str(i): lst._modules[str(i)] for i in range(int(length))}
-    for name, extras in manifest.get("zeroed", {}).items():
-        _put_module(model, name, ZeroSublayer(int(extras)), "removed sublayer")
-    for name, spec in manifest.get("modules", {}).items():
-        _put_module(model, name, _build_module(spec, name, folder), "factorised layer")
-    _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
+    # The recorded structure is built on the meta device first: a config or manifest asking for far more than
+    # the folder stores is refused before anything is allocated.
+    _check_size(_assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code), folder)
+    model = _assemble(config, manifest, folder, meta=False, trust_remote_code=trust_remote_code)
     state = _read_state(folder)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -461,10 +453,12 @@ def load_pretrained(
     # Older checkpoints also store buffers that newer code keeps non-persistent (BERT's position_ids).
     buffers = dict(model.named_buffers())
     unexpected = [k for k in result.unexpected_keys if k not in buffers]
-    if missing or unexpected:
-        converted = None if manifest else _load_converted(folder, config, type(model), trust_remote_code)
-        if converted is not None:  # the same weights under the module's own names, into the model built here
-            model.load_state_dict(converted, strict=True)
+    if (missing or unexpected) and not manifest:
+        cls = type(model)
+        del state, model  # one copy of the weights at a time
+        converted = _load_converted(folder, config, cls, trust_remote_code)
+        if converted is not None:  # the same weights, in the module transformers' own conversion built
+            model = converted
             missing = unexpected = []
     if missing or unexpected:
         raise CheckpointError(
@@ -473,6 +467,34 @@ def load_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _assemble(config: Any, manifest: dict[str, Any], folder: Path, *, meta: bool,
+              trust_remote_code: bool) -> nn.Module:
+    """The model ``config`` builds, with the structure ``manifest`` records; weights not loaded.
+
+    Block lists, removed sublayers, factorised layers and per-tensor shapes are applied; on the meta device when
+    ``meta``.
+    """
+    model = _skeleton(config, manifest.get("architecture"), meta=meta, trust_remote_code=trust_remote_code)
+    for name, length in manifest.get("lists", {}).items():
+        try:
+            lst = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"recorded block list '{name}' does not exist in {type(model).__name__}") from exc
+        built = len(lst) if isinstance(lst, (nn.ModuleList, nn.Sequential)) else 0
+        if int(length) > built:
+            raise CheckpointError(f"'{folder / MANIFEST}': block list '{name}' is recorded with {length} blocks "
+                                  f"but the config builds {built}")
+        # removed blocks were renumbered: the first ``length`` blocks of a fresh list have the kept layout
+        lst._modules = {str(i): lst._modules[str(i)] for i in range(int(length))}
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        for name, extras in manifest.get("zeroed", {}).items():
+            _put_module(model, name, ZeroSublayer(int(extras)), "removed sublayer")
+        for name, spec in manifest.get("modules", {}).items():
+            _put_module(model, name, _build_module(spec, name, folder), "factorised layer")
+        _reshape(model, manifest.get("shapes", {}), manifest.get("attributes", {}))
+    return model
 
 
 def _put_module(model: nn.Module, name: str, module: nn.Module, what: str) -> None:
@@ -505,8 +527,8 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     arch = manifest.get("architecture")
     if arch is not None and not isinstance(arch, str):
         raise CheckpointError(f"'{path}': field 'architecture' must be a class name, got {arch!r}")
-    mapping("shapes", lambda v: isinstance(v, list) and len(v) <= 8 and all(size(d) for d in v),
-            "shapes (lists of sizes >= 0)")
+    mapping("shapes", lambda v: isinstance(v, list) and len(v) <= 8 and all(size(d) for d in v)
+            and math.prod(v) < 1 << 40, "shapes (lists of sizes >= 0)")
     mapping("attributes", lambda v: isinstance(v, dict) and all(
         isinstance(a, str) and (size(x) or (isinstance(x, list) and all(size(d) for d in x))) for a, x in v.items()),
             "attribute tables of sizes")
@@ -515,11 +537,11 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     mapping("modules", lambda v: isinstance(v, dict), "layer descriptions")
 
 
-def _load_converted(folder: Path, config: Any, cls: type, trust_remote_code: bool) -> dict[str, torch.Tensor] | None:
+def _load_converted(folder: Path, config: Any, cls: type, trust_remote_code: bool) -> nn.Module | None:
     """A Hugging Face checkpoint in another key layout than the module's, read by transformers' own conversion.
 
-    Mixtral / Qwen2-MoE experts saved one by one (``experts.N.w1.weight``) are fused on load. Returns the state
-    dict under the module's names, or None unless every weight came from the file (nothing randomly initialised).
+    Mixtral / Qwen2-MoE experts saved one by one (``experts.N.w1.weight``) are fused on load. Returns the loaded
+    model, or None unless every weight came from the file (nothing randomly initialised).
     """
     loader = getattr(cls, "from_pretrained", None)
     if loader is None:
@@ -533,7 +555,7 @@ def _load_converted(folder: Path, config: Any, cls: type, trust_remote_code: boo
     if [k for k in info.get("missing_keys", ()) if k not in tied] or info.get("unexpected_keys") or \
             info.get("mismatched_keys"):
         return None
-    return dict(model.state_dict())
+    return model
 
 
 def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -577,7 +599,8 @@ def _build_module(spec: Any, name: str, folder: Path) -> nn.Module:
     raise CheckpointError(f"'{folder / MANIFEST}': layer '{name}' has unknown type {kind!r}")
 
 
-def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain: bool) -> None:
+def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain: bool, *,
+                 trust_remote_code: bool = False) -> None:
     """Reload ``folder`` the way its manifest says it loads and compare with ``model`` on ``example``.
 
     Plain ``from_pretrained`` of the model's class when the folder claims it, :func:`load_pretrained` otherwise.
@@ -592,9 +615,10 @@ def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain:
     how = f"{type(model).__name__}.from_pretrained" if plain else "load_pretrained"
     try:
         if plain:
-            reloaded: nn.Module = type(model).from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
+            reloaded: nn.Module = type(model).from_pretrained(  # type: ignore[attr-defined]
+                folder, local_files_only=True, trust_remote_code=trust_remote_code)
         else:
-            reloaded = load_pretrained(folder)
+            reloaded = load_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # any failure to load what was just written means the output is not what was verified
         raise VerificationError(f"the written checkpoint does not reload with {how}: {exc}") from exc
     reloaded = reloaded.to(next(model.parameters()).device).eval()
@@ -662,6 +686,9 @@ def _reshape(model: nn.Module, shapes: dict[str, list[int]], attributes: dict[st
             else:
                 mod._buffers[leaf] = replacement
             done.add(alias)
+    # Derived constants follow the restored widths as they did when the model was pruned (Gemma's embed_scale
+    # is sqrt(hidden_size) of the config, which here is the dense one).
+    widths = {id(m): m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, vals in attributes.items():
         try:
             mod = model.get_submodule(name)
@@ -671,3 +698,6 @@ def _reshape(model: nn.Module, shapes: dict[str, list[int]], attributes: dict[st
             setattr(mod, attr, tuple(value) if isinstance(value, list) else value)
     for mod in model.modules():
         sync_module(mod, setattr)
+        scale = embed_scale_for(mod, widths.get(id(mod)))
+        if scale is not None:
+            set_embed_scale(mod, scale, setattr)

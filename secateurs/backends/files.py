@@ -98,17 +98,22 @@ def replace_into(tmp: Path, out: Path) -> None:
     if not (out.is_symlink() or out.exists()):
         os.replace(tmp, out)
         return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
+    # The old one waits in a fresh private folder (a fixed name such as one ending in the process id can be
+    # taken by another writer, e.g. in another container sharing the disk).
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = holder / "old"
+    try:
+        os.replace(out, old)
+    except OSError:
+        holder.rmdir()
+        raise
     try:
         os.replace(tmp, out)
     except OSError:
         os.replace(old, out)
+        holder.rmdir()
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    shutil.rmtree(holder, ignore_errors=True)  # never follows a link: the old link itself goes
 
 
 def _parent(path: Path) -> list[Path]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -289,21 +289,37 @@ def _follow_embed_scale(snap: Snapshot, mod: nn.Module) -> None:
     Loaders compute the scale from the config's ``hidden_size``; keeping the dense one would make the model that
     was verified differ from every reload of the checkpoint.
     """
-    weight, old_dim = getattr(mod, "weight", None), getattr(mod, "embedding_dim", None)
-    scale = getattr(mod, "scalar_embed_scale", None)
+    old_dim = getattr(mod, "embedding_dim", None)
+    new_scale = embed_scale_for(mod, old_dim)
+    if new_scale is None:
+        return
+    snap.record(mod, "buffer", "embed_scale", mod._buffers["embed_scale"])
+    set_embed_scale(mod, new_scale, lambda m, a, v: _set_attr(snap, m, a, v))
+
+
+def embed_scale_for(mod: nn.Module, old_dim: Any) -> float | None:
+    """The ``sqrt(width)`` scale a scaled embedding needs at its present width, or None when nothing changes.
+
+    ``old_dim`` is the width its scale was computed for; a scale that is not ``sqrt(old_dim)`` is not this
+    convention and is left alone (the masked check and drift judge it).
+    """
+    weight, scale = getattr(mod, "weight", None), getattr(mod, "scalar_embed_scale", None)
     buf = mod._buffers.get("embed_scale")
-    if not isinstance(weight, torch.Tensor) or not isinstance(old_dim, int) or not isinstance(scale, float) \
-            or not isinstance(buf, torch.Tensor) or buf.numel() != 1:
-        return
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(old_dim, int) \
+            or not isinstance(scale, float) or not isinstance(buf, torch.Tensor) or buf.numel() != 1:
+        return None
     new_dim = int(weight.shape[1])
-    if old_dim == new_dim:
-        return
-    if not math.isclose(scale, float(old_dim) ** 0.5, rel_tol=1e-6):
-        return  # not the sqrt(hidden) convention: leave it to the masked check / drift
-    new_scale = float(new_dim) ** 0.5
-    snap.record(mod, "buffer", "embed_scale", buf)
-    mod._buffers["embed_scale"] = torch.tensor(new_scale, dtype=buf.dtype, device=buf.device)
-    _set_attr(snap, mod, "scalar_embed_scale", new_scale)
+    if old_dim == new_dim or not math.isclose(scale, float(old_dim) ** 0.5, rel_tol=1e-6):
+        return None
+    return float(new_dim) ** 0.5
+
+
+def set_embed_scale(mod: nn.Module, scale: float, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
+    """Give a scaled embedding the scale ``scale`` (its buffer and its float copy)."""
+    buf = mod._buffers["embed_scale"]
+    assert buf is not None
+    mod._buffers["embed_scale"] = torch.tensor(scale, dtype=buf.dtype, device=buf.device)
+    set_attr(mod, "scalar_embed_scale", scale)
 
 
 def check_module_attributes(model: nn.Module) -> list[str]:

@@ -424,7 +424,9 @@ class PruneChannels(Pass):
                 if problem is not None or not numeric:
                     return problem is not None
                 assert new is not None
-                return masked_mismatch(graph, new, info, sub, partner) is not None
+                # scales that follow a pruned size (Gemma's embed_scale) are the plan's meaning here too
+                overrides = _replaced_params(graph, snap, unsliced=True)
+                return masked_mismatch(graph, new, info, sub, partner, overrides) is not None
             finally:
                 snap.restore()
 

@@ -148,17 +148,29 @@ class _Stop(Exception):
     """Ends the lockstep run at the first disagreement."""
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps a copy of every node's value (later in-place ops must not change it)."""
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether any node writes into a tensor (``fill_``, ``copy_``, ``index_put_``: code like ``h[:, :2] = 0``)."""
+    return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes if n.op == "call_function")
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps the value of every node in ``wanted``.
+
+    Copies are taken only when the graph writes into tensors (a later in-place op must not change a kept value).
+    """
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
         super().__init__(gm)
         self.values: dict[str, Any] = {}
+        self.wanted, self.copy = wanted, _mutates(gm)
 
     def run_node(self, n: fx.Node) -> Any:
-        """Run one node and copy its tensors."""
+        """Run one node and keep (a copy of) its tensors when a dense node lines up with it."""
         out = super().run_node(n)
-        if n.op == "placeholder":
+        if n.name not in self.wanted:
+            return out
+        if n.op == "placeholder" or not self.copy:
             self.values[n.name] = out
         elif n.op == "call_function":
             self.values[n.name] = torch.utils._pytree.tree_map(
@@ -166,31 +178,51 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class _Lockstep(fx.Interpreter):
-    """Runs the dense graph masked, comparing with (and adopting) the pruned graph's aligned values."""
+    """Runs the dense graph masked, comparing with (and adopting) the pruned graph's aligned values.
+
+    Masking and adopting write into the dense value itself, so that a view of it (``h[:, :2]``, then ``fill_``)
+    stays a view: what the model's code writes through it reaches the tensor it came from. Values that share
+    memory with the graph's inputs or constants (parameters, buffers) are never written: they get a copy.
+    """
 
     def __init__(self, gm: fx.GraphModule, info: DependencyInfo, masks: _Masks, pruned: dict[str, Any],
                  partner: dict[str, fx.Node], skip: set[str]) -> None:
         super().__init__(gm)
         self.info, self.masks, self.pruned, self.partner, self.skip = info, masks, pruned, partner, skip
         self.mismatch: Mismatch | None = None
+        self.protected: set[int] = set()
 
     def _one(self, node: fx.Node, key: tuple[str, int], value: Any, new: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         dims = self.masks.dims(key, value)
-        value = _zeroed(value, dims)
-        if not isinstance(new, torch.Tensor) or node.op == "placeholder":
-            return value  # parameters stay the dense ones, masked: a wrong slice shows where they are used
-        want = _sliced(value, dims)
+        if node.op == "placeholder" or not isinstance(new, torch.Tensor):
+            # parameters stay the dense ones, masked: a wrong slice shows where they are used
+            return self._put(value, _zeroed(value, dims)) if dims else value
+        want = _sliced(_zeroed(value, dims), dims)
         if node.name not in self.skip and not _undefined(node):
             err = _differs(want, new)
             if err is not None:
                 self.mismatch = self._explain(node, err)
                 raise _Stop
         if new.shape != want.shape or new.dtype != want.dtype:
-            return value
-        return _padded(new, value.shape, dims)
+            return self._put(value, _zeroed(value, dims)) if dims else value
+        return self._put(value, _padded(new, value.shape, dims))
+
+    def _put(self, value: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """``replacement`` written into ``value`` when that is allowed (it may be a view), else returned."""
+        if value.dtype != replacement.dtype or _storage(value) in self.protected:
+            return replacement
+        try:
+            value.copy_(replacement)
+        except RuntimeError:  # an expanded or otherwise overlapping view cannot be written: keep the copy
+            return replacement
+        return value
 
     def _explain(self, node: fx.Node, err: float) -> Mismatch:
         names = {v.name for v in [*node.all_input_nodes, node]}
@@ -211,10 +243,14 @@ class _Lockstep(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         """Run one dense node, mask it, and compare / adopt the pruned value when the node lines up."""
         out = super().run_node(n)
+        if n.op in ("placeholder", "get_attr"):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    self.protected.add(_storage(t))
         if n.op not in ("placeholder", "call_function"):
             return out
         partner = self.partner.get(n.name)
-        new = self.pruned.get(partner.name) if partner is not None else None
+        new = self.pruned.pop(partner.name, None) if partner is not None else None
         if isinstance(out, (list, tuple)):
             news = new if isinstance(new, (list, tuple)) and len(new) == len(out) else [None] * len(out)
             return type(out)(self._one(n, (n.name, k), v, w) for k, (v, w) in enumerate(zip(out, news, strict=True)))
@@ -244,7 +280,7 @@ def masked_mismatch(
         None when every aligned node agrees, else the first disagreement.
 
     """
-    recorder = _Recorder(new.program.graph_module)
+    recorder = _Recorder(new.program.graph_module, {p.name for p in partner.values()})
     with torch.no_grad():
         recorder.run(*_flat_inputs(new))
     pruned = recorder.values
