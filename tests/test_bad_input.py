@@ -546,6 +546,8 @@ def test_malformed_manifest_is_bad_input(llama_dir, tmp_path, capsys, manifest, 
     ({"modules": {"model.layers.0.mlp.up_proj": {"type": "LowRankLinear", "in_features": 1 << 30,
                                                    "out_features": 1 << 30, "rank": 1 << 30}}},
      "does not match the weights"),
+    ({"modules": {"model.layers.0.mlp.up_proj": {"type": "ArmorLinear", "a": [1 << 30] * 3, "s": [4, 4],
+                                                   "b": [1, 1, 1]}}}, "has an invalid 'a'"),
 ])
 def test_manifest_asking_for_more_than_the_model_or_the_files_is_bad_input(llama_dir, tmp_path, capsys, manifest,
                                                                             needle):

@@ -582,7 +582,7 @@ def _build_module(spec: Any, name: str, folder: Path) -> nn.Module:
     def dims(key: str, rank: int) -> list[int]:
         value = spec.get(key)
         if not (isinstance(value, list) and len(value) == rank and all(isinstance(v, int) and 0 < v < 1 << 31
-                                                                         for v in value)):
+                                                                         for v in value) and math.prod(value) < 1 << 40):
             raise CheckpointError(f"'{folder / MANIFEST}': layer '{name}' has an invalid {key!r}: {value!r}")
         return value
 
