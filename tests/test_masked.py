@@ -127,13 +127,20 @@ def test_open_ended_slice_stays_prunable_and_the_model_computes_what_the_masked_
     report = sc.prune(model, (x,), ratio=0.3, round_to=1)
     assert _frozen(report, "the model's code")
     assert 32 < model.a.out_features < 64
-    kept = [bool((model.a.weight == row).all(1).any()) for row in dense.a.weight]
+    kept = _kept_and_zeroed(dense, model)
     assert all(kept[:32]) and not all(kept[32:])
-    with torch.no_grad():  # the plan's meaning: the removed channels are zero
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def _kept_and_zeroed(dense, model):
+    """Which rows of ``dense.a`` the pruned ``model.a`` kept; the others are zeroed in ``dense`` (the plan's
+    meaning: the removed channels are zero)."""
+    kept = [bool((model.a.weight == row).all(1).any()) for row in dense.a.weight]
+    with torch.no_grad():
         gone = torch.tensor([not k for k in kept])
         dense.a.weight[gone] = 0
         dense.a.bias[gone] = 0
-    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+    return kept
 
 
 def test_size_traced_as_a_constant_freezes_its_group_and_the_rest_is_pruned():
@@ -170,12 +177,7 @@ def test_writes_through_a_view_are_followed_and_the_range_they_write_is_kept(lo,
     model = copy.deepcopy(dense)
     sc.prune(model, (x,), ratio=0.3, round_to=1)
     assert model.a.out_features < 64
-    kept = [bool((model.a.weight == row).all(1).any()) for row in dense.a.weight]
-    assert all(kept[:hi])
-    with torch.no_grad():
-        gone = torch.tensor([not k for k in kept])
-        dense.a.weight[gone] = 0
-        dense.a.bias[gone] = 0
+    assert all(_kept_and_zeroed(dense, model)[:hi])
     torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
 
 
