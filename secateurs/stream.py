@@ -19,8 +19,9 @@ order, and goes back to ``meta``:
 The last walk writes every block as its own shard. Embeddings, the final norm and the LM head are copied
 through in row chunks. The output is a sharded checkpoint with ``model.safetensors.index.json``, the config
 and the ``secateurs.json`` manifest, so :func:`secateurs.load_pretrained` loads it (and plain
-``from_pretrained`` too when the pruning is uniform); it is written into a temporary folder renamed into place
-at the end, so an interrupted run leaves nothing.
+``from_pretrained`` too when the pruning is uniform); it is written into a temporary folder, checked the way
+its loader will load it (:mod:`secateurs.stream_reload`) and renamed into place at the end, so an interrupted
+or refused run leaves nothing.
 
 Peak memory is one block's weights plus the calibration activations (:class:`StreamReport` measures both).
 
@@ -84,6 +85,7 @@ from secateurs.passes.hooks import first_tensor
 from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_position, _reduce_positions
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
+from secateurs.stream_reload import check_streamed_reload
 
 __all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint",
            "resolve_defaults"]
@@ -648,11 +650,48 @@ class _Walker:
         """Keyword inputs to capture ``block`` with: its first calibration call, or one made up of 8 zero tokens."""
         if calls:
             return _as_inputs(block, calls[0])
+        return _as_inputs(block, self._base_call())
+
+    def _base_call(self) -> Call:
         if self._example is None:
             self._example = self.first[0] if self.first else _first_inputs(
                 self.model, self.blocks_name, self.source, [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
                 self.dtype)[0]
-        return _as_inputs(block, self._example)
+        return self._example
+
+    def probe_call(self) -> Call | None:
+        """The call every written block is probed with for the reload check.
+
+        The first block's inputs, with seeded random hidden states of the output's hidden size; None when the
+        model's preamble cannot be rebuilt outside the blocks (then each block's MLP is probed, see
+        :meth:`probe`).
+        """
+        try:
+            args, kwargs = self._base_call()
+        except CheckpointError:
+            return None
+        hidden = args[0]
+        width = hidden.shape[-1] if self.hidden is None or self.hidden.keep is None else len(self.hidden.keep)
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn((*hidden.shape[:-1], width), generator=gen).to(hidden.dtype)
+        return (probe, *args[1:]), kwargs
+
+    def probe(self, block: nn.Module, position: int, call: Call | None) -> tuple[str, Call, torch.Tensor]:
+        """What the written ``block`` gives on the probe: the whole block on ``call``, or its MLP alone."""
+        suffix, target = "", block
+        if call is None:
+            if self.opts.block_capture:  # unreachable: capturing whole blocks needed the preamble already
+                raise BudgetError(f"block '{self.blocks_name}.{position}' cannot be probed for the reload check: "
+                                  "the model's preamble cannot be rebuilt")
+            target, _, suffix = self.width_target(block, position)  # its MLP, which has a linear layer
+            first = next(m for m in target.modules() if isinstance(m, nn.Linear))
+            gen = torch.Generator().manual_seed(0)
+            call = ((torch.randn((1, 8, first.in_features), generator=gen).to(first.weight.dtype),), {})
+        with torch.no_grad():
+            said = first_tensor(target(*call[0], **call[1]))
+        if said is None:
+            raise BudgetError(f"{type(target).__name__} returned no tensor on the probe call")
+        return suffix, call, said.detach()
 
     def width_target(self, block: nn.Module, position: int) -> tuple[nn.Module, Any, str]:
         """What width pruning captures: the whole block, or (FFN width by weights alone) only its MLP.
@@ -987,6 +1026,8 @@ class _Walker:
         widths: list[tuple[str, int, int]] = []
         experts: list[ExpertChange] = []
         sparsity: list[tuple[str, float]] = []
+        probe = self.probe_call() if is_writer() else None
+        probes: list[tuple[str, Call, torch.Tensor]] = []  # what each written block gives on the probe
         with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
             for position in track(range(n), "streaming blocks"):
                 prefix = f"{self.blocks_name}.{position}."
@@ -1007,6 +1048,8 @@ class _Walker:
                     sparsity.extend(record.layers)
                     if stream is not None and position + 1 < n:
                         streams["pruned"], _ = _forward(block, stream)
+                if writer.enabled:
+                    probes.append(self.probe(block, position, probe))
                 writer.write_shard(shard_name(position + 1, total),
                                    {prefix + k: v for k, v in block.state_dict().items()})
                 block.to("meta")
@@ -1036,6 +1079,7 @@ class _Walker:
                     for fname in ("generation_config.json", *TOKENIZER_FILES):
                         if (folder / fname).is_file():
                             shutil.copy2(folder / fname, tmp / fname)
+                    check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain)
 
                 writer.commit(extras)
         return widths, experts, sparsity, total, plain

@@ -416,3 +416,71 @@ def test_source_reads_rows_and_chunks_like_the_tensor(tmp_path):
     assert torch.equal(torch.cat(list(source.chunks("model.embed_tokens.weight", 1000))), emb)
     with pytest.raises(CheckpointError, match="no tensor"):
         source.info("model.nope")
+
+
+def _broken_stream(tmp_path, monkeypatch, spoil, **options):
+    """Stream with ``spoil(layout_or_writer)`` applied; the reload check must refuse the output (exit 3)."""
+    from secateurs.cli import main
+
+    src = save_sharded(_llama(3), tmp_path / "src")
+    spoil(monkeypatch)
+    argv = ["prune", str(src), "--out", str(tmp_path / "out"), "--stream", "--calib", "none", "--json"]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return main(argv)
+
+
+def test_streamed_output_is_reloaded_before_rename_structure(tmp_path, monkeypatch, capsys):
+    """A manifest that loses one layer's recorded width: the loader builds the dense shape, so the written
+    checkpoint would not load; the check refuses it and nothing is written."""
+    import secateurs.stream as stream
+
+    real = stream.describe
+
+    def lossy(model):
+        layout = real(model)
+        dropped = [k for k in layout.manifest.get("shapes", {}) if k.endswith("layers.1.mlp.up_proj.weight")]
+        assert dropped, layout.manifest.get("shapes", {}).keys()
+        del layout.manifest["shapes"][dropped[0]]
+        return layout
+
+    code = _broken_stream(tmp_path, monkeypatch, lambda mp: mp.setattr(stream, "describe", lossy),
+                          ffn=0.3, scope="global", round_to=1)
+    assert code == 3, capsys.readouterr()
+    assert "up_proj" in json.loads(capsys.readouterr().out)["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_streamed_output_is_reloaded_before_rename_constants(tmp_path, monkeypatch, capsys):
+    """A written config whose rotary base differs from the streamed model's: the blocks' weights are all right,
+    but every loader would rebuild other rotary tables."""
+    import secateurs.stream as stream
+
+    real = stream.describe
+
+    def other_rope(model):
+        layout = real(model)
+        rope = dict(layout.config.rope_parameters)
+        rope["rope_theta"] = float(rope["rope_theta"]) * 2
+        layout.config.rope_parameters = rope
+        return layout
+
+    code = _broken_stream(tmp_path, monkeypatch, lambda mp: mp.setattr(stream, "describe", other_rope), ffn=0.25)
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert code == 3 and "rotary_emb.inv_freq" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_streamed_output_is_reloaded_before_rename_blocks(tmp_path, monkeypatch, capsys):
+    """A block written with other values than the verified block holds: caught by the probe of that block."""
+    real = ShardedWriter.write_shard
+
+    def spoiled(self, filename, tensors):
+        tensors = {k: (v * 1.5 if k.endswith("layers.2.self_attn.o_proj.weight") else v) for k, v in tensors.items()}
+        return real(self, filename, tensors)
+
+    code = _broken_stream(tmp_path, monkeypatch, lambda mp: mp.setattr(ShardedWriter, "write_shard", spoiled),
+                          heads=0.5)
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert code == 3 and "model.layers.2" in err and "differs" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

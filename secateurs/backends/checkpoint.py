@@ -640,14 +640,22 @@ def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain:
             if not torch.equal(a, b):
                 raise VerificationError(f"output #{i} of the checkpoint reloaded with {how} differs")
             continue
-        tol = 1e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        diff = float((a.double() - b.double()).abs().max())
-        scale = float(a.double().abs().max())
-        if not diff <= tol * scale + tol * 1e-2:
-            raise VerificationError(
-                f"the checkpoint reloaded with {how} differs from the verified model (output #{i}: max abs "
-                f"difference {diff:.3g}, largest value {scale:.3g}): a size-derived constant or an unrecorded "
-                "layer did not survive saving; nothing was written")
+        compare_outputs(a, b, f"output #{i} of the checkpoint reloaded with {how}")
+
+
+def compare_outputs(want: torch.Tensor, got: torch.Tensor, what: str) -> None:
+    """Raise :class:`VerificationError` unless ``got`` equals ``want`` to the tolerance of their dtype."""
+    from secateurs.errors import VerificationError
+
+    if want.shape != got.shape:
+        raise VerificationError(f"{what} has shape {tuple(got.shape)}, not {tuple(want.shape)}")
+    tol = 1e-2 if want.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    diff = float((want.double() - got.double()).abs().max()) if want.numel() else 0.0
+    scale = float(want.double().abs().max()) if want.numel() else 0.0
+    if not diff <= tol * scale + tol * 1e-2:
+        raise VerificationError(
+            f"{what} differs from the verified model (max abs difference {diff:.3g}, largest value {scale:.3g}): a "
+            "size-derived constant or an unrecorded layer did not survive saving; nothing was written")
 
 
 def _tied_names(model: nn.Module) -> set[str]:
