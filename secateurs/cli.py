@@ -159,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
                     "--sparsity / --nm --criterion --sparsity-criterion --round-to --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pr.add_argument("--expert-layout", choices=("source", "fused", "per-expert"),
+                    help="how MoE experts are written: as the source stores them (default; per-expert needs a "
+                    "pruning plain from_pretrained can load), fused (one tensor per layer), or per-expert "
+                    "(experts.N.w1.weight)")
     pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
     pr.add_argument("--min-cosine", type=_cosine, help="fail (exit 3) if the outputs' cosine to the dense model is "
                     "lower (in [-1, 1])")
@@ -319,6 +323,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
         raise BudgetError("--input-shape applies to ONNX sources; a checkpoint's example inputs come from its config "
                           "(--seq-len)")
     if args.stream:
+        if args.expert_layout not in (None, "source", "fused"):
+            raise BudgetError("--stream writes the fused expert layout only; drop --expert-layout or --stream")
         return _prune_stream(args)
     if args.recipe:
         used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
@@ -334,7 +340,8 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
                                     seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
                                     dry_run=args.dry_run, device=args.device, verify=not args.no_verify,
-                                    min_cosine=args.min_cosine, max_rel_error=args.max_rel_error)
+                                    min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
+                                    expert_layout=args.expert_layout or "source")
     _say(args, str(report))
     _say(args, "dry run: nothing written" if args.dry_run else
          f"wrote {args.out} (report: {Path(args.out) / 'report.html'})")
@@ -414,7 +421,7 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
     unsupported = [f"--{f.replace('_', '-')}" for f in (
         "recipe", "experts", "layers", "sublayers", "sparsity", "nm", "low_rank", "recover", "allocate",
         "sparsity_criterion", "scope", "bias_compensation", "recover_mode",
-        "depth_criterion", "calib", "calib_samples", "seq_len", "seed", "min_cosine", "max_rel_error")
+        "depth_criterion", "calib", "calib_samples", "seq_len", "seed", "min_cosine", "max_rel_error", "expert_layout")
         if getattr(args, f) is not None]
     unsupported += ["--no-verify"] if args.no_verify else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []

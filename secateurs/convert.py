@@ -8,15 +8,25 @@ frontend, passes and backends and writes ``DST`` (the checkpoint, tokenizer file
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from secateurs.api import Report, run_passes
-from secateurs.backends.checkpoint import TOKENIZER_FILES, check_reload, describe, load_pretrained, save_pretrained
+from secateurs.backends.checkpoint import (
+    EXPERT_LAYOUTS,
+    TOKENIZER_FILES,
+    check_reload,
+    describe,
+    load_pretrained,
+    save_pretrained,
+    stores_per_expert,
+)
 from secateurs.backends.files import guard_source
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.passes.drift import check_drift, check_thresholds
@@ -25,6 +35,8 @@ from secateurs.recipe import Recipe, build_passes, parse_recipe
 from secateurs.report import costs_by_layer, write_report
 
 __all__ = ["example_and_calib", "flags_recipe", "inspect_checkpoint", "prune_checkpoint", "report_dict"]
+
+log = logging.getLogger(__name__)
 
 
 def _tokenizer(src: Path) -> Any:
@@ -130,7 +142,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                      *, calib: str | None = None, samples: int | None = None, seq_len: int | None = None,
                      seed: int | None = None, overwrite: bool = False, dry_run: bool = False, device: str = "cpu",
                      verify: bool = True, min_cosine: float | None = None, max_rel_error: float | None = None,
-                     trust_remote_code: bool = False, **options: Any) -> tuple[Report, dict[str, Any]]:
+                     trust_remote_code: bool = False, expert_layout: str = "source",
+                     **options: Any) -> tuple[Report, dict[str, Any]]:
     """Prune the checkpoint in ``src`` with a recipe (or :func:`secateurs.prune` ``options``) and save it to ``dst``.
 
     ``dst`` receives the checkpoint, tokenizer files, ``report.json``, ``report.html`` and the report's PNG plots,
@@ -138,7 +151,9 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     writes nothing. ``calib`` / ``samples`` / ``seq_len`` / ``seed`` override the recipe's. With ``verify`` the
     pruned model is run on the example inputs (output shapes must match; the drift goes into the report) and
     ``min_cosine`` / ``max_rel_error`` refuse a model that drifted further (nothing is written then). Returns
-    the report and its JSON.
+    the report and its JSON. ``expert_layout`` is how MoE experts are written: ``"source"`` (the layout ``src``
+    stores them in, per-expert when the pruning allows plain ``from_pretrained``), ``"fused"`` or
+    ``"per-expert"``.
 
     Raises:
         CheckpointError: ``src`` is missing or unreadable, or ``dst`` exists without ``overwrite``.
@@ -149,6 +164,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     if not verify and (min_cosine is not None or max_rel_error is not None):
         raise BudgetError("drift thresholds need the output check: drop --no-verify")
     check_thresholds(min_cosine, max_rel_error)
+    if expert_layout not in ("source", *EXPERT_LAYOUTS):
+        raise BudgetError(f"unknown expert layout {expert_layout!r}; choose source, {', '.join(EXPERT_LAYOUTS)}")
     source = Path(src)
     if not source.is_dir():
         raise CheckpointError(f"source '{source}' is not a checkpoint folder")
@@ -197,6 +214,9 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes
         return report, data
     assert dst is not None
+    layout = _expert_layout(model, source, expert_layout)
+    if layout is not None:
+        data["expert_layout"] = layout
     with stage("saving checkpoint and report"):
         model = model.to("cpu")
         example = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in example.items()}
@@ -207,8 +227,30 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                 check_reload(tmp, model, example, describe(model).plain_loadable,
                              trust_remote_code=trust_remote_code)
 
-        save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish)
+        save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish,
+                        expert_layout=layout["written"] if layout is not None else "fused")
     return report, data
+
+
+def _expert_layout(model: nn.Module, source: Path, asked: str) -> dict[str, str] | None:
+    """How the experts are written (``written``, and ``why``); None for a model without fused MoE experts."""
+    from secateurs.passes.experts import find_moe_blocks
+
+    if not find_moe_blocks(model):
+        if asked == "per-expert":
+            raise BudgetError(f"--expert-layout per-expert: {type(model).__name__} has no mixture-of-experts layer")
+        return None
+    if asked != "source":
+        return {"written": asked, "why": "asked for"}
+    if not stores_per_expert(source):
+        return {"written": "fused", "why": "the source stores its experts fused"}
+    if not describe(model).plain_loadable:
+        log.warning("the source stores its experts one by one, but the per-expert layout loads with plain "
+                    "from_pretrained only and this pruning needs secateurs.json (per-layer sizes or factorised layers): "
+                    "writing the fused layout")
+        return {"written": "fused", "why": "the source is per-expert, but the per-expert layout is read by plain "
+                "from_pretrained only and this pruning has per-layer sizes or factorised layers"}
+    return {"written": "per-expert", "why": "the source stores its experts one by one"}
 
 
 def inspect_checkpoint(src: str | os.PathLike[str], *, seq_len: int = 16, seed: int = 0,

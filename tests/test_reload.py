@@ -169,6 +169,54 @@ def test_per_expert_moe_checkpoints_as_transformers_writes_them_load_and_prune(t
     assert sc.load_pretrained(out).model.layers[0].self_attn.k_proj.out_features == 8
 
 
+def _stored_names(folder):
+    from secateurs.backends.sharded import ShardedSource
+
+    return set(ShardedSource(folder).tensors)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_per_expert_sources_are_written_back_per_expert_or_as_asked(tmp_path, capsys, family):
+    """The output keeps the source's expert layout (plain from_pretrained reads it), --expert-layout fused
+    asks for the fused one; a structure only load_pretrained reads (per-layer sizes, factorised layers) falls back
+    to fused with the reason in the report, and asking for per-expert then is an error."""
+    torch.manual_seed(0)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        model, one = tf.MixtralForCausalLM(cfg).eval(), ".experts.0.w1.weight"
+    else:
+        cfg = tf.Qwen2MoeConfig(vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+        model, one = tf.Qwen2MoeForCausalLM(cfg).eval(), ".experts.0.gate_proj.weight"
+    model.save_pretrained(tmp_path / "src")
+    assert any(one in k for k in _stored_names(tmp_path / "src"))
+    ids = torch.randint(0, 100, (2, 7))
+    base = ["prune", str(tmp_path / "src"), "--experts", "0.25", "--calib", "none", "--json"]
+    assert main([*base, "--out", str(tmp_path / "same")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["expert_layout"]["written"] == "per-expert"
+    assert any(one in k for k in _stored_names(tmp_path / "same"))
+    assert not any(k.endswith("experts.gate_up_proj") for k in _stored_names(tmp_path / "same"))
+    plain = type(model).from_pretrained(tmp_path / "same")
+    assert len(plain.model.layers[0].mlp.experts.gate_up_proj) == 3  # 4 experts -> 3, fused again in memory
+    torch.testing.assert_close(_logits(plain, ids), _logits(sc.load_pretrained(tmp_path / "same"), ids), atol=0, rtol=0)
+    assert main([*base, "--out", str(tmp_path / "fused"), "--expert-layout", "fused"]) == 0
+    assert json.loads(capsys.readouterr().out)["expert_layout"]["written"] == "fused"
+    assert not any(one in k for k in _stored_names(tmp_path / "fused"))
+    torch.testing.assert_close(_logits(sc.load_pretrained(tmp_path / "fused"), ids), _logits(plain, ids), atol=0,
+                               rtol=0)
+    per_layer = [*base, "--low-rank", "0.2"]  # factorised layers: only secateurs.json describes them
+    assert main([*per_layer, "--out", str(tmp_path / "global")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["expert_layout"]["written"] == "fused" and "per-layer" in data["expert_layout"]["why"]
+    sc.load_pretrained(tmp_path / "global")
+    assert main([*per_layer, "--out", str(tmp_path / "refused"), "--expert-layout", "per-expert"]) == 2
+    assert "per-layer sizes" in json.loads(capsys.readouterr().out)["error"]
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_layout_nothing_can_convert_is_still_refused(llama_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -53,6 +53,9 @@ TOKENIZER_FILES = (
 )
 
 
+EXPERT_LAYOUTS = ("fused", "per-expert")
+
+
 @dataclasses.dataclass(frozen=True)
 class SaveResult:
     """Where a model was saved and whether plain ``from_pretrained`` can load it."""
@@ -294,6 +297,7 @@ def save_pretrained(
     source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     extra: Callable[[Path], Any] | None = None,
+    expert_layout: str = "fused",
 ) -> SaveResult:
     """Save a (pruned) Hugging Face model so :func:`load_pretrained` restores it exactly.
 
@@ -306,6 +310,9 @@ def save_pretrained(
             complete).
         extra: Called with the temporary folder before it is renamed into place, to add files (a report)
             that must appear together with the checkpoint or not at all.
+        expert_layout: ``"fused"`` (the module's own names: one tensor per MoE layer's experts) or
+            ``"per-expert"`` (``experts.N.w1.weight``, as transformers' own ``save_pretrained`` and published
+            Mixtral / Qwen2-MoE checkpoints store them; plain-loadable prunings only).
 
     Returns:
         Where it went, and whether plain ``from_pretrained`` loads it too.
@@ -326,10 +333,13 @@ def save_pretrained(
             f"{len(masked)} layers still carry sparsity masks (e.g. '{masked[0]}'); call "
             "secateurs.passes.remove_masks(model) to make them permanent before saving"
         )
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise CheckpointError(f"unknown expert layout {expert_layout!r}; choose one of {', '.join(EXPERT_LAYOUTS)}")
     out = Path(path)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")
     layout = describe(model)
+    per_expert = _per_expert_state(model, layout) if expert_layout == "per-expert" else {}
     made = make_parents(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -340,10 +350,14 @@ def save_pretrained(
         # Weights under the module's own parameter names (tied tensors stored once); Hugging Face's
         # loader accepts these names as they are.
         from safetensors import SafetensorError
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         try:
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if expert_layout == "per-expert":
+                save_file(per_expert, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                layout.manifest["expert_layout"] = "per-expert"
+            else:
+                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         except SafetensorError as exc:  # a full disk while writing, for one: not an OSError
             raise OSError(str(exc)) from exc
         config_out = copy.copy(layout.config)
@@ -374,6 +388,36 @@ def save_pretrained(
         remove_made(made)
         raise
     return SaveResult(out, layout.plain_loadable, layout.changed_tensors)
+
+
+def stores_per_expert(folder: str | os.PathLike[str]) -> bool:
+    """Whether the checkpoint in ``folder`` stores its experts one by one (``experts.0.w1.weight``)."""
+    from secateurs.backends.sharded import ShardedSource
+
+    try:
+        names = ShardedSource(folder).tensors
+    except CheckpointError:
+        return False
+    return any(".experts.0." in n for n in names)
+
+
+def _per_expert_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
+    """The state dict in the per-expert key layout transformers' own ``save_pretrained`` writes."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if not layout.plain_loadable:
+        raise CheckpointError("the per-expert layout is read by plain from_pretrained only, and this pruning is not "
+                              "expressible in the config (per-layer sizes or factorised layers); write the fused layout instead")
+    seen: set[int] = set()
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():  # tied tensors once, under their first name
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    reverted = revert_weight_conversion(model, state)  # type: ignore[arg-type]
+    if not any(".experts.0." in n for n in reverted):
+        raise CheckpointError(f"{type(model).__name__} has no per-expert key layout to write")
+    return {k: v.detach().contiguous() for k, v in reverted.items()}
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -453,7 +497,7 @@ def load_pretrained(
     # Older checkpoints also store buffers that newer code keeps non-persistent (BERT's position_ids).
     buffers = dict(model.named_buffers())
     unexpected = [k for k in result.unexpected_keys if k not in buffers]
-    if (missing or unexpected) and not manifest:
+    if (missing or unexpected) and (not manifest or manifest.get("expert_layout") == "per-expert"):
         cls = type(model)
         del state, model  # one copy of the weights at a time
         converted = _load_converted(folder, config, cls, trust_remote_code)
