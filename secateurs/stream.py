@@ -1079,7 +1079,9 @@ class _Walker:
                     for fname in ("generation_config.json", *TOKENIZER_FILES):
                         if (folder / fname).is_file():
                             shutil.copy2(folder / fname, tmp / fname)
-                    check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain)
+                    copies = [(name, self._passthrough(name, outside)[3]) for name in self.passthrough]
+                    check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain, copies=copies,
+                                          chunk_bytes=opts.chunk_bytes)
 
                 writer.commit(extras)
         return widths, experts, sparsity, total, plain

@@ -15,15 +15,20 @@ whole model:
 3. every written block, read back from the written shards into the loader's module, must give the outputs
    the streamed block gave on one probe call (recorded just before the block was written): the first block's
    inputs with random hidden states, or, for models whose preamble cannot be rebuilt outside the blocks
-   (Gemma's scaled embedding), the block's MLP on random inputs.
+   (Gemma's scaled embedding), the block's MLP on random inputs;
+4. every tensor outside the blocks (embeddings, final norm, LM head), read back from the written shards in
+   chunks, must equal, bit for bit, the source's tensor with the pruned hidden channels sliced away (what the
+   verified model holds there).
 
-Cost: the output's blocks are read once more, plus one block forward on the probe per block.
+Cost: the output's blocks are read once more, plus one block forward on the probe per block, and the tensors
+outside the blocks are read twice more (the written copy and the source), in chunks.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +137,45 @@ def _check_rebuilt(mod: nn.Module, other: nn.Module, label: str, how: str) -> No
                                     f"with {how}, {mine_value!r} in the verified model; nothing was written")
 
 
+def _rows(pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for piece in pieces:
+        yield piece.reshape(1) if piece.dim() == 0 else piece
+
+
+def _same_rows(want: Iterable[torch.Tensor], got: Iterable[torch.Tensor]) -> bool:
+    """Whether two streams of slices along dim 0, cut at different rows, hold the same tensor bit for bit."""
+    a_iter, b_iter = _rows(want), _rows(got)
+    a = b = None
+    while True:
+        if a is None or not len(a):
+            a = next(a_iter, None)
+        if b is None or not len(b):
+            b = next(b_iter, None)
+        if a is None or b is None:
+            return a is None and b is None
+        n = min(len(a), len(b))
+        if n == 0:
+            continue
+        if a.dtype != b.dtype or a.shape[1:] != b.shape[1:] or not torch.equal(  # bytes: NaN equals NaN
+                a[:n].contiguous().view(torch.uint8), b[:n].contiguous().view(torch.uint8)):
+            return False
+        a, b = a[n:], b[n:]
+
+
+def _check_copies(written: ShardedSource, copies: Sequence[tuple[str, Callable[[], Iterable[torch.Tensor]]]],
+                  chunk_bytes: int, how: str) -> None:
+    for name, pieces in copies:
+        if name not in written:
+            raise VerificationError(f"'{name}' is missing from the streamed checkpoint; nothing was written")
+        if not _same_rows(pieces(), written.chunks(name, chunk_bytes)):
+            raise VerificationError(f"'{name}' read back from the streamed checkpoint (as {how} reads it) differs "
+                                    "from the source's tensor with the pruned channels removed; nothing was written")
+
+
 def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
                           probes: list[tuple[str, Call, torch.Tensor]], plain: bool, *,
-                          trust_remote_code: bool = False) -> None:
+                          copies: Sequence[tuple[str, Callable[[], Iterable[torch.Tensor]]]] = (),
+                          chunk_bytes: int = 1 << 28, trust_remote_code: bool = False) -> None:
     """Check the streamed output in ``folder`` as its claimed loader will load it (see the module docstring).
 
     Args:
@@ -143,6 +184,8 @@ def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
         blocks: The name of its block list.
         probes: For every output block, the probed submodule's name prefix (``""`` for the whole block, ``"mlp."``
             where the model's preamble cannot be rebuilt), the probe call and the output it gave.
+        copies: Every tensor written outside the blocks, with the slices (along dim 0) it must hold.
+        chunk_bytes: Largest slice of a written tensor read at once.
         plain: The output claims plain ``from_pretrained`` loads it.
         trust_remote_code: Passed to the config loader.
 
@@ -170,3 +213,4 @@ def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
         if got is None:
             raise VerificationError(f"'{name}' reloaded with {how} returns no tensor")
         compare_outputs(want, got, f"'{name}' reloaded with {how}")
+    _check_copies(written, copies, chunk_bytes, how)

@@ -471,6 +471,48 @@ def test_streamed_output_is_reloaded_before_rename_constants(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.mark.parametrize("options", [{"heads": 0.5}, {"hidden": 0.25}])
+def test_streamed_output_is_reloaded_before_rename_copied_tensors(tmp_path, monkeypatch, capsys, options):
+    """An embedding copied through with one value changed (as is, and sliced by a pruned hidden size): the blocks
+    and every shape are right, the read-back embedding is not the source's."""
+    real = ShardedWriter.stream_shard
+
+    def spoiled(self, filename, items):
+        def bent(chunks):
+            def pieces():
+                for j, piece in enumerate(chunks()):
+                    if j == 0:
+                        piece = piece.clone()
+                        piece.view(-1)[0] += 1.0
+                    yield piece
+            return pieces
+
+        items = [(n, d, s, bent(c) if "embed_tokens" in n else c) for n, d, s, c in items]
+        return real(self, filename, items)
+
+    code = _broken_stream(tmp_path, monkeypatch, lambda mp: mp.setattr(ShardedWriter, "stream_shard", spoiled),
+                          **options)
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert code == 3 and "embed_tokens" in err and "differs" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_streams_of_slices_are_compared_across_their_cuts():
+    from secateurs.stream_reload import _same_rows
+
+    t = torch.arange(24.0).reshape(6, 4)
+    nan = t.clone()
+    nan[2, 1] = float("nan")
+    assert _same_rows([t[:1], t[1:5], t[5:]], [t[:3], t[3:]])
+    assert _same_rows([nan], [nan[:2], nan[2:]])  # bit for bit: the same NaN is equal
+    assert not _same_rows([t], [t[:5]])
+    assert not _same_rows([t[:5]], [t])
+    other = t.clone()
+    other[4, 3] += 1
+    assert not _same_rows([t[:2], t[2:]], [other[:4], other[4:]])
+    assert not _same_rows([t], [t.double()])
+
+
 def test_streamed_output_is_reloaded_before_rename_blocks(tmp_path, monkeypatch, capsys):
     """A block written with other values than the verified block holds: caught by the probe of that block."""
     real = ShardedWriter.write_shard
