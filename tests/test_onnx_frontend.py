@@ -16,6 +16,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("onnx_ir")
 
 import onnx  # noqa: E402
+import onnx_ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
@@ -450,7 +451,125 @@ def test_the_pruned_file_is_compared_with_the_masked_dense_file(tmp_path, monkey
     model = models.ConvBN().eval()
     export_onnx(model, (torch.randn(1, 3, 4, 4),), tmp_path / "m.onnx")
     prune_onnx(tmp_path / "m.onnx", tmp_path / "ok.onnx", ratio=0.5)  # masked dense == pruned
-    monkeypatch.setattr("secateurs.onnx_prune._masked", lambda dense, masks: dense)
+    monkeypatch.setattr("secateurs.onnx_prune.masked_model", lambda dense, masks: dense)
     with pytest.raises(VerificationError, match="removed channels zeroed"):
         prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5)
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------------- masked check, hidden size
+class _NormNet(torch.nn.Module):
+    """A residual stream of width 32 through two normalisations of one kind, then a classifier."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 32)
+        self.n1, self.n2 = norm(32), norm(32)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 32))
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.mlp(self.n1(h))
+        return self.head(self.n2(h))
+
+
+def _norm_onnx(tmp_path, norm):
+    torch.manual_seed(0)
+    model = _NormNet(norm).eval()
+    _jitter(model)
+    inputs = (torch.randn(3, 5, 16),)
+    src = tmp_path / "norm.onnx"
+    export_onnx(model, inputs, src)
+    return model, inputs, src
+
+
+def _spy_cuts(monkeypatch):
+    import secateurs.onnx_prune as op
+
+    seen = []
+    real = op.cut_expect
+
+    def spy(*args, **kwargs):
+        expect, why = real(*args, **kwargs)
+        seen.append((len(args[2]), expect is not None, why))
+        return expect, why
+
+    monkeypatch.setattr(op, "cut_expect", spy)
+    return seen
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+def test_a_pruned_hidden_size_is_checked_through_its_normalisations(tmp_path, monkeypatch, norm):
+    """The masked check runs with the norms' statistics taken from the pruned run: it passes on a right rewrite
+    (which equals the PyTorch path's)."""
+    model, inputs, src = _norm_onnx(tmp_path, norm)
+    seen = _spy_cuts(monkeypatch)
+    pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, src, hidden=0.25)
+    assert _sizes(onnx_report.changes) == _sizes(report.changes) and (32, 24) in _sizes(onnx_report.changes)
+    _assert_same(_run(dst, inputs), _torch(pruned, inputs))
+    assert seen and seen[0][0] >= 2 and seen[0][1] and seen[0][2] is None, seen
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+@pytest.mark.parametrize("where", ["inp.weight", "n2.weight"])
+def test_a_wrong_rewrite_around_a_pruned_norm_is_caught(tmp_path, monkeypatch, norm, where):
+    """A rewrite bug planted after pruning (a kept weight before a norm, or a norm's own scale, changed): every
+    shape is right; the masked check sees it at the value entering the norm, or at the outputs, and nothing is
+    written (the check used to be skipped whenever the hidden size was pruned)."""
+    import secateurs.passes.onnx_channels as oc
+
+    _, _, src = _norm_onnx(tmp_path, norm)
+    real = oc._Rewriter.apply
+
+    def planted(self):
+        real(self)
+        for name, value in self.graph.graph.initializers.items():
+            if self.graph.display_name(name) == where:
+                array = value.const_value.numpy().copy()
+                array.reshape(-1)[0] += 3.0
+                value.const_value = onnx_ir.tensor(array, name=name)
+                return
+        raise AssertionError(f"no initializer {where}")
+
+    monkeypatch.setattr(oc._Rewriter, "apply", planted)
+    with pytest.raises(VerificationError, match="entering the normalisation" if where == "inp.weight" else "output"):
+        prune_onnx(src, tmp_path / "p.onnx", hidden=0.25, round_to=1, importance="l2")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def _hand_norm(tmp_path, op, opset):
+    """x @ W1 -> ``op`` over the 32 hidden channels (scale g) -> @ W2, built by hand (no exporter writes these)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(32)).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node(op, ["h", "g"], ["n"], name="norm", axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "W2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 10])], inits)
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_rms_normalization_is_cut_with_a_unit_scale_side_node(tmp_path, monkeypatch):
+    """Opset 23's RMSNormalization over a pruned hidden size: the check runs (and sees a wrong scale)."""
+    import secateurs.passes.onnx_channels as oc
+
+    src = _hand_norm(tmp_path, "RMSNormalization", 23)
+    seen = _spy_cuts(monkeypatch)
+    report = prune_onnx(src, tmp_path / "p.onnx", hidden=0.25, round_to=1)
+    assert _sizes(report.changes) == [(32, 24)] and seen == [(1, True, None)]
+    real = oc._Rewriter.apply
+
+    def planted(self):  # the norm's kept scale changed after the rewrite: the outputs differ
+        real(self)
+        value = self.graph.graph.initializers["g"]
+        value.const_value = onnx_ir.tensor(value.const_value.numpy() * 1.5, name="g")
+
+    monkeypatch.setattr(oc._Rewriter, "apply", planted)
+    with pytest.raises(VerificationError, match="output"):
+        prune_onnx(src, tmp_path / "q.onnx", hidden=0.25, round_to=1)
+    assert not (tmp_path / "q.onnx").exists()

@@ -124,21 +124,24 @@ def compare_outputs(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> No
                 "channels the rewrite did not follow; nothing was written")
 
 
-def run_onnx_model(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> list[np.ndarray]:
-    """Run an in-memory model once in ONNX Runtime, on the inputs :func:`run_onnx` uses."""
+def run_onnx_model(model: ir.Model, shapes: Mapping[str, Sequence[int]],
+                   extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run an in-memory model once in ONNX Runtime, on the inputs :func:`run_onnx` uses (and ``extra``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path)
-        return run_onnx(path, shapes)
+        return run_onnx(path, shapes, extra)
 
 
-def run_onnx(path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]]) -> list[np.ndarray]:
+def run_onnx(path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]],
+             extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Run ``path`` once in ONNX Runtime (CPU) on deterministic inputs of ``shapes`` and return the outputs.
 
     Floating inputs are drawn from a fixed-seed normal distribution, integer inputs are ones (a valid token id
-    and an all-ones attention mask), booleans are True.
+    and an all-ones attention mask), booleans are True; inputs named in ``extra`` take its arrays instead (and
+    draw nothing, so the other inputs are the same with or without them).
 
     Raises:
         VerificationError: ONNX Runtime cannot load or run the file.
@@ -151,6 +154,9 @@ def run_onnx(path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]]) 
         feeds = {}
         rng = np.random.default_rng(0)
         for inp in session.get_inputs():
+            if extra is not None and inp.name in extra:
+                feeds[inp.name] = extra[inp.name]
+                continue
             shape = tuple(shapes[inp.name])
             kind = inp.type
             if "float" in kind or "double" in kind:

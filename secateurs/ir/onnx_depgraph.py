@@ -232,7 +232,7 @@ def analyze_onnx(graph: OnnxGraph) -> OnnxDependencyInfo:
         groups[leaf] = group
     log.debug("ONNX analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
     return OnnxDependencyInfo(
-        table, values, groups, frozen, [], [], unsupported,
+        table, values, groups, frozen, [], [], unsupported, ctx.mixing,
         shape_inputs=ctx.shape_inputs, slice_bounds=ctx.slice_bounds, attr_sizes=ctx.attr_sizes,
         flop_nodes=flop_nodes, params=params,
     )

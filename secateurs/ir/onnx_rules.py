@@ -173,6 +173,13 @@ class OnnxRuleContext(RuleContext):
         self._roots: dict[str, frozenset[str] | None] = {}
 
     # ------------------------------------------------------------ values
+    def mixes(self, atoms: Iterable[int]) -> None:
+        """Record that ``atoms`` enter a cross-channel statistic at the current node (kept per node name)."""
+        atoms = list(atoms)
+        if self.current is not None:
+            self.mixing.setdefault(self.current.name or "", []).extend(atoms)
+        super().mixes(atoms)
+
     def _key(self, value: Any) -> tuple[str, int]:
         if isinstance(value, ir.Value) and value.name:
             return (value.name, -1)

@@ -33,6 +33,20 @@ __all__ = ["OnnxPruneRecord", "PruneOnnxChannels"]
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """A node whose statistics run over a pruned axis, with the keep masks of the values around it.
+
+    Attributes:
+        node: The node's name (unique in the graph).
+        masks: Value name -> per-dim keep masks, for every input and output of the node the analysis saw.
+
+    """
+
+    node: str
+    masks: dict[str, list[np.ndarray]]
+
+
 @dataclasses.dataclass
 class OnnxPruneRecord:
     """What :class:`PruneOnnxChannels` did.
@@ -48,6 +62,8 @@ class OnnxPruneRecord:
         masks: Initializer name -> per-dim keep masks of every initializer that lost channels (for the
             masked-model check: the dense file with those entries zeroed computes what the pruned one must).
         mixed: Whether a pruned group enters a normalisation (then no masked dense model computes the same).
+        cuts: The nodes whose statistics run over a pruned axis, with the keep masks of their inputs and
+            outputs (the masked-model check takes those statistics from the pruned run).
 
     """
 
@@ -60,6 +76,7 @@ class OnnxPruneRecord:
     flops_after: float
     masks: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
     mixed: bool = False
+    cuts: list[Cut] = dataclasses.field(default_factory=list, repr=False)
 
 
 def _ignored(names: set[str], ignore: tuple[str, ...]) -> bool:
@@ -129,13 +146,29 @@ class PruneOnnxChannels(OnnxPass):
             per_dim = [info.table.keep_mask(a, keep) for a in info.values.get((name, -1), [])]
             if not all(m.all() for m in per_dim):
                 masks[name] = per_dim
+        cuts = _cuts(graph, info, keep)
         _Rewriter(graph, info, keep).apply()
         propagate_shapes(graph, input_shapes=inputs)
         _check(graph, info, kept)
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept.items())]
         record = OnnxPruneRecord(opts, changes, frozen, params_before, params_after, flops_before, flops_after,
-                                 masks, any(info.groups[g].mixed_at is not None for g in keep))
+                                 masks, any(info.groups[g].mixed_at is not None for g in keep), cuts)
         return OnnxPassResult(graph, True, record)
+
+
+def _cuts(graph: OnnxGraph, info: OnnxDependencyInfo, keep: dict[int, np.ndarray]) -> list[Cut]:
+    """Every node where pruned channels enter a cross-channel statistic, with its values' keep masks."""
+    pruned = [name for name, atoms in info.mixing.items() if any(not info.table.keep_mask(a, keep).all()
+                                                                  for a in atoms)]
+    nodes = {node.name: node for node in graph.graph if node.name}
+    cuts = []
+    for name in pruned:
+        node = nodes.get(name)
+        names = [] if node is None else [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name]
+        masks = {n: [info.table.keep_mask(a, keep) for a in info.values[(n, -1)]]
+                 for n in names if (n, -1) in info.values}
+        cuts.append(Cut(name, masks))  # a name outside the main graph is reported by the check
+    return cuts
 
 
 def _check(graph: OnnxGraph, info: OnnxDependencyInfo, kept: dict[int, int]) -> None:
