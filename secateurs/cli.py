@@ -323,8 +323,6 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
         raise BudgetError("--input-shape applies to ONNX sources; a checkpoint's example inputs come from its config "
                           "(--seq-len)")
     if args.stream:
-        if args.expert_layout not in (None, "source", "fused"):
-            raise BudgetError("--stream writes the fused expert layout only; drop --expert-layout or --stream")
         return _prune_stream(args)
     if args.recipe:
         used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
@@ -363,7 +361,7 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     if unsupported:
         raise BudgetError("--stream supports --heads --kv-groups --ffn --hidden --experts --layers --depth-criterion "
                           "--scope --allocate --sparsity --nm --criterion --sparsity-criterion --round-to --calib "
-                          f"--calib-samples --seq-len --overwrite only, not {' '.join(unsupported)}")
+                          f"--calib-samples --seq-len --expert-layout --overwrite only, not {' '.join(unsupported)}")
     if args.out is None:
         raise BudgetError("--stream needs --out")
     layers = args.layers
@@ -386,7 +384,8 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
         depth_criterion=args.depth_criterion or "bi", scope=args.scope or "local", allocate=args.allocate,
         importance=args.criterion, bias_compensation=args.bias_compensation,
         round_to=8 if args.round_to is None else args.round_to,
-        sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude")
+        sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude",
+        expert_layout=args.expert_layout or "source")
     # the in-memory defaults: flap with calibration text, weights only without a tokenizer or with --calib none
     options = resolve_defaults(options, calibrated=tokenizer is not None)
     if not (options.width or options.hidden or options.experts or options.layers or options.sparse):

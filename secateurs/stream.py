@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
+from secateurs.backends.expert_layout import PerExpertSource, fused_state, per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import guard_source
 from secateurs.backends.materialize import Snapshot, slice_dims
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
@@ -85,7 +86,7 @@ from secateurs.passes.hooks import first_tensor
 from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_position, _reduce_positions
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
-from secateurs.stream_reload import check_streamed_reload
+from secateurs.stream_reload import check_streamed_reload, digest
 
 __all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamReport", "prune_checkpoint",
            "resolve_defaults"]
@@ -141,6 +142,8 @@ class StreamOptions:
         damp: SparseGPT dampening.
         chunk_bytes: Largest piece of a copied-through tensor (embeddings, LM head) held at once.
         max_shard_bytes: Largest output shard of copied-through tensors (each block is one shard).
+        expert_layout: How MoE experts are written: ``source`` (as the source stores them; per-expert only when
+            plain ``from_pretrained`` can load the pruning), ``fused`` or ``per-expert``.
 
     """
 
@@ -167,6 +170,7 @@ class StreamOptions:
     damp: float = 0.01
     chunk_bytes: int = 64 << 20
     max_shard_bytes: int = 4 << 30
+    expert_layout: str = "source"
 
     def __post_init__(self) -> None:
         for name in ("ffn", "heads", "kv_groups", "hidden", "experts", "expert_neurons", "sparsity"):
@@ -207,6 +211,8 @@ class StreamOptions:
             except ValueError as exc:
                 raise BudgetError(f"nm must look like '2:4', got {self.nm!r}") from exc
             object.__setattr__(self, "nm", (n, m))
+        if self.expert_layout not in ("source", "fused", "per-expert"):
+            raise BudgetError(f"unknown expert layout {self.expert_layout!r}; choose source, fused or per-expert")
         if self.chunk_bytes < 1 or self.max_shard_bytes < 1:
             raise BudgetError("chunk_bytes and max_shard_bytes must be positive")
 
@@ -280,6 +286,7 @@ class StreamReport:
         depth_scores: ``(block, score)`` of every candidate block (``bi``) or window start (``angular``).
         passes: How many times the blocks were walked (1, or 2-3 with first statistics passes).
         calibration_batches: The calibration batches this process ran (its share under ``torchrun``).
+        expert_layout: For a MoE model, how its experts were written (``written``: fused or per-expert) and why.
 
     """
 
@@ -299,6 +306,7 @@ class StreamReport:
     depth_scores: tuple[tuple[str, float], ...] = ()
     passes: int = 1
     calibration_batches: int = 0
+    expert_layout: dict[str, str] | None = None
 
     def summary(self) -> str:
         """A few lines for the console."""
@@ -312,6 +320,8 @@ class StreamReport:
             lines.append("removed blocks: " + ", ".join(f"{n} ({v:.4f})" for n, v in self.removed_blocks))
         for e in self.experts[:8]:
             lines.append(f"  {e.block}: {e.before} -> {e.after} ({e.what})")
+        if self.expert_layout:
+            lines.append(f"experts written {self.expert_layout['written']} ({self.expert_layout['why']})")
         if self.widths:
             before, after = sum(w[1] for w in self.widths), sum(w[2] for w in self.widths)
             lines.append(f"width {before} -> {after} over {len(self.widths)} groups (heads, KV groups, FFN neurons, "
@@ -554,6 +564,12 @@ class _Walker:
         self.blocks_name = _block_list(self.model, self.config)
         self.blocks = self.model.get_submodule(self.blocks_name)
         expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.per_expert_source = stores_experts_one_by_one(source.tensors) and any(k not in source for k in expected)
+        if self.per_expert_source:  # read through transformers' own conversion into the fused layout
+            self.source = source = PerExpertSource(folder, self.model)
+        if opts.expert_layout == "per-expert" and not find_moe_blocks(self.model):
+            raise BudgetError(f"expert_layout='per-expert': {type(self.model).__name__} has no mixture-of-experts "
+                              "layer")
         for name, shape in expected.items():
             if name in source and tuple(source.info(name).shape) != shape:
                 hint = ("; the folder was pruned with per-layer sizes (secateurs.json), which streaming cannot "
@@ -573,10 +589,7 @@ class _Walker:
         for i, block_keys in enumerate(self.keys):
             missing = [f"{self.blocks_name}.{i}.{k}" for k in block_keys if f"{self.blocks_name}.{i}.{k}" not in source]
             if missing:
-                per_expert = any(".experts.0." in n for n in source.tensors)
-                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'" + (
-                    "; its experts are stored one by one (experts.N.w1.weight), which streaming does not convert "
-                    "yet: prune it without --stream (that path converts the layout)" if per_expert else ""))
+                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'")
         self.block_bytes = max(sum(source.info(f"{self.blocks_name}.{i}.{k}").nbytes for k in ks)
                                for i, ks in enumerate(self.keys))
         self.model_bytes = sum(source.info(n).nbytes for n in source.tensors)
@@ -1028,6 +1041,14 @@ class _Walker:
         sparsity: list[tuple[str, float]] = []
         probe = self.probe_call() if is_writer() else None
         probes: list[tuple[str, Call, torch.Tensor]] = []  # what each written block gives on the probe
+        digests: list[dict[str, int]] = []  # and the bytes of each of its tensors
+        moe = bool(find_moe_blocks(self.model))
+        per_expert = moe and (opts.expert_layout == "per-expert" or (opts.expert_layout == "source"
+                                                                     and self.per_expert_source))
+        self.expert_layout = None if not moe else {
+            "written": "per-expert" if per_expert else "fused",
+            "why": "asked for" if opts.expert_layout != "source" else
+            f"the source stores its experts {'one by one' if self.per_expert_source else 'fused'}"}
         with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
             for position in track(range(n), "streaming blocks"):
                 prefix = f"{self.blocks_name}.{position}."
@@ -1048,10 +1069,13 @@ class _Walker:
                     sparsity.extend(record.layers)
                     if stream is not None and position + 1 < n:
                         streams["pruned"], _ = _forward(block, stream)
+                state = {prefix + k: v for k, v in block.state_dict().items()}
                 if writer.enabled:
                     probes.append(self.probe(block, position, probe))
+                    digests.append({k[len(prefix):]: digest(v) for k, v in state.items()})
                 writer.write_shard(shard_name(position + 1, total),
-                                   {prefix + k: v for k, v in block.state_dict().items()})
+                                   per_expert_state(self.model, state) if per_expert else state)
+                del state
                 block.to("meta")
                 _release_memory()
             streams.clear()
@@ -1072,6 +1096,22 @@ class _Walker:
                 layout = describe(self.model)
                 plain = layout.plain_loadable
                 folder = self.folder
+                if per_expert and not plain:
+                    if opts.expert_layout == "per-expert":
+                        raise BudgetError("the per-expert layout is read by plain from_pretrained only, and this "
+                                          "pruning is not expressible in the config (per-layer sizes); write the "
+                                          "fused layout instead")
+                    log.warning("the source stores its experts one by one, but the per-expert layout loads with plain "
+                                "from_pretrained only and this pruning has per-layer sizes: writing the fused layout")
+                    for position in range(n):  # the blocks again, converted back (what load_pretrained reads)
+                        writer.rewrite_shard(shard_name(position + 1, total),
+                                             lambda t: fused_state(self.model, t, str(self.folder)))
+                    per_expert = False
+                    self.expert_layout = {"written": "fused", "why": "the source is per-expert, but the per-expert "
+                                          "layout is read by plain from_pretrained only and this pruning has "
+                                          "per-layer sizes"}
+                if per_expert:
+                    layout.manifest["expert_layout"] = "per-expert"
 
                 def extras(tmp: Path) -> None:
                     layout.config.save_pretrained(tmp)
@@ -1081,7 +1121,7 @@ class _Walker:
                             shutil.copy2(folder / fname, tmp / fname)
                     copies = [(name, self._passthrough(name, outside)[3]) for name in self.passthrough]
                     check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain, copies=copies,
-                                          chunk_bytes=opts.chunk_bytes)
+                                          chunk_bytes=opts.chunk_bytes, per_expert=per_expert, digests=digests)
 
                 writer.commit(extras)
         return widths, experts, sparsity, total, plain
@@ -1166,4 +1206,4 @@ def prune_checkpoint(
     return StreamReport(Path(dst), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,
                         walker.block_bytes, walker.model_bytes, walker.peak_acts, total, plain,
                         time.perf_counter() - start, tuple(experts), tuple(removed), tuple(depth_scores), walker.walks,
-                        len(batches or []))
+                        len(batches or []), getattr(walker, "expert_layout", None))

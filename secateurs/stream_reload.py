@@ -15,7 +15,10 @@ whole model:
 3. every written block, read back from the written shards into the loader's module, must give the outputs
    the streamed block gave on one probe call (recorded just before the block was written): the first block's
    inputs with random hidden states, or, for models whose preamble cannot be rebuilt outside the blocks
-   (Gemma's scaled embedding), the block's MLP on random inputs;
+   (Gemma's scaled embedding), the block's MLP on random inputs; and every tensor read back must have the
+   bytes (CRC-32, :func:`digest`) of the tensor that was verified and written, so an expert the probe does not
+   route to is checked too (per-expert outputs are read through transformers' conversion into the fused layout,
+   as ``from_pretrained`` reads them);
 4. every tensor outside the blocks (embeddings, final norm, LM head), read back from the written shards in
    chunks, must equal, bit for bit, the source's tensor with the pruned hidden channels sliced away (what the
    verified model holds there).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST, _assemble, _skeleton, _tied_names, compare_outputs
+from secateurs.backends.expert_layout import PerExpertSource
 from secateurs.backends.sharded import ShardedSource
 from secateurs.errors import VerificationError
 from secateurs.passes.hooks import first_tensor
@@ -142,6 +147,12 @@ def _rows(pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield piece.reshape(1) if piece.dim() == 0 else piece
 
 
+def digest(tensor: torch.Tensor) -> int:
+    """A CRC-32 of ``tensor``'s bytes (with its dtype and shape): equal digests mean the same stored tensor."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(data.data, zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode()))
+
+
 def _same_rows(want: Iterable[torch.Tensor], got: Iterable[torch.Tensor]) -> bool:
     """Whether two streams of slices along dim 0, cut at different rows, hold the same tensor bit for bit."""
     a_iter, b_iter = _rows(want), _rows(got)
@@ -175,7 +186,8 @@ def _check_copies(written: ShardedSource, copies: Sequence[tuple[str, Callable[[
 def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
                           probes: list[tuple[str, Call, torch.Tensor]], plain: bool, *,
                           copies: Sequence[tuple[str, Callable[[], Iterable[torch.Tensor]]]] = (),
-                          chunk_bytes: int = 1 << 28, trust_remote_code: bool = False) -> None:
+                          chunk_bytes: int = 1 << 28, trust_remote_code: bool = False,
+                          per_expert: bool = False, digests: Sequence[dict[str, int]] = ()) -> None:
     """Check the streamed output in ``folder`` as its claimed loader will load it (see the module docstring).
 
     Args:
@@ -188,18 +200,27 @@ def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
         chunk_bytes: Largest slice of a written tensor read at once.
         plain: The output claims plain ``from_pretrained`` loads it.
         trust_remote_code: Passed to the config loader.
+        digests: For every output block, :func:`digest` of each tensor of its state when it was written (block
+            names); the tensors read back must have the same bytes (the probe alone does not see an expert it does
+            not route to).
+        per_expert: The blocks hold their experts one by one; they are read through transformers' conversion into
+            the fused layout, as ``from_pretrained`` reads them.
 
     Raises:
         VerificationError: The reloaded model differs from the streamed one.
 
     """
     reloaded, how = _loader_model(folder, plain, trust_remote_code)
-    written = ShardedSource(folder)
+    written = PerExpertSource(folder, reloaded) if per_expert else ShardedSource(folder)
     _check_structure(verified, reloaded, written, blocks, how)
     for position, (suffix, call, want) in enumerate(probes):
         prefix = f"{blocks}.{position}."
         block = reloaded.get_submodule(f"{blocks}.{position}")
         loaded = written.load([prefix + k for k in block.state_dict()])
+        for key, want_digest in (digests[position] if digests else {}).items():
+            if digest(loaded[prefix + key]) != want_digest:
+                raise VerificationError(f"'{prefix + key}' reloaded with {how} differs from the tensor that was "
+                                        "verified and written")
         block.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, assign=True, strict=True)
         del loaded
         target = block.get_submodule(suffix[:-1]) if suffix else block

@@ -110,3 +110,19 @@ def test_moe_forward_with_and_without_masks_after_pruning(fn):
         plain = model(input_ids=ids).logits
     assert masked.shape == plain.shape == (2, 12, 120)
     torch.testing.assert_close(masked[1], plain[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "ratio", "kept"), [(torch.float32, 0.3, 36), (torch.float32, 0.2, 40),
+                                                     (torch.bfloat16, 0.3, 32)])
+def test_fused_expert_neurons_keep_the_strides_grouped_mm_needs(dtype, ratio, kept):
+    """torch's grouped_mm (how transformers runs fused experts) needs 16-byte strides: 48 neurons less 30% is 34,
+    which it refuses; the count is rounded to a multiple of 4 (fp32) / 8 (bf16) neurons and the model runs."""
+    model, inputs = _build(mixtral)
+    model.to(dtype)
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == 48
+    report = sc.prune(model, inputs, expert_neurons=ratio)
+    assert {(e.before, e.after) for e in report.experts} == {(48, kept)}
+    for layer in model.model.layers:
+        assert layer.mlp.experts.down_proj.shape[2] == kept
+        assert layer.mlp.experts.gate_up_proj.shape[1] == 2 * kept
+    assert first_tensor(call(model, inputs)).shape == (2, 12, 120)

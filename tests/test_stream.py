@@ -526,3 +526,77 @@ def test_streamed_output_is_reloaded_before_rename_blocks(tmp_path, monkeypatch,
     err = json.loads(capsys.readouterr().out)["error"]
     assert code == 3 and "model.layers.2" in err and "differs" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_per_expert_sources_stream_and_are_written_back_per_expert(tmp_path, monkeypatch, capsys, family):
+    """A checkpoint saved as transformers saves MoE models (experts one by one, over several shards) streams block
+    by block: it is read through transformers' conversion, pruned as in memory, and written back per-expert so that
+    plain from_pretrained loads it; fused on request, and fused with the reason when the pruning has per-layer
+    sizes (asking for per-expert then is an error that writes nothing). A spoiled per-expert tensor is caught by
+    the reload check."""
+    import transformers as tf
+
+    from secateurs.cli import main
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 8,  # 4 per group
+             "num_key_value_heads": 2, "num_experts_per_tok": 2, "max_position_embeddings": 64}
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=48, num_local_experts=8, **shape)).eval()
+    else:
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8,
+            **shape)).eval()
+    with torch.no_grad():  # block 2's heads matter more: a ranking across the blocks keeps more of them
+        model.model.layers[2].self_attn.o_proj.weight.mul_(4)
+        model.model.layers[2].self_attn.v_proj.weight.mul_(4)
+    one = ".experts.0.w1.weight" if family == "mixtral" else ".experts.0.gate_proj.weight"
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="150KB")
+    stored = ShardedSource(src).tensors
+    assert any(one in k for k in stored) and len({i.file for i in stored.values()}) > 2
+    opts = {"experts": 0.25, "heads": 0.5, "round_to": 1, "importance": "activation", "calib": _fixed_calib()}
+    ref = copy.deepcopy(model)
+    sc.prune(ref, _fixed_calib()[0], check_outputs=False, **opts)
+    x = _fixed_calib()[1]["input_ids"]
+    with torch.no_grad():
+        want = ref(x).logits
+    report = prune_checkpoint(src, tmp_path / "same", **opts)
+    assert report.expert_layout == {"written": "per-expert", "why": "the source stores its experts one by one"}
+    names = set(ShardedSource(tmp_path / "same").tensors)
+    assert any(one in k for k in names) and not any("experts.gate_up_proj" in k for k in names)
+    assert json.loads((tmp_path / "same" / "secateurs.json").read_text())["expert_layout"] == "per-expert"
+    plain = type(model).from_pretrained(tmp_path / "same").eval()
+    assert len(plain.model.layers[0].mlp.experts.gate_up_proj) == 6  # 8 experts -> 6, fused again in memory
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sc.load_pretrained(tmp_path / "same")(x).logits, plain(x).logits, rtol=0, atol=0)
+    report = prune_checkpoint(src, tmp_path / "fused", expert_layout="fused", **opts)
+    assert report.expert_layout["written"] == "fused"
+    assert not any(one in k for k in ShardedSource(tmp_path / "fused").tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(sc.load_pretrained(tmp_path / "fused")(x).logits, want, rtol=1e-4, atol=1e-4)
+    per_layer = {**opts, "scope": "global", "importance": "l2"}  # heads ranked across the blocks: per-layer head counts
+    report = prune_checkpoint(src, tmp_path / "global", **per_layer)
+    assert not report.plain_loadable
+    assert report.expert_layout["written"] == "fused" and "per-layer" in report.expert_layout["why"]
+    assert not any(one in k for k in ShardedSource(tmp_path / "global").tensors)
+    sc.load_pretrained(tmp_path / "global")
+    argv = ["prune", str(src), "--stream", "--heads", "0.5", "--round-to", "1", "--scope", "global", "--criterion", "l2",
+            "--calib", "none", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "refused"), "--expert-layout", "per-expert"]) == 2
+    assert "per-layer sizes" in json.loads(capsys.readouterr().out)["error"]
+    assert not (tmp_path / "refused").exists()
+    real = ShardedWriter.write_shard
+
+    def spoiled(self, filename, tensors):
+        return real(self, filename, {k: v * 1.5 if ".layers.1." in k and one.replace(".0.", ".2.") in k else v
+                                     for k, v in tensors.items()})
+
+    monkeypatch.setattr(ShardedWriter, "write_shard", spoiled)
+    argv = ["prune", str(src), "--stream", "--heads", "0.5", "--calib", "none", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "spoiled")]) == 3
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert "model.layers.1" in err and "differs" in err, err
+    assert not (tmp_path / "spoiled").exists()

@@ -267,6 +267,18 @@ class ShardedWriter:
         self.stream_shard(filename, [(n, t.dtype, tuple(t.shape), functools.partial(_single, t))
                                      for n, t in tensors.items()])
 
+    def rewrite_shard(self, filename: str, convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        """Replace the written shard ``filename`` by ``convert`` of its tensors (before the commit)."""
+        if self.tmp is None:
+            return
+        from safetensors.torch import load_file
+
+        tensors = {k: v.clone() for k, v in load_file(str(self.tmp / filename)).items()}  # the file is replaced
+        for name, t in tensors.items():
+            del self.weight_map[name]
+            self.total_bytes -= t.numel() * t.element_size()
+        self.write_shard(filename, convert(tensors))
+
     def stream_shard(self, filename: str, items: list[tuple[str, torch.dtype, tuple[int, ...], Chunks]]) -> None:
         """Write one shard whose tensors arrive in pieces: ``(name, dtype, shape, chunks)``.
 

@@ -282,7 +282,9 @@ class PruneExpertNeurons(Pass):
     """Transform pass: remove the same number of FFN neurons from every expert (each its own choice).
 
     Neuron importance is MAW (the largest absolute weight a neuron owns in its gate / up rows and down
-    column), computed per expert. Fused experts keep a rectangular ``[E, 2I', H]`` / ``[E, H, I']`` layout.
+    column), computed per expert. Fused experts keep a rectangular ``[E, 2I', H]`` / ``[E, H, I']`` layout, with
+    ``I'`` rounded to the nearest multiple of 16 bytes of the weights' dtype (4 fp32, 8 bf16 neurons): torch's
+    ``grouped_mm``, which transformers runs fused experts with, refuses other strides.
     """
 
     transforms = True
@@ -321,6 +323,9 @@ class PruneExpertNeurons(Pass):
         if down.shape[2] != inter:
             return None
         keep_n = self._keep(inter)
+        align = max(1, 16 // down.element_size())
+        if inter % align == 0:  # the dense layout runs with grouped_mm; the pruned one must too
+            keep_n = min(inter, max(align, align * int(keep_n / align + 0.5)))
         if keep_n == inter:
             return None
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
