@@ -126,3 +126,21 @@ def test_fused_expert_neurons_keep_the_strides_grouped_mm_needs(dtype, ratio, ke
         assert layer.mlp.experts.down_proj.shape[2] == kept
         assert layer.mlp.experts.gate_up_proj.shape[1] == 2 * kept
     assert first_tensor(call(model, inputs)).shape == (2, 12, 120)
+
+
+@pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
+def test_pruned_fused_experts_export_to_onnx_and_match_onnx_runtime(fn, tmp_path):
+    """transformers 5 runs fused experts through grouped_mm, which has no ONNX conversion: the export goes through
+    transformers' batched_mm instead, and ONNX Runtime must match the model as it runs (grouped_mm), which is
+    what the model is left with."""
+    pytest.importorskip("onnxruntime")
+    from secateurs.backends.onnx import export_onnx, verify_onnx
+
+    model, inputs = _build(fn)
+    sc.prune(model, inputs, experts=0.25, heads=0.5)
+    assert model.config._experts_implementation == "grouped_mm"
+    result = export_onnx(model, inputs, tmp_path / "moe.onnx")
+    assert model.config._experts_implementation == "grouped_mm"
+    assert result.max_abs_error < 1e-4
+    other = {"input_ids": torch.randint(0, 120, (3, 9))}  # another batch and length through the dynamic axes
+    assert verify_onnx(tmp_path / "moe.onnx", model, (), other)[0] < 1e-4

@@ -9,6 +9,7 @@ refused with the figures (the file is not left behind). Files are written to a t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -17,6 +18,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +130,11 @@ def export_onnx(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if exporter == "dynamo":
-                        program = torch.onnx.export(
-                            model, args, kwargs=kwargs, dynamo=True, verbose=False,
-                            dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
-                        )
+                        with _exportable_experts(model):
+                            program = torch.onnx.export(
+                                model, args, kwargs=kwargs, dynamo=True, verbose=False,
+                                dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                            )
                         assert program is not None
                         program.save(str(tmp))
                     else:
@@ -153,6 +156,32 @@ def export_onnx(
     finally:
         model.train(was_training)
     return OnnxExport(out, exporter, result[0], result[1])
+
+
+@contextlib.contextmanager
+def _exportable_experts(model: nn.Module) -> Iterator[None]:
+    """Run transformers' fused MoE experts through ``batched_mm`` while exporting.
+
+    transformers 5 runs them through ``grouped_mm`` by default, which has no ONNX conversion; ``batched_mm``
+    (each token's expert weights gathered, then a batched matmul) exports as Gather + MatMul. The file is still
+    compared with the model as it runs (``grouped_mm``) by :func:`verify_onnx`.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    setter = getattr(model, "set_experts_implementation", None)
+    if current in (None, "eager", "batched_mm") or setter is None:
+        yield
+        return
+    from secateurs.passes.experts import find_moe_blocks
+
+    if not any(b.fused for b in find_moe_blocks(model)):
+        yield
+        return
+    setter("batched_mm")
+    try:
+        yield
+    finally:
+        setter(current)
 
 
 class _Positional(nn.Module):
