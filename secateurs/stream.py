@@ -62,13 +62,13 @@ from torch import nn
 from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
 from secateurs.backends.expert_layout import PerExpertSource, fused_state, per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import guard_source
-from secateurs.backends.materialize import Snapshot, slice_dims
 from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
 from secateurs.distributed import all_reduce_sum, barrier, is_writer, presharded, shard, world_size
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
+from secateurs.modeling.rewrite import Snapshot, slice_dims
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
 from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible, _round_keep

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import secateurs as sc
-from secateurs.backends.materialize import apply_keep
 from secateurs.errors import VerificationError
 from secateurs.ir import analyze
+from secateurs.modeling.rewrite import apply_keep
 from secateurs.passes.channels import _shape_problem
 from secateurs.passes.masked import masked_mismatch
 

@@ -110,7 +110,7 @@ def _gemma_model():
 def test_a_checkpoint_that_reloads_differently_is_never_renamed_into_place(tmp_path, capsys, monkeypatch):
     """The old bug, forced back: the dense embed_scale stays in memory, every loader rebuilds another one."""
     _gemma(tmp_path / "src")
-    monkeypatch.setattr("secateurs.backends.materialize._follow_embed_scale", lambda snap, mod: None)
+    monkeypatch.setattr("secateurs.modeling.rewrite._follow_embed_scale", lambda snap, mod: None)
     code = main(["prune", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--hidden", "0.25", "--calib",
                  "none", "--json"])
     error = json.loads(capsys.readouterr().out)["error"]

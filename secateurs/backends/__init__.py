@@ -1,5 +1,5 @@
 """Backends: physically rewrite modules (and, later, export them)."""
 
-from secateurs.backends.materialize import Snapshot, apply_keep, check_module_attributes
+from secateurs.modeling.rewrite import Snapshot, apply_keep, check_module_attributes
 
 __all__ = ["Snapshot", "apply_keep", "check_module_attributes"]

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
-from secateurs.backends.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
-from secateurs.backends.materialize import embed_scale_for, set_embed_scale
 from secateurs.errors import CheckpointError
-from secateurs.passes.depth import ZeroSublayer
-from secateurs.passes.experts import find_moe_blocks
+from secateurs.modeling.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
+from secateurs.modeling.layers import ZeroSublayer
+from secateurs.modeling.rewrite import embed_scale_for, set_embed_scale
+from secateurs.modeling.structure import find_moe_blocks
 
 __all__ = ["MANIFEST", "TOKENIZER_FILES", "Layout", "SaveResult", "check_reload", "describe", "load_pretrained",
            "save_pretrained"]
@@ -604,8 +604,7 @@ def _load_converted(folder: Path, config: Any, cls: type, trust_remote_code: boo
 
 def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Factorised layers (low-rank, ARMOR) by module name, with what rebuilds them before their weights load."""
-    from secateurs.passes.armor import ArmorLinear
-    from secateurs.passes.lowrank import LowRankLinear
+    from secateurs.modeling.layers import ArmorLinear, LowRankLinear
 
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
@@ -620,8 +619,7 @@ def _replaced_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def _build_module(spec: Any, name: str, folder: Path) -> nn.Module:
     """An empty factorised layer from its manifest entry (weights load afterwards)."""
-    from secateurs.passes.armor import ArmorLinear
-    from secateurs.passes.lowrank import LowRankLinear
+    from secateurs.modeling.layers import ArmorLinear, LowRankLinear
 
     def dims(key: str, rank: int) -> list[int]:
         value = spec.get(key)
@@ -654,7 +652,7 @@ def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain:
 
     """
     from secateurs.errors import VerificationError
-    from secateurs.passes.drift import snapshot_outputs
+    from secateurs.modeling.outputs import snapshot_outputs
 
     how = f"{type(model).__name__}.from_pretrained" if plain else "load_pretrained"
     try:

@@ -112,7 +112,7 @@ def export_onnx(
     if torch.nn.utils.prune.is_pruned(model):
         # Attached sparsity masks export as Mul(weight_orig, weight_mask): TensorRT would see a computed
         # tensor, not a 2:4 weight, and the file would carry the mask. Export a copy with the masks applied.
-        from secateurs.passes.sparsity import remove_masks
+        from secateurs.modeling.outputs import remove_masks
 
         model = copy.deepcopy(model)
         remove_masks(model)
@@ -172,7 +172,7 @@ def _exportable_experts(model: nn.Module) -> Iterator[None]:
     if current in (None, "eager", "batched_mm") or setter is None:
         yield
         return
-    from secateurs.passes.experts import find_moe_blocks
+    from secateurs.modeling.structure import find_moe_blocks
 
     if not any(b.fused for b in find_moe_blocks(model)):
         yield

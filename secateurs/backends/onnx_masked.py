@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from secateurs.backends.onnx_file import run_onnx_model
 from secateurs.errors import VerificationError
-from secateurs.passes.onnx_channels import Cut
+from secateurs.ir.onnx_depgraph import Cut
 
 __all__ = ["cut_expect", "masked_model"]
 

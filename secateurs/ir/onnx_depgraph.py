@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 
+import numpy as np
 import onnx_ir as ir
 
 from secateurs.errors import CaptureError
@@ -28,9 +29,23 @@ from secateurs.ir.onnx_rules import (
     SliceBound,
 )
 
-__all__ = ["OnnxDependencyInfo", "analyze_onnx"]
+__all__ = ["Cut", "OnnxDependencyInfo", "analyze_onnx"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """A node whose statistics run over a pruned axis, with the keep masks of the values around it.
+
+    Attributes:
+        node: The node's name (unique in the graph).
+        masks: Value name -> per-dim keep masks, for every input and output of the node the analysis saw.
+
+    """
+
+    node: str
+    masks: dict[str, list[np.ndarray]]
 
 
 @dataclasses.dataclass

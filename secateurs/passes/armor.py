@@ -22,6 +22,7 @@ from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
+from secateurs.modeling.layers import ArmorLinear
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 from secateurs.passes.sparsity import _nm_mask, _sparsegpt
@@ -31,28 +32,6 @@ __all__ = ["ArmorLinear", "ArmorRecord", "FactorizeARMOR", "fit_armor"]
 
 def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*blocks)
-
-
-class ArmorLinear(nn.Module):
-    """``A (S (B x)) + bias`` with block-diagonal ``A`` ``[out, out]``, ``B`` ``[in, in]`` and N:M ``S``."""
-
-    def __init__(self, a_blocks: torch.Tensor, s: torch.Tensor, b_blocks: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = int(s.shape[1]), int(s.shape[0])
-        self.a_blocks = nn.Parameter(a_blocks)
-        self.sparse = nn.Parameter(s)
-        self.b_blocks = nn.Parameter(b_blocks)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply ``B``, the sparse core, then ``A``."""
-        nb, bs, _ = self.b_blocks.shape
-        h = torch.einsum("...nj,nij->...ni", x.reshape(*x.shape[:-1], nb, bs), self.b_blocks).reshape(x.shape)
-        h = torch.nn.functional.linear(h, self.sparse)
-        na, ba, _ = self.a_blocks.shape
-        out = torch.einsum("...nj,nij->...ni", h.reshape(*h.shape[:-1], na, ba), self.a_blocks).reshape(h.shape)
-        return out + self.bias if self.bias is not None else out
 
 
 def fit_armor(w: torch.Tensor, x: torch.Tensor, *, nm: tuple[int, int] = (2, 4), block: int = 4, steps: int = 150,

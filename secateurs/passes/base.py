@@ -8,9 +8,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from secateurs.backends.materialize import check_module_attributes
 from secateurs.errors import PassContractError
 from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.modeling.rewrite import check_module_attributes
 from secateurs.progress import track
 
 __all__ = ["Pass", "PassManager", "PassResult", "PipelineResult", "graph_invariants"]

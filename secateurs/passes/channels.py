@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import fx
 
-from secateurs.backends.materialize import Snapshot, apply_keep, compensate_biases
 from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.cost import predict_cost
 from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.importance import ChannelScores

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.backends.materialize import Snapshot
 from secateurs.distributed import all_reduce_sum, shard
 from secateurs.errors import BudgetError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
+from secateurs.modeling.layers import ZeroSublayer, hidden_input
+from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.hooks import calibration_calls, first_tensor, hidden_input
+from secateurs.passes.hooks import calibration_calls, first_tensor
 from secateurs.progress import track
 
 __all__ = [
@@ -54,29 +55,6 @@ log = logging.getLogger(__name__)
 DEPTH_CRITERIA = ("bi", "angular", "greedy")
 _ATTENTION_NAMES = ("self_attn", "attention", "attn")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
-
-
-class ZeroSublayer(nn.Module):
-    """Stands in for a removed sublayer: returns zeros shaped like its input (and ``None`` extras).
-
-    Args:
-        extras: How many extra outputs the replaced module returned after the hidden states (Hugging Face
-            attention returns ``(hidden, weights)``); 0 means it returned a bare tensor.
-
-    """
-
-    def __init__(self, extras: int = 0) -> None:
-        super().__init__()
-        self.extras = extras
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Zeros like the first tensor argument (``hidden_states``)."""
-        out = torch.zeros_like(hidden_input(args, kwargs))
-        return (out, *([None] * self.extras)) if self.extras else out
-
-    def extra_repr(self) -> str:
-        """Show the output arity."""
-        return f"extras={self.extras}"
 
 
 def _features(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import BudgetError, VerificationError
+from secateurs.modeling.outputs import snapshot_outputs
 
 __all__ = ["OutputDrift", "check_drift", "check_thresholds", "measure_drift", "snapshot_outputs"]
 
@@ -42,21 +43,6 @@ class OutputDrift:
         """One report line."""
         return (f"output drift on the example inputs: cosine {self.cosine:.4f}, relative error {self.rel_error:.4f}"
                 f" (max abs {self.max_abs_error:.3g}) over {self.outputs} output(s)")
-
-
-def _leaves(value: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
-
-
-def snapshot_outputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """The model's output tensors on ``args`` / ``kwargs`` (eval mode, no gradients), detached copies."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return [t.detach().clone() for t in _leaves(model(*args, **kwargs))]
-    finally:
-        model.train(was_training)
 
 
 def measure_drift(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -10,6 +10,7 @@ import torch
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.graph import Graph
+from secateurs.modeling.layers import hidden_input
 from secateurs.progress import track
 
 if TYPE_CHECKING:
@@ -43,14 +44,6 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
-
-
-def hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """A module call's hidden states: the ``hidden_states`` keyword, else the first tensor argument."""
-    hidden = kwargs.get("hidden_states")
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    return next(a for a in args if isinstance(a, torch.Tensor))
 
 
 def run_calibration(model: nn.Module, calls: list[Call], handles: Iterable[Any] = ()) -> None:

@@ -21,24 +21,11 @@ from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
+from secateurs.modeling.layers import LowRankLinear
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 
 __all__ = ["FactorizeLowRank", "LowRankLinear", "LowRankRecord"]
-
-
-class LowRankLinear(nn.Module):
-    """``up(down(x))``: a rank-``r`` stand-in for an ``nn.Linear`` (``in_features`` / ``out_features`` kept)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the two factors."""
-        return self.up(self.down(x))
 
 
 @dataclasses.dataclass(frozen=True)

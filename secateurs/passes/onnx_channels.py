@@ -22,7 +22,7 @@ from secateurs.errors import BudgetError, PassContractError, VerificationError
 from secateurs.frontends.onnx_model import propagate_shapes
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
 from secateurs.ir.graph import Graph
-from secateurs.ir.onnx_depgraph import OnnxDependencyInfo
+from secateurs.ir.onnx_depgraph import Cut, OnnxDependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
 from secateurs.passes.channels import ChannelOptions, GroupChange, plan_keep
 from secateurs.passes.importance import ChannelScores
@@ -31,20 +31,6 @@ from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
 __all__ = ["OnnxPruneRecord", "PruneOnnxChannels"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cut:
-    """A node whose statistics run over a pruned axis, with the keep masks of the values around it.
-
-    Attributes:
-        node: The node's name (unique in the graph).
-        masks: Value name -> per-dim keep masks, for every input and output of the node the analysis saw.
-
-    """
-
-    node: str
-    masks: dict[str, list[np.ndarray]]
 
 
 @dataclasses.dataclass

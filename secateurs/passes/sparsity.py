@@ -38,6 +38,7 @@ from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
+from secateurs.modeling.outputs import remove_masks
 from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.depth import find_blocks
 from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration, select_layers
@@ -604,13 +605,3 @@ def check_nm(model: nn.Module, n: int = 2, m: int = 4, names: Iterable[str] | No
 def sparsity_of(model: nn.Module) -> dict[str, float]:
     """Fraction of zero weights of every linear / conv layer."""
     return {name: float((w == 0).float().mean()) for name, _, w in _weights(model)}
-
-
-def remove_masks(model: nn.Module) -> int:
-    """Make attached masks permanent (``weight`` becomes a plain parameter again); returns how many."""
-    count = 0
-    for mod in model.modules():
-        if isinstance(getattr(mod, "weight_mask", None), torch.Tensor) and hasattr(mod, "weight_orig"):
-            torch_prune.remove(mod, "weight")
-            count += 1
-    return count

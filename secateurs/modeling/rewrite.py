@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateurs.backends.hf_attributes import sync_module
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
+from secateurs.modeling.hf_attributes import sync_module
 
 __all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases", "slice_dims"]
 

@@ -1,0 +1,1 @@
+"""The parts of recovery training (:class:`secateurs.passes.Recover`): options, LoRA, losses, teacher, checkpoints."""
