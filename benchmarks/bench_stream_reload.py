@@ -13,6 +13,7 @@ import torch
 import transformers as tf
 
 import secateurs.stream as stream
+import secateurs.streaming.walker as walker
 
 
 def run(vocab: int, **options: float) -> None:
@@ -23,7 +24,7 @@ def run(vocab: int, **options: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         model.save_pretrained(src, max_shard_size="4MB")
-        real = stream.check_streamed_reload
+        real = walker.check_streamed_reload
         spent: list[float] = []
 
         def timed(*args: object, **kwargs: object) -> None:
@@ -31,7 +32,7 @@ def run(vocab: int, **options: float) -> None:
             real(*args, **kwargs)  # type: ignore[arg-type]
             spent.append(time.perf_counter() - start)
 
-        stream.check_streamed_reload = timed  # type: ignore[assignment]
+        walker.check_streamed_reload = timed  # type: ignore[assignment]
         for i in range(3):
             start = time.perf_counter()
             stream.prune_checkpoint(src, Path(tmp) / f"out{i}", **options)

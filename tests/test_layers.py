@@ -36,7 +36,7 @@ def layer(module: str) -> str:
     """The layer of ``module``; an unknown top-level module is an error (give it a layer above)."""
     if module in UTIL:
         return "util"
-    if module in TOP:
+    if module in TOP or module.startswith("secateurs.streaming"):  # the streamed driver's parts
         return "top"
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in PACKAGES:

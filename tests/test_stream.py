@@ -433,7 +433,7 @@ def _broken_stream(tmp_path, monkeypatch, spoil, **options):
 def test_streamed_output_is_reloaded_before_rename_structure(tmp_path, monkeypatch, capsys):
     """A manifest that loses one layer's recorded width: the loader builds the dense shape, so the written
     checkpoint would not load; the check refuses it and nothing is written."""
-    import secateurs.stream as stream
+    import secateurs.streaming.walker as stream
 
     real = stream.describe
 
@@ -454,7 +454,7 @@ def test_streamed_output_is_reloaded_before_rename_structure(tmp_path, monkeypat
 def test_streamed_output_is_reloaded_before_rename_constants(tmp_path, monkeypatch, capsys):
     """A written config whose rotary base differs from the streamed model's: the blocks' weights are all right,
     but every loader would rebuild other rotary tables."""
-    import secateurs.stream as stream
+    import secateurs.streaming.walker as stream
 
     real = stream.describe
 

@@ -1,0 +1,681 @@
+"""The walk over a checkpoint's blocks: load one, score / prune it as the in-memory passes do, write it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
+from secateurs.backends.expert_layout import PerExpertSource, fused_state, per_expert_state, stores_experts_one_by_one
+from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
+from secateurs.distributed import all_reduce_sum, is_writer
+from secateurs.errors import BudgetError, CheckpointError
+from secateurs.frontends.torch_export import capture
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.ir.graph import Graph
+from secateurs.modeling.rewrite import Snapshot, slice_dims
+from secateurs.passes.allocate import AllocateBudget, LayerBudget
+from secateurs.passes.base import Pass, PassManager, PassResult
+from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible, _round_keep
+from secateurs.passes.dependencies import AnalyzeDependencies
+from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
+from secateurs.passes.experts import (
+    ExpertChange,
+    PruneExpertNeurons,
+    PruneExperts,
+    ScoreExperts,
+    find_moe_blocks,
+)
+from secateurs.passes.hooks import first_tensor
+from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_position, _reduce_positions
+from secateurs.passes.sparsity import SparsifyWeights
+from secateurs.progress import track
+from secateurs.stream_reload import check_streamed_reload, digest
+from secateurs.streaming.blocks import (
+    _as_inputs,
+    _block_list,
+    _bytes,
+    _first_inputs,
+    _forward,
+    _meta_model,
+    _passthrough_groups,
+    _release_memory,
+)
+from secateurs.streaming.options import _CALIBRATED_IMPORTANCE, _CALIBRATED_SPARSITY, Call, StreamOptions
+
+log = logging.getLogger("secateurs.stream")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """A width group of one block, as the budget allocators see it (``id`` is unique over all blocks)."""
+
+    id: int
+    size: int
+    kind: str
+    name: str
+    position: int
+    params_per_channel: int
+
+
+@dataclasses.dataclass
+class _HiddenPlan:
+    """The hidden-size group of the whole (meta) model, its members and the scores gathered block by block."""
+
+    group: ChannelGroup
+    members: list[tuple[str, int, np.ndarray, bool]]  # name, dim, channel of every flat index, is a parameter
+    attrs: list[tuple[str, str, int]]  # module, attribute, size it takes once the group keeps ``keep``
+    scores: np.ndarray
+    table: Any
+    keep: np.ndarray | None = None
+
+    def cuts(self, prefix: str) -> tuple[list[tuple[str, int, np.ndarray]], list[tuple[str, str, int]]]:
+        """The slices and attributes of the members under ``prefix``, named relative to it."""
+        assert self.keep is not None
+        cuts = [(name[len(prefix):], dim, np.flatnonzero((pos < 0) | np.isin(pos, self.keep)))
+                for name, dim, pos, _ in self.members if name.startswith(prefix)]
+        attrs = [(module[len(prefix):], attr, value) for module, attr, value in self.attrs
+                 if (module + ".").startswith(prefix)]
+        return cuts, attrs
+
+
+class _GivenBudget(Pass):
+    """Analysis pass: the per-group ratios decided from every block's statistics, for this block's groups."""
+
+    requires = (DependencyInfo,)
+    provides = (LayerBudget,)
+
+    def __init__(self, ratios: dict[str, float], allocator: str, unit: str) -> None:
+        self.ratios, self.allocator, self.unit = ratios, allocator, unit
+
+    def run(self, graph: Graph) -> PassResult:
+        info = graph.analysis(DependencyInfo)
+        ratios = {g.id: self.ratios.get(g.name, 0.0) for g in info.iter_groups()}
+        budget = LayerBudget(self.allocator, 0.0, self.unit, ratios, {g: 1.0 for g in ratios})
+        graph.analyses[LayerBudget] = budget
+        return PassResult(graph, False, budget)
+
+
+class _Walker:
+    """The meta model, its checkpoint and the calibration streams; walks the blocks one at a time."""
+
+    def __init__(self, folder: Path, opts: StreamOptions, batches: list[dict[str, torch.Tensor]] | None) -> None:
+        self.folder, self.opts = folder, opts
+        self.source = source = ShardedSource(folder)
+        self.model, self.config = _meta_model(folder)
+        self.blocks_name = _block_list(self.model, self.config)
+        self.blocks = self.model.get_submodule(self.blocks_name)
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.per_expert_source = stores_experts_one_by_one(source.tensors) and any(k not in source for k in expected)
+        if self.per_expert_source:  # read through transformers' own conversion into the fused layout
+            self.source = source = PerExpertSource(folder, self.model)
+        if opts.expert_layout == "per-expert" and not find_moe_blocks(self.model):
+            raise BudgetError(f"expert_layout='per-expert': {type(self.model).__name__} has no mixture-of-experts "
+                              "layer")
+        for name, shape in expected.items():
+            if name in source and tuple(source.info(name).shape) != shape:
+                hint = ("; the folder was pruned with per-layer sizes (secateurs.json), which streaming cannot "
+                        "read: stream the original checkpoint, or prune this one without --stream") \
+                    if (folder / MANIFEST).is_file() else ""
+                raise CheckpointError(
+                    f"'{folder / 'config.json'}' does not match the weights: it makes '{name}' {list(shape)}, the "
+                    f"checkpoint stores {list(source.info(name).shape)}{hint}")
+        known = set(expected)
+        skipped = sorted(n for n in source.tensors if n not in known)
+        if skipped:
+            log.warning("%d stored tensors are not part of %s and are dropped: %s", len(skipped),
+                        type(self.model).__name__, ", ".join(skipped[:5]))
+        self.passthrough = [n for n in self.model.state_dict() if n in source and
+                            not n.startswith(self.blocks_name + ".")]
+        self.keys = [list(b.state_dict()) for b in self.blocks.children()]
+        for i, block_keys in enumerate(self.keys):
+            missing = [f"{self.blocks_name}.{i}.{k}" for k in block_keys if f"{self.blocks_name}.{i}.{k}" not in source]
+            if missing:
+                raise CheckpointError(f"the checkpoint in '{folder}' lacks block tensors, e.g. '{missing[0]}'")
+        self.block_bytes = max(sum(source.info(f"{self.blocks_name}.{i}.{k}").nbytes for k in ks)
+                               for i, ks in enumerate(self.keys))
+        self.model_bytes = sum(source.info(n).nbytes for n in source.tensors)
+        self.dtype = source.info(f"{self.blocks_name}.0.{self.keys[0][0]}").dtype
+        self.order = list(range(len(self.keys)))  # source block of every output position
+        self.peak_weights = self.peak_acts = 0
+        self.walks = 0
+        if (opts.experts or opts.expert_neurons) and not find_moe_blocks(self.model):
+            raise BudgetError(f"{type(self.model).__name__} has no mixture-of-experts block; experts / "
+                              "expert_neurons cannot apply")
+        self.first: list[Call] = []
+        if opts.calibrated:
+            if batches is None:
+                raise BudgetError(f"{', '.join(opts.needs_calibration)} need{'s' if len(opts.needs_calibration) == 1 else ''}"
+                                  " calibration batches (calib=...)")
+            types = getattr(self.config, "layer_types", None)
+            if isinstance(types, list) and len(set(types)) > 1:
+                raise BudgetError(f"{type(self.model).__name__} mixes attention types {sorted(set(types))}: "
+                                  "streamed calibration passes one attention mask to every block, so it cannot "
+                                  "calibrate this model; use weight-only criteria or prune it in memory")
+            self.first = _first_inputs(self.model, self.blocks_name, source, batches, self.dtype) if batches else []
+        self._example: Call | None = None
+        self.experts_state = 0 if opts.experts else None
+        self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
+        hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
+        self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
+                                      kind_ratios=opts.kind_ratios + hidden,
+                                      bias_compensation=bool(opts.bias_compensation), require=False)
+        self.removed: list[str] = []
+        self.hidden: _HiddenPlan | None = None
+
+    def prefix(self, position: int) -> str:
+        """The source checkpoint's name prefix of the block at ``position``."""
+        return f"{self.blocks_name}.{self.order[position]}."
+
+    def load(self, position: int, block: nn.Module) -> nn.Module:
+        """Assign the block's weights from the checkpoint to ``block`` (a meta module of the same structure)."""
+        i = self.order[position]
+        prefix = self.prefix(position)
+        loaded = self.source.load([prefix + k for k in self.keys[i]])
+        self.peak_weights = max(self.peak_weights, sum(t.numel() * t.element_size() for t in loaded.values()))
+        block.load_state_dict({k: loaded[prefix + k] for k in self.keys[i]}, assign=True, strict=True)
+        del loaded
+        unset = [n for n, t in (*block.named_parameters(), *block.named_buffers()) if t.is_meta]
+        if unset:
+            raise CheckpointError(f"block '{prefix[:-1]}' has tensors the checkpoint does not store, e.g. "
+                                  f"'{unset[0]}'; it cannot be streamed")
+        return block.eval()
+
+    def note_activations(self, streams: dict[Any, list[Call]]) -> None:
+        self.peak_acts = max(self.peak_acts, sum(_bytes(c) for c in streams.values()))
+
+    def streams(self) -> dict[Any, list[Call]]:
+        """The calibration streams the transform stages read, all starting at the first block's inputs."""
+        if not self.first:
+            return {}
+        opts = self.opts
+        out: dict[Any, list[Call]] = {}
+        if self.experts_state is not None:
+            out[self.experts_state] = self.first
+        if opts.width and (opts.importance in _CALIBRATED_IMPORTANCE or opts.allocate == "cfsp"):
+            out[self.width_state] = self.first
+        if opts.sparse and opts.sparsity_criterion in _CALIBRATED_SPARSITY:
+            out["pruned"] = self.first
+            if self.hidden is not None and self.hidden.keep is not None:  # the pruned model's embeddings are sliced
+                keep = torch.from_numpy(self.hidden.keep)
+                out["pruned"] = [((args[0].index_select(-1, keep), *args[1:]), kwargs) for args, kwargs in self.first]
+        return out
+
+    def capture_example(self, block: nn.Module, calls: list[Call] | None) -> dict[str, Any]:
+        """Keyword inputs to capture ``block`` with: its first calibration call, or one made up of 8 zero tokens."""
+        if calls:
+            return _as_inputs(block, calls[0])
+        return _as_inputs(block, self._base_call())
+
+    def _base_call(self) -> Call:
+        if self._example is None:
+            self._example = self.first[0] if self.first else _first_inputs(
+                self.model, self.blocks_name, self.source, [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}],
+                self.dtype)[0]
+        return self._example
+
+    def probe_call(self) -> Call | None:
+        """The call every written block is probed with for the reload check.
+
+        The first block's inputs, with seeded random hidden states of the output's hidden size; None when the
+        model's preamble cannot be rebuilt outside the blocks (then each block's MLP is probed, see
+        :meth:`probe`).
+        """
+        try:
+            args, kwargs = self._base_call()
+        except CheckpointError:
+            return None
+        hidden = args[0]
+        width = hidden.shape[-1] if self.hidden is None or self.hidden.keep is None else len(self.hidden.keep)
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn((*hidden.shape[:-1], width), generator=gen).to(hidden.dtype)
+        return (probe, *args[1:]), kwargs
+
+    def probe(self, block: nn.Module, position: int, call: Call | None) -> tuple[str, Call, torch.Tensor]:
+        """What the written ``block`` gives on the probe: the whole block on ``call``, or its MLP alone."""
+        suffix, target = "", block
+        if call is None:
+            if self.opts.block_capture:  # unreachable: capturing whole blocks needed the preamble already
+                raise BudgetError(f"block '{self.blocks_name}.{position}' cannot be probed for the reload check: "
+                                  "the model's preamble cannot be rebuilt")
+            target, _, suffix = self.width_target(block, position)  # its MLP, which has a linear layer
+            first = next(m for m in target.modules() if isinstance(m, nn.Linear))
+            gen = torch.Generator().manual_seed(0)
+            call = ((torch.randn((1, 8, first.in_features), generator=gen).to(first.weight.dtype),), {})
+        with torch.no_grad():
+            said = first_tensor(target(*call[0], **call[1]))
+        if said is None:
+            raise BudgetError(f"{type(target).__name__} returned no tensor on the probe call")
+        return suffix, call, said.detach()
+
+    def width_target(self, block: nn.Module, position: int) -> tuple[nn.Module, Any, str]:
+        """What width pruning captures: the whole block, or (FFN width by weights alone) only its MLP.
+
+        The MLP alone needs no inputs from the model's preamble (rotary tables, masks), which some models
+        cannot rebuild outside the blocks; its scores and cuts are the same.
+        """
+        if self.opts.block_capture:
+            return block, None, ""
+        mlp = getattr(block, "mlp", None)
+        first = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None) if isinstance(mlp, nn.Module) else None
+        if first is None:
+            raise BudgetError(f"block '{self.blocks_name}.{position}' ({type(block).__name__}) has no mlp with a "
+                              "linear layer to prune")
+        assert isinstance(mlp, nn.Module)
+        return mlp, (torch.zeros(1, 1, first.in_features, dtype=first.weight.dtype),), "mlp."
+
+    def depth(self) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """First pass over the dense blocks: choose the blocks to remove, then renumber the meta model."""
+        opts, n = self.opts, len(self.keys)
+        assert opts.layers is not None
+        count = int(round(n * opts.layers)) if opts.layers < 1 else int(opts.layers)
+        if count >= n:
+            raise BudgetError(f"cannot remove {count} of {n} blocks; at least one must stay")
+        if count == 0:
+            return [], []
+        self.walks += 1
+        names = [f"{self.blocks_name}.{i}" for i in range(n)]
+        influence: dict[Any, float] = {}
+        windows: dict[Any, float] = {}
+        boundaries: list[list[torch.Tensor]] = [[args[0] for args, _ in self.first]]
+        calls = self.first
+        for i in track(range(n), "depth scoring blocks"):
+            block = self.load(i, copy.deepcopy(self.blocks.get_submodule(str(i))))
+            out, _ = _forward(block, calls)
+            influence[i] = float(sum(1 - mean_cosine(a[0], o[0]) for (a, _), (o, _) in zip(calls, out, strict=True)))
+            if opts.depth_criterion == "angular":
+                boundaries.append([args[0] for args, _ in out])
+                start = i + 1 - count
+                if start >= 0:
+                    windows[start] = float(sum(mean_cosine(x, y) for x, y in zip(
+                        boundaries[0], boundaries[-1], strict=True)))
+                    boundaries.pop(0)
+            calls = out
+            self.peak_acts = max(self.peak_acts, _bytes(calls) * (count + 1 if windows or boundaries[1:] else 2))
+            del block
+            _release_memory()
+        total = all_reduce_sum({**{("bi", k): v for k, v in influence.items()},
+                                **{("win", k): v for k, v in windows.items()}, "n": float(len(self.first))})
+        seen = max(total["n"], 1.0)
+        if opts.depth_criterion == "bi":
+            scores = {names[i]: total[("bi", i)] / seen for i in range(n)}
+            removed = sorted(names, key=lambda c: scores[c])[:count]
+            chosen = [(c, scores[c]) for c in removed]
+        else:
+            scores = {names[s]: angular_distance(total[("win", s)] / seen) for s in range(n - count + 1)}
+            best = min(range(n - count + 1), key=lambda s: scores[names[s]])
+            chosen = [(names[s], scores[names[best]]) for s in range(best, best + count)]
+        drop = {int(c.rpartition(".")[2]) for c, _ in chosen}
+        self.removed = [c for c, _ in chosen]
+        RemoveBlocks(count)._apply(self.model, self.removed, Snapshot(), [])
+        self.order = [i for i in range(n) if i not in drop]
+        return sorted(chosen, key=lambda t: int(t[0].rpartition(".")[2])), sorted(scores.items())
+
+    def advance(self, block: nn.Module, streams: dict[Any, list[Call]], state: Any,
+                influence: list[float] | None = None) -> list[Call] | None:
+        """The calls into ``block`` for ``state``; the stream moves on to the next block's inputs."""
+        calls = streams.get(state)
+        if calls is None:
+            return None
+        out, _ = _forward(block, calls)
+        if influence is not None:
+            influence.append(float(sum(1 - mean_cosine(a[0], o[0]) for (a, _), (o, _) in zip(calls, out, strict=True))))
+        streams[state] = out
+        return calls
+
+    def transform(self, position: int, block: nn.Module, streams: dict[Any, list[Call]], *,
+                  budget: dict[str, float] | None = None, survey: list[Any] | None = None,
+                  influence: list[float] | None = None) -> tuple[list[ExpertChange], list[tuple[str, int, int]]]:
+        """Experts, expert neurons and width on one loaded block, as :func:`secateurs.prune` orders them.
+
+        With ``survey`` the width scores are appended to it (as ``(slot, scores)``) instead of pruning.
+        """
+        opts = self.opts
+        prefix = f"{self.blocks_name}.{position}."
+        graph: Graph | None = None
+        experts: list[ExpertChange] = []
+        if opts.experts or opts.expert_neurons:
+            calls = self.advance(block, streams, self.experts_state) if opts.experts else None
+            graph = capture(block, self.capture_example(block, calls))
+            passes: list[Pass] = []
+            if opts.experts:
+                passes += [ScoreExperts(opts.expert_importance, calib=[_as_inputs(block, c) for c in calls or []]),
+                           PruneExperts(opts.experts)]
+            if opts.expert_neurons:
+                passes.append(PruneExpertNeurons(opts.expert_neurons))
+            result = PassManager(passes)(graph)
+            graph = result.graph
+            experts = [dataclasses.replace(c, block=prefix + c.block) for name, r, _ in result.results
+                       if name in ("PruneExperts", "PruneExpertNeurons") for c in (r.record or [])]
+        if not opts.width:
+            return experts, []
+        calls = self.advance(block, streams, self.width_state, influence)
+        target, example, sub = self.width_target(block, position)
+        if graph is None:
+            graph = capture(target, example if example is not None else self.capture_example(block, calls))
+        calibrated = opts.importance in _CALIBRATED_IMPORTANCE
+        result = PassManager([AnalyzeDependencies(), ScoreChannels(
+            opts.importance or "l2", calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
+        graph = result.graph
+        if survey is not None:
+            info = graph.analysis(DependencyInfo)
+            scores = graph.analysis(ChannelScores).scores
+            ratios = dict(opts.kind_ratios)
+            for g in info.iter_groups():
+                if ratios.get(g.kind, 0.0) > 0 and _eligible(g, self.options) and (
+                        opts.allocate is None or (g.mixed_at is None and g.size > 1)):
+                    slot = _Slot(len(survey), g.size, g.kind, sub + g.name, position, int(g.params_per_channel))
+                    survey.append((slot, np.asarray(scores[g.id], dtype=np.float64)))
+            return experts, []
+        passes = [_GivenBudget({k[len(sub):]: v for k, v in budget.items()}, opts.allocate or "global",
+                               opts.budget_unit)] if budget is not None else []
+        result = PassManager([*passes, PruneChannels(self.options)])(graph)
+        record: PruneRecord | None = result.record(PruneRecord)
+        return experts, [(prefix + sub + c.name, c.before, c.after) for c in (record.changes if record else [])]
+
+    def plan_hidden(self) -> None:
+        """Find the hidden-size group: capture the whole (depth-pruned) model on ``meta`` and analyse it."""
+        skeleton, _ = _meta_model(self.folder)
+        if self.removed:
+            RemoveBlocks(len(self.removed))._apply(skeleton, self.removed, Snapshot(), [])
+        graph = capture(skeleton, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        AnalyzeDependencies()(graph)
+        info = graph.analysis(DependencyInfo)
+        groups = [g for g in info.iter_groups() if g.kind == "hidden"]
+        embeddings = skeleton.get_input_embeddings()  # type: ignore[operator]
+        emb = next((f"{n}.weight[1]" for n, m in skeleton.named_modules() if m is embeddings), "")
+        why = next((f.reason for f in info.frozen if emb in f.members), None)
+        if not groups and why is not None:
+            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is frozen (as it is in memory): {why}")
+        if len(groups) != 1:
+            raise BudgetError(f"{type(skeleton).__name__} has {len(groups)} hidden-size groups; streaming prunes "
+                              "exactly one (the residual stream)")
+        g = groups[0]
+        members = [(m.name, m.dim, info.channel_positions(m, g.id), m.is_param) for m in g.members]
+        outside = [n for n, _, _, _ in members if not n.startswith(self.blocks_name + ".")]
+        stream_dims = [pos for n, d, pos, _ in members if n in outside and d == 1]
+        if any(not np.array_equal(pos, np.arange(g.size)) for pos in stream_dims):
+            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is not laid out channel by channel in "
+                              "its embeddings; it cannot be streamed")
+        state = {**graph.params, **graph.buffers}
+        attrs = [(state[p].rpartition(".")[0], attr, atom) for p, attr, atom in info.module_attrs if p in state]
+        self.hidden = _HiddenPlan(g, members, attrs, np.zeros(g.size), info.table)  # type: ignore[arg-type]
+
+    def _hidden_how(self) -> tuple[str, bool]:
+        return {"l1": "l1", "l2": "l2", "maw": "max"}[self.opts.importance or "l2"], self.opts.importance == "maw"
+
+    def _add_hidden(self, per: np.ndarray, positions: np.ndarray) -> None:
+        plan = self.hidden
+        assert plan is not None
+        _, maw = self._hidden_how()
+        red = _reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
+        plan.scores = np.maximum(plan.scores, red) if maw else plan.scores + red
+
+    def score_hidden(self, position: int, block: nn.Module) -> None:
+        """Add the contributions of block ``position``'s hidden-size members (as :class:`ScoreChannels` does)."""
+        assert self.hidden is not None
+        how, _ = self._hidden_how()
+        prefix = f"{self.blocks_name}.{position}."
+        for name, dim, pos, is_param in self.hidden.members:
+            if is_param and name.startswith(prefix):
+                self._add_hidden(_per_position(block.get_parameter(name[len(prefix):]), dim, how), pos)
+
+    def stored_name(self, name: str) -> str:
+        """The checkpoint's name of a tensor of the model (a tied weight is stored under one of its names)."""
+        if name in self.source:
+            return name
+        target = dict(self.model.named_parameters(remove_duplicate=False)).get(name)
+        for alias, t in self.model.named_parameters(remove_duplicate=False):
+            if t is target and alias in self.source:
+                return alias
+        raise CheckpointError(f"the checkpoint in '{self.folder}' lacks '{name}'")
+
+    def finish_hidden(self) -> None:
+        """Add the embeddings', final norm's and LM head's contributions (read in row chunks); choose the channels."""
+        plan = self.hidden
+        assert plan is not None
+        how, maw = self._hidden_how()
+        for name, dim, pos, is_param in plan.members:
+            if not is_param or name.startswith(self.blocks_name + "."):
+                continue
+            stored = self.stored_name(name)
+            per: np.ndarray | None = None
+            pieces = [self.source.load([stored])[stored]] if dim == 0 else self.source.chunks(stored,
+                                                                                            self.opts.chunk_bytes)
+            for piece in pieces:
+                self.peak_weights = max(self.peak_weights, piece.numel() * piece.element_size())
+                p = _per_position(piece, dim, how)
+                per = p if per is None else (np.maximum(per, p) if maw else per + p)
+            assert per is not None
+            self._add_hidden(per, pos)
+        scores = np.sqrt(plan.scores) if self.opts.importance == "l2" else plan.scores
+        g = plan.group
+        kept = _round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
+        if kept >= g.size:
+            self.hidden = None
+            return
+        plan.keep = np.sort(np.argsort(-scores, kind="stable")[:kept])
+        memo: dict[int, int] = {}
+        table = plan.table
+        plan.attrs = [(module, attr, table.sized(atom, {g.id: kept}, memo)) for module, attr, atom in plan.attrs
+                      if table.sized(atom, {g.id: kept}, memo) != table.sized(atom, {}, {})]
+
+    def survey(self) -> dict[int, dict[str, float]] | None:
+        """First pass over the blocks: width scores of every block, then one ranking or allocation over all.
+
+        The hidden size's scores are gathered in the same pass.
+
+        Returns:
+            Per block position, the fraction to remove per group name (None: width is decided block by block).
+
+        """
+        opts = self.opts
+        self.walks += 1
+        streams = self.streams()
+        found: list[tuple[_Slot, np.ndarray]] = []
+        influence: list[float] = []
+        for position in track(range(len(self.order)), "scoring blocks"):
+            block = self.load(position, copy.deepcopy(self.blocks.get_submodule(str(position))))
+            start = len(found)
+            bi: list[float] = []
+            with torch.no_grad():
+                self.transform(position, block, streams, survey=found, influence=bi)
+                if self.hidden is not None:
+                    self.score_hidden(position, block)
+            influence.extend([bi[0] if bi else 0.0] * (len(found) - start))
+            self.note_activations(streams)
+            del block
+            _release_memory()
+        if self.hidden is not None:
+            self.finish_hidden()
+        if not opts.surveyed:
+            return None
+        if not found:
+            raise BudgetError(f"no {'/'.join(k for k, _ in opts.kind_ratios)} groups to rank across the blocks")
+        slots = [s for s, _ in found]
+        scores = {s.id: v for s, v in found}
+        if opts.allocate is not None:
+            weights = {s.id: float(s.params_per_channel) if opts.budget_unit == "params" else 1.0 for s in slots}
+            importance = None
+            if opts.allocate == "cfsp":
+                total = all_reduce_sum({**{i: v for i, v in enumerate(influence)}, "n": float(len(self.first))})
+                importance = np.asarray([total[i] / max(total["n"], 1.0) for i in range(len(slots))])
+            allocator = AllocateBudget(0.0, opts.allocate, unit=opts.budget_unit, min_keep=opts.min_keep,
+                                       kind_ratios=dict(opts.kind_ratios))
+            ratios = allocator.allocate(slots, scores, weights, importance, {s.id: s.kind for s in slots})
+        else:
+            ratios = self._global_ranking(slots, scores)
+        out: dict[int, dict[str, float]] = {}
+        for s in slots:
+            out.setdefault(s.position, {})[s.name] = ratios.get(s.id, 0.0)
+        return out
+
+    def _global_ranking(self, slots: list[_Slot], scores: dict[int, np.ndarray]) -> dict[int, float]:
+        """Per kind, one ranking of scores normalised by each group's mean; the lowest ``ratio`` go.
+
+        This is ``scope="global"`` of :func:`~secateurs.passes.channels.plan_keep` over every block's groups.
+        """
+        out: dict[int, float] = {}
+        for kind, ratio in self.opts.kind_ratios:
+            pool: list[tuple[float, int]] = []
+            for s in slots:
+                if s.kind != kind:
+                    continue
+                v = scores[s.id]
+                mean = float(np.mean(v)) if v.size else 0.0
+                pool.extend((float(x), s.id) for x in (v / mean if mean > 0 else np.zeros_like(v)))
+            pool.sort(key=lambda t: t[0])
+            removed: dict[int, int] = {}
+            for _, sid in pool[:int(round(len(pool) * ratio))]:
+                removed[sid] = removed.get(sid, 0) + 1
+            out.update({s.id: removed.get(s.id, 0) / s.size for s in slots if s.kind == kind})
+        return out
+
+    def _outside_cuts(self) -> dict[str, tuple[int, np.ndarray]]:
+        """Per stored tensor outside the blocks, the hidden-size dim and the flat indices it keeps."""
+        if self.hidden is None:
+            return {}
+        cuts, _ = self.hidden.cuts("")
+        return {self.stored_name(name): (dim, idx) for name, dim, idx in cuts
+                if not name.startswith(self.blocks_name + ".")}
+
+    def _passthrough(self, name: str, outside: dict[str, tuple[int, np.ndarray]]) -> tuple[Any, ...]:
+        """A copied-through tensor for :meth:`ShardedWriter.stream_shard`, sliced when the hidden size is pruned."""
+        info = self.source.info(name)
+        if name not in outside:
+            return name, info.dtype, info.shape, functools.partial(self.source.chunks, name, self.opts.chunk_bytes)
+        dim, idx = outside[name]
+        index = torch.from_numpy(idx)
+        shape = tuple(len(idx) if d == dim else v for d, v in enumerate(info.shape))
+
+        def pieces() -> Iterable[torch.Tensor]:
+            if dim == 0:
+                yield self.source.load([name])[name].index_select(0, index)
+                return
+            for chunk in self.source.chunks(name, self.opts.chunk_bytes):
+                yield chunk.index_select(dim, index)
+
+        return name, info.dtype, shape, pieces
+
+    def _sync_expert_count(self, changes: list[ExpertChange]) -> None:
+        """The top-level model's expert count (its load-balancing loss) follows when every block agrees.
+
+        :class:`~secateurs.passes.experts.PruneExperts` does this itself when it sees the whole model.
+        """
+        counts = {b.num_experts for b in find_moe_blocks(self.model)}
+        olds = {c.before for c in changes if c.what == "experts"}
+        if len(counts) == 1 and len(olds) == 1 and getattr(self.model, "num_experts", None) == olds.pop():
+            setattr(self.model, "num_experts", counts.pop())  # noqa: B010 - nn.Module attribute typing
+
+    def write(self, dst: str | os.PathLike[str], overwrite: bool,
+              budget: dict[int, dict[str, float]] | None) -> tuple[list[Any], list[Any], list[Any], int, bool]:
+        """The last pass: transform, sparsify and write every block, then copy the rest through."""
+        opts = self.opts
+        self.walks += 1
+        streams = self.streams()
+        sparsifier = (SparsifyWeights(opts.sparsity or 0.0, nm=opts.nm, criterion=opts.sparsity_criterion,  # type: ignore[arg-type]
+                                      keep_masks=False, block=opts.block, damp=opts.damp) if opts.sparse else None)
+        groups = _passthrough_groups(self.passthrough, self.source, opts.max_shard_bytes)
+        n = len(self.order)
+        total = n + len(groups)
+        widths: list[tuple[str, int, int]] = []
+        experts: list[ExpertChange] = []
+        sparsity: list[tuple[str, float]] = []
+        probe = self.probe_call() if is_writer() else None
+        probes: list[tuple[str, Call, torch.Tensor]] = []  # what each written block gives on the probe
+        digests: list[dict[str, int]] = []  # and the bytes of each of its tensors
+        moe = bool(find_moe_blocks(self.model))
+        per_expert = moe and (opts.expert_layout == "per-expert" or (opts.expert_layout == "source"
+                                                                     and self.per_expert_source))
+        self.expert_layout = None if not moe else {
+            "written": "per-expert" if per_expert else "fused",
+            "why": "asked for" if opts.expert_layout != "source" else
+            f"the source stores its experts {'one by one' if self.per_expert_source else 'fused'}"}
+        with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
+            for position in track(range(n), "streaming blocks"):
+                prefix = f"{self.blocks_name}.{position}."
+                block = self.load(position, self.blocks.get_submodule(str(position)))
+                changed, width = self.transform(position, block, streams,
+                                                budget=None if budget is None else budget.get(position, {}))
+                experts += changed
+                widths += width
+                if self.hidden is not None:
+                    slice_dims(block, *self.hidden.cuts(prefix))
+                self.note_activations(streams)
+                if sparsifier is not None:
+                    targets: list[tuple[str, nn.Module]] = [
+                        (prefix + name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+                    stream = streams.get("pruned")
+                    record = sparsifier.sparsify_layers(
+                        targets, (lambda: _forward(block, stream)) if stream is not None else None)  # noqa: B023
+                    sparsity.extend(record.layers)
+                    if stream is not None and position + 1 < n:
+                        streams["pruned"], _ = _forward(block, stream)
+                state = {prefix + k: v for k, v in block.state_dict().items()}
+                if writer.enabled:
+                    probes.append(self.probe(block, position, probe))
+                    digests.append({k[len(prefix):]: digest(v) for k, v in state.items()})
+                writer.write_shard(shard_name(position + 1, total),
+                                   per_expert_state(self.model, state) if per_expert else state)
+                del state
+                block.to("meta")
+                _release_memory()
+            streams.clear()
+            outside = self._outside_cuts()
+            for j, group in enumerate(track(groups, "copying embeddings and head")):
+                writer.stream_shard(shard_name(n + j + 1, total), [self._passthrough(name, outside) for name in group])
+                self.peak_weights = max(self.peak_weights,
+                                        min(max(self.source.info(name).nbytes for name in group), opts.chunk_bytes))
+            if self.hidden is not None:
+                assert self.hidden.keep is not None
+                size = self.hidden.group.size
+                widths.append((f"hidden size: {self.hidden.group.name}", size, len(self.hidden.keep)))
+                slice_dims(self.model, [(name, dim, idx) for name, (dim, idx) in outside.items()],
+                           self.hidden.cuts("")[1])
+            self._sync_expert_count(experts)
+            plain = False
+            if writer.enabled:
+                layout = describe(self.model)
+                plain = layout.plain_loadable
+                folder = self.folder
+                if per_expert and not plain:
+                    if opts.expert_layout == "per-expert":
+                        raise BudgetError("the per-expert layout is read by plain from_pretrained only, and this "
+                                          "pruning is not expressible in the config (per-layer sizes); write the "
+                                          "fused layout instead")
+                    log.warning("the source stores its experts one by one, but the per-expert layout loads with plain "
+                                "from_pretrained only and this pruning has per-layer sizes: writing the fused layout")
+                    for position in range(n):  # the blocks again, converted back (what load_pretrained reads)
+                        writer.rewrite_shard(shard_name(position + 1, total),
+                                             lambda t: fused_state(self.model, t, str(self.folder)))
+                    per_expert = False
+                    self.expert_layout = {"written": "fused", "why": "the source is per-expert, but the per-expert "
+                                          "layout is read by plain from_pretrained only and this pruning has "
+                                          "per-layer sizes"}
+                if per_expert:
+                    layout.manifest["expert_layout"] = "per-expert"
+
+                def extras(tmp: Path) -> None:
+                    layout.config.save_pretrained(tmp)
+                    (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
+                    for fname in ("generation_config.json", *TOKENIZER_FILES):
+                        if (folder / fname).is_file():
+                            shutil.copy2(folder / fname, tmp / fname)
+                    copies = [(name, self._passthrough(name, outside)[3]) for name in self.passthrough]
+                    check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain, copies=copies,
+                                          chunk_bytes=opts.chunk_bytes, per_expert=per_expert, digests=digests)
+
+                writer.commit(extras)
+        return widths, experts, sparsity, total, plain
