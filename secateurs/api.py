@@ -20,6 +20,7 @@ from secateurs.ir.depgraph import FrozenGroup
 from secateurs.passes.allocate import AllocateBudget
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
+from secateurs.passes.criteria import criteria_names
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
 from secateurs.passes.depth import DEPTH_CRITERIA, DepthRecord, RemoveBlocks, RemoveSublayers
 from secateurs.passes.distill import RecoverRecord
@@ -453,14 +454,17 @@ def _spell(option: str, value: Any = None) -> str:
 
 def _check_criteria(*values: Any) -> None:
     """Refuse a criterion given to the wrong option, naming the option that takes it."""
-    for option, value in zip(_CRITERION_OPTIONS, values, strict=True):
-        if not isinstance(value, str) or value in _CRITERION_OPTIONS[option]:
+    table = {**_CRITERION_OPTIONS, "importance": criteria_names()}  # criteria registered after import count too
+    for option, value in zip(table, values, strict=True):
+        if not isinstance(value, str) or value in table[option]:
             continue
-        owners = [o for o, names in _CRITERION_OPTIONS.items() if value in names]
+        owners = [o for o, names in table.items() if value in names]
         if owners:
             raise BudgetError(f"{_spell(option, value)} is not a criterion of this option: {value!r} is a criterion "
                               f"of {owners[0]}; use {_spell(owners[0], value)}")
-        raise BudgetError(f"unknown {_spell(option)} {value!r}; choose from {', '.join(_CRITERION_OPTIONS[option])}")
+        close = difflib.get_close_matches(value, list(table[option]), n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise BudgetError(f"unknown {_spell(option)} {value!r}{hint}; choose from {', '.join(table[option])}")
 
 
 def check_read(given: dict[str, Any], *, width: bool, sparse: bool, depth: bool = False, experts: bool = False,

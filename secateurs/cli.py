@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--heads", type=_fraction, default=0.25, help="fraction of attention heads to remove")
     demo.add_argument("--ffn", type=_fraction, default=0.3, help="fraction of FFN neurons to remove")
     demo.add_argument("--nm", default="2:4", help="N:M weight sparsity after width pruning ('none' to skip)")
-    demo.add_argument("--importance", default="flap", help="l1, l2, maw, taylor, activation or flap")
+    from secateurs.passes.criteria import criteria_names
+
+    demo.add_argument("--importance", default="flap", help=f"width importance: {', '.join(criteria_names())}")
     demo.add_argument("--no-bias-compensation", action="store_true", help="do not fold removed means into biases")
     demo.add_argument("--samples", type=_positive, default=32, help="calibration paragraphs")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and ONNX Runtime benchmark")
@@ -135,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity", type=_fraction, help="unstructured weight sparsity")
     g.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
     g.add_argument("--low-rank", type=_fraction, help="factorize linear layers keeping this fraction of energy")
-    g.add_argument("--criterion", help="width importance: l1, l2, maw, taylor, activation, flap (default: flap with "
+    g.add_argument("--criterion", help=f"width importance: {', '.join(criteria_names())} (default: flap with "
                    "calibration text, l2 with --calib none or without a tokenizer)")
     g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
     g.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
@@ -425,8 +427,10 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
     unsupported += ["--no-verify"] if args.no_verify else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
     if unsupported:
+        from secateurs.passes.criteria import criteria_names
+
         raise BudgetError("an ONNX source supports --channels --heads --kv-groups --ffn --hidden --criterion "
-                          f"l1|l2|maw --round-to only, not {' '.join(unsupported)}")
+                          f"{'|'.join(criteria_names(('weights',)))} --round-to only, not {' '.join(unsupported)}")
     if not any(getattr(args, f) is not None for f in ("channels", "heads", "kv_groups", "ffn", "hidden")):
         raise BudgetError("nothing to prune: give at least one of --channels --heads --kv-groups --ffn --hidden")
     if args.out is None and not args.dry_run:

@@ -26,6 +26,7 @@ from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.criteria import WeightCriterion, _reduced, channel_criterion, criteria_names
 from secateurs.passes.hooks import calibration_calls, run_calibration
 from secateurs.progress import track
 
@@ -33,7 +34,7 @@ __all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "maw", "taylor", "activation", "flap")
+CRITERIA = criteria_names()  # every registered criterion (secateurs.passes.criteria)
 Criterion = str | Callable[[Graph, DependencyInfo, ChannelGroup], np.ndarray]
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -80,14 +81,7 @@ def _reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) 
 
 
 def _per_position(t: torch.Tensor, dim: int, how: str) -> np.ndarray:
-    x = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
-    if how == "l1":
-        r = x.abs().sum(1)
-    elif how == "l2":
-        r = x.pow(2).sum(1)
-    else:
-        r = x.abs().amax(1) if x.shape[1] else torch.zeros(x.shape[0])
-    return r.double().cpu().numpy()
+    return _reduced(t, dim, {"l1": "abs_sum", "l2": "sq_sum"}.get(how, "abs_max"))
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -130,8 +124,8 @@ class ScoreChannels(Pass):
         """
         if criterion is None:
             criterion = "flap" if calib is not None else "l2"
-        if not callable(criterion) and criterion not in CRITERIA:
-            raise BudgetError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if not callable(criterion):
+            channel_criterion(criterion)  # a name the registry does not hold is refused here
         self.criterion = criterion
         self.calib = calib
         self.loss_fn = loss_fn
@@ -151,6 +145,7 @@ class ScoreChannels(Pass):
             graph.analyses[ChannelScores] = ChannelScores("custom", scores)
             return PassResult(graph, False, graph.analyses[ChannelScores])
         crit = str(self.criterion)
+        scorer = channel_criterion(crit)
         grads: dict[str, torch.Tensor] = {}
         act: dict[tuple[str, int], InputStats] = {}
         if crit == "taylor":
@@ -160,18 +155,18 @@ class ScoreChannels(Pass):
         for g in info.iter_groups():
             total = np.zeros(g.size)
             used = False
-            for m in g.members:
+            if isinstance(scorer, WeightCriterion):
+                members = [(module.get_parameter(m.name), m.dim, info.channel_positions(m, g.id))
+                           for m in g.members if m.is_param]
+                used = bool(members)
+                if used:
+                    total = scorer.score(members, g.size, g.name)
+            for m in g.members if not isinstance(scorer, WeightCriterion) else ():
                 if not m.is_param:
                     continue
                 idx = info.channel_positions(m, g.id)
                 w = module.get_parameter(m.name)
-                if crit in ("l1", "l2", "maw"):
-                    how = {"l1": "l1", "l2": "l2", "maw": "max"}[crit]
-                    per = _per_position(w, m.dim, "l1" if how == "l1" else ("l2" if how == "l2" else "max"))
-                    red = _reduce_positions(per, idx, g.size, "max" if how == "max" else "sum")
-                    total = np.maximum(total, red) if how == "max" else total + red
-                    used = True
-                elif crit == "taylor":
+                if crit == "taylor":
                     gw = grads.get(m.name)
                     if gw is None:
                         continue
@@ -186,8 +181,6 @@ class ScoreChannels(Pass):
                     per = stats.rms * np.sqrt(col2) if crit == "activation" else stats.var * col2
                     total += _reduce_positions(per, idx, g.size, "sum")
                     used = True
-            if crit == "l2":
-                total = np.sqrt(total)
             if not used:
                 fallback.append(g.id)
                 total = np.zeros(g.size)

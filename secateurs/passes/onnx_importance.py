@@ -15,31 +15,14 @@ import numpy as np
 from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.passes.criteria import WeightCriterion, channel_criterion, criteria_names
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
 
 __all__ = ["ONNX_CRITERIA", "ScoreOnnxChannels"]
 
-ONNX_CRITERIA = ("l1", "l2", "maw")
+ONNX_CRITERIA = criteria_names(("weights",))  # every criterion that needs the weights alone
 OnnxCriterion = str | Callable[[OnnxGraph, DependencyInfo, ChannelGroup], np.ndarray]
-
-
-def _per_position(array: np.ndarray, dim: int, how: str) -> np.ndarray:
-    x = np.moveaxis(np.asarray(array, dtype=np.float64), dim, 0).reshape(array.shape[dim], -1)
-    if how == "l1":
-        return np.abs(x).sum(1)
-    if how == "l2":
-        return np.square(x).sum(1)
-    return np.abs(x).max(1) if x.shape[1] else np.zeros(x.shape[0])
-
-
-def _reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
-    hit = idx >= 0
-    if how == "max":
-        out = np.zeros(size)
-        np.maximum.at(out, idx[hit], values[hit])
-        return out
-    return np.bincount(idx[hit], weights=values[hit], minlength=size).astype(np.float64)
 
 
 class ScoreOnnxChannels(OnnxPass):
@@ -55,11 +38,8 @@ class ScoreOnnxChannels(OnnxPass):
             BudgetError: The criterion is unknown or needs calibration data (``taylor``, ``activation``, ...).
 
         """
-        if not callable(criterion) and criterion not in ONNX_CRITERIA:
-            raise BudgetError(
-                f"importance {criterion!r} is not available for ONNX files; choose one of {', '.join(ONNX_CRITERIA)} "
-                "(calibration-based criteria need the PyTorch model)"
-            )
+        if not callable(criterion):
+            channel_criterion(criterion, needs=("weights",), where="an ONNX file")
         self.criterion = criterion
 
     def run(self, graph: OnnxGraph) -> OnnxPassResult:
@@ -74,21 +54,19 @@ class ScoreOnnxChannels(OnnxPass):
                 scores[g.id] = s
             result = ChannelScores("custom", scores)
         else:
-            how = "max" if self.criterion == "maw" else str(self.criterion)
+            scorer = channel_criterion(self.criterion, needs=("weights",), where="an ONNX file")
+            assert isinstance(scorer, WeightCriterion)
             cache: dict[str, np.ndarray] = {}
             for g in info.iter_groups():
-                total = np.zeros(g.size)
+                members = []
                 for m in g.members:
                     if not m.is_param:
                         continue
                     array = cache.get(m.placeholder)
                     if array is None:
                         array = cache[m.placeholder] = graph.array(m.placeholder)
-                    per = _per_position(array, m.dim, how)
-                    red = _reduce_positions(per, info.channel_positions(m, g.id), g.size,
-                                            "max" if how == "max" else "sum")
-                    total = np.maximum(total, red) if how == "max" else total + red
-                scores[g.id] = np.sqrt(total) if how == "l2" else total
+                    members.append((array, m.dim, info.channel_positions(m, g.id)))
+                scores[g.id] = scorer.score(members, g.size, g.name)
             result = ChannelScores(str(self.criterion), scores)
         graph.analyses[ChannelScores] = result
         return OnnxPassResult(graph, False, result)

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from secateurs.errors import BudgetError
+from secateurs.passes.criteria import WeightCriterion, channel_criterion, criteria_names
 from secateurs.passes.experts import (
     EXPERT_CRITERIA,
     ExpertChange,
 )
 
-STREAM_IMPORTANCE = ("l1", "l2", "maw", "activation", "flap")
+STREAM_IMPORTANCE = criteria_names(("weights", "calibration"))  # a loss over the whole model is not streamed
 STREAM_ALLOCATORS = ("global", "lamp", "owl", "dp", "cfsp")
 _CALIBRATED_IMPORTANCE = ("activation", "flap")
 _CALIBRATED_SPARSITY = ("wanda", "sparsegpt")
@@ -36,7 +37,7 @@ class StreamOptions:
         heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
         kv_groups: Fraction of KV groups (a KV head with its query heads) to remove.
         hidden: Fraction of the hidden size (the residual stream, the embeddings' columns) to remove; weight
-            criteria only (``l1``, ``l2``, ``maw``), like :func:`secateurs.prune`'s ``hidden=``.
+            criteria only (``l1``, ``l2``, ``maw``, ``random``), like :func:`secateurs.prune`'s ``hidden=``.
         importance: Width importance: ``l1``, ``l2``, ``maw`` (weights only) or ``activation`` / ``flap``
             (calibrated on the blocks' inputs). Default (None): ``flap`` when :func:`prune_checkpoint` gets
             calibration batches and the hidden size is not pruned, else ``l2`` (as :func:`secateurs.prune`).
@@ -95,9 +96,8 @@ class StreamOptions:
     def __post_init__(self) -> None:
         for name in ("ffn", "heads", "kv_groups", "hidden", "experts", "expert_neurons", "sparsity"):
             _check_fraction(name, getattr(self, name))
-        if self.importance is not None and self.importance not in STREAM_IMPORTANCE:
-            raise BudgetError(f"importance {self.importance!r} cannot stream block by block; choose from "
-                              f"{STREAM_IMPORTANCE} (taylor needs the whole model's loss)")
+        if self.importance is not None:
+            channel_criterion(self.importance, needs=("weights", "calibration"), where="a streamed prune (block by block)")
         if self.sparsity_criterion not in ("magnitude", *_CALIBRATED_SPARSITY):
             raise BudgetError(f"sparsity criterion {self.sparsity_criterion!r} cannot stream block by block; "
                               "choose magnitude, wanda or sparsegpt")
@@ -116,8 +116,10 @@ class StreamOptions:
         if self.depth_criterion not in ("bi", "angular"):
             raise BudgetError(f"depth criterion {self.depth_criterion!r} cannot stream block by block; choose bi or "
                               "angular (greedy re-runs the whole model for every candidate)")
-        if self.hidden and self.importance in _CALIBRATED_IMPORTANCE:
-            raise BudgetError(f"the hidden size streams with weight criteria (l1, l2, maw), not {self.importance!r}: "
+        if self.hidden and self.importance is not None and not isinstance(channel_criterion(self.importance),
+                                                                          WeightCriterion):
+            raise BudgetError(f"the hidden size streams with weight criteria ({', '.join(criteria_names(('weights',)))}), "
+                              f"not {self.importance!r}: "
                               "its activation statistics span every block at once")
         if self.hidden and self.allocate is not None:
             raise BudgetError("the hidden size is one group; do not combine hidden with an allocator when streaming")

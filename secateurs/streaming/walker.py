@@ -29,6 +29,7 @@ from secateurs.modeling.rewrite import Snapshot, slice_dims
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
 from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible, _round_keep
+from secateurs.passes.criteria import WeightCriterion, channel_criterion
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
 from secateurs.passes.experts import (
@@ -39,7 +40,7 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.hooks import first_tensor
-from secateurs.passes.importance import ChannelScores, ScoreChannels, _per_position, _reduce_positions
+from secateurs.passes.importance import ChannelScores, ScoreChannels, _reduce_positions
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
 from secateurs.stream_reload import check_streamed_reload, digest
@@ -413,24 +414,26 @@ class _Walker:
         attrs = [(state[p].rpartition(".")[0], attr, atom) for p, attr, atom in info.module_attrs if p in state]
         self.hidden = _HiddenPlan(g, members, attrs, np.zeros(g.size), info.table)  # type: ignore[arg-type]
 
-    def _hidden_how(self) -> tuple[str, bool]:
-        return {"l1": "l1", "l2": "l2", "maw": "max"}[self.opts.importance or "l2"], self.opts.importance == "maw"
+    def _hidden_criterion(self) -> WeightCriterion:
+        scorer = channel_criterion(self.opts.importance or "l2")
+        assert isinstance(scorer, WeightCriterion)  # StreamOptions refuses the others for the hidden size
+        return scorer
 
     def _add_hidden(self, per: np.ndarray, positions: np.ndarray) -> None:
         plan = self.hidden
         assert plan is not None
-        _, maw = self._hidden_how()
+        maw = self._hidden_criterion().reduce == "max"
         red = _reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
         plan.scores = np.maximum(plan.scores, red) if maw else plan.scores + red
 
     def score_hidden(self, position: int, block: nn.Module) -> None:
         """Add the contributions of block ``position``'s hidden-size members (as :class:`ScoreChannels` does)."""
         assert self.hidden is not None
-        how, _ = self._hidden_how()
+        scorer = self._hidden_criterion()
         prefix = f"{self.blocks_name}.{position}."
         for name, dim, pos, is_param in self.hidden.members:
             if is_param and name.startswith(prefix):
-                self._add_hidden(_per_position(block.get_parameter(name[len(prefix):]), dim, how), pos)
+                self._add_hidden(scorer.per_position(block.get_parameter(name[len(prefix):]), dim), pos)
 
     def stored_name(self, name: str) -> str:
         """The checkpoint's name of a tensor of the model (a tied weight is stored under one of its names)."""
@@ -446,7 +449,8 @@ class _Walker:
         """Add the embeddings', final norm's and LM head's contributions (read in row chunks); choose the channels."""
         plan = self.hidden
         assert plan is not None
-        how, maw = self._hidden_how()
+        scorer = self._hidden_criterion()
+        maw = scorer.reduce == "max"
         for name, dim, pos, is_param in plan.members:
             if not is_param or name.startswith(self.blocks_name + "."):
                 continue
@@ -456,11 +460,11 @@ class _Walker:
                                                                                             self.opts.chunk_bytes)
             for piece in pieces:
                 self.peak_weights = max(self.peak_weights, piece.numel() * piece.element_size())
-                p = _per_position(piece, dim, how)
+                p = scorer.per_position(piece, dim)
                 per = p if per is None else (np.maximum(per, p) if maw else per + p)
             assert per is not None
             self._add_hidden(per, pos)
-        scores = np.sqrt(plan.scores) if self.opts.importance == "l2" else plan.scores
+        scores = scorer.finish(plan.scores, plan.group.name)
         g = plan.group
         kept = _round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
         if kept >= g.size:
