@@ -112,6 +112,7 @@ def prune_onnx(
     hidden: bool | float = False,
     importance: str | Callable[..., Any] = "l2",
     scope: str = "local",
+    target: str = "channels",
     min_keep: float = 0.1,
     round_to: int = 1,
     ignore: Sequence[str] = (),
@@ -131,8 +132,11 @@ def prune_onnx(
         channels: Fraction of other channels (convolutions) to remove.
         hidden: Also prune channels that enter a normalisation (a transformer's hidden size): ``True`` uses
             ``ratio``, a float is its own ratio.
-        importance: ``"l1"``, ``"l2"``, ``"maw"`` or a callable ``(graph, info, group) -> scores``.
+        importance: A weight criterion (``"l1"``, ``"l2"``, ``"maw"``, ``"random"``: see
+            :mod:`secateurs.passes.criteria`) or a callable ``(graph, info, group) -> scores``.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking per kind).
+        target: What ``ratio`` is a fraction of: ``"channels"`` (of every group), ``"params"`` (of the weights)
+            or ``"flops"`` (of one call at the analysis shapes), costed on the ONNX graph itself.
         min_keep: Per-group floor as a fraction of its channels.
         round_to: Keep every sliced dim a multiple of this (1 disables).
         ignore: Names (or prefixes ending in ``.``) of the modules / initializers whose groups stay whole.
@@ -156,8 +160,8 @@ def prune_onnx(
         kind_ratios += (("hidden", float(hidden)),)
     if ratio is None:
         ratio = 0.0 if kind_ratios else 0.3
-    options = ChannelOptions(ratio=ratio, scope=scope, min_keep=min_keep, round_to=round_to, ignore=tuple(ignore),
-                             hidden=hidden is True, kind_ratios=kind_ratios, verify=False)
+    options = ChannelOptions(ratio=ratio, scope=scope, target=target, min_keep=min_keep, round_to=round_to,
+                             ignore=tuple(ignore), hidden=hidden is True, kind_ratios=kind_ratios, verify=False)
     scorer = ScoreOnnxChannels(importance)
     pruner = PruneOnnxChannels(options)
     start = time.perf_counter()

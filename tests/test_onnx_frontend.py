@@ -117,6 +117,20 @@ def test_small_models_match_the_pytorch_path(name, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "pruned.onnx"]
 
 
+@pytest.mark.parametrize("target", ["params", "flops"])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_params_and_flops_targets_are_met_on_the_onnx_graph_as_in_pytorch(name, target, tmp_path):
+    """A params / FLOPs budget is costed on the ONNX graph itself; it is met, and the plan is the PyTorch path's."""
+    model = getattr(models, name)().eval()
+    inputs = SMALL[name]
+    pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, ratio=0.3, target=target)
+    assert onnx_report.changes and _sizes(onnx_report.changes) == _sizes(report.changes)
+    before, after = ((onnx_report.params_before, onnx_report.params_after) if target == "params"
+                     else (onnx_report.flops_before, onnx_report.flops_after))
+    assert after <= 0.7 * before
+    _assert_same(_run(dst, inputs), _torch(pruned, inputs))
+
+
 def test_bert_heads_and_ffn_match_the_pytorch_path(tmp_path, bert_onnx):
     model, inputs, src = bert_onnx
     pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, src, heads=0.5, ffn=0.5)

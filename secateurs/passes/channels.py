@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -189,16 +189,20 @@ def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int,
 
 
 def plan_keep(
-    graph: Graph,
+    graph: Graph | None,
     info: DependencyInfo,
     scores: dict[int, np.ndarray],
     opts: ChannelOptions,
     exclude: set[int] | None = None,
     per_group: dict[int, float] | None = None,
+    cost: Callable[[dict[int, int]], tuple[float, float]] | None = None,
 ) -> dict[int, np.ndarray]:
     """Choose the channels to keep in every group.
 
     ``per_group`` (from a budget allocator) gives each listed group its own ratio; other groups stay whole.
+    ``cost`` gives (parameters, FLOPs) when each group ``g`` keeps ``kept[g]`` channels, for the ``params`` and
+    ``flops`` targets: by default :func:`~secateurs.ir.cost.predict_cost` over the captured ``graph``; the ONNX
+    path passes its own prediction over the ONNX graph, so both dialects meet a budget the same way.
 
     Returns:
         Group id -> boolean keep mask, only for groups that lose channels.
@@ -258,10 +262,18 @@ def plan_keep(
             kept.update({gid: k for gid, k in counts.items() if info.groups[gid].kind == kind})
         return masks_for(kept)
 
-    params0, flops0 = predict_cost(graph, info, {})
+    if cost is None:
+        if graph is None:
+            raise BudgetError(f"a {opts.target} target needs the graph to cost the plan")
+        captured = graph
+
+        def cost(kept: dict[int, int]) -> tuple[float, float]:
+            return predict_cost(captured, info, kept)
+
+    params0, flops0 = cost({})
 
     def reached(kept: dict[int, int]) -> bool:
-        p, f = predict_cost(graph, info, kept)
+        p, f = cost(kept)
         return (p if opts.target == "params" else f) <= (1 - opts.ratio) * (params0 if opts.target == "params" else flops0)
 
     if opts.scope == "local":
@@ -280,7 +292,7 @@ def plan_keep(
                 lo_i = mid_i + 1
         best = global_(lo_i)
     if not reached(best):
-        p, f = predict_cost(graph, info, best)
+        p, f = cost(best)
         got = 1 - (p / params0 if opts.target == "params" else f / max(flops0, 1.0))
         log.warning("target %s -%.0f%% not reachable with the floors; reached -%.1f%%", opts.target,
                     100 * opts.ratio, 100 * got)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -21,7 +20,6 @@ import onnx_ir.passes.common as ir_passes
 from secateurs.errors import BudgetError, PassContractError, VerificationError
 from secateurs.frontends.onnx_model import propagate_shapes
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
-from secateurs.ir.graph import Graph
 from secateurs.ir.onnx_depgraph import Cut, OnnxDependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
 from secateurs.passes.channels import ChannelOptions, GroupChange, plan_keep
@@ -88,15 +86,12 @@ class PruneOnnxChannels(OnnxPass):
         """Create the pass from a :class:`ChannelOptions` or its fields as keywords.
 
         Raises:
-            BudgetError: Both forms were given, or an option needs the PyTorch model (a params / flops target,
-                bias compensation).
+            BudgetError: Both forms were given, or an option needs the PyTorch model (bias compensation).
 
         """
         if options is not None and kwargs:
             raise BudgetError("pass either options or keyword options, not both")
         self.options = options or ChannelOptions(**kwargs)  # type: ignore[arg-type]
-        if self.options.target != "channels":
-            raise BudgetError("ONNX pruning supports target='channels' only (per-kind ratios of each group)")
         if self.options.bias_compensation:
             raise BudgetError("bias compensation needs calibration statistics, which an ONNX file does not have")
 
@@ -118,8 +113,8 @@ class PruneOnnxChannels(OnnxPass):
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
                 ))
         params_before, flops_before = info.predict_params({}), info.predict_flops(graph, {})
-        # plan_keep reads the graph only to cost params / flops targets, which this pass refuses.
-        keep = plan_keep(cast(Graph, None), info, scores, opts)
+        keep = plan_keep(None, info, scores, opts,
+                         cost=lambda kept: (info.predict_params(kept), info.predict_flops(graph, kept)))
         if not keep:
             record = OnnxPruneRecord(opts, [], frozen, params_before, params_before, flops_before, flops_before)
             return OnnxPassResult(graph, False, record)
