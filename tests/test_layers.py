@@ -90,6 +90,24 @@ def test_imports_point_one_way():
     assert violations(sources) == []
 
 
+def private_imports(sources: dict[str, str]) -> list[str]:
+    """Underscore names a module outside ``secateurs.passes`` imports from a pass module."""
+    found = []
+    for module, source in sorted(sources.items()):
+        if layer(module) == "passes":
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("secateurs.passes"):
+                found += [f"{module} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_drivers_and_exporters_use_no_private_helper_of_a_pass():
+    assert private_imports(package_sources()) == []
+    assert private_imports({"secateurs.stream": "from secateurs.passes.channels import _x, y\n"}) == [
+        "secateurs.stream imports secateurs.passes.channels._x"]
+
+
 def test_the_exceptions_are_still_needed():
     sources = package_sources()
     for module, target in EXCEPTIONS:

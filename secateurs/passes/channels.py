@@ -23,7 +23,7 @@ from secateurs.passes.base import Pass, PassResult
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.masked import masked_mismatch
 
-__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "plan_keep"]
+__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible", "plan_keep", "round_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def _align(group: ChannelGroup, round_to: int) -> int:
     return round_to // math.gcd(round_to, group.stride)
 
 
-def _round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:
+def round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:
+    """``kept`` channels of ``group`` moved onto the options' alignment (``round_to``) and floor (``min_keep``)."""
     n = group.size
     align = _align(group, opts.round_to)
     floor = max(1, math.ceil(n * opts.min_keep))
@@ -148,7 +149,8 @@ def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
     return False
 
 
-def _eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
+def eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
+    """Whether the options let ``group`` be pruned (not ignored; the hidden size only when asked)."""
     hidden_ok = opts.hidden or "hidden" in dict(opts.kind_ratios)
     return not _ignored(group, opts.ignore) and (hidden_ok or group.mixed_at is None)
 
@@ -166,7 +168,7 @@ def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int,
     if not asked and opts.ratio > 0 and not opts.kind_ratios:
         asked = {"": opts.ratio}
     for kind, ratio in asked.items():
-        selected = [g for g in info.iter_groups() if (not kind or g.kind == kind) and _eligible(g, opts)
+        selected = [g for g in info.iter_groups() if (not kind or g.kind == kind) and eligible(g, opts)
                     and (kind or opts.ratio_for(g.kind) > 0)]
         if any(g.id in keep for g in selected):
             continue
@@ -212,7 +214,7 @@ def plan_keep(
     def ratio_of(g: ChannelGroup) -> float:
         return per_group.get(g.id, 0.0) if per_group is not None else opts.ratio_for(g.kind)
 
-    groups = [g for g in info.iter_groups() if g.id not in exclude and _eligible(g, opts) and ratio_of(g) > 0]
+    groups = [g for g in info.iter_groups() if g.id not in exclude and eligible(g, opts) and ratio_of(g) > 0]
     if not groups:
         return {}
     order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
@@ -229,7 +231,7 @@ def plan_keep(
 
     def local(scale: float) -> dict[int, int]:
         """Every group loses ``scale`` x its kind's ratio (scale 1 for channel targets)."""
-        return {g.id: _round_keep(g, g.size - int(round(g.size * ratio_of(g) * scale)), opts) for g in groups}
+        return {g.id: round_keep(g, g.size - int(round(g.size * ratio_of(g) * scale)), opts) for g in groups}
 
     # Global ranking: scores normalised per group, lowest first; one ranking per structure kind.
     ranked: list[tuple[float, int]] = []
@@ -249,7 +251,7 @@ def plan_keep(
         removed: dict[int, int] = {}
         for _, gid in (ranked if pool is None else pool)[:count]:
             removed[gid] = removed.get(gid, 0) + 1
-        return {g.id: _round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
+        return {g.id: round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
 
     if per_group is not None:
         return masks_for(local(1.0))
@@ -336,7 +338,7 @@ class PruneChannels(Pass):
             names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
             if _ignored(g, opts.ignore):
                 frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
-            elif g.mixed_at is not None and not _eligible(g, opts):
+            elif g.mixed_at is not None and not eligible(g, opts):
                 frozen.append(FrozenGroup(
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
                 ))

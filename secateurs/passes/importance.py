@@ -30,7 +30,7 @@ from secateurs.passes.criteria import WeightCriterion, _reduced, channel_criteri
 from secateurs.passes.hooks import calibration_calls, run_calibration
 from secateurs.progress import track
 
-__all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss"]
+__all__ = ["CRITERIA", "ChannelScores", "InputStats", "ScoreChannels", "default_loss", "reduce_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class ChannelScores:
     inputs: dict[tuple[str, int], InputStats] = dataclasses.field(default_factory=dict)
 
 
-def _reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
+def reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
+    """Per-position ``values`` combined into a group's ``size`` channels (``idx``: channel of each position)."""
     hit = idx >= 0
     if how == "max":
         out = np.zeros(size)
@@ -171,7 +172,7 @@ class ScoreChannels(Pass):
                     if gw is None:
                         continue
                     per = _per_position(gw, m.dim, "l1")
-                    total += _reduce_positions(per, idx, g.size, "sum")
+                    total += reduce_positions(per, idx, g.size, "sum")
                     used = True
                 else:
                     stats = act.get((m.placeholder, m.dim))
@@ -179,7 +180,7 @@ class ScoreChannels(Pass):
                         continue
                     col2 = _per_position(w, m.dim, "l2")
                     per = stats.rms * np.sqrt(col2) if crit == "activation" else stats.var * col2
-                    total += _reduce_positions(per, idx, g.size, "sum")
+                    total += reduce_positions(per, idx, g.size, "sum")
                     used = True
             if not used:
                 fallback.append(g.id)
@@ -187,7 +188,7 @@ class ScoreChannels(Pass):
                 for m in g.members:
                     if m.is_param:
                         per = _per_position(module.get_parameter(m.name), m.dim, "l2")
-                        total += _reduce_positions(per, info.channel_positions(m, g.id), g.size, "sum")
+                        total += reduce_positions(per, info.channel_positions(m, g.id), g.size, "sum")
                 total = np.sqrt(total)
             scores[g.id] = total
         if fallback:

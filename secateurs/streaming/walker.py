@@ -28,7 +28,7 @@ from secateurs.ir.graph import Graph
 from secateurs.modeling.rewrite import Snapshot, slice_dims
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
-from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, _eligible, _round_keep
+from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, eligible, round_keep
 from secateurs.passes.criteria import WeightCriterion, channel_criterion
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
@@ -40,7 +40,7 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.hooks import first_tensor
-from secateurs.passes.importance import ChannelScores, ScoreChannels, _reduce_positions
+from secateurs.passes.importance import ChannelScores, ScoreChannels, reduce_positions
 from secateurs.passes.sparsity import SparsifyWeights
 from secateurs.progress import track
 from secateurs.stream_reload import check_streamed_reload, digest
@@ -375,7 +375,7 @@ class _Walker:
             scores = graph.analysis(ChannelScores).scores
             ratios = dict(opts.kind_ratios)
             for g in info.iter_groups():
-                if ratios.get(g.kind, 0.0) > 0 and _eligible(g, self.options) and (
+                if ratios.get(g.kind, 0.0) > 0 and eligible(g, self.options) and (
                         opts.allocate is None or (g.mixed_at is None and g.size > 1)):
                     slot = _Slot(len(survey), g.size, g.kind, sub + g.name, position, int(g.params_per_channel))
                     survey.append((slot, np.asarray(scores[g.id], dtype=np.float64)))
@@ -423,7 +423,7 @@ class _Walker:
         plan = self.hidden
         assert plan is not None
         maw = self._hidden_criterion().reduce == "max"
-        red = _reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
+        red = reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
         plan.scores = np.maximum(plan.scores, red) if maw else plan.scores + red
 
     def score_hidden(self, position: int, block: nn.Module) -> None:
@@ -466,7 +466,7 @@ class _Walker:
             self._add_hidden(per, pos)
         scores = scorer.finish(plan.scores, plan.group.name)
         g = plan.group
-        kept = _round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
+        kept = round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
         if kept >= g.size:
             self.hidden = None
             return
