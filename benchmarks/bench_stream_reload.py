@@ -1,4 +1,4 @@
-"""Time the reload check of a streamed output against the whole streamed run (README, "Reload before rename").
+"""Time the reload check of a streamed output against the whole streamed run (docs/checkpoints.md, streamed outputs).
 
     python benchmarks/bench_stream_reload.py
 """

@@ -275,7 +275,7 @@ def plan_passes(
             (defaults to the example).
         importance: Width criterion: ``"l1"``, ``"l2"``, ``"maw"``, ``"taylor"``, ``"activation"``, ``"flap"`` or
             a callable ``(graph, info, group) -> scores``. Default: ``"flap"`` when ``calib`` is given (the best
-            measured criterion, see the README) and the hidden size is not pruned, else the best weight-only one
+            measured criterion, see benchmarks/README.md) and the hidden size is not pruned, else the best weight-only one
             (:data:`WEIGHT_DEFAULT`).
         scope: ``"local"`` (same fraction per group, the default) or ``"global"`` (one normalised ranking).
         target: What ``ratio`` is a fraction of: ``"channels"`` (default), ``"params"`` or ``"flops"``.
@@ -419,7 +419,7 @@ def plan_passes(
 
 
 WEIGHT_DEFAULT = "l2"
-"""The width criterion used when no calibration data is given (the best weight-only one measured, README)."""
+"""The width criterion used when no calibration data is given (the best weight-only one measured, benchmarks/README.md)."""
 
 # Which pass reads each option, and the command-line flag a user of the CLI would have typed.
 _READERS = {
