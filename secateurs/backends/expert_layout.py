@@ -120,7 +120,7 @@ class PerExpertSource(ShardedSource):
             parts = {n: torch.empty(self.stored[n].shape, dtype=self.stored[n].dtype, device="meta")
                      for n, _ in group.parts}
         else:
-            parts = self._read([n for n, _ in group.parts])
+            parts = self._read({n: self.stored[n] for n, _ in group.parts})
         return _convert(self.model, first, group, parts, str(self.folder))
 
     def load(self, names: Any) -> dict[str, torch.Tensor]:
@@ -129,7 +129,7 @@ class PerExpertSource(ShardedSource):
         plain = [n for n in names if n not in self.groups]
         for n in plain:
             self.info(n)  # a name the checkpoint does not hold is an error, as in ShardedSource
-        stored = self._read([self.names[n] for n in plain])
+        stored = self._read({self.names[n]: self.stored[self.names[n]] for n in plain})
         out = {n: stored[self.names[n]] for n in plain}
         done: set[int] = set()
         for name in names:
@@ -139,17 +139,6 @@ class PerExpertSource(ShardedSource):
             done.add(id(group))
             converted = self._convert(self._firsts[id(group)], group, meta=False)
             out.update({k: v for k, v in converted.items() if k in names})
-        return out
-
-    def _read(self, stored: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Any, list[str]] = {}
-        for name in stored:
-            by_file.setdefault(self.stored[name].file, []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for path, group in by_file.items():
-            with self._open(path) as f:
-                for name in group:
-                    out[name] = f.get_tensor(name)
         return out
 
     def _as_stored(self, name: str) -> None:

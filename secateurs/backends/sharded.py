@@ -171,9 +171,13 @@ class ShardedSource:
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Tensors ``names`` (copied out of the memory maps, which are closed again)."""
+        return self._read({name: self.info(name) for name in names})
+
+    def _read(self, infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+        """The stored tensors ``infos`` names, one file opened at a time."""
         by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.info(name).file, []).append(name)
+        for name, info in infos.items():
+            by_file.setdefault(info.file, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, group in by_file.items():
             with self._open(path) as f:
