@@ -331,6 +331,23 @@ def _custom_op_model(path):
     onnx.save(model, str(path))
 
 
+def test_an_onnx_rule_table_given_to_the_analysis_adds_a_rule_without_touching_the_built_in_one(tmp_path):
+    from secateurs.ir.depgraph import DependencyInfo
+    from secateurs.passes.onnx_dependencies import AnalyzeOnnxDependencies
+
+    src = tmp_path / "custom.onnx"
+    _custom_op_model(src)
+    graph = load_onnx(src)
+    AnalyzeOnnxDependencies()(graph)
+    assert sorted(g.size for g in graph.analysis(DependencyInfo).iter_groups()) == [8]  # conv2 -> conv3 only
+    table = ONNX_RULES.copy()
+    table.register(["Mystery"], lambda ctx, node: ctx.same_dims(node.inputs[0], node.outputs[0]), domain="acme")
+    AnalyzeOnnxDependencies(table)(graph)
+    info = graph.analysis(DependencyInfo)
+    assert sorted(g.size for g in info.iter_groups()) == [8, 8] and not info.unsupported
+    assert ("acme", "Mystery") not in ONNX_RULES and ("acme", "Mystery") in table
+
+
 def test_unknown_op_freezes_what_it_touches_and_is_reported(tmp_path):
     src = tmp_path / "custom.onnx"
     _custom_op_model(src)

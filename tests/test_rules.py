@@ -68,3 +68,34 @@ def test_a_rule_that_raises_freezes_its_node_instead_of_crashing(monkeypatch):
     assert model.a.out_features == 16 and model.c.out_features == 16  # frozen by the failing rule; pruned
     assert any("rule failed: IndexError" in u for u in report.unsupported_ops)
     assert any("cannot handle this node" in f.reason for f in report.frozen)
+
+
+class _Frac(torch.nn.Module):
+    """Linear(8, 16) -> frac -> Linear(16, 4): aten.frac has no rule, so the 16 channels are frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.o(torch.frac(self.a(x)))
+
+
+def test_a_rule_table_given_to_the_analysis_adds_a_rule_without_touching_the_built_in_one():
+    import secateurs as sc
+    from secateurs.ir.depgraph import DependencyInfo
+    from secateurs.passes import AnalyzeDependencies
+
+    frac = torch.ops.aten.frac.default
+    assert frac not in RULES
+    graph = sc.capture(_Frac().eval(), (torch.randn(2, 8),))
+    AnalyzeDependencies()(graph)
+    plain = graph.analysis(DependencyInfo)
+    assert not any(g.size == 16 for g in plain.iter_groups())
+    assert any("frac" in u for u in plain.unsupported)
+    table = RULES.copy()
+    table.register([frac], lambda ctx, node: ctx.same_dims(node.args[0], node))  # elementwise: same channels
+    AnalyzeDependencies(table)(graph)
+    ruled = graph.analysis(DependencyInfo)
+    assert [g.size for g in ruled.iter_groups()] == [16] and not ruled.unsupported
+    assert frac not in RULES and len(table) == len(RULES) + 1  # nothing leaked into the built-in table

@@ -16,7 +16,7 @@ import secateurs.ir.aten_rules  # noqa: F401
 from secateurs.errors import BudgetError
 from secateurs.ir.atoms import AtomTable
 from secateurs.ir.graph import Graph, tensor_shape
-from secateurs.ir.rules import RULES, ConsumerUse, RuleContext
+from secateurs.ir.rules import RULES, ConsumerUse, OpRuleTable, RuleContext
 
 __all__ = ["FLAGS", "ChannelGroup", "DependencyInfo", "FrozenGroup", "Member", "analyze", "require_kinds"]
 
@@ -237,8 +237,8 @@ def _apply_rule(ctx: RuleContext, node: fx.Node, rule: Any, keys: list[Any], uns
     return True
 
 
-def analyze(graph: Graph) -> DependencyInfo:
-    """Propagate channels through ``graph`` with the op rule table.
+def analyze(graph: Graph, rules: OpRuleTable | None = None) -> DependencyInfo:
+    """Propagate channels through ``graph`` with the op rule table ``rules`` (default: :data:`RULES`).
 
     Graph inputs, graph outputs, constants, unknown ops and every dim whose size an op computes are frozen.
 
@@ -285,7 +285,7 @@ def analyze(graph: Graph) -> DependencyInfo:
         ctx.linked = set()
         for key in keys:
             ctx.dims(key)
-        entry = RULES.get(node.target)
+        entry = (RULES if rules is None else rules).get(node.target)
         if entry is None:
             unsupported.append(f"{node.name} ({node.target})")
             for a in node.all_input_nodes:

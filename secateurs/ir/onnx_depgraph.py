@@ -24,6 +24,7 @@ from secateurs.ir.onnx_rules import (
     SIZE_INPUTS,
     AttrSize,
     OnnxFlopFn,
+    OnnxOpRuleTable,
     OnnxRuleContext,
     ShapeInput,
     SliceBound,
@@ -129,8 +130,8 @@ def _captured(node: ir.Node, main: ir.Graph) -> list[ir.Value]:
     return out
 
 
-def analyze_onnx(graph: OnnxGraph) -> OnnxDependencyInfo:
-    """Propagate channels through an ONNX graph with the ONNX op rule table.
+def analyze_onnx(graph: OnnxGraph, rules: OnnxOpRuleTable | None = None) -> OnnxDependencyInfo:
+    """Propagate channels through an ONNX graph with the op rule table ``rules`` (default: :data:`ONNX_RULES`).
 
     Graph inputs, graph outputs, unknown ops, values without a static shape, values read inside subgraphs
     and every dim whose size an op computes are frozen.
@@ -168,7 +169,7 @@ def analyze_onnx(graph: OnnxGraph) -> OnnxDependencyInfo:
             continue
         for o in outs:
             ctx.dims(o)
-        entry = ONNX_RULES.get(node.domain, node.op_type)
+        entry = (ONNX_RULES if rules is None else rules).get(node.domain, node.op_type)
         op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         label = f"{node.name or '?'} ({op})"
         # Sizes read through shape arithmetic must not change, except where a rule tracks them (Reshape targets).

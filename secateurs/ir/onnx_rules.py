@@ -127,6 +127,12 @@ class OnnxOpRuleTable:
         """The rule for ``op_type`` in ``domain``, or None."""
         return self._rules.get((_domain(domain), op_type))
 
+    def copy(self) -> OnnxOpRuleTable:
+        """A new table with the same rules (add to it without touching this one)."""
+        table = OnnxOpRuleTable()
+        table._rules = dict(self._rules)
+        return table
+
     def __contains__(self, key: object) -> bool:
         """Whether ``(domain, op_type)`` has a rule."""
         if not isinstance(key, tuple) or len(key) != 2:

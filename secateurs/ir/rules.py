@@ -90,6 +90,12 @@ class OpRuleTable:
         """The rule for ``op``, or None."""
         return self._rules.get(op)
 
+    def copy(self) -> OpRuleTable:
+        """A new table with the same rules (add to it without touching this one)."""
+        table = OpRuleTable()
+        table._rules = dict(self._rules)
+        return table
+
     def __contains__(self, op: Any) -> bool:
         """Whether ``op`` has a rule."""
         return op in self._rules

@@ -6,6 +6,7 @@ import dataclasses
 
 from secateurs.ir.depgraph import DependencyInfo, analyze
 from secateurs.ir.graph import Graph
+from secateurs.ir.rules import OpRuleTable
 from secateurs.passes.base import Pass, PassResult
 
 __all__ = ["AnalyzeDependencies", "DependencyRecord"]
@@ -36,8 +37,12 @@ class AnalyzeDependencies(Pass):
 
     provides = (DependencyInfo,)
 
+    def __init__(self, rules: OpRuleTable | None = None) -> None:
+        """Analyse with the op rule table ``rules`` (default: the built-in :data:`secateurs.ir.RULES`)."""
+        self.rules = rules
+
     def run(self, graph: Graph) -> PassResult:
         """Analyse ``graph``."""
-        info = analyze(graph)
+        info = analyze(graph, self.rules)
         graph.analyses[DependencyInfo] = info
         return PassResult(graph, False, DependencyRecord.of(info))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.onnx_depgraph import analyze_onnx
 from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.ir.onnx_rules import OnnxOpRuleTable
 from secateurs.passes.dependencies import DependencyRecord
 from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
 
@@ -20,8 +21,12 @@ class AnalyzeOnnxDependencies(OnnxPass):
 
     provides = (DependencyInfo,)
 
+    def __init__(self, rules: OnnxOpRuleTable | None = None) -> None:
+        """Analyse with the op rule table ``rules`` (default: the built-in ONNX table)."""
+        self.rules = rules
+
     def run(self, graph: OnnxGraph) -> OnnxPassResult:
         """Analyse ``graph``."""
-        info = analyze_onnx(graph)
+        info = analyze_onnx(graph, self.rules)
         graph.analyses[DependencyInfo] = info
         return OnnxPassResult(graph, False, DependencyRecord.of(info))
