@@ -218,6 +218,8 @@ def check_streamed_reload(folder: Path, verified: nn.Module, blocks: str,
         block = reloaded.get_submodule(f"{blocks}.{position}")
         loaded = written.load([prefix + k for k in block.state_dict()])
         for key, want_digest in (digests[position] if digests else {}).items():
+            if prefix + key not in loaded:
+                raise VerificationError(f"'{prefix + key}' was verified and written but {how} does not read it")
             if digest(loaded[prefix + key]) != want_digest:
                 raise VerificationError(f"'{prefix + key}' reloaded with {how} differs from the tensor that was "
                                         "verified and written")

@@ -83,13 +83,17 @@ def test_random_is_offered_in_memory_streamed_onnx_and_by_the_cli(tmp_path, caps
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
-    for out in ("s1", "s2"):
-        report = prune_checkpoint(tmp_path / "src", tmp_path / out, ffn=0.25, hidden=0.25, importance="random")
-        assert {(b, a) for n, b, a in report.widths if "mlp" in n} == {(128, 96)}
-    one, two = sc.load_pretrained(tmp_path / "s1"), sc.load_pretrained(tmp_path / "s2")
-    assert one.config.hidden_size == 48
-    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values(), strict=True))
+    llama = tf.LlamaForCausalLM(cfg).eval()
+    llama.save_pretrained(tmp_path / "src")
+    options = {"ffn": 0.25, "heads": 0.5, "hidden": 0.25, "importance": "random", "round_to": 1}
+    report = prune_checkpoint(tmp_path / "src", tmp_path / "s1", **options)
+    assert {(b, a) for n, b, a in report.widths if "mlp" in n} == {(128, 96)}
+    streamed = sc.load_pretrained(tmp_path / "s1")
+    assert streamed.config.hidden_size == 48
+    sc.prune(llama, {"input_ids": torch.randint(0, 120, (2, 8))}, **options)  # the same draws in memory
+    want = llama.state_dict()
+    assert streamed.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in streamed.state_dict().items())
 
     assert main(["prune", str(tmp_path / "src"), "--out", str(tmp_path / "cli"), "--ffn", "0.25", "--criterion",
                  "random", "--calib", "none", "--quiet"]) == 0

@@ -129,25 +129,25 @@ def export_onnx(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if exporter == "dynamo":
-                        with _exportable_experts(model):
+                    with _exportable_experts(model):
+                        if exporter == "dynamo":
                             program = torch.onnx.export(
                                 model, args, kwargs=kwargs, dynamo=True, verbose=False,
                                 dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
                             )
-                        assert program is not None
-                        program.save(str(tmp))
-                    else:
-                        # TorchScript tracing takes positional tensors only: keyword tensors become positional
-                        # inputs named after their keywords, other keywords (use_cache=False) stay fixed.
-                        tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-                        names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
-                        axes = {n: {0: "batch"} for n in names} if dynamic else None
-                        static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
-                        # Positional-only models export as they are (initializers keep their module names).
-                        traced = _Positional(model, len(args), list(tensor_kwargs), static) if kwargs else model
-                        torch.onnx.export(traced, (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
-                                          opset_version=opset, input_names=names, dynamic_axes=axes)
+                            assert program is not None
+                            program.save(str(tmp))
+                        else:
+                            # TorchScript tracing takes positional tensors only: keyword tensors become positional
+                            # inputs named after their keywords, other keywords (use_cache=False) stay fixed.
+                            tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+                            names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
+                            axes = {n: {0: "batch"} for n in names} if dynamic else None
+                            static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
+                            # Positional-only models export as they are (initializers keep their module names).
+                            traced = _Positional(model, len(args), list(tensor_kwargs), static) if kwargs else model
+                            torch.onnx.export(traced, (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
+                                              opset_version=opset, input_names=names, dynamic_axes=axes)
                 result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
             except (VerificationError, CheckpointError):
                 raise

@@ -223,8 +223,9 @@ class PruneExpertNeurons(Pass):
 
     Neuron importance is MAW (the largest absolute weight a neuron owns in its gate / up rows and down
     column), computed per expert. Fused experts keep a rectangular ``[E, 2I', H]`` / ``[E, H, I']`` layout, with
-    ``I'`` rounded to the nearest multiple of 16 bytes of the weights' dtype (4 fp32, 8 bf16 neurons): torch's
-    ``grouped_mm``, which transformers runs fused experts with, refuses other strides.
+    ``I'`` rounded to the nearest multiple of 8 neurons (16 bytes in bf16 / fp16, the dtype a checkpoint pruned in
+    fp32 may be served in): torch's ``grouped_mm``, which transformers runs fused experts with, refuses other
+    strides.
     """
 
     transforms = True
@@ -263,10 +264,14 @@ class PruneExpertNeurons(Pass):
         if down.shape[2] != inter:
             return None
         keep_n = self._keep(inter)
-        align = max(1, 16 // down.element_size())
+        # 16 bytes in the narrowest float dtype the model may run in (bf16 / fp16: 8 neurons), whatever dtype it is
+        # pruned in (a bf16 checkpoint is loaded in fp32 here)
+        align = max(1, 16 // min(down.element_size(), 2))
         if inter % align == 0:  # the dense layout runs with grouped_mm; the pruned one must too
             keep_n = min(inter, max(align, align * int(keep_n / align + 0.5)))
         if keep_n == inter:
+            log.warning("expert neurons of %s: %d of %d rounds back to %d (grouped_mm needs multiples of %d); "
+                        "left alone", b.experts, self._keep(inter), inter, inter, align)
             return None
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
         score = torch.maximum(torch.maximum(gate.abs().amax(2), up.abs().amax(2)), down.abs().amax(1))

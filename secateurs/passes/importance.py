@@ -108,6 +108,7 @@ class ScoreChannels(Pass):
         *,
         calib: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
+        group_prefix: str = "",
     ) -> None:
         """Create the pass.
 
@@ -121,6 +122,8 @@ class ScoreChannels(Pass):
             loss_fn: Loss on the model output for ``taylor``. By default a Hugging Face model that takes
                 ``labels`` gets ``labels=input_ids`` (its language-modelling loss, as in LLM-Pruner) or uses
                 the ``loss`` it returns; otherwise half the mean square of the floating-point outputs.
+            group_prefix: Put before every group's name where a criterion reads it (``random`` seeds with it):
+                the streamed path scores a block captured alone under the whole model's names.
 
         """
         if criterion is None:
@@ -130,6 +133,7 @@ class ScoreChannels(Pass):
         self.criterion = criterion
         self.calib = calib
         self.loss_fn = loss_fn
+        self.group_prefix = group_prefix
 
     def run(self, graph: Graph) -> PassResult:
         """Score every group of the dependency analysis."""
@@ -161,7 +165,7 @@ class ScoreChannels(Pass):
                            for m in g.members if m.is_param]
                 used = bool(members)
                 if used:
-                    total = scorer.score(members, g.size, g.name)
+                    total = scorer.score(members, g.size, self.group_prefix + g.name)
             for m in g.members if not isinstance(scorer, WeightCriterion) else ():
                 if not m.is_param:
                     continue

@@ -368,7 +368,8 @@ class _Walker:
             graph = capture(target, example if example is not None else self.capture_example(block, calls))
         calibrated = opts.importance in _CALIBRATED_IMPORTANCE
         result = PassManager([AnalyzeDependencies(), ScoreChannels(
-            opts.importance or "l2", calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None)])(graph)
+            opts.importance or "l2", calib=[_as_inputs(block, c) for c in calls or []] if calibrated else None,
+            group_prefix=prefix + sub)])(graph)
         graph = result.graph
         if survey is not None:
             info = graph.analysis(DependencyInfo)
@@ -627,13 +628,13 @@ class _Walker:
                     sparsity.extend(record.layers)
                     if stream is not None and position + 1 < n:
                         streams["pruned"], _ = _forward(block, stream)
-                state = {prefix + k: v for k, v in block.state_dict().items()}
                 if writer.enabled:
+                    state = {prefix + k: v for k, v in block.state_dict().items()}
                     probes.append(self.probe(block, position, probe))
                     digests.append({k[len(prefix):]: digest(v) for k, v in state.items()})
-                writer.write_shard(shard_name(position + 1, total),
-                                   per_expert_state(self.model, state) if per_expert else state)
-                del state
+                    writer.write_shard(shard_name(position + 1, total),
+                                       per_expert_state(self.model, state) if per_expert else state)
+                    del state
                 block.to("meta")
                 _release_memory()
             streams.clear()
@@ -649,25 +650,27 @@ class _Walker:
                 slice_dims(self.model, [(name, dim, idx) for name, (dim, idx) in outside.items()],
                            self.hidden.cuts("")[1])
             self._sync_expert_count(experts)
+            layout = describe(self.model)  # on every rank: the same decisions, the same errors (no rank left waiting)
+            fallback = per_expert and not layout.plain_loadable
+            if fallback:
+                if opts.expert_layout == "per-expert":
+                    raise BudgetError("the per-expert layout is read by plain from_pretrained only, and this "
+                                      "pruning is not expressible in the config (per-layer sizes); write the "
+                                      "fused layout instead")
+                per_expert = False
+                self.expert_layout = {"written": "fused", "why": "the source is per-expert, but the per-expert "
+                                      "layout is read by plain from_pretrained only and this pruning has "
+                                      "per-layer sizes"}
             plain = False
             if writer.enabled:
-                layout = describe(self.model)
                 plain = layout.plain_loadable
                 folder = self.folder
-                if per_expert and not plain:
-                    if opts.expert_layout == "per-expert":
-                        raise BudgetError("the per-expert layout is read by plain from_pretrained only, and this "
-                                          "pruning is not expressible in the config (per-layer sizes); write the "
-                                          "fused layout instead")
+                if fallback:
                     log.warning("the source stores its experts one by one, but the per-expert layout loads with plain "
                                 "from_pretrained only and this pruning has per-layer sizes: writing the fused layout")
                     for position in range(n):  # the blocks again, converted back (what load_pretrained reads)
                         writer.rewrite_shard(shard_name(position + 1, total),
                                              lambda t: fused_state(self.model, t, str(self.folder)))
-                    per_expert = False
-                    self.expert_layout = {"written": "fused", "why": "the source is per-expert, but the per-expert "
-                                          "layout is read by plain from_pretrained only and this pruning has "
-                                          "per-layer sizes"}
                 if per_expert:
                     layout.manifest["expert_layout"] = "per-expert"
 
