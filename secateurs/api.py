@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.latency import LatencyTable
-from secateurs.errors import BudgetError
+from secateurs.errors import BudgetError, did_you_mean
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
@@ -462,9 +462,8 @@ def _check_criteria(*values: Any) -> None:
         if owners:
             raise BudgetError(f"{_spell(option, value)} is not a criterion of this option: {value!r} is a criterion "
                               f"of {owners[0]}; use {_spell(owners[0], value)}")
-        close = difflib.get_close_matches(value, list(table[option]), n=2, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise BudgetError(f"unknown {_spell(option)} {value!r}{hint}; choose from {', '.join(table[option])}")
+        raise BudgetError(f"unknown {_spell(option)} {value!r}{did_you_mean(value, table[option])}; choose from "
+                          f"{', '.join(table[option])}")
 
 
 def check_read(given: dict[str, Any], *, width: bool, sparse: bool, depth: bool = False, experts: bool = False,

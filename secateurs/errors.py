@@ -5,6 +5,9 @@ Every error names the node, op, parameter or file at fault so the user can act o
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "BackendUnavailableError",
     "BudgetError",
@@ -16,6 +19,7 @@ __all__ = [
     "SecateursError",
     "UnsupportedOpError",
     "VerificationError",
+    "did_you_mean",
 ]
 
 
@@ -57,3 +61,9 @@ class BackendUnavailableError(SecateursError):
 
 class RecoveryError(SecateursError):
     """Recovery training cannot run: no data, an unknown option value, or a teacher whose outputs do not match."""
+
+
+def did_you_mean(value: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'a' or 'b'?)`` for the closest of ``choices`` to ``value``, or ``""``."""
+    close = difflib.get_close_matches(str(value), list(choices), n=2, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

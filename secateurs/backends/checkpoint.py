@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.backends.expert_layout import per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.errors import CheckpointError
 from secateurs.modeling.hf_attributes import UP_PROJECTIONS, attention_sizes, sync_module
@@ -398,13 +399,11 @@ def stores_per_expert(folder: str | os.PathLike[str]) -> bool:
         names = ShardedSource(folder).tensors
     except CheckpointError:
         return False
-    return any(".experts.0." in n for n in names)
+    return stores_experts_one_by_one(names)
 
 
 def _per_expert_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """The state dict in the per-expert key layout transformers' own ``save_pretrained`` writes."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     if not layout.plain_loadable:
         raise CheckpointError("the per-expert layout is read by plain from_pretrained only, and this pruning is not "
                               "expressible in the config (per-layer sizes or factorised layers); write the fused layout instead")
@@ -414,10 +413,7 @@ def _per_expert_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tenso
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             state[name] = tensor
-    reverted = revert_weight_conversion(model, state)  # type: ignore[arg-type]
-    if not any(".experts.0." in n for n in reverted):
-        raise CheckpointError(f"{type(model).__name__} has no per-expert key layout to write")
-    return {k: v.detach().contiguous() for k, v in reverted.items()}
+    return per_expert_state(model, state)
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ Adding a weight criterion is one class with :func:`register` (and its test): ``s
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -23,10 +22,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from secateurs.errors import BudgetError
+from secateurs.errors import BudgetError, did_you_mean
 
 __all__ = ["L1", "L2", "MAW", "NEEDS", "Activation", "ChannelCriterion", "Flap", "Random", "Taylor", "WeightCriterion",
-           "channel_criterion", "criteria_names", "register"]
+           "channel_criterion", "criteria_names", "reduce_positions", "register"]
 
 NEEDS = ("weights", "calibration", "loss")  # from the least to the most a path must give
 
@@ -59,13 +58,19 @@ class WeightCriterion(ChannelCriterion):
         """Scores of a group of ``size`` channels from ``(weight, dim, channel of every position)`` members."""
         total = np.zeros(size)
         for weight, dim, idx in members:
-            values = self.per_position(weight, dim)
-            hit = idx >= 0
-            if self.reduce == "max":
-                np.maximum.at(total, idx[hit], values[hit])
-            else:
-                total += np.bincount(idx[hit], weights=values[hit], minlength=size)
+            red = reduce_positions(self.per_position(weight, dim), idx, size, self.reduce)
+            total = np.maximum(total, red) if self.reduce == "max" else total + red
         return self.finish(total, group)
+
+
+def reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
+    """Per-position ``values`` combined into a group's ``size`` channels (``idx``: channel of each position)."""
+    hit = idx >= 0
+    if how == "max":
+        out = np.zeros(size)
+        np.maximum.at(out, idx[hit], values[hit])
+        return out
+    return np.bincount(idx[hit], weights=values[hit], minlength=size).astype(np.float64)
 
 
 def _reduced(weight: np.ndarray | torch.Tensor, dim: int, how: str) -> np.ndarray:
@@ -114,9 +119,7 @@ def channel_criterion(name: Any, *, needs: Iterable[str] = NEEDS, where: str = "
     allowed = tuple(needs)
     crit = _REGISTRY.get(name) if isinstance(name, str) else None
     if crit is None:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=2, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise BudgetError(f"unknown importance criterion {name!r}{hint}; choose one of "
+        raise BudgetError(f"unknown importance criterion {name!r}{did_you_mean(name, _REGISTRY)}; choose one of "
                           f"{', '.join(criteria_names(allowed))}")
     if crit.needs not in allowed:
         what = {"calibration": "calibration batches run through the PyTorch model",

@@ -26,7 +26,14 @@ from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.passes.base import Pass, PassResult
-from secateurs.passes.criteria import WeightCriterion, _reduced, channel_criterion, criteria_names
+from secateurs.passes.criteria import (
+    L2,
+    WeightCriterion,
+    _reduced,
+    channel_criterion,
+    criteria_names,
+    reduce_positions,
+)
 from secateurs.passes.hooks import calibration_calls, run_calibration
 from secateurs.progress import track
 
@@ -69,16 +76,6 @@ class ChannelScores:
     scores: dict[int, np.ndarray]
     fallback: tuple[int, ...] = ()
     inputs: dict[tuple[str, int], InputStats] = dataclasses.field(default_factory=dict)
-
-
-def reduce_positions(values: np.ndarray, idx: np.ndarray, size: int, how: str) -> np.ndarray:
-    """Per-position ``values`` combined into a group's ``size`` channels (``idx``: channel of each position)."""
-    hit = idx >= 0
-    if how == "max":
-        out = np.zeros(size)
-        np.maximum.at(out, idx[hit], values[hit])
-        return out
-    return np.bincount(idx[hit], weights=values[hit], minlength=size).astype(np.float64)
 
 
 def _per_position(t: torch.Tensor, dim: int, how: str) -> np.ndarray:
@@ -158,42 +155,32 @@ class ScoreChannels(Pass):
         elif crit in ("activation", "flap"):
             act = self._activations(graph, info)
         for g in info.iter_groups():
+            params = [m for m in g.members if m.is_param]
+            members = [(module.get_parameter(m.name), m.dim, info.channel_positions(m, g.id)) for m in params]
             total = np.zeros(g.size)
             used = False
             if isinstance(scorer, WeightCriterion):
-                members = [(module.get_parameter(m.name), m.dim, info.channel_positions(m, g.id))
-                           for m in g.members if m.is_param]
                 used = bool(members)
                 if used:
                     total = scorer.score(members, g.size, self.group_prefix + g.name)
-            for m in g.members if not isinstance(scorer, WeightCriterion) else ():
-                if not m.is_param:
-                    continue
-                idx = info.channel_positions(m, g.id)
-                w = module.get_parameter(m.name)
-                if crit == "taylor":
-                    gw = grads.get(m.name)
-                    if gw is None:
-                        continue
-                    per = _per_position(gw, m.dim, "l1")
-                    total += reduce_positions(per, idx, g.size, "sum")
-                    used = True
-                else:
-                    stats = act.get((m.placeholder, m.dim))
-                    if stats is None:
-                        continue
-                    col2 = _per_position(w, m.dim, "l2")
-                    per = stats.rms * np.sqrt(col2) if crit == "activation" else stats.var * col2
+            else:
+                for m, (w, dim, idx) in zip(params, members, strict=True):
+                    if crit == "taylor":
+                        gw = grads.get(m.name)
+                        if gw is None:
+                            continue
+                        per = _per_position(gw, dim, "l1")
+                    else:
+                        stats = act.get((m.placeholder, m.dim))
+                        if stats is None:
+                            continue
+                        col2 = _per_position(w, dim, "l2")
+                        per = stats.rms * np.sqrt(col2) if crit == "activation" else stats.var * col2
                     total += reduce_positions(per, idx, g.size, "sum")
                     used = True
             if not used:
                 fallback.append(g.id)
-                total = np.zeros(g.size)
-                for m in g.members:
-                    if m.is_param:
-                        per = _per_position(module.get_parameter(m.name), m.dim, "l2")
-                        total += reduce_positions(per, info.channel_positions(m, g.id), g.size, "sum")
-                total = np.sqrt(total)
+                total = L2().score(members, g.size, g.name)
             scores[g.id] = total
         if fallback:
             log.info("%d groups had no %s statistics and were scored by l2", len(fallback), crit)
