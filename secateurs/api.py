@@ -6,39 +6,38 @@ import copy
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from secateurs.backends.latency import LatencyTable
-from secateurs.errors import BudgetError, did_you_mean
+from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
 from secateurs.passes.allocate import AllocateBudget
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
-from secateurs.passes.criteria import criteria_names
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
-from secateurs.passes.depth import DEPTH_CRITERIA, DepthRecord, RemoveBlocks, RemoveSublayers
+from secateurs.passes.depth import DepthRecord, RemoveBlocks, RemoveSublayers
 from secateurs.passes.distill import RecoverRecord
 from secateurs.passes.drift import OutputDrift, measure_drift, snapshot_outputs
 from secateurs.passes.experts import (
-    EXPERT_CRITERIA,
     ExpertChange,
     PruneExpertNeurons,
     PruneExperts,
     ScoreExperts,
     find_moe_blocks,
 )
-from secateurs.passes.importance import CRITERIA, ChannelScores, ScoreChannels
+from secateurs.passes.importance import ChannelScores, ScoreChannels
 from secateurs.passes.recover import ReconstructLayers
-from secateurs.passes.sparsity import SPARSITY_CRITERIA, SparsifyWeights, SparsityRecord
+from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
 from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
+from secateurs.spec import WEIGHT_DEFAULT, PruneSpec
 
-__all__ = ["WEIGHT_DEFAULT", "Report", "change_lines", "check_read", "sparsity_lines", "frozen_lines", "plan_passes", "prune", "run_passes"]
+__all__ = ["WEIGHT_DEFAULT", "Report", "change_lines", "frozen_lines", "passes_for", "plan_passes", "prune", "run_passes",
+           "sparsity_lines"]
 
 
 @dataclasses.dataclass
@@ -220,44 +219,17 @@ def plan_passes(
     model: nn.Module | None,
     ratio: float | None = None,
     *,
-    heads: float | None = None,
-    kv_groups: float | None = None,
-    ffn: float | None = None,
-    channels: float | None = None,
-    layers: float | None = None,
-    sublayers: float | None = None,
-    depth_criterion: str | None = None,
-    experts: float | None = None,
-    expert_neurons: float | None = None,
-    expert_importance: str | None = None,
-    importance: str | Callable[..., Any] | None = None,
-    scope: str | None = None,
-    target: str | None = None,
-    min_keep: float | None = None,
-    round_to: int | None = None,
-    ignore: Sequence[str] = (),
-    hidden: bool | float = False,
     calib: Iterable[Any] | None = None,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    bias_compensation: bool | None = None,
-    sparsity: float | None = None,
-    nm: tuple[int, int] | str | None = None,
-    sparsity_criterion: str | None = None,
-    sequential: bool = False,
-    reconstruct: bool = False,
-    owl: bool = False,
-    sparsity_allocate: str | None = None,
-    allocate: str | None = None,
-    budget_unit: str | None = None,
-    speedup: float | None = None,
-    latency_cache: str | None = None,
-    latency_backend: str | None = None,
-    verify: bool = True,
+    **options: Any,
 ) -> tuple[list[Pass], LatencyTable | None, bool]:
     """The passes :func:`prune` runs for these options (recipes' ``prune`` step expands to the same list).
 
+    The options are those of :class:`~secateurs.spec.PruneSpec`, the schema every path shares; each is
+    checked there (names, values, and whether a step of the plan reads it).
+
     Args:
         model: The model (a dense copy is kept for ``reconstruct``; may be None otherwise).
+        **options: The :class:`~secateurs.spec.PruneSpec` options, each described here.
         ratio: Fraction to remove, in [0, 1) (see ``target``). Defaults to 0.3 when no per-structure ratio
             is given, else to 0 (only the named structures are pruned).
         heads: Fraction of attention heads to remove (query heads within each KV group under GQA).
@@ -321,181 +293,61 @@ def plan_passes(
             only sparsity asked for, ``ignore`` naming no module, ...): the message names the option meant.
 
     """
-    kinds = {"heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels}
-    kind_ratios = tuple((k, float(v)) for k, v in kinds.items() if v is not None)
-    if not isinstance(hidden, bool):
-        kind_ratios += (("hidden", float(hidden)),)
-    if ratio is None:
-        structural = (experts, expert_neurons, layers, sublayers, sparsity, nm)
-        ratio = 0.0 if kind_ratios or any(v is not None for v in structural) else 0.3
-    sparse = sparsity is not None or nm is not None
-    width = ratio > 0 or any(v > 0 for _, v in kind_ratios)
-    asked_other = bool(layers or sublayers or experts or expert_neurons or sparse)
-    width_runs = width or not asked_other  # with nothing else asked, a ratio-0 width pass reports the groups
-    _check_criteria(importance, sparsity_criterion, depth_criterion, expert_importance)
-    given = {name: value for name, value in (
-        ("importance", importance), ("scope", scope), ("target", target), ("min_keep", min_keep),
-        ("round_to", round_to), ("loss_fn", loss_fn), ("bias_compensation", bias_compensation),
-        ("allocate", allocate), ("budget_unit", budget_unit), ("speedup", speedup),
-        ("latency_cache", latency_cache), ("latency_backend", latency_backend), ("sparsity_criterion", sparsity_criterion),
-        ("sequential", sequential or None), ("owl", owl or None), ("sparsity_allocate", sparsity_allocate),
-        ("reconstruct", reconstruct or None), ("depth_criterion", depth_criterion),
-        ("expert_importance", expert_importance), ("hidden", hidden if hidden is True else None),
-    ) if value is not None}
-    check_read(given, width=width_runs, sparse=sparse, depth=bool(layers or sublayers), experts=bool(experts),
-                ignore=tuple(ignore))
+    spec = PruneSpec.parse({"ratio": ratio, **options}, where="prune()")
+    return passes_for(model, spec, calib=calib)
+
+
+def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any] | None = None,
+               ) -> tuple[list[Pass], LatencyTable | None, bool]:
+    """The passes of :func:`plan_passes` for a checked ``spec`` (the defaults are filled here)."""
+    ignore = spec.ignore or ()
     if model is not None and not isinstance(model, nn.Identity):
         if ignore:
             _check_ignore(model, ignore)
-        if (experts or expert_neurons) and not find_moe_blocks(model):
-            raise BudgetError(f"{'experts=' if experts else 'expert_neurons='} (--experts) selects nothing: the model "
-                              "has no mixture-of-experts block (a router beside a list or fused tensor of experts)")
-    if importance is None:
-        # the hidden size streams with weight criteria only: the same default in memory keeps the paths equal
-        importance = "flap" if calib is not None and hidden is False else WEIGHT_DEFAULT
-    if bias_compensation is None:
-        bias_compensation = importance == "flap"
-    elif bias_compensation and importance not in ("flap", "activation"):
-        raise BudgetError(f"bias_compensation (--bias-compensation) folds calibration means into biases and needs "
-                          f"importance 'flap' or 'activation' (--criterion), not {_name(importance)!r}")
-    if loss_fn is not None and importance != "taylor":
-        raise BudgetError(f"loss_fn is read only by importance='taylor'; importance is {_name(importance)!r}")
-    if sequential and (sparsity_criterion or "magnitude") == "magnitude":
-        raise BudgetError("sequential=True calibrates 'wanda' / 'sparsegpt' block by block; magnitude sparsity "
-                          "needs no calibration (set sparsity_criterion)")
-    if allocate is not None and (target is not None or scope is not None):
-        raise BudgetError(f"{'target' if target is not None else 'scope'}= is for the uniform or global plan; "
-                          "with allocate= the budget is set by budget_unit= (and the per-structure ratios)")
-    if budget_unit is not None and allocate is None and speedup is None:
-        raise BudgetError("budget_unit= is read by the budget allocator only: give allocate= too")
-    if (latency_cache is not None or latency_backend is not None) and budget_unit != "latency" and speedup is None:
-        raise BudgetError("latency_cache= / latency_backend= are read only with budget_unit='latency' or speedup=")
+        if (spec.experts or spec.expert_neurons) and not find_moe_blocks(model):
+            raise BudgetError(f"{'experts=' if spec.experts else 'expert_neurons='} (--experts) selects nothing: the "
+                              "model has no mixture-of-experts block (a router beside a list or fused tensor of experts)")
+    width_runs = spec.width_runs()
+    spec = spec.resolved(calibrated=calib is not None)
+    ratio, importance = spec.default_ratio, spec.importance
     options = ChannelOptions(
-        ratio=ratio, target=target or "channels", scope=scope or "local",
-        min_keep=0.1 if min_keep is None else min_keep, round_to=8 if round_to is None else round_to,
-        ignore=tuple(ignore), hidden=hidden is True, kind_ratios=kind_ratios, bias_compensation=bias_compensation,
-        verify=verify,
+        ratio=ratio, target=spec.target or "channels", scope=spec.scope or "local",
+        min_keep=0.1 if spec.min_keep is None else spec.min_keep, round_to=8 if spec.round_to is None else spec.round_to,
+        ignore=tuple(ignore), hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
+        bias_compensation=bool(spec.bias_compensation), verify=spec.verify is not False,
     )
-    depth_criterion = depth_criterion or "bi"
-    expert_importance = expert_importance or "frequency"
-    sparsity_criterion = sparsity_criterion or "magnitude"
-    budget_unit = budget_unit or "channels"
-    latency_backend = latency_backend or "torch"
-    min_keep = options.min_keep
+    allocate, budget_unit, speedup = spec.allocate, spec.budget_unit or "channels", spec.speedup
     passes: list[Pass] = []
     table: LatencyTable | None = None
-    if layers:
-        passes.append(RemoveBlocks(layers, depth_criterion, calib=calib))
-    if sublayers:
-        passes.append(RemoveSublayers(sublayers, depth_criterion, calib=calib))
-    if experts:
-        passes += [ScoreExperts(expert_importance, calib=calib), PruneExperts(experts)]
-    if expert_neurons:
-        passes.append(PruneExpertNeurons(expert_neurons))
+    if spec.layers:
+        passes.append(RemoveBlocks(spec.layers, spec.depth_criterion or "bi", calib=calib))
+    if spec.sublayers:
+        passes.append(RemoveSublayers(spec.sublayers, spec.depth_criterion or "bi", calib=calib))
+    if spec.experts:
+        passes += [ScoreExperts(spec.expert_importance or "frequency", calib=calib), PruneExperts(spec.experts)]
+    if spec.expert_neurons:
+        passes.append(PruneExpertNeurons(spec.expert_neurons))
     if width_runs:
-        passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=loss_fn)]
+        passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=spec.loss_fn)]
         if speedup is not None:
             allocate, budget_unit = allocate or "dp", "latency"
         if allocate is not None:
-            table = LatencyTable(latency_backend, cache=latency_cache) if budget_unit == "latency" else None
-            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=min_keep, calib=calib,
-                                         latency=table, speedup=speedup, kind_ratios=kind_ratios))
+            table = (LatencyTable(spec.latency_backend or "torch", cache=spec.latency_cache)
+                     if budget_unit == "latency" else None)
+            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=options.min_keep, calib=calib,
+                                         latency=table, speedup=speedup, kind_ratios=spec.kind_ratios))
         passes.append(PruneChannels(options))
-    if isinstance(nm, str):
-        try:
-            n_, m_ = (int(v) for v in nm.split(":"))
-        except ValueError as exc:
-            raise BudgetError(f"nm must look like '2:4', got {nm!r}") from exc
-        nm = (n_, m_)
-    if sparse:
-        passes += [AnalyzeDependencies(), SparsifyWeights(sparsity or 0.0, nm=nm, criterion=sparsity_criterion,
-                                                          calib=calib, sequential=sequential, owl=owl,
-                                                          allocate=sparsity_allocate, ignore=tuple(ignore))]
-        if reconstruct:
+    if spec.sparse:
+        passes += [AnalyzeDependencies(), SparsifyWeights(spec.sparsity or 0.0, nm=spec.pattern,
+                                                          criterion=spec.sparsity_criterion or "magnitude",
+                                                          calib=calib, sequential=bool(spec.sequential),
+                                                          owl=bool(spec.owl), allocate=spec.sparsity_allocate,
+                                                          ignore=tuple(ignore))]
+        if spec.reconstruct:
             if model is None:
                 raise BudgetError("reconstruct=True needs the dense model")
             passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
     return passes, table, speedup is not None
-
-
-WEIGHT_DEFAULT = "l2"
-"""The width criterion used when no calibration data is given (the best weight-only one measured, benchmarks/README.md)."""
-
-# Which pass reads each option, and the command-line flag a user of the CLI would have typed.
-_READERS = {
-    "width": ("importance", "scope", "target", "min_keep", "round_to", "loss_fn", "bias_compensation", "allocate",
-              "budget_unit", "speedup", "latency_cache", "latency_backend", "hidden"),
-    "sparse": ("sparsity_criterion", "sequential", "owl", "sparsity_allocate", "reconstruct"),
-    "depth": ("depth_criterion",),
-    "experts": ("expert_importance",),
-}
-_FLAG = {"importance": "--criterion", "sparsity_criterion": "--sparsity-criterion",
-         "depth_criterion": "--depth-criterion", "allocate": "--allocate", "scope": "--scope", "round_to": "--round-to",
-         "bias_compensation": "--bias-compensation"}
-_WHAT = {"width": "width pruning (ratio= or heads= / kv_groups= / ffn= / channels= / hidden=; --heads --ffn ...)",
-         "sparse": "weight sparsity (sparsity= / nm=; --sparsity --nm)",
-         "depth": "depth pruning (layers= / sublayers=; --layers --sublayers)",
-         "experts": "expert pruning (experts=; --experts)"}
-# A criterion name typed into the option of another pass, and the option that takes it.
-_CRITERION_OPTIONS = {"importance": CRITERIA, "sparsity_criterion": SPARSITY_CRITERIA,
-                      "depth_criterion": DEPTH_CRITERIA, "expert_importance": EXPERT_CRITERIA}
-
-
-def _name(value: Any) -> str:
-    return value if isinstance(value, str) else getattr(value, "__name__", type(value).__name__)
-
-
-def _spell(option: str, value: Any = None) -> str:
-    """An option as both a Python keyword and a CLI flag: ``importance='sparsegpt' (--criterion sparsegpt)``."""
-    py = option if value is None else f"{option}={value!r}"
-    flag = _FLAG.get(option)
-    return py if flag is None else f"{py} ({flag}{'' if value is None else ' ' + str(value)})"
-
-
-def _check_criteria(*values: Any) -> None:
-    """Refuse a criterion given to the wrong option, naming the option that takes it."""
-    table = {**_CRITERION_OPTIONS, "importance": criteria_names()}  # criteria registered after import count too
-    for option, value in zip(table, values, strict=True):
-        if not isinstance(value, str) or value in table[option]:
-            continue
-        owners = [o for o, names in table.items() if value in names]
-        if owners:
-            raise BudgetError(f"{_spell(option, value)} is not a criterion of this option: {value!r} is a criterion "
-                              f"of {owners[0]}; use {_spell(owners[0], value)}")
-        raise BudgetError(f"unknown {_spell(option)} {value!r}{did_you_mean(value, table[option])}; choose from "
-                          f"{', '.join(table[option])}")
-
-
-def check_read(given: dict[str, Any], *, width: bool, sparse: bool, depth: bool = False, experts: bool = False,
-               ignore: tuple[str, ...] = ()) -> None:
-    """Refuse options that no pass of the plan reads (never run with less than what was asked).
-
-    ``given`` holds the options the caller set (keyword names of :func:`plan_passes`); the flags say which steps
-    run. The message names the option, its CLI flag, the step that would read it and, for a criterion valid for
-    a step that does run, the option meant.
-
-    Raises:
-        BudgetError: An option is read by no step that runs.
-
-    """
-    runs = {"width": width, "sparse": sparse, "depth": depth, "experts": experts}
-    for step, options in _READERS.items():
-        if runs[step]:
-            continue
-        for option in options:
-            if option not in given:
-                continue
-            value = given[option]
-            message = (f"{_spell(option, value if isinstance(value, str) else None)} is read only by "
-                       f"{_WHAT[step]}, which this call does not ask for")
-            if isinstance(value, str):
-                for other, names in _CRITERION_OPTIONS.items():
-                    if other != option and value in names and runs[next(k for k, v in _READERS.items()
-                                                                      if other in v)]:
-                        message += f"; for the step that runs use {_spell(other, value)}"
-            raise BudgetError(message)
-    if ignore and not (width or sparse):
-        raise BudgetError("ignore= is read by width pruning and weight sparsity only, and neither is asked for")
 
 
 def _check_ignore(model: nn.Module, ignore: Sequence[str]) -> None:

@@ -133,17 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--experts", type=_fraction, help="fraction of MoE experts to remove")
     g.add_argument("--layers", type=_amount, help="blocks to remove: a count >= 1 or a fraction")
     g.add_argument("--sublayers", type=_amount, help="attention / MLP sublayers to remove: a count or a fraction")
-    g.add_argument("--depth-criterion", help="bi, angular or greedy")
+    from secateurs.passes.allocate import ALLOCATORS
+    from secateurs.passes.criteria import step_criteria
+
+    g.add_argument("--depth-criterion", help=", ".join(step_criteria("depth")) + " (default bi)")
     g.add_argument("--sparsity", type=_fraction, help="unstructured weight sparsity")
     g.add_argument("--nm", help="N:M weight sparsity, e.g. 2:4")
     g.add_argument("--low-rank", type=_fraction, help="factorize linear layers keeping this fraction of energy")
     g.add_argument("--criterion", help=f"width importance: {', '.join(criteria_names())} (default: flap with "
                    "calibration text, l2 with --calib none or without a tokenizer)")
-    g.add_argument("--sparsity-criterion", help="magnitude, wanda, sparsegpt, global_magnitude")
+    g.add_argument("--sparsity-criterion", help=", ".join(step_criteria("sparsity")) + " (default magnitude)")
     g.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="fold the removed channels' calibration means into the next layers' biases (FLAP; default "
                    "on with --criterion flap, which is the default when there is calibration text)")
-    g.add_argument("--allocate", help="width budget allocator: global, lamp, owl, dp, ecoflap, cfsp")
+    g.add_argument("--allocate", help=f"width budget allocator: {', '.join(ALLOCATORS)}")
     g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
                    "ranking across layers (global)")
     g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")
@@ -156,9 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=_positive, help="tokens per calibration text (default 64)")
     pr.add_argument("--seed", type=int, help="random seed (default 0)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    from secateurs.spec import OPTIONS, path_options
+
     pr.add_argument("--stream", action="store_true", help="out-of-core: load, prune and write one decoder block at a "
-                    "time (--heads --kv-groups --ffn --hidden --experts --layers --depth-criterion --scope --allocate "
-                    "--sparsity / --nm --criterion --sparsity-criterion --round-to --calib)")
+                    f"time ({' '.join(f for o in path_options('stream') if (f := OPTIONS[o].flag))} --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pr.add_argument("--expert-layout", choices=("source", "fused", "per-expert"),
@@ -282,18 +286,9 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
 def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     """The ``prune`` step options and any extra steps the flags ask for."""
     from secateurs.errors import BudgetError
+    from secateurs.spec import PruneSpec, from_flags
 
-    names = {"channels": "channels", "heads": "heads", "kv_groups": "kv_groups", "ffn": "ffn", "hidden": "hidden",
-             "experts": "experts", "layers": "layers", "sublayers": "sublayers", "sparsity": "sparsity", "nm": "nm",
-             "criterion": "importance", "sparsity_criterion": "sparsity_criterion",
-             "depth_criterion": "depth_criterion", "allocate": "allocate", "round_to": "round_to", "scope": "scope",
-             "bias_compensation": "bias_compensation"}
-    options = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src) is not None}
-    for key in ("layers", "sublayers"):
-        if key in options and options[key] >= 1:
-            options[key] = int(options[key])
-    structural = {"channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity",
-                  "nm"}
+    options = from_flags(args)
     extra: list[Any] = []
     if args.low_rank is not None:
         extra = ["AnalyzeDependencies", {"FactorizeLowRank": {"energy": args.low_rank}}]
@@ -302,23 +297,49 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
                                   "eval_every": max(1, args.recover // 5)}})
     elif args.recover_mode is not None:
         raise BudgetError("--recover-mode needs --recover STEPS")
-    if not structural & set(options) and not extra:
+    spec = PruneSpec(**options)
+    if not _STRUCTURE & set(options) and not extra:
         raise BudgetError("nothing to prune: give --recipe or at least one of --channels --heads --kv-groups --ffn "
                           "--hidden --experts --layers --sublayers --sparsity --nm --low-rank")
-    if not structural & set(options) and options:  # e.g. --criterion with only --low-rank: no pass would read it
-        from secateurs.api import check_read
+    if not _STRUCTURE & set(options) and options:  # e.g. --criterion with only --low-rank: no pass would read it
+        spec.check(steps=())
+    return spec.given(), extra
 
-        check_read(options, width=False, sparse=False)
-    return options, extra
+
+_STRUCTURE = {"channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm"}
+# Flags of the prune command that are not pruning options (secateurs.spec), with the paths that take them.
+_DRIVER_FLAGS = {"recipe": ("memory",), "low_rank": ("memory",), "recover": ("memory",), "recover_mode": ("memory",),
+                 "min_cosine": ("memory",), "max_rel_error": ("memory",), "calib": ("memory", "stream"),
+                 "calib_samples": ("memory", "stream"), "seq_len": ("memory", "stream"), "seed": ("memory",),
+                 "expert_layout": ("memory", "stream")}
+
+
+def _refuse_flags(args: argparse.Namespace, path: str, what: str) -> dict[str, Any]:
+    """The pruning options of the flags, checked for ``path``.
+
+    A flag the path does not take is refused with the list of those it does take.
+    """
+    from secateurs.errors import BudgetError
+    from secateurs.spec import OPTIONS, PruneSpec, from_flags, path_options
+
+    options = from_flags(args)
+    unsupported = [f"--{f.replace('_', '-')}" for f, paths in _DRIVER_FLAGS.items()
+                   if path not in paths and getattr(args, f) is not None]
+    unsupported += [OPTIONS[o].flag or o for o in options if path not in OPTIONS[o].paths]
+    unsupported += ["--dry-run"] if args.dry_run and path == "stream" else []
+    unsupported += ["--no-verify"] if args.no_verify and path == "onnx" else []
+    unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
+    if unsupported:
+        takes = [flag for o in path_options(path) if (flag := OPTIONS[o].flag)]
+        takes += [f"--{f.replace('_', '-')}" for f, paths in _DRIVER_FLAGS.items() if path in paths]
+        raise BudgetError(f"{what} supports {' '.join(takes)} only, not {' '.join(unsupported)}")
+    return PruneSpec.parse(options, path=path, where=what).given()
 
 
 def _prune(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.errors import BudgetError
     from secateurs.recipe import load_recipe, parse_recipe
 
-    flags = ("channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm",
-             "low_rank", "criterion", "sparsity_criterion", "depth_criterion", "allocate", "round_to", "recover",
-             "recover_mode", "scope", "bias_compensation")
     if Path(args.src).suffix == ".onnx":
         return _prune_onnx(args)
     if args.input_shape:
@@ -327,7 +348,10 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.stream:
         return _prune_stream(args)
     if args.recipe:
-        used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+        from secateurs.spec import OPTIONS, from_flags
+
+        used = [OPTIONS[o].flag or o for o in from_flags(args)]
+        used += [f"--{f.replace('_', '-')}" for f in ("low_rank", "recover", "recover_mode") if getattr(args, f) is not None]
         if used:
             raise BudgetError(f"--recipe replaces the pruning flags; remove {' '.join(used)} or put them in the recipe")
         recipe = load_recipe(args.recipe)
@@ -355,39 +379,14 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.errors import BudgetError
     from secateurs.stream import StreamOptions
 
-    unsupported = [f"--{f.replace('_', '-')}" for f in (
-        "recipe", "channels", "sublayers", "low_rank", "recover", "recover_mode", "min_cosine", "max_rel_error")
-        if getattr(args, f) is not None]
-    unsupported += ["--dry-run"] if args.dry_run else []
-    unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
-    if unsupported:
-        raise BudgetError("--stream supports --heads --kv-groups --ffn --hidden --experts --layers --depth-criterion "
-                          "--scope --allocate --sparsity --nm --criterion --sparsity-criterion --round-to --calib "
-                          f"--calib-samples --seq-len --expert-layout --overwrite only, not {' '.join(unsupported)}")
+    given = _refuse_flags(args, "stream", "--stream")
     if args.out is None:
         raise BudgetError("--stream needs --out")
-    layers = args.layers
-    if layers is not None and layers >= 1:
-        layers = int(layers)
-    from secateurs.api import check_read
     from secateurs.convert import _tokenizer
     from secateurs.stream import resolve_defaults
 
-    width = any(getattr(args, k) for k in ("ffn", "heads", "kv_groups", "hidden"))
-    given = {k: v for k, v in (("importance", args.criterion), ("scope", args.scope), ("allocate", args.allocate),
-                               ("round_to", args.round_to), ("bias_compensation", args.bias_compensation),
-                               ("sparsity_criterion", args.sparsity_criterion),
-                               ("depth_criterion", args.depth_criterion)) if v is not None}
-    check_read(given, width=width, sparse=args.sparsity is not None or args.nm is not None,
-               depth=bool(layers), experts=bool(args.experts))
     tokenizer = _tokenizer(Path(args.src)) if args.calib != "none" else None
-    options = StreamOptions(
-        ffn=args.ffn, heads=args.heads, kv_groups=args.kv_groups, hidden=args.hidden, experts=args.experts, layers=layers,
-        depth_criterion=args.depth_criterion or "bi", scope=args.scope or "local", allocate=args.allocate,
-        importance=args.criterion, bias_compensation=args.bias_compensation,
-        round_to=8 if args.round_to is None else args.round_to,
-        sparsity=args.sparsity, nm=args.nm, sparsity_criterion=args.sparsity_criterion or "magnitude",
-        expert_layout=args.expert_layout or "source")
+    options = StreamOptions(**given, expert_layout=args.expert_layout or "source")
     # the in-memory defaults: flap with calibration text, weights only without a tokenizer or with --calib none
     options = resolve_defaults(options, calibrated=tokenizer is not None)
     if not (options.width or options.hidden or options.experts or options.layers or options.sparse):
@@ -419,18 +418,7 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
         from secateurs.onnx_prune import prune_onnx
     except ImportError as exc:
         raise BudgetError(f"pruning ONNX files needs the 'onnx' extra (pip install 'secateurs[onnx]'): {exc}") from exc
-    unsupported = [f"--{f.replace('_', '-')}" for f in (
-        "recipe", "experts", "layers", "sublayers", "sparsity", "nm", "low_rank", "recover", "allocate",
-        "sparsity_criterion", "scope", "bias_compensation", "recover_mode",
-        "depth_criterion", "calib", "calib_samples", "seq_len", "seed", "min_cosine", "max_rel_error", "expert_layout")
-        if getattr(args, f) is not None]
-    unsupported += ["--no-verify"] if args.no_verify else []
-    unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
-    if unsupported:
-        from secateurs.passes.criteria import criteria_names
-
-        raise BudgetError("an ONNX source supports --channels --heads --kv-groups --ffn --hidden --criterion "
-                          f"{'|'.join(criteria_names(('weights',)))} --round-to only, not {' '.join(unsupported)}")
+    given = _refuse_flags(args, "onnx", "an ONNX source")
     if not any(getattr(args, f) is not None for f in ("channels", "heads", "kv_groups", "ffn", "hidden")):
         raise BudgetError("nothing to prune: give at least one of --channels --heads --kv-groups --ffn --hidden")
     if args.out is None and not args.dry_run:
@@ -441,10 +429,7 @@ def _prune_onnx(args: argparse.Namespace) -> dict[str, Any]:
         guard_source(args.src, args.out, "--out")
     if args.out is not None and Path(args.out).exists() and not args.overwrite and not args.dry_run:
         raise CheckpointError(f"output file '{args.out}' exists; pass --overwrite to replace it")
-    result = prune_onnx(args.src, None if args.dry_run else args.out, channels=args.channels, heads=args.heads,
-                        kv_groups=args.kv_groups, ffn=args.ffn, input_shapes=_shapes(args),
-                        hidden=args.hidden if args.hidden is not None else False,
-                        importance=args.criterion or "l2", round_to=8 if args.round_to is None else args.round_to)
+    result = prune_onnx(args.src, None if args.dry_run else args.out, input_shapes=_shapes(args), **given)
     _say(args, str(result))
     return result.to_dict()
 

@@ -33,6 +33,7 @@ from secateurs.passes.onnx_base import OnnxPassManager
 from secateurs.passes.onnx_channels import OnnxPruneRecord, PruneOnnxChannels
 from secateurs.passes.onnx_dependencies import AnalyzeOnnxDependencies
 from secateurs.passes.onnx_importance import ScoreOnnxChannels
+from secateurs.spec import PruneSpec
 
 __all__ = ["OnnxReport", "inspect_onnx", "prune_onnx"]
 
@@ -109,13 +110,13 @@ def prune_onnx(
     kv_groups: float | None = None,
     ffn: float | None = None,
     channels: float | None = None,
-    hidden: bool | float = False,
-    importance: str | Callable[..., Any] = "l2",
-    scope: str = "local",
-    target: str = "channels",
-    min_keep: float = 0.1,
-    round_to: int = 1,
-    ignore: Sequence[str] = (),
+    hidden: bool | float | None = None,
+    importance: str | Callable[..., Any] | None = None,
+    scope: str | None = None,
+    target: str | None = None,
+    min_keep: float | None = None,
+    round_to: int | None = None,
+    ignore: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
 ) -> OnnxReport:
@@ -132,13 +133,13 @@ def prune_onnx(
         channels: Fraction of other channels (convolutions) to remove.
         hidden: Also prune channels that enter a normalisation (a transformer's hidden size): ``True`` uses
             ``ratio``, a float is its own ratio.
-        importance: A weight criterion (``"l1"``, ``"l2"``, ``"maw"``, ``"random"``: see
+        importance: A weight criterion (``"l1"``, ``"l2"`` (the default), ``"maw"``, ``"random"``: see
             :mod:`secateurs.passes.criteria`) or a callable ``(graph, info, group) -> scores``.
         scope: ``"local"`` (same fraction per group) or ``"global"`` (one normalised ranking per kind).
         target: What ``ratio`` is a fraction of: ``"channels"`` (of every group), ``"params"`` (of the weights)
             or ``"flops"`` (of one call at the analysis shapes), costed on the ONNX graph itself.
-        min_keep: Per-group floor as a fraction of its channels.
-        round_to: Keep every sliced dim a multiple of this (1 disables).
+        min_keep: Per-group floor as a fraction of its channels (default 0.1).
+        round_to: Keep every sliced dim a multiple of this (default 8, as :func:`secateurs.prune`; 1 disables).
         ignore: Names (or prefixes ending in ``.``) of the modules / initializers whose groups stay whole.
         input_shapes: Static shapes for inputs with symbolic dims, for the analysis (see
             :func:`~secateurs.frontends.onnx_model.load_onnx`).
@@ -154,15 +155,15 @@ def prune_onnx(
         VerificationError: The rewritten model fails the checks (nothing is written).
 
     """
-    kinds = {"heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels}
-    kind_ratios = tuple((k, float(v)) for k, v in kinds.items() if v is not None)
-    if not isinstance(hidden, bool):
-        kind_ratios += (("hidden", float(hidden)),)
-    if ratio is None:
-        ratio = 0.0 if kind_ratios else 0.3
-    options = ChannelOptions(ratio=ratio, scope=scope, target=target, min_keep=min_keep, round_to=round_to,
-                             ignore=tuple(ignore), hidden=hidden is True, kind_ratios=kind_ratios, verify=False)
-    scorer = ScoreOnnxChannels(importance)
+    spec = PruneSpec.parse({"ratio": ratio, "heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels,
+                            "hidden": hidden, "importance": importance, "scope": scope, "target": target,
+                            "min_keep": min_keep, "round_to": round_to, "ignore": ignore},
+                           path="onnx", where="prune_onnx()").resolved(calibrated=False, path="onnx")
+    options = ChannelOptions(ratio=spec.default_ratio, scope=spec.scope or "local", target=spec.target or "channels",
+                             min_keep=0.1 if spec.min_keep is None else spec.min_keep,
+                             round_to=8 if spec.round_to is None else spec.round_to, ignore=tuple(spec.ignore or ()),
+                             hidden=spec.hidden is True, kind_ratios=spec.kind_ratios, verify=False)
+    scorer = ScoreOnnxChannels(spec.importance or "l2")  # resolved: never None
     pruner = PruneOnnxChannels(options)
     start = time.perf_counter()
     if dst is not None:

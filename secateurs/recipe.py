@@ -102,10 +102,9 @@ class Recipe:
 
 def _options_of(name: str) -> list[str]:
     if name == "prune":
-        from secateurs.api import plan_passes
+        from secateurs.spec import path_options
 
-        params = inspect.signature(plan_passes).parameters
-        return [p for p in params if p not in ("model", *_INJECTED)]
+        return [p for p in path_options("memory") if p not in _INJECTED]
     cls = PASSES[name]
     opts = [p for p in inspect.signature(cls.__init__).parameters if p not in _INJECTED]
     if cls is PruneChannels:

@@ -15,7 +15,7 @@ import secateurs
 UTIL = {"secateurs.errors", "secateurs.progress", "secateurs.distributed"}
 TOP = {"secateurs", "secateurs.__main__", "secateurs.api", "secateurs.bench", "secateurs.cli", "secateurs.convert",
        "secateurs.data", "secateurs.demo", "secateurs.onnx_prune", "secateurs.recipe", "secateurs.report",
-       "secateurs.stream", "secateurs.stream_reload"}
+       "secateurs.spec", "secateurs.stream", "secateurs.stream_reload"}
 PACKAGES = ("ir", "frontends", "modeling", "passes", "backends")
 ALLOWED = {
     "util": {"util"},

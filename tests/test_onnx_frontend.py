@@ -228,7 +228,7 @@ def test_slice_bounds_follow_the_kept_channels(tmp_path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 4, 4])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "s.onnx"))
-    report = prune_onnx(tmp_path / "s.onnx", tmp_path / "p.onnx", ratio=0.5)
+    report = prune_onnx(tmp_path / "s.onnx", tmp_path / "p.onnx", ratio=0.5, round_to=1)
     assert _sizes(report.changes) == [(2, 1), (2, 1), (4, 2)]
     x = (torch.randn(3, 3, 4, 4),)
     _assert_same(_run(tmp_path / "p.onnx", x), _run(tmp_path / "s.onnx", x), atol=1e-5)
@@ -240,7 +240,7 @@ def test_slice_bounds_follow_the_kept_channels(tmp_path):
 def test_ignored_modules_stay_whole(tmp_path):
     model = models.Grouped().eval()
     export_onnx(model, SMALL["Grouped"], tmp_path / "g.onnx")
-    report = prune_onnx(tmp_path / "g.onnx", tmp_path / "p.onnx", ratio=0.5, ignore=["gconv"])
+    report = prune_onnx(tmp_path / "g.onnx", tmp_path / "p.onnx", ratio=0.5, round_to=1, ignore=["gconv"])
     assert all("gconv" not in c.name for c in report.changes)
     assert any(f.reason == "ignored by the user" for f in report.frozen)
 
@@ -262,7 +262,7 @@ def test_old_opset_is_converted(tmp_path):
     export_onnx(model, inputs, tmp_path / "old.onnx", exporter="legacy", opset=11)
     pruned = copy.deepcopy(model)
     report = sc.prune(pruned, inputs, ratio=0.5, importance="l2", round_to=1)
-    onnx_report = prune_onnx(tmp_path / "old.onnx", tmp_path / "new.onnx", ratio=0.5, importance="l2")
+    onnx_report = prune_onnx(tmp_path / "old.onnx", tmp_path / "new.onnx", ratio=0.5, round_to=1, importance="l2")
     assert _sizes(onnx_report.changes) == _sizes(report.changes)
     _assert_same(_run(tmp_path / "new.onnx", inputs), _torch(pruned, inputs))
     assert any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in onnx.load(str(tmp_path / "new.onnx")).opset_import)
@@ -353,9 +353,9 @@ def test_unknown_op_freezes_what_it_touches_and_is_reported(tmp_path):
     _custom_op_model(src)
     # ONNX Runtime cannot run the custom op, so the rewrite could not be verified: refused as bad input up front.
     with pytest.raises(CheckpointError, match="custom op acme::Mystery"):
-        prune_onnx(src, tmp_path / "out.onnx", ratio=0.5)
+        prune_onnx(src, tmp_path / "out.onnx", ratio=0.5, round_to=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
-    report = prune_onnx(src, tmp_path / "out.onnx", ratio=0.5, verify=False)
+    report = prune_onnx(src, tmp_path / "out.onnx", ratio=0.5, round_to=1, verify=False)
     assert report.unsupported_ops == ["mystery (acme::Mystery)"]
     touched = [f for f in report.frozen if "unsupported op acme::Mystery" in f.reason]
     assert {m for f in touched for m in f.members} == {"b1[0]", "w1[0]", "w2[1]"}
@@ -414,7 +414,7 @@ def test_a_failed_check_leaves_the_destination_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr("secateurs.backends.onnx_file.run_onnx", broken)
     (tmp_path / "o.onnx").write_bytes(b"old output")
     with pytest.raises(VerificationError, match="simulated"):
-        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5)
+        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5, round_to=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]
     assert (tmp_path / "m.onnx").read_bytes() == before
     assert (tmp_path / "o.onnx").read_bytes() == b"old output"
@@ -481,10 +481,10 @@ def test_the_pruned_file_is_compared_with_the_masked_dense_file(tmp_path, monkey
     """The check runs and can fail: compared with the unmasked dense file, a real pruning differs."""
     model = models.ConvBN().eval()
     export_onnx(model, (torch.randn(1, 3, 4, 4),), tmp_path / "m.onnx")
-    prune_onnx(tmp_path / "m.onnx", tmp_path / "ok.onnx", ratio=0.5)  # masked dense == pruned
+    prune_onnx(tmp_path / "m.onnx", tmp_path / "ok.onnx", ratio=0.5, round_to=1)  # masked dense == pruned
     monkeypatch.setattr("secateurs.onnx_prune.masked_model", lambda dense, masks: dense)
     with pytest.raises(VerificationError, match="removed channels zeroed"):
-        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5)
+        prune_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", ratio=0.5, round_to=1)
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -392,7 +392,9 @@ def test_bad_requests_are_refused(tmp_path):
         prune_checkpoint(src, tmp_path / "o", layers=1)
     with pytest.raises(BudgetError, match="tuple of 2"):
         prune_checkpoint(src, tmp_path / "o", layers=1, calib=[(torch.zeros(1, 4, dtype=torch.long),) * 2])
-    assert not StreamOptions(nm="2:4", allocate="cfsp").calibrated  # cfsp without width allocates nothing
+    with pytest.raises(BudgetError, match=r"allocate='cfsp' .* is read only by width pruning"):
+        StreamOptions(nm="2:4", allocate="cfsp")  # cfsp without width would allocate nothing: refused, as in memory
+    assert not StreamOptions(nm="2:4").calibrated
     with pytest.raises(BudgetError, match="layers"):
         StreamOptions(layers=float("inf"))
     with pytest.raises(BudgetError, match="at least one must stay"):

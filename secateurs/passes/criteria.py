@@ -11,10 +11,15 @@ they need, so every path refuses what it cannot give with the same message.
 
 Adding a weight criterion is one class with :func:`register` (and its test): ``secateurs.prune(importance=...)``,
 ``--criterion``, recipes, the streamed ``prune_checkpoint`` and ``prune_onnx`` all offer it.
+
+The criteria of the other steps (weight sparsity, depth, experts) are registered too (:func:`register_step`),
+each with what it needs, so the option schema (:mod:`secateurs.spec`) offers every path the ones it can feed and
+tells why the others are missing; their pass computes them (SparseGPT is a solver, FinerCut's greedy a search).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -24,10 +29,14 @@ import torch
 
 from secateurs.errors import BudgetError, did_you_mean
 
-__all__ = ["L1", "L2", "MAW", "NEEDS", "Activation", "ChannelCriterion", "Flap", "Random", "Taylor", "WeightCriterion",
-           "channel_criterion", "criteria_names", "reduce_positions", "register"]
+__all__ = ["L1", "L2", "MAW", "NEEDS", "STEPS", "Activation", "ChannelCriterion", "Flap", "Random", "StepCriterion",
+           "Taylor", "WeightCriterion", "channel_criterion", "criteria_names", "needed", "reduce_positions", "register",
+           "register_step", "step_criteria", "step_criterion"]
 
-NEEDS = ("weights", "calibration", "loss")  # from the least to the most a path must give
+NEEDS = ("weights", "calibration", "model", "loss")  # from the least to the most a path must give
+_NEEDED = {"weights": "the weights", "calibration": "calibration batches run through the PyTorch model",
+           "model": "the whole PyTorch model at once", "loss": "gradients of a loss over the whole model"}
+STEPS = ("sparsity", "depth", "experts")
 
 _REGISTRY: dict[str, ChannelCriterion] = {}
 
@@ -122,11 +131,60 @@ def channel_criterion(name: Any, *, needs: Iterable[str] = NEEDS, where: str = "
         raise BudgetError(f"unknown importance criterion {name!r}{did_you_mean(name, _REGISTRY)}; choose one of "
                           f"{', '.join(criteria_names(allowed))}")
     if crit.needs not in allowed:
-        what = {"calibration": "calibration batches run through the PyTorch model",
-                "loss": "gradients of a loss over the whole model"}[crit.needs]
-        raise BudgetError(f"importance {name!r} needs {what}, which {where or 'this path'} does not have; choose "
-                          f"one of {', '.join(criteria_names(allowed))}")
+        raise BudgetError(f"importance {name!r} needs {needed(crit.needs)}, which {where or 'this path'} does not "
+                          f"have; choose one of {', '.join(criteria_names(allowed))}")
     return crit
+
+
+def needed(needs: str) -> str:
+    """What a need means, in words (``"calibration"``: calibration batches run through the PyTorch model)."""
+    return _NEEDED[needs]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCriterion:
+    """A criterion of the sparsity, depth or expert step: its name, what it needs, what it measures."""
+
+    step: str
+    name: str
+    needs: str
+    summary: str
+
+
+_STEP_REGISTRY: dict[str, dict[str, StepCriterion]] = {step: {} for step in STEPS}
+
+
+def register_step(step: str, name: str, needs: str, summary: str) -> StepCriterion:
+    """Register the criterion ``name`` of ``step`` (one of :data:`STEPS`); its pass computes it."""
+    if step not in STEPS or needs not in NEEDS:
+        raise ValueError(f"step must be one of {STEPS} and needs one of {NEEDS}, got {step!r}, {needs!r}")
+    crit = StepCriterion(step, name, needs, summary)
+    _STEP_REGISTRY[step][name] = crit
+    return crit
+
+
+def step_criteria(step: str, needs: Iterable[str] = NEEDS) -> tuple[str, ...]:
+    """The registered criteria of ``step`` whose needs are among ``needs``, in registration order."""
+    allowed = set(needs)
+    return tuple(n for n, c in _STEP_REGISTRY[step].items() if c.needs in allowed)
+
+
+def step_criterion(step: str, name: str) -> StepCriterion | None:
+    """The criterion ``name`` of ``step``, or None."""
+    return _STEP_REGISTRY[step].get(name)
+
+
+register_step("sparsity", "magnitude", "weights", "|w| per layer")
+register_step("sparsity", "wanda", "calibration", "|w| x the input channel's norm, per output row")
+register_step("sparsity", "sparsegpt", "calibration", "OBS with the inverse calibration Hessian, updating kept weights")
+register_step("sparsity", "global_magnitude", "model", "one |w| threshold across every layer, each capped at 95%")
+register_step("depth", "bi", "calibration", "block influence: 1 - cos(block input, block output)")
+register_step("depth", "angular", "calibration", "the n consecutive blocks with the smallest angular distance")
+register_step("depth", "greedy", "model", "remove the candidate that changes the final output least, re-running the "
+              "model for every candidate (FinerCut)")
+register_step("experts", "frequency", "calibration", "tokens routed to the expert")
+register_step("experts", "mass", "calibration", "summed router probability of the expert")
+register_step("experts", "output_norm", "calibration", "summed norm of the expert's routing-weighted output")
 
 
 @register

@@ -34,6 +34,7 @@ from secateurs.ir.graph import Graph
 from secateurs.modeling.layers import ZeroSublayer, hidden_input
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.criteria import step_criteria
 from secateurs.passes.hooks import calibration_calls, first_tensor
 from secateurs.progress import track
 
@@ -52,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEPTH_CRITERIA = ("bi", "angular", "greedy")
+DEPTH_CRITERIA = step_criteria("depth")  # registered in secateurs.passes.criteria
 _ATTENTION_NAMES = ("self_attn", "attention", "attn")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 

@@ -30,13 +30,14 @@ from secateurs.ir.graph import Graph
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.modeling.structure import _DOWN_NAMES, _UP_NAMES, MoEBlock, find_moe_blocks
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.criteria import step_criteria
 from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration
 
 __all__ = ["ExpertChange", "ExpertScores", "MoEBlock", "PruneExpertNeurons", "PruneExperts", "ScoreExperts", "find_moe_blocks"]
 
 log = logging.getLogger(__name__)
 
-EXPERT_CRITERIA = ("frequency", "mass", "output_norm")
+EXPERT_CRITERIA = step_criteria("experts")  # registered in secateurs.passes.criteria
 
 
 @dataclasses.dataclass

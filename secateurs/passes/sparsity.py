@@ -40,6 +40,7 @@ from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.outputs import remove_masks
 from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.criteria import step_criteria
 from secateurs.passes.depth import find_blocks
 from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration, select_layers
 from secateurs.progress import track
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
 
-SPARSITY_CRITERIA = ("magnitude", "wanda", "sparsegpt", "global_magnitude")
+SPARSITY_CRITERIA = step_criteria("sparsity")  # registered in secateurs.passes.criteria
 
 
 def _is_target(module: nn.Module) -> bool:

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
 from secateurs.errors import BudgetError
-from secateurs.passes.criteria import WeightCriterion, channel_criterion, criteria_names
-from secateurs.passes.experts import (
-    EXPERT_CRITERIA,
-    ExpertChange,
-)
+from secateurs.passes.criteria import criteria_names, step_criteria
+from secateurs.passes.experts import ExpertChange
+from secateurs.spec import OPTIONS, PruneSpec
 
 STREAM_IMPORTANCE = criteria_names(("weights", "calibration"))  # a loss over the whole model is not streamed
-STREAM_ALLOCATORS = ("global", "lamp", "owl", "dp", "cfsp")
-_CALIBRATED_IMPORTANCE = ("activation", "flap")
-_CALIBRATED_SPARSITY = ("wanda", "sparsegpt")
+STREAM_ALLOCATORS = OPTIONS["allocate"].choices["stream"]  # type: ignore[index]
+_CALIBRATED_IMPORTANCE = criteria_names(("calibration",))  # what the registry says needs calibration batches
+_CALIBRATED_SPARSITY = step_criteria("sparsity", ("calibration",))
 _WIDTH_KINDS = ("heads", "kv_groups", "ffn")
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0):
-        raise BudgetError(f"{name} ratio must be in [0, 1), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,49 +86,27 @@ class StreamOptions:
     expert_layout: str = "source"
 
     def __post_init__(self) -> None:
-        for name in ("ffn", "heads", "kv_groups", "hidden", "experts", "expert_neurons", "sparsity"):
-            _check_fraction(name, getattr(self, name))
-        if self.importance is not None:
-            channel_criterion(self.importance, needs=("weights", "calibration"), where="a streamed prune (block by block)")
-        if self.sparsity_criterion not in ("magnitude", *_CALIBRATED_SPARSITY):
-            raise BudgetError(f"sparsity criterion {self.sparsity_criterion!r} cannot stream block by block; "
-                              "choose magnitude, wanda or sparsegpt")
-        if self.scope not in ("local", "global"):
-            raise BudgetError(f"scope must be 'local' or 'global', got {self.scope!r}")
-        if self.allocate is not None and self.allocate not in STREAM_ALLOCATORS:
-            raise BudgetError(f"allocator {self.allocate!r} cannot stream block by block; choose from "
-                              f"{STREAM_ALLOCATORS} (ecoflap needs the whole model's loss)")
-        if self.budget_unit not in ("channels", "params"):
-            raise BudgetError(f"a streamed budget counts 'channels' or 'params', not {self.budget_unit!r}")
-        if self.expert_importance not in EXPERT_CRITERIA:
-            raise BudgetError(f"unknown expert importance {self.expert_importance!r}; choose from {EXPERT_CRITERIA}")
-        if self.layers is not None and (not isinstance(self.layers, (int, float)) or not math.isfinite(self.layers)
-                                        or self.layers < 0):
-            raise BudgetError(f"layers must be a count >= 1 or a fraction in [0, 1), got {self.layers!r}")
-        if self.depth_criterion not in ("bi", "angular"):
-            raise BudgetError(f"depth criterion {self.depth_criterion!r} cannot stream block by block; choose bi or "
-                              "angular (greedy re-runs the whole model for every candidate)")
-        if self.hidden and self.importance is not None and not isinstance(channel_criterion(self.importance),
-                                                                          WeightCriterion):
-            raise BudgetError(f"the hidden size streams with weight criteria ({', '.join(criteria_names(('weights',)))}), "
-                              f"not {self.importance!r}: "
-                              "its activation statistics span every block at once")
-        if self.hidden and self.allocate is not None:
-            raise BudgetError("the hidden size is one group; do not combine hidden with an allocator when streaming")
-        if self.bias_compensation and self.importance not in _CALIBRATED_IMPORTANCE:
-            raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
-        if int(self.round_to) < 1:
-            raise BudgetError(f"round_to must be >= 1, got {self.round_to!r}")
-        if isinstance(self.nm, str):
-            try:
-                n, m = (int(v) for v in self.nm.split(":"))
-            except ValueError as exc:
-                raise BudgetError(f"nm must look like '2:4', got {self.nm!r}") from exc
-            object.__setattr__(self, "nm", (n, m))
+        """Check the pruning options with the schema every path shares (:class:`~secateurs.spec.PruneSpec`)."""
+        spec = self.spec()
+        object.__setattr__(self, "nm", spec.nm)
         if self.expert_layout not in ("source", "fused", "per-expert"):
             raise BudgetError(f"unknown expert layout {self.expert_layout!r}; choose source, fused or per-expert")
         if self.chunk_bytes < 1 or self.max_shard_bytes < 1:
             raise BudgetError("chunk_bytes and max_shard_bytes must be positive")
+
+    def spec(self) -> PruneSpec:
+        """The pruning options as a :class:`~secateurs.spec.PruneSpec`, checked for the streamed path.
+
+        A field left at its default counts as not given (``scope="local"`` with nothing to scope is accepted).
+        """
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name in OPTIONS and getattr(self, f.name) != f.default}
+        try:
+            spec = PruneSpec(**given)
+        except TypeError as exc:  # pragma: no cover - the field names are the schema's
+            raise BudgetError(str(exc)) from exc
+        spec.check("stream")
+        return spec
 
     @property
     def kind_ratios(self) -> tuple[tuple[str, float], ...]:
@@ -258,14 +228,9 @@ def resolve_defaults(opts: StreamOptions, *, calibrated: bool) -> StreamOptions:
     """``opts`` with the default width criterion filled in, as :func:`secateurs.prune` chooses it.
 
     ``flap`` with bias compensation when calibration batches are given (and the hidden size, which streams with
-    weight criteria only, is not pruned); the best weight-only criterion otherwise.
+    weight criteria only, is not pruned); the best weight-only criterion otherwise
+    (:meth:`secateurs.spec.PruneSpec.resolved`).
     """
-    from secateurs.api import WEIGHT_DEFAULT
-
-    importance = opts.importance
-    if importance is None:
-        importance = "flap" if calibrated and not opts.hidden else WEIGHT_DEFAULT
-    compensate = opts.bias_compensation
-    if compensate is None:
-        compensate = importance == "flap" and opts.width
-    return dataclasses.replace(opts, importance=importance, bias_compensation=compensate)
+    spec = opts.spec().resolved(calibrated=calibrated, path="stream")
+    importance = spec.importance if isinstance(spec.importance, str) else None  # a stream spec takes names only
+    return dataclasses.replace(opts, importance=importance, bias_compensation=spec.bias_compensation)
