@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -99,3 +101,27 @@ def test_a_rule_table_given_to_the_analysis_adds_a_rule_without_touching_the_bui
     ruled = graph.analysis(DependencyInfo)
     assert [g.size for g in ruled.iter_groups()] == [16] and not ruled.unsupported
     assert frac not in RULES and len(table) == len(RULES) + 1  # nothing leaked into the built-in table
+
+
+def test_the_cost_of_a_plan_counts_with_the_rules_the_analysis_ran_with():
+    import secateurs as sc
+    from secateurs.ir.cost import predict_cost
+    from secateurs.ir.depgraph import DependencyInfo
+    from secateurs.passes import AnalyzeDependencies
+
+    frac = torch.ops.aten.frac.default
+    graph = sc.capture(_Frac().eval(), (torch.randn(2, 8),))
+    AnalyzeDependencies()(graph)
+    _, plain = predict_cost(graph, graph.analysis(DependencyInfo), {})
+    table = RULES.copy()
+    # frac counted as one FLOP per element of its output (2 x 16 = 32), scaling with the kept channels
+    table.register([frac], lambda ctx, node: ctx.same_dims(node.args[0], node),
+                   flops=lambda node, shape_of: float(math.prod(shape_of(node) or (0,))))
+    AnalyzeDependencies(table)(graph)
+    info = graph.analysis(DependencyInfo)
+    (group,) = info.iter_groups()
+    _, ruled = predict_cost(graph, info, {})
+    _, half = predict_cost(graph, info, {group.id: 8})
+    assert ruled == plain + 32
+    assert half == (ruled - 32) / 2 + 16  # both linear layers halve with the group; frac at 2 x 8 adds 16
+

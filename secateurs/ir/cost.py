@@ -48,8 +48,10 @@ def _actual_shape(value: object) -> Shape | None:
 def predict_cost(graph: Graph, info: DependencyInfo, kept: dict[int, int]) -> tuple[int, float]:
     """Parameters and FLOPs after each group ``g`` is cut to ``kept[g]`` channels.
 
-    Parameters the graph never uses are counted unchanged.
+    Parameters the graph never uses are counted unchanged. FLOPs are counted by the rules of the table the
+    analysis ran with (``info.rules``), so a rule added for one analysis also counts its op's FLOPs.
     """
+    rules = RULES if info.rules is None else info.rules
     memo: dict[int, int] = {}
 
     def shape_of(value: object) -> Shape | None:
@@ -66,7 +68,7 @@ def predict_cost(graph: Graph, info: DependencyInfo, kept: dict[int, int]) -> tu
         params += math.prod(info.shape_under(key, kept, memo)) - before
     flops = 0.0
     for node in graph.nodes():
-        entry = RULES.get(node.target) if node.op == "call_function" else None
+        entry = rules.get(node.target) if node.op == "call_function" else None
         if entry is not None and entry.flops is not None:
             flops += entry.flops(node, shape_of)
     return params, flops

@@ -126,6 +126,7 @@ class DependencyInfo:
     module_attrs: list[tuple[str, str, int]]
     unsupported: list[str]
     mixing: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    rules: OpRuleTable | None = None  # the table the analysis ran with (None: the built-in RULES)
 
     def shape_under(self, value: tuple[str, int], kept: dict[int, int], memo: dict[int, int]) -> tuple[int, ...]:
         """Predicted shape of a graph value when each group ``g`` keeps ``kept[g]`` channels."""
@@ -338,4 +339,5 @@ def analyze(graph: Graph, rules: OpRuleTable | None = None) -> DependencyInfo:
         group.kind = _classify(group, tags, table, values, graph)
         groups[leaf] = group
     log.debug("analysis: %d groups, %d frozen, %d unsupported ops", len(groups), len(frozen), len(unsupported))
-    return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported, ctx.mixing)
+    return DependencyInfo(table, values, groups, frozen, ctx.consumers, ctx.module_attrs, unsupported, ctx.mixing,
+                          rules)
