@@ -128,3 +128,30 @@ def test_the_check_sees_lazy_relative_and_package_imports():
         "secateurs.modeling.z (modeling) imports secateurs (top)",
         "secateurs.passes.w (passes) imports secateurs.api (top)",
     ]
+
+
+# The dialect-free core: the op families' channel algebra, written once for ATen and ONNX, imports no framework.
+CORE = {"secateurs.ir.families": {"secateurs.errors"}}
+
+
+def runtime_imports(source: str) -> set[str]:
+    """Top-level names of every module ``source`` imports at run time (``if TYPE_CHECKING:`` blocks skipped)."""
+    tree = ast.parse(source)
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for child in node.body for n in ast.walk(child)}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add(node.module or "")
+    return out - {"__future__", "collections.abc", "typing", "dataclasses", "math"}
+
+
+def test_the_core_imports_no_framework():
+    sources = package_sources()
+    for module, allowed in CORE.items():
+        assert runtime_imports(sources[module]) <= allowed, module
+    assert runtime_imports("import torch\nif TYPE_CHECKING:\n    import onnx\nfrom typing import Any\n") == {"torch"}

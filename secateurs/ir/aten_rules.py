@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from secateurs.ir.rules import RuleContext, Shape, ShapeOf, numel, op_rule
+from secateurs.ir import families
+from secateurs.ir.rules import RuleContext, ShapeOf, numel, op_rule
 
 __all__: list[str] = []
 
@@ -43,8 +44,7 @@ def _tensor_args(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
+_dim = families.axis
 
 
 # --------------------------------------------------------------------------------------------- elementwise
@@ -104,12 +104,8 @@ def _elementwise(ctx: RuleContext, node: fx.Node) -> None:
         return
     if node.target in (aten.copy_.default,):
         ctx.broadcast(node.args[0], [node.args[1]])
-    ctx.broadcast(node, _tensor_args(ctx, node))
-    if node.target in _SOFTMAX:
-        x = node.args[0]
-        shape = ctx.shape(x)
-        assert shape is not None
-        ctx.mixes([ctx.dims(x)[_dim(int(node.args[1]), len(shape))]])
+    families.elementwise(ctx, [node], _tensor_args(ctx, node),
+                         normalises=(node.args[0], int(node.args[1])) if node.target in _SOFTMAX else None)
 
 
 @op_rule(aten.triu.default, aten.tril.default)
@@ -172,35 +168,9 @@ def _matmul_flops(node: fx.Node, shape_of: ShapeOf) -> float:
 
 
 def _matmul_core(ctx: RuleContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
-    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
-    assert sa is not None and sb is not None and so is not None
-    if len(sa) == 1 or len(sb) == 1:
-        # Vector products: the contracted dim is shared, the rest passes through.
-        if len(sa) == 1 and len(sb) == 1:
-            ctx.unify_dims(a, 0, b, 0)
-            return
-        if len(sa) == 1:
-            ctx.unify_dims(a, 0, b, -2)
-            for i in range(len(so)):
-                ctx.unify_dims(node, i, b, i if i < len(sb) - 2 else len(sb) - 1)
-        else:
-            ctx.unify_dims(a, -1, b, 0)
-            for i in range(len(so)):
-                ctx.unify_dims(node, i, a, i)
-        return
-    ctx.unify_dims(a, -1, b, -2)
-    ctx.unify_dims(a, -2, node, -2)
-    ctx.unify_dims(b, -1, node, -1)
-    batch_out = list(so[:-2])
-    ctx_batch_a = sa[:-2]
-    ctx_batch_b = sb[:-2]
-    for shape, value in ((ctx_batch_a, a), (ctx_batch_b, b)):
-        offset = len(batch_out) - len(shape)
-        for i, s in enumerate(shape):
-            if s == batch_out[offset + i]:
-                ctx.unify_dims(value, i, node, offset + i)
+    families.matmul(ctx, a, b, node)
     if b.op == "placeholder":
-        ctx.consumer(a, len(sa) - 1, b, len(sb) - 2)
+        ctx.consumer(a, len(ctx.shape(a)) - 1, b, len(ctx.shape(b)) - 2)
 
 
 @op_rule(aten.matmul.default, aten.bmm.default, aten.mm.default, flops=_matmul_flops)
@@ -519,54 +489,13 @@ def _reduce(ctx: RuleContext, node: fx.Node) -> None:
 
 
 # ------------------------------------------------------------------------------------------- shape ops
-def _reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of source and destination dims with equal products (size-1 dims ignored)."""
-    si = [i for i, s in enumerate(src) if s != 1]
-    di = [i for i, s in enumerate(dst) if s != 1]
-    runs: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(si) and j < len(di):
-        a, b = [si[i]], [di[j]]
-        pa, pb = src[si[i]], dst[di[j]]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(si):
-                    return None
-                a.append(si[i])
-                pa *= src[si[i]]
-                i += 1
-            else:
-                if j >= len(di):
-                    return None
-                b.append(di[j])
-                pb *= dst[di[j]]
-                j += 1
-        runs.append((a, b))
-    if i != len(si) or j != len(di):
-        return None
-    return runs
-
-
 @op_rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
          aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
          aten.unsqueeze.default, aten.view_as.default, aten.reshape_as.default, aten.squeeze_.dim,
          aten.unsqueeze_.default)
 def _reshape(ctx: RuleContext, node: fx.Node) -> None:
     """Row-major reshape: runs of dims with equal products are one channel space, split as a product."""
-    x = node.args[0]
-    sx, so = ctx.shape(x), ctx.shape(node)
-    assert sx is not None and so is not None
-    runs = _reshape_runs(sx, so)
-    if runs is None:
-        ctx.freeze_value(x, "reshape that cannot be factored")
-        ctx.freeze_value(node, "reshape that cannot be factored")
-        return
-    xd, od = ctx.dims(x), ctx.dims(node)
-    for a, b in runs:
-        ctx.unify(ctx.product([xd[i] for i in a]), ctx.product([od[j] for j in b]))
-        ctx.mark(*(xd[i] for i in a), *(od[j] for j in b))
-    ctx.mark(*(od[j] for j, s in enumerate(so) if s == 1))
+    families.reshape(ctx, node.args[0], node)
 
 
 @op_rule(aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.swapaxes.default,
@@ -589,66 +518,25 @@ def _permute(ctx: RuleContext, node: fx.Node) -> None:
         src, dst = _dim(int(node.args[1]), rank), _dim(int(node.args[2]), rank)
         order.pop(src)
         order.insert(dst, src)
-    for j, i in enumerate(order):
-        ctx.unify_dims(x, i, node, j)
+    families.permute(ctx, x, node, order)
 
 
 @op_rule(aten.expand.default, aten.expand_as.default, aten.broadcast_to.default)
 def _expand(ctx: RuleContext, node: fx.Node) -> None:
-    """Broadcast to a bigger shape: existing non-1 dims pass through.
-
-    A dim broadcast from size 1 holds identical copies, so any subset of them is as valid as all; it stays
-    free (Hugging Face's ``repeat_kv`` makes the query heads of a KV group this way). Whether the model's code
-    then expands to the smaller count is checked when the rewrite is verified.
-    """
-    ctx.broadcast(node, [node.args[0]])
-    ctx.mark(*ctx.dims(node))
-    src = ctx.shape(node.args[0])
-    out = ctx.shape(node)
-    assert src is not None and out is not None
-    offset = len(out) - len(src)
-    ctx.tag([a for j, a in enumerate(ctx.dims(node))
-             if out[j] > 1 and (j < offset or src[j - offset] == 1)], "copies")
+    """Broadcast to a bigger shape (:func:`secateurs.ir.families.broadcast_to`)."""
+    families.broadcast_to(ctx, node.args[0], node)
 
 
 @op_rule(aten.repeat.default)
 def _repeat(ctx: RuleContext, node: fx.Node) -> None:
     """Tile: each output dim is (repeats x input dim); the repeat factor is frozen."""
-    x = node.args[0]
-    sx, so = ctx.shape(x), ctx.shape(node)
-    assert sx is not None and so is not None
-    offset = len(so) - len(sx)
-    for j in range(len(so)):
-        i = j - offset
-        if i < 0:
-            continue
-        reps = so[j] // sx[i] if sx[i] else 1
-        if reps == 1:
-            ctx.unify_dims(x, i, node, j)
-        else:
-            r = ctx.new(reps)
-            ctx.freeze([r], "repeat factor")
-            ctx.unify(ctx.dims(node)[j], ctx.product([r, ctx.dims(x)[i]]))
+    families.tile(ctx, node.args[0], node)
 
 
 @op_rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
 def _cat(ctx: RuleContext, node: fx.Node) -> None:
     """Concatenation: the output dim is the sum of the inputs' dims; other dims are shared."""
-    tensors = [t for t in node.args[0] if ctx.is_tensor(t)]
-    so = ctx.shape(node)
-    assert so is not None
-    d = _dim(int(_arg(node, "dim", 0)), len(so))
-    parts = []
-    for t in tensors:
-        st = ctx.shape(t)
-        assert st is not None
-        if len(st) != len(so):
-            continue  # legacy empty tensors
-        for i in range(len(so)):
-            if i != d:
-                ctx.unify_dims(t, i, node, i)
-        parts.append(ctx.dims(t)[d])
-    ctx.unify(ctx.dims(node)[d], ctx.concat(parts))
+    families.concat(ctx, node, [t for t in node.args[0] if ctx.is_tensor(t)], int(_arg(node, "dim", 0)))
 
 
 @op_rule(aten.stack.default)
@@ -668,24 +556,7 @@ def _stack(ctx: RuleContext, node: fx.Node) -> None:
 
 
 def _split_outputs(ctx: RuleContext, node: fx.Node, dim: int) -> None:
-    x = node.args[0]
-    sx = ctx.shape(x)
-    assert sx is not None
-    d = _dim(dim, len(sx))
-    outs = [(node, i) for i in range(len(node.meta["val"]))]
-    sizes = []
-    for out in outs:
-        so = ctx.shape(out)
-        assert so is not None
-        for i in range(len(sx)):
-            if i != d:
-                ctx.unify_dims(x, i, out, i)
-        sizes.append(so[d])
-    parts = [ctx.dims(out)[d] for out in outs]
-    if sum(sizes) == sx[d]:
-        ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
-    else:
-        ctx.freeze(parts + [ctx.dims(x)[d]], "split does not cover its input")
+    families.split(ctx, node.args[0], [(node, i) for i in range(len(node.meta["val"]))], dim)
 
 
 @op_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,

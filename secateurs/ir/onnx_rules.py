@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from secateurs.errors import UnsupportedOpError
+from secateurs.ir import families
 from secateurs.ir.atoms import AtomTable
 from secateurs.ir.onnx_graph import Computed, OnnxGraph, Origin, origin_sources
 from secateurs.ir.rules import RuleContext, Shape
@@ -287,8 +288,7 @@ def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     return default if attr is None else attr.value
 
 
-def _axis(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
+_axis = families.axis
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -329,14 +329,8 @@ def _elementwise(ctx: OnnxRuleContext, node: ir.Node) -> None:
 
     Softmax normalises along ``axis``; its channels mix there but keep their identity.
     """
-    inputs = _tensors(ctx, node.inputs)
-    for out in _tensors(ctx, node.outputs):
-        ctx.broadcast(out, inputs)
-    if node.op_type in _NORMALISING:
-        x = node.inputs[0]
-        rank = len(_shape(ctx, x))
-        if rank:
-            ctx.mixes([ctx.dims(x)[_axis(int(_attr(node, "axis", -1)), rank)]])
+    normalises = (node.inputs[0], int(_attr(node, "axis", -1))) if node.op_type in _NORMALISING else None
+    families.elementwise(ctx, _tensors(ctx, node.outputs), _tensors(ctx, node.inputs), normalises=normalises)
 
 
 @onnx_rule("CastLike")
@@ -348,9 +342,7 @@ def _cast_like(ctx: OnnxRuleContext, node: ir.Node) -> None:
 @onnx_rule("FastGelu", "BiasGelu", "QuickGelu", "Gelu", "BiasAdd", domain="com.microsoft")
 def _ms_elementwise(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """ONNX Runtime's fused activations: broadcasting over their inputs (a bias over the last dim)."""
-    inputs = _tensors(ctx, node.inputs)
-    for out in _tensors(ctx, node.outputs):
-        ctx.broadcast(out, inputs)
+    families.elementwise(ctx, _tensors(ctx, node.outputs), _tensors(ctx, node.inputs))
 
 
 @onnx_rule("Trilu")
@@ -381,32 +373,6 @@ def _matmul_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
     return 2.0 * _numel(shape_of(node.outputs[0])) * (a[-1] if a else 0)
 
 
-def _matmul_core(ctx: OnnxRuleContext, a: ir.Value, b: ir.Value, out: ir.Value) -> None:
-    sa, sb, so = _shape(ctx, a), _shape(ctx, b), _shape(ctx, out)
-    if len(sa) == 1 or len(sb) == 1:
-        if len(sa) == 1 and len(sb) == 1:
-            ctx.unify_dims(a, 0, b, 0)
-            return
-        if len(sa) == 1:
-            ctx.unify_dims(a, 0, b, -2)
-            for i in range(len(so)):
-                ctx.unify_dims(out, i, b, i if i < len(sb) - 2 else len(sb) - 1)
-        else:
-            ctx.unify_dims(a, -1, b, 0)
-            for i in range(len(so)):
-                ctx.unify_dims(out, i, a, i)
-        return
-    ctx.unify_dims(a, -1, b, -2)
-    ctx.unify_dims(a, -2, out, -2)
-    ctx.unify_dims(b, -1, out, -1)
-    batch = so[:-2]
-    for shape, value in ((sa[:-2], a), (sb[:-2], b)):
-        offset = len(batch) - len(shape)
-        for i, s in enumerate(shape):
-            if s == batch[offset + i]:
-                ctx.unify_dims(value, i, out, offset + i)
-
-
 @onnx_rule("MatMul", flops=_matmul_flops)
 def _matmul(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Batched matrix product: a[..., k] ~ b[..., k, :]; rows of a and columns of b pass through.
@@ -418,7 +384,7 @@ def _matmul(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """
     a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
     assert a is not None and b is not None
-    _matmul_core(ctx, a, b, out)
+    families.matmul(ctx, a, b, out)
     sa, sb, so = _shape(ctx, a), _shape(ctx, b), _shape(ctx, out)
     if ctx.is_activation(a) and ctx.is_activation(b):
         if len(sa) >= 3 and len(sb) >= 3:
@@ -672,51 +638,6 @@ def _resize(ctx: OnnxRuleContext, node: ir.Node) -> None:
 
 
 # ------------------------------------------------------------------------------------------ shape ops
-def _reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of source and destination dims with equal products (size-1 dims ignored)."""
-    si = [i for i, s in enumerate(src) if s != 1]
-    di = [i for i, s in enumerate(dst) if s != 1]
-    runs: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(si) and j < len(di):
-        a, b = [si[i]], [di[j]]
-        pa, pb = src[si[i]], dst[di[j]]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(si):
-                    return None
-                a.append(si[i])
-                pa *= src[si[i]]
-                i += 1
-            else:
-                if j >= len(di):
-                    return None
-                b.append(di[j])
-                pb *= dst[di[j]]
-                j += 1
-        runs.append((a, b))
-    if i != len(si) or j != len(di):
-        return None
-    return runs
-
-
-def _reshape_core(ctx: OnnxRuleContext, x: ir.Value, out: ir.Value) -> bool:
-    """Row-major reshape: runs of dims with equal products are one channel space, split as a product."""
-    sx, so = _shape(ctx, x), _shape(ctx, out)
-    runs = _reshape_runs(sx, so)
-    if runs is None:
-        ctx.freeze_value(x, "reshape that cannot be factored")
-        ctx.freeze_value(out, "reshape that cannot be factored")
-        return False
-    xd, od = ctx.dims(x), ctx.dims(out)
-    for a, b in runs:
-        ctx.unify(ctx.product([xd[i] for i in a]), ctx.product([od[j] for j in b]))
-        ctx.mark(*(xd[i] for i in a), *(od[j] for j in b))
-    ctx.mark(*(od[j] for j, s in enumerate(so) if s == 1))
-    return True
-
-
 def _literal_sizes(ctx: OnnxRuleContext, node: ir.Node, index: int, out: ir.Value, dims: Sequence[int],
                    skip: Callable[[int], bool] = lambda _v: False) -> None:
     """Record which elements of a size vector are literals of output dims; freeze computed ones.
@@ -765,7 +686,7 @@ def _reshape(ctx: OnnxRuleContext, node: ir.Node) -> None:
         ctx.freeze_value(x, "reshape target computed from data")
         ctx.freeze_value(out, "reshape target computed from data")
         return
-    if not _reshape_core(ctx, x, out):
+    if not families.reshape(ctx, x, out):
         return
     allowzero = bool(_attr(node, "allowzero", 0))
     _literal_sizes(ctx, node, 1, out, list(range(len(_shape(ctx, out)))),
@@ -777,7 +698,7 @@ def _flatten(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Flatten / squeeze / unsqueeze: a reshape whose target follows from the input (nothing to rewrite)."""
     x = node.inputs[0]
     assert x is not None
-    _reshape_core(ctx, x, node.outputs[0])
+    families.reshape(ctx, x, node.outputs[0])
 
 
 @onnx_rule("Transpose")
@@ -786,9 +707,7 @@ def _transpose(ctx: OnnxRuleContext, node: ir.Node) -> None:
     x, out = node.inputs[0], node.outputs[0]
     rank = len(_shape(ctx, x))
     perm = _attr(node, "perm")
-    order = [int(p) for p in perm] if perm is not None else list(range(rank))[::-1]
-    for j, i in enumerate(order):
-        ctx.unify_dims(x, i, out, j)
+    families.permute(ctx, x, out, [int(p) for p in perm] if perm is not None else list(range(rank))[::-1])
 
 
 @onnx_rule("Expand")
@@ -799,11 +718,8 @@ def _expand(ctx: OnnxRuleContext, node: ir.Node) -> None:
     heads of a KV group this way) and is tagged ``copies``. Literal sizes in the shape input follow.
     """
     x, out = node.inputs[0], node.outputs[0]
-    ctx.broadcast(out, [x])
-    ctx.mark(*ctx.dims(out))
-    sx, so = _shape(ctx, x), _shape(ctx, out)
-    offset = len(so) - len(sx)
-    ctx.tag([a for j, a in enumerate(ctx.dims(out)) if so[j] > 1 and (j < offset or sx[j - offset] == 1)], "copies")
+    families.broadcast_to(ctx, x, out)
+    so = _shape(ctx, out)
     vec = ctx.ints(_input(node, 1))
     if vec is None:
         ctx.freeze_value(out, "expand shape computed from data")
@@ -815,34 +731,13 @@ def _expand(ctx: OnnxRuleContext, node: ir.Node) -> None:
 @onnx_rule("Tile")
 def _tile(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Tile: each output dim is (repeats x input dim); the repeat factor is frozen."""
-    x, out = node.inputs[0], node.outputs[0]
-    sx, so = _shape(ctx, x), _shape(ctx, out)
-    for i in range(len(sx)):
-        reps = so[i] // sx[i] if sx[i] else 1
-        if reps == 1:
-            ctx.unify_dims(x, i, out, i)
-        else:
-            r = ctx.new(reps)
-            ctx.freeze([r], "repeat factor")
-            ctx.unify(ctx.dims(out)[i], ctx.product([r, ctx.dims(x)[i]]))
+    families.tile(ctx, node.inputs[0], node.outputs[0])
 
 
 @onnx_rule("Concat")
 def _concat(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Concatenation: the output dim is the sum of the inputs' dims; other dims are shared."""
-    out = node.outputs[0]
-    so = _shape(ctx, out)
-    d = _axis(int(_attr(node, "axis", 0)), len(so))
-    parts = []
-    for t in _tensors(ctx, node.inputs):
-        st = _shape(ctx, t)
-        if len(st) != len(so):
-            continue
-        for i in range(len(so)):
-            if i != d:
-                ctx.unify_dims(t, i, out, i)
-        parts.append(ctx.dims(t)[d])
-    ctx.unify(ctx.dims(out)[d], ctx.concat(parts))
+    families.concat(ctx, node.outputs[0], _tensors(ctx, node.inputs), int(_attr(node, "axis", 0)))
 
 
 @onnx_rule("Split")
@@ -858,17 +753,9 @@ def _split(ctx: OnnxRuleContext, node: ir.Node) -> None:
         for out in outs:
             ctx.freeze_value(out, "split sizes computed from data")
         return
-    sizes = []
-    for out in outs:
-        for i in range(len(sx)):
-            if i != d:
-                ctx.unify_dims(x, i, out, i)
-        sizes.append(_shape(ctx, out)[d])
-    parts = [ctx.dims(out)[d] for out in outs]
-    if sum(sizes) != sx[d] or len(outs) != len(node.outputs):
-        ctx.freeze([*parts, ctx.dims(x)[d]], "split does not cover its input")
+    parts = families.split(ctx, x, outs, d, complete=len(outs) == len(node.outputs))
+    if parts is None:
         return
-    ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
     origins = ctx.origins(split) if split is not None else None
     if origins is not None and any(o is not None for o in origins):
         ctx.freeze([*parts, ctx.dims(x)[d]], "split sizes computed in the graph")

@@ -1,0 +1,217 @@
+"""The channel algebra of op families, written once for both dialects.
+
+A family says how channels flow through every op of its kind: broadcasting elementwise ops, batched matrix
+products, row-major reshapes, permutations, broadcasts to a bigger shape, tiling, concatenation and splitting.
+The ATen rules (:mod:`secateurs.ir.aten_rules`) and the ONNX rules (:mod:`secateurs.ir.onnx_rules`) decode a
+node onto a family (its operands, axis, permutation) and add only what their dialect has besides: literal size
+vectors in ONNX, parameter consumers in ATen.
+
+The functions work against the small protocol every :class:`~secateurs.ir.rules.RuleContext` offers (``shape``,
+``dims``, ``unify``, ``unify_dims``, ``broadcast``, ``product``, ``concat``, ``new``, ``mark``, ``tag``,
+``mixes``, ``freeze``, ``freeze_value``); values are whatever the dialect's context keys (FX nodes, onnx-ir
+values). This module imports neither torch nor onnx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from secateurs.errors import UnsupportedOpError
+
+if TYPE_CHECKING:
+    from secateurs.ir.rules import RuleContext, Shape
+
+__all__ = ["axis", "broadcast_to", "concat", "elementwise", "matmul", "permute", "reshape", "reshape_runs", "split",
+           "static_shape", "tile"]
+
+
+def axis(d: int, rank: int) -> int:
+    """A possibly negative axis as an index into ``rank`` dims."""
+    return d + rank if d < 0 else d
+
+
+def static_shape(ctx: RuleContext, value: Any) -> Shape:
+    """The static shape of ``value``.
+
+    Raises:
+        UnsupportedOpError: It has none (the analysis then freezes the node's channels and reports it).
+
+    """
+    shape = ctx.shape(value)
+    if shape is None:
+        name = getattr(value, "name", value)
+        raise UnsupportedOpError(f"{ctx.where()}: value {name!r} has no static shape")
+    return shape
+
+
+def elementwise(ctx: RuleContext, outs: Sequence[Any], inputs: Sequence[Any], *,
+                normalises: tuple[Any, int] | None = None) -> None:
+    """Broadcasting op: every non-broadcast input dim is the same channels as the output dim.
+
+    ``normalises=(x, axis)``: the op normalises ``x`` along ``axis`` (softmax), so the channels there mix but
+    keep their identity.
+    """
+    for out in outs:
+        ctx.broadcast(out, inputs)
+    if normalises is not None:
+        x, d = normalises
+        rank = len(static_shape(ctx, x))
+        if rank:
+            ctx.mixes([ctx.dims(x)[axis(d, rank)]])
+
+
+def matmul(ctx: RuleContext, a: Any, b: Any, out: Any) -> None:
+    """Batched matrix product: ``a[..., k] ~ b[..., k, :]``; rows of ``a`` and columns of ``b`` pass through.
+
+    Vector operands contract their one dim; batch dims shared with the output (not broadcast) pass through.
+    """
+    sa, sb, so = static_shape(ctx, a), static_shape(ctx, b), static_shape(ctx, out)
+    if len(sa) == 1 or len(sb) == 1:
+        if len(sa) == 1 and len(sb) == 1:
+            ctx.unify_dims(a, 0, b, 0)
+            return
+        if len(sa) == 1:
+            ctx.unify_dims(a, 0, b, -2)
+            for i in range(len(so)):
+                ctx.unify_dims(out, i, b, i if i < len(sb) - 2 else len(sb) - 1)
+        else:
+            ctx.unify_dims(a, -1, b, 0)
+            for i in range(len(so)):
+                ctx.unify_dims(out, i, a, i)
+        return
+    ctx.unify_dims(a, -1, b, -2)
+    ctx.unify_dims(a, -2, out, -2)
+    ctx.unify_dims(b, -1, out, -1)
+    batch = so[:-2]
+    for shape, value in ((sa[:-2], a), (sb[:-2], b)):
+        offset = len(batch) - len(shape)
+        for i, s in enumerate(shape):
+            if s == batch[offset + i]:
+                ctx.unify_dims(value, i, out, offset + i)
+
+
+def reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of source and destination dims with equal products (size-1 dims ignored), or None."""
+    si = [i for i, s in enumerate(src) if s != 1]
+    di = [i for i, s in enumerate(dst) if s != 1]
+    runs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(si) and j < len(di):
+        a, b = [si[i]], [di[j]]
+        pa, pb = src[si[i]], dst[di[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(si):
+                    return None
+                a.append(si[i])
+                pa *= src[si[i]]
+                i += 1
+            else:
+                if j >= len(di):
+                    return None
+                b.append(di[j])
+                pb *= dst[di[j]]
+                j += 1
+        runs.append((a, b))
+    if i != len(si) or j != len(di):
+        return None
+    return runs
+
+
+def reshape(ctx: RuleContext, x: Any, out: Any) -> bool:
+    """Row-major reshape: runs of dims with equal products are one channel space, refined as a product.
+
+    Returns False (both sides frozen) when the reshape cannot be factored into such runs.
+    """
+    sx, so = static_shape(ctx, x), static_shape(ctx, out)
+    runs = reshape_runs(sx, so)
+    if runs is None:
+        ctx.freeze_value(x, "reshape that cannot be factored")
+        ctx.freeze_value(out, "reshape that cannot be factored")
+        return False
+    xd, od = ctx.dims(x), ctx.dims(out)
+    for a, b in runs:
+        ctx.unify(ctx.product([xd[i] for i in a]), ctx.product([od[j] for j in b]))
+        ctx.mark(*(xd[i] for i in a), *(od[j] for j in b))
+    ctx.mark(*(od[j] for j, s in enumerate(so) if s == 1))
+    return True
+
+
+def permute(ctx: RuleContext, x: Any, out: Any, order: Sequence[int]) -> None:
+    """Permutation of dims: output dim ``j`` is input dim ``order[j]``; channels follow their dim."""
+    for j, i in enumerate(order):
+        ctx.unify_dims(x, i, out, j)
+
+
+def broadcast_to(ctx: RuleContext, x: Any, out: Any) -> None:
+    """Broadcast to a bigger shape: existing non-1 dims pass through; broadcast dims hold copies.
+
+    A dim broadcast from size 1 holds identical copies, so any subset of them is as valid as all; it stays free
+    and is tagged ``copies`` (Hugging Face's ``repeat_kv`` makes the query heads of a KV group this way).
+    Whether the model's code then expands to the smaller count is checked when the rewrite is verified.
+    """
+    ctx.broadcast(out, [x])
+    ctx.mark(*ctx.dims(out))
+    sx, so = static_shape(ctx, x), static_shape(ctx, out)
+    offset = len(so) - len(sx)
+    ctx.tag([a for j, a in enumerate(ctx.dims(out)) if so[j] > 1 and (j < offset or sx[j - offset] == 1)], "copies")
+
+
+def tile(ctx: RuleContext, x: Any, out: Any) -> None:
+    """Tile: each output dim is (repeats x input dim); the repeat factor is frozen (new leading dims too)."""
+    sx, so = static_shape(ctx, x), static_shape(ctx, out)
+    offset = len(so) - len(sx)
+    for j in range(len(so)):
+        i = j - offset
+        if i < 0:
+            continue
+        reps = so[j] // sx[i] if sx[i] else 1
+        if reps == 1:
+            ctx.unify_dims(x, i, out, j)
+        else:
+            r = ctx.new(reps)
+            ctx.freeze([r], "repeat factor")
+            ctx.unify(ctx.dims(out)[j], ctx.product([r, ctx.dims(x)[i]]))
+
+
+def concat(ctx: RuleContext, out: Any, tensors: Sequence[Any], d: int) -> None:
+    """Concatenation along ``d``: the output dim is the sum of the inputs' dims; the other dims are shared.
+
+    Inputs of another rank (legacy empty tensors) take no part.
+    """
+    so = static_shape(ctx, out)
+    d = axis(d, len(so))
+    parts = []
+    for t in tensors:
+        st = static_shape(ctx, t)
+        if len(st) != len(so):
+            continue
+        for i in range(len(so)):
+            if i != d:
+                ctx.unify_dims(t, i, out, i)
+        parts.append(ctx.dims(t)[d])
+    ctx.unify(ctx.dims(out)[d], ctx.concat(parts))
+
+
+def split(ctx: RuleContext, x: Any, outs: Sequence[Any], d: int, *, complete: bool = True) -> list[int] | None:
+    """Split along ``d``: the input dim is the concatenation of the outputs' dims; the other dims are shared.
+
+    ``complete=False`` says some outputs are not tensors this analysis sees. Returns the outputs' atoms along
+    ``d``, or None (all frozen) when the outputs do not cover the input.
+    """
+    sx = static_shape(ctx, x)
+    d = axis(d, len(sx))
+    sizes = []
+    for out in outs:
+        for i in range(len(sx)):
+            if i != d:
+                ctx.unify_dims(x, i, out, i)
+        sizes.append(static_shape(ctx, out)[d])
+    parts = [ctx.dims(out)[d] for out in outs]
+    if sum(sizes) != sx[d] or not complete:
+        ctx.freeze([*parts, ctx.dims(x)[d]], "split does not cover its input")
+        return None
+    ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
+    return parts
