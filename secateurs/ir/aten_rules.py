@@ -274,36 +274,11 @@ def _conv(ctx: RuleContext, node: fx.Node) -> None:
     b = _arg(node, "bias")
     groups = int(_arg(node, "groups", 1) or 1)
     transposed = node.target in _CONV_T or bool(_arg(node, "transposed", False))
-    sx, sw = ctx.shape(x), ctx.shape(w)
-    assert sx is not None and sw is not None
-    batched = len(sx) == len(sw)
-    cdim = 1 if batched else 0
-    if batched:
-        ctx.unify_dims(x, 0, node, 0)
-    if transposed:
-        cin, co = sw[0], sw[1]
-        g = ctx.new(groups)
-        ci_atom = ctx.new(cin // groups)
-        co_atom = ctx.new(co)
-        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci_atom]))
-        ctx.unify(ctx.dims(w)[0], ctx.product([g, ci_atom]))
-        ctx.unify(ctx.dims(w)[1], co_atom)
-        ctx.unify(ctx.dims(node)[cdim], ctx.product([g, co_atom]))
-        ctx.consumer(x, cdim, w, 0) if groups == 1 else None
+    g = families.conv(ctx, x, w, node, b if isinstance(b, fx.Node) else None, groups=groups, transposed=transposed)
+    if groups == 1:
+        cdim = 1 if len(ctx.shape(x)) == len(ctx.shape(w)) else 0
+        ctx.consumer(x, cdim, w, 0 if transposed else 1)
     else:
-        cout, ci = sw[0], sw[1]
-        g = ctx.new(groups)
-        ci_atom = ctx.new(ci)
-        co_atom = ctx.new(cout // groups)
-        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci_atom]))
-        ctx.unify(ctx.dims(w)[1], ci_atom)
-        ctx.unify(ctx.dims(w)[0], ctx.product([g, co_atom]))
-        ctx.unify(ctx.dims(node)[cdim], ctx.dims(w)[0])
-        ctx.consumer(x, cdim, w, 1) if groups == 1 else None
-    if isinstance(b, fx.Node):
-        ctx.unify_dims(b, 0, node, cdim)
-    ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
-    if groups > 1:
         ctx.module_attr(w, "groups", g)
 
 
@@ -343,15 +318,9 @@ def _layer_norm(ctx: RuleContext, node: fx.Node) -> None:
     weight = node.args[2] if len(node.args) > 2 else _arg(node, "weight")
     bias = _arg(node, "bias") if node.target is not aten.rms_norm.default else None
     out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
-    ctx.same_dims(x, out)
-    sx = ctx.shape(x)
-    assert sx is not None
+    sx = families.static_shape(ctx, x)
     k = len(normalized)
-    for t in (weight, bias):
-        if isinstance(t, fx.Node):
-            for i in range(k):
-                ctx.unify_dims(t, i, x, len(sx) - k + i)
-    ctx.mixes(ctx.dims(x)[len(sx) - k:])
+    families.normalise_over(ctx, x, out, [t for t in (weight, bias) if isinstance(t, fx.Node)], len(sx) - k)
     if not isinstance(weight, fx.Node):
         ctx.freeze(ctx.dims(x)[len(sx) - k:], "normalised shape is a literal (no affine weight)")
     if out is not node:
@@ -370,15 +339,7 @@ def _group_norm(ctx: RuleContext, node: fx.Node) -> None:
         weight, bias = node.args[1], node.args[2]
         groups = int(node.args[6])
     out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
-    ctx.same_dims(x, out)
-    sx = ctx.shape(x)
-    assert sx is not None
-    parts = ctx.split(ctx.dims(x)[1], "prod", (groups, sx[1] // groups))
-    for t in (weight, bias):
-        if isinstance(t, fx.Node):
-            ctx.unify_dims(t, 0, x, 1)
-    if parts is not None:
-        ctx.mixes([parts[1]])
+    parts = families.group_norm(ctx, x, out, groups, [t for t in (weight, bias) if isinstance(t, fx.Node)])
     if parts is not None and isinstance(weight, fx.Node):
         ctx.module_attr(weight, "num_groups", parts[0])
     elif parts is not None:
@@ -424,24 +385,16 @@ def _pool(ctx: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     sx = ctx.shape(x)
     assert sx is not None
-    k = _SPATIAL_RANK[node.target]
     outs = [(node, i) for i in range(len(node.meta["val"]))] if isinstance(node.meta.get("val"), (list, tuple)) \
         else [node]
-    for out in outs:
-        for i in range(len(sx) - k):
-            ctx.unify_dims(x, i, out, i)
+    families.leading(ctx, x, outs, len(sx) - _SPATIAL_RANK[node.target])
 
 
 @op_rule(aten.constant_pad_nd.default, aten.pad.default, aten.reflection_pad2d.default,
          aten.replication_pad2d.default, aten.reflection_pad1d.default)
 def _pad(ctx: RuleContext, node: fx.Node) -> None:
     """Padding: unpadded dims pass through; padded dims are computed (frozen)."""
-    x = node.args[0]
-    sx, so = ctx.shape(x), ctx.shape(node)
-    assert sx is not None and so is not None
-    for i, (a, b) in enumerate(zip(sx, so, strict=True)):
-        if a == b:
-            ctx.unify_dims(x, i, node, i)
+    families.same_sizes(ctx, node.args[0], node)
 
 
 # ------------------------------------------------------------------------------------------- reductions
@@ -472,20 +425,9 @@ def _reduce(ctx: RuleContext, node: fx.Node) -> None:
         dims = {_dim(int(d), rank) for d in raw}
     else:
         dims = {_dim(int(raw), rank)}
-    ctx.mixes([ctx.dims(x)[d] for d in dims])
     outs = [(node, i) for i in range(len(node.meta["val"]))] if isinstance(node.meta.get("val"), (list, tuple)) \
         else [node]
-    for out in outs:
-        so = ctx.shape(out)
-        if so is None:
-            continue
-        keep = [i for i in range(rank) if i not in dims]
-        if len(so) == rank:
-            for i in keep:
-                ctx.unify_dims(x, i, out, i)
-        else:
-            for j, i in enumerate(keep):
-                ctx.unify_dims(x, i, out, j)
+    families.reduce(ctx, x, outs, dims)
 
 
 # ------------------------------------------------------------------------------------------- shape ops

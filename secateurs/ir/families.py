@@ -1,7 +1,8 @@
 """The channel algebra of op families, written once for both dialects.
 
 A family says how channels flow through every op of its kind: broadcasting elementwise ops, batched matrix
-products, row-major reshapes, permutations, broadcasts to a bigger shape, tiling, concatenation and splitting.
+products, convolutions with groups, layer / RMS / group norms, reductions, pooling and padding, row-major
+reshapes, permutations, broadcasts to a bigger shape, tiling, concatenation and splitting.
 The ATen rules (:mod:`secateurs.ir.aten_rules`) and the ONNX rules (:mod:`secateurs.ir.onnx_rules`) decode a
 node onto a family (its operands, axis, permutation) and add only what their dialect has besides: literal size
 vectors in ONNX, parameter consumers in ATen.
@@ -22,8 +23,8 @@ from secateurs.errors import UnsupportedOpError
 if TYPE_CHECKING:
     from secateurs.ir.rules import RuleContext, Shape
 
-__all__ = ["axis", "broadcast_to", "concat", "elementwise", "matmul", "permute", "reshape", "reshape_runs", "split",
-           "static_shape", "tile"]
+__all__ = ["axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading", "matmul", "normalise_over",
+           "permute", "reduce", "reshape", "reshape_runs", "same_sizes", "split", "static_shape", "tile"]
 
 
 def axis(d: int, rank: int) -> int:
@@ -215,3 +216,106 @@ def split(ctx: RuleContext, x: Any, outs: Sequence[Any], d: int, *, complete: bo
         return None
     ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
     return parts
+
+
+def conv(ctx: RuleContext, x: Any, w: Any, out: Any, bias: Any | None, *, groups: int, transposed: bool) -> int:
+    """Convolution with groups: channels are ``groups x per_group`` on both sides; returns the groups atom.
+
+    Conv: input C = G x Ci ~ weight dim 1 (Ci); weight dim 0 = G x Co ~ output C ~ bias. Transposed: the weight
+    is [C_in, C_out / G, ...]. An unbatched input has its channels first. Kernel dims are frozen; the spatial
+    output dims are computed by the op (left unlinked, so frozen).
+    """
+    sx, sw = static_shape(ctx, x), static_shape(ctx, w)
+    cdim = 1 if len(sx) == len(sw) else 0
+    if cdim:
+        ctx.unify_dims(x, 0, out, 0)
+    g = ctx.new(groups)
+    if transposed:
+        ci, co = ctx.new(sw[0] // groups), ctx.new(sw[1])
+        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[1], co)
+        ctx.unify(ctx.dims(out)[cdim], ctx.product([g, co]))
+    else:
+        ci, co = ctx.new(sw[1]), ctx.new(sw[0] // groups)
+        ctx.unify(ctx.dims(x)[cdim], ctx.product([g, ci]))
+        ctx.unify(ctx.dims(w)[1], ci)
+        ctx.unify(ctx.dims(w)[0], ctx.product([g, co]))
+        ctx.unify(ctx.dims(out)[cdim], ctx.dims(w)[0])
+    if bias is not None:
+        ctx.unify_dims(bias, 0, out, cdim)
+    ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
+    return g
+
+
+def normalise_over(ctx: RuleContext, x: Any, out: Any, affine: Sequence[Any], d: int) -> None:
+    """Normalisation over dims ``d..`` (layer / RMS norm): channels there mix in the statistics.
+
+    Affine parameters are aligned to the trailing dims; each of their dims that matches ``x``'s is the same
+    channels.
+    """
+    sx = static_shape(ctx, x)
+    rank = len(sx)
+    d = axis(d, rank)
+    ctx.same_dims(x, out)
+    for t in affine:
+        st = static_shape(ctx, t)
+        for i, s in enumerate(st):
+            j = rank - len(st) + i
+            if j >= d and s == sx[j]:
+                ctx.unify_dims(t, i, x, j)
+    ctx.mixes(ctx.dims(x)[d:])
+
+
+def group_norm(ctx: RuleContext, x: Any, out: Any, groups: int, affine: Sequence[Any]) -> tuple[int, ...] | None:
+    """GroupNorm over dim 1: C = groups x per_group; whole groups or per-group slots prune, the slots mix.
+
+    Affine parameters cover C, or the groups. Returns the (groups, per group) atoms, or None when they do not
+    divide (the channels are then frozen).
+    """
+    sx = static_shape(ctx, x)
+    ctx.same_dims(x, out)
+    if groups < 1 or sx[1] % groups:
+        ctx.freeze([ctx.dims(x)[1]], "channels do not divide into the groups")
+        return None
+    parts = ctx.split(ctx.dims(x)[1], "prod", (groups, sx[1] // groups))
+    for t in affine:
+        size = static_shape(ctx, t)[0]
+        if size == sx[1]:
+            ctx.unify_dims(t, 0, x, 1)
+        elif parts is not None and size == groups:
+            ctx.unify(ctx.dims(t)[0], parts[0])
+    if parts is not None:
+        ctx.mixes([parts[1]])
+    return parts
+
+
+def reduce(ctx: RuleContext, x: Any, outs: Sequence[Any], dims: set[int]) -> None:
+    """Reduction over ``dims``: they mix and vanish (or become size 1); the kept dims pass through."""
+    rank = len(static_shape(ctx, x))
+    ctx.mixes([ctx.dims(x)[d] for d in dims])
+    keep = [i for i in range(rank) if i not in dims]
+    for out in outs:
+        so = ctx.shape(out)
+        if so is None:
+            continue
+        if len(so) == rank:
+            for i in keep:
+                ctx.unify_dims(x, i, out, i)
+        else:
+            for j, i in enumerate(keep):
+                ctx.unify_dims(x, i, out, j)
+
+
+def leading(ctx: RuleContext, x: Any, outs: Sequence[Any], n: int) -> None:
+    """The first ``n`` dims pass through (pooling: batch and channels); the rest are computed by the op."""
+    for out in outs:
+        for i in range(min(n, len(static_shape(ctx, x)))):
+            ctx.unify_dims(x, i, out, i)
+
+
+def same_sizes(ctx: RuleContext, x: Any, out: Any) -> None:
+    """Dims that keep their size pass through; the others are computed by the op (padding, resampling)."""
+    for i, (a, b) in enumerate(zip(static_shape(ctx, x), static_shape(ctx, out), strict=True)):
+        if a == b:
+            ctx.unify_dims(x, i, out, i)

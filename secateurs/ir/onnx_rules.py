@@ -441,24 +441,8 @@ def _conv(ctx: OnnxRuleContext, node: ir.Node) -> None:
     x, w, out = node.inputs[0], node.inputs[1], node.outputs[0]
     b = _input(node, 2)
     groups = int(_attr(node, "group", 1))
-    sw = _shape(ctx, w)
-    ctx.unify_dims(x, 0, out, 0)
-    g = ctx.new(groups)
-    if node.op_type == "ConvTranspose":
-        ci, co = ctx.new(sw[0] // groups), ctx.new(sw[1])
-        ctx.unify(ctx.dims(x)[1], ctx.product([g, ci]))
-        ctx.unify(ctx.dims(w)[0], ctx.product([g, ci]))
-        ctx.unify(ctx.dims(w)[1], co)
-        ctx.unify(ctx.dims(out)[1], ctx.product([g, co]))
-    else:
-        ci, co = ctx.new(sw[1]), ctx.new(sw[0] // groups)
-        ctx.unify(ctx.dims(x)[1], ctx.product([g, ci]))
-        ctx.unify(ctx.dims(w)[1], ci)
-        ctx.unify(ctx.dims(w)[0], ctx.product([g, co]))
-        ctx.unify(ctx.dims(out)[1], ctx.dims(w)[0])
-    if b is not None and ctx.is_tensor(b):
-        ctx.unify_dims(b, 0, out, 1)
-    ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
+    g = families.conv(ctx, x, w, out, b if b is not None and ctx.is_tensor(b) else None, groups=groups,
+                      transposed=node.op_type == "ConvTranspose")
     if groups > 1:
         ctx.attr_size(node, "group", g)
 
@@ -494,19 +478,7 @@ def _batch_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
 def _norm_over(ctx: OnnxRuleContext, node: ir.Node, x: ir.Value | None, affine: Sequence[ir.Value | None],
                axis: int) -> None:
     assert x is not None
-    sx = _shape(ctx, x)
-    rank = len(sx)
-    axis = _axis(axis, rank)
-    ctx.same_dims(x, node.outputs[0])
-    for t in affine:
-        if t is None or not ctx.is_tensor(t):
-            continue
-        st = _shape(ctx, t)
-        for i, s in enumerate(st):
-            j = rank - len(st) + i
-            if j >= axis and s == sx[j]:
-                ctx.unify_dims(t, i, x, j)
-    ctx.mixes(ctx.dims(x)[axis:])
+    families.normalise_over(ctx, x, node.outputs[0], _tensors(ctx, affine), axis)
 
 
 @onnx_rule("LayerNormalization")
@@ -546,24 +518,9 @@ def _skip_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
 @onnx_rule("GroupNormalization")
 def _group_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """GroupNorm: C = num_groups x per_group; scale covers C (opset 21) or the groups (opset 18)."""
-    x = node.inputs[0]
-    sx = _shape(ctx, x)
-    groups = int(_attr(node, "num_groups", 1))
-    ctx.same_dims(x, node.outputs[0])
-    if groups < 1 or sx[1] % groups:
-        ctx.freeze([ctx.dims(x)[1]], "channels do not divide into the groups")
-        return
-    parts = ctx.split(ctx.dims(x)[1], "prod", (groups, sx[1] // groups))
-    for t in node.inputs[1:3]:
-        if t is None or not ctx.is_tensor(t):
-            continue
-        size = _shape(ctx, t)[0]
-        if size == sx[1]:
-            ctx.unify_dims(t, 0, x, 1)
-        elif parts is not None and size == groups:
-            ctx.unify(ctx.dims(t)[0], parts[0])
+    parts = families.group_norm(ctx, node.inputs[0], node.outputs[0], int(_attr(node, "num_groups", 1)),
+                                _tensors(ctx, node.inputs[1:3]))
     if parts is not None:
-        ctx.mixes([parts[1]])
         ctx.attr_size(node, "num_groups", parts[0])
 
 
@@ -577,7 +534,6 @@ def _reduce(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Reduction over some axes (attribute or input): kept dims pass through, reduced ones mix and vanish."""
     x, out = node.inputs[0], node.outputs[0]
     rank = len(_shape(ctx, x))
-    keepdims = bool(_attr(node, "keepdims", 1))
     if node.op_type in ("ArgMax", "ArgMin"):
         axes: list[int] | None = [int(_attr(node, "axis", 0))]
     elif "axes" in node.attributes:
@@ -595,43 +551,27 @@ def _reduce(ctx: OnnxRuleContext, node: ir.Node) -> None:
             ctx.same_dims(x, out)
             return
         axes = list(range(rank))
-    reduced = {_axis(a, rank) for a in axes}
-    ctx.mixes([ctx.dims(x)[d] for d in reduced])
-    kept = [i for i in range(rank) if i not in reduced]
-    if keepdims:
-        for i in kept:
-            ctx.unify_dims(x, i, out, i)
-    else:
-        for j, i in enumerate(kept):
-            ctx.unify_dims(x, i, out, j)
+    families.reduce(ctx, x, [out], {_axis(a, rank) for a in axes})
 
 
 @onnx_rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxPool", "AveragePool", "LpPool")
 def _pool(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Pooling: batch and channel dims pass through; spatial dims are computed (frozen)."""
-    x = node.inputs[0]
-    for out in _tensors(ctx, node.outputs):
-        for i in range(min(2, len(_shape(ctx, x)))):
-            ctx.unify_dims(x, i, out, i)
+    families.leading(ctx, node.inputs[0], _tensors(ctx, node.outputs), 2)
 
 
 @onnx_rule("Pad")
 def _pad(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Padding: unpadded dims pass through; padded dims are computed (frozen)."""
-    x, out = node.inputs[0], node.outputs[0]
-    for i, (a, b) in enumerate(zip(_shape(ctx, x), _shape(ctx, out), strict=True)):
-        if a == b:
-            ctx.unify_dims(x, i, out, i)
+    families.same_sizes(ctx, node.inputs[0], node.outputs[0])
 
 
 @onnx_rule("Resize", "Upsample")
 def _resize(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Resampling: dims that keep their size pass through; a ``sizes`` input follows the output dims."""
     x, out = node.inputs[0], node.outputs[0]
-    sx, so = _shape(ctx, x), _shape(ctx, out)
-    for i, (a, b) in enumerate(zip(sx, so, strict=True)):
-        if a == b:
-            ctx.unify_dims(x, i, out, i)
+    families.same_sizes(ctx, x, out)
+    so = _shape(ctx, out)
     sizes = _input(node, 3) if node.op_type == "Resize" else None
     if sizes is not None and ctx.is_tensor(sizes) and _numel(_shape(ctx, sizes)):
         _literal_sizes(ctx, node, 3, out, list(range(len(so))))
