@@ -70,3 +70,22 @@ def dead_importance(dead: dict[int, np.ndarray]):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def run_cli(capsys, *argv: str) -> tuple[Any, dict[str, Any], str]:
+    """Run the command line with ``--json``: (exit code, the JSON document or {}, standard error)."""
+    import json
+
+    from secateurs.cli import main
+
+    try:
+        code = main([*argv, "--json"])
+    except SystemExit as exc:  # argparse refused a flag value
+        code = exc.code
+    out, err = capsys.readouterr()
+    if not out.strip():
+        return code, {}, err
+    try:
+        return code, json.loads(out), err
+    except ValueError:  # progress or log lines before the document
+        return code, json.loads(out.strip().splitlines()[-1]), err

@@ -7,6 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class MLP(nn.Module):
+    """Linear(16, width) -> ReLU -> Linear(width, 4): one FFN group of ``width`` channels."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, width), nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()

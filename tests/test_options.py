@@ -8,20 +8,12 @@ import torch
 from torch import nn
 
 import secateurs as sc
-from secateurs.cli import main
 from secateurs.errors import BudgetError, RecipeError
 from secateurs.recipe import parse_recipe
 
+from helpers import run_cli
+from models import MLP
 from zoo import build
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
 
 
 class ConvNet(nn.Module):
@@ -148,20 +140,6 @@ def minilm_dir():
     return gt.get_model_path()
 
 
-def _run(capsys, *argv):
-    try:
-        code = main([*argv, "--json"])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    if not out.strip():
-        return code, {}, err
-    try:
-        return code, json.loads(out), err
-    except ValueError:  # progress or log lines before the document
-        return code, json.loads(out.strip().splitlines()[-1]), err
-
-
 @pytest.mark.parametrize(("flags", "message"), [
     (["--channels", "0.3"], r"--channels\) selects no group in this model \(it has ffn x6, heads x6;"),
     (["--nm", "2:4", "--criterion", "sparsegpt"], r"use sparsity_criterion='sparsegpt' \(--sparsity-criterion "
@@ -171,7 +149,7 @@ def _run(capsys, *argv):
 ])
 def test_cli_refuses_options_that_do_nothing_on_minilm(capsys, minilm_dir, tmp_path, flags, message):
     out = tmp_path / "out"
-    code, data, err = _run(capsys, "prune", str(minilm_dir), "--out", str(out), *flags, "--calib-samples", "4")
+    code, data, err = run_cli(capsys, "prune", str(minilm_dir), "--out", str(out), *flags, "--calib-samples", "4")
     assert code == 2, err
     import re
 
@@ -188,7 +166,7 @@ def test_cli_refuses_options_that_do_nothing_on_minilm(capsys, minilm_dir, tmp_p
 ])
 def test_cli_refuses_unread_flags(capsys, llama_dir, tmp_path, flags, message):
     out = tmp_path / "out"
-    code, data, err = _run(capsys, "prune", str(llama_dir), "--out", str(out), *flags, "--calib", "none")
+    code, data, err = run_cli(capsys, "prune", str(llama_dir), "--out", str(out), *flags, "--calib", "none")
     assert code == 2, err
     import re
 
@@ -198,7 +176,7 @@ def test_cli_refuses_unread_flags(capsys, llama_dir, tmp_path, flags, message):
 
 def test_cli_two_four_on_an_encoder_covers_every_encoder_layer(capsys, minilm_dir, tmp_path):
     out = tmp_path / "out"
-    code, data, err = _run(capsys, "prune", str(minilm_dir), "--out", str(out), "--nm", "2:4", "--calib", "none")
+    code, data, err = run_cli(capsys, "prune", str(minilm_dir), "--out", str(out), "--nm", "2:4", "--calib", "none")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     layers = [n for n, _ in report["sparsity"]["layers"]]
@@ -215,7 +193,7 @@ def test_cli_two_four_on_an_encoder_covers_every_encoder_layer(capsys, minilm_di
 def test_cli_default_width_criterion_is_flap_with_bias_compensation(capsys, minilm_dir, tmp_path, flags, criterion,
                                                                      compensated):
     out = tmp_path / "out"
-    code, data, err = _run(capsys, "prune", str(minilm_dir), "--out", str(out), "--ffn", "0.3", "--calib-samples",
+    code, data, err = run_cli(capsys, "prune", str(minilm_dir), "--out", str(out), "--ffn", "0.3", "--calib-samples",
                            "4", *flags)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())

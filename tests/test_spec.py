@@ -4,27 +4,19 @@ schema, the CLI flags and the drivers' signatures cannot drift apart."""
 
 import dataclasses
 import inspect
-import json
 
 import pytest
 import torch
-from torch import nn
 
 import secateurs as sc
-from secateurs.cli import _parser, main
+from secateurs.cli import _parser
 from secateurs.errors import BudgetError, RecipeError
 from secateurs.recipe import parse_recipe
 from secateurs.spec import OPTIONS, PATHS, WEIGHT_DEFAULT, PruneSpec, path_options
 from secateurs.stream import StreamOptions, prune_checkpoint
 
-
-class MLP(nn.Module):
-    def __init__(self, width=64):
-        super().__init__()
-        self.a, self.b = nn.Linear(16, width), nn.Linear(width, 4)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+from helpers import run_cli
+from models import MLP
 
 
 def _mlp_onnx(path, width=64):
@@ -136,28 +128,16 @@ def test_an_onnx_file_rounds_like_a_module(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the command line
 
-def _run(capsys, *argv):
-    try:
-        code = main([*argv, "--json"])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    try:
-        return code, json.loads(out) if out.strip() else {}, err
-    except ValueError:  # progress or log lines before the document
-        return code, json.loads(out.strip().splitlines()[-1]), err
-
-
 def test_cli_onnx_takes_every_pruning_flag_its_path_takes(capsys, tmp_path):
     pytest.importorskip("onnxruntime")
     src = _mlp_onnx(tmp_path / "m.onnx")
-    code, data, err = _run(capsys, "prune", str(src), "--out", str(tmp_path / "p.onnx"), "--ffn", "0.3",
+    code, data, err = run_cli(capsys, "prune", str(src), "--out", str(tmp_path / "p.onnx"), "--ffn", "0.3",
                            "--scope", "global", "--criterion", "l1")  # --scope was refused before the schema
     assert code == 0, err
-    code, data, err = _run(capsys, "prune", str(src), "--out", str(tmp_path / "q.onnx"), "--sparsity", "0.5")
+    code, data, err = run_cli(capsys, "prune", str(src), "--out", str(tmp_path / "q.onnx"), "--sparsity", "0.5")
     assert code == 2 and "an ONNX source supports --heads --kv-groups --ffn --channels --hidden" in data["error"]
     assert "not --sparsity" in data["error"] and not (tmp_path / "q.onnx").exists()
-    code, data, err = _run(capsys, "prune", str(src), "--out", str(tmp_path / "q.onnx"), "--ffn", "0.3",
+    code, data, err = run_cli(capsys, "prune", str(src), "--out", str(tmp_path / "q.onnx"), "--ffn", "0.3",
                            "--criterion", "flap")
     assert code == 2 and "needs calibration batches" in data["error"], data
 

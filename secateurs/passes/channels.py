@@ -19,7 +19,7 @@ from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGro
 from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
-from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.base import Pass, PassResult, transaction
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.masked import masked_mismatch
 
@@ -301,6 +301,17 @@ def plan_keep(
     return masks_for(best)
 
 
+def cost_as_predicted(before: Graph, result: PassResult) -> list[str]:
+    """The rewritten model has the parameters the plan predicted (what budgets and allocators counted)."""
+    record = result.record
+    if not isinstance(record, PruneRecord):
+        return []
+    measured = result.graph.param_count()
+    if measured != record.predicted_params:
+        return [f"the plan predicted {record.predicted_params:,} parameters, the rewritten model has {measured:,}"]
+    return []
+
+
 class PruneChannels(Pass):
     """Transform pass: remove the least important channels of every group and rewrite the module.
 
@@ -313,6 +324,8 @@ class PruneChannels(Pass):
 
     requires = (DependencyInfo, ChannelScores)
     transforms = True
+    transactional = True
+    ensures = (cost_as_predicted,)
 
     def __init__(self, options: ChannelOptions | None = None, **kwargs: object) -> None:
         """Create the pass from a :class:`ChannelOptions` or its fields as keywords."""
@@ -353,7 +366,8 @@ class PruneChannels(Pass):
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
             kept_counts = {g: int(m.sum()) for g, m in keep.items()}
-            snap = Snapshot()
+            predicted = predict_cost(graph, info, kept_counts)  # before the rewrite: it counts the module's params
+            snap = transaction()  # the manager's, rolled back if anything after fails
             if opts.bias_compensation:
                 compensated = compensate_biases(graph, info, keep, means, snap)
             overrides = _replaced_params(graph, snap)
@@ -378,8 +392,7 @@ class PruneChannels(Pass):
             )
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
                    for g, k in sorted(kept_counts.items())]
-        params, flops = predict_cost(graph, info, kept_counts)
-        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, params, flops, attempt, compensated))
+        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated))
 
     @staticmethod
     def _recapture(graph: Graph, snap: Snapshot) -> Graph:

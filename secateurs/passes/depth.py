@@ -33,7 +33,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.modeling.layers import ZeroSublayer, hidden_input
 from secateurs.modeling.rewrite import Snapshot
-from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.base import Pass, PassResult, transaction
 from secateurs.passes.criteria import step_criteria
 from secateurs.passes.hooks import calibration_calls, first_tensor
 from secateurs.progress import track
@@ -203,6 +203,7 @@ def _bypassed(model: nn.Module, names: Iterable[str], *, zero: bool) -> Iterator
 
 class _DepthPass(Pass):
     transforms = True
+    transactional = True
     zero = False
 
     def __init__(self, amount: float, criterion: str = "bi", *, calib: Iterable[Any] | None = None) -> None:
@@ -325,7 +326,7 @@ class _DepthPass(Pass):
             removed, scores = self._choose(model, cands, count, calls)
         finally:
             model.train(was_training)
-        snap = Snapshot()
+        snap = transaction()
         self._apply(model, [n for n, _ in removed], snap, calls)
         try:
             new = capture_call(model, graph.args, graph.kwargs)

@@ -29,7 +29,7 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.graph import Graph
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.modeling.structure import _DOWN_NAMES, _UP_NAMES, MoEBlock, find_moe_blocks
-from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.base import Pass, PassResult, transaction
 from secateurs.passes.criteria import step_criteria
 from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration
 
@@ -168,6 +168,7 @@ class PruneExperts(Pass):
 
     requires = (ExpertScores,)
     transforms = True
+    transactional = True
 
     def __init__(self, ratio: float, *, min_keep: float = 0.0) -> None:
         """Remove ``ratio`` (in [0, 1)) of the experts of every block."""
@@ -180,7 +181,7 @@ class PruneExperts(Pass):
         """Remove experts and re-capture the model."""
         scores = graph.analysis(ExpertScores).scores
         model = graph.module
-        snap = Snapshot()
+        snap = transaction()
         changes: list[ExpertChange] = []
         with torch.no_grad():
             for b in find_moe_blocks(model):
@@ -230,6 +231,7 @@ class PruneExpertNeurons(Pass):
     """
 
     transforms = True
+    transactional = True
 
     def __init__(self, ratio: float) -> None:
         """Remove ``ratio`` (in [0, 1)) of the neurons of every expert."""
@@ -240,7 +242,7 @@ class PruneExpertNeurons(Pass):
     def run(self, graph: Graph) -> PassResult:
         """Slice every expert's neurons and re-capture the model."""
         model = graph.module
-        snap = Snapshot()
+        snap = transaction()
         changes: list[ExpertChange] = []
         with torch.no_grad():
             for b in find_moe_blocks(model):

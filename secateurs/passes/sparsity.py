@@ -169,6 +169,15 @@ class SparsityRecord:
     skipped: tuple[tuple[str, str], ...] = ()
 
 
+def nm_pattern_holds(before: Graph, result: PassResult) -> list[str]:
+    """N:M sparsity holds on every layer the record lists (what TensorRT's sparse kernels need)."""
+    record = result.record
+    if not isinstance(record, SparsityRecord) or ":" not in record.pattern:
+        return []
+    n, m = (int(v) for v in record.pattern.split(":"))
+    return check_nm(result.graph.module, n, m, [name for name, _ in record.layers])
+
+
 class SparsifyWeights(Pass):
     """Transform pass: zero weights by a criterion, unstructured (``ratio``) or N:M (``nm=(2, 4)``).
 
@@ -178,6 +187,7 @@ class SparsifyWeights(Pass):
 
     requires = (DependencyInfo,)
     transforms = True
+    ensures = (nm_pattern_holds,)
 
     def __init__(
         self,
