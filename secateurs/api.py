@@ -308,12 +308,16 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
             raise BudgetError(f"{'experts=' if spec.experts else 'expert_neurons='} (--experts) selects nothing: the "
                               "model has no mixture-of-experts block (a router beside a list or fused tensor of experts)")
     width_runs = spec.width_runs()
+    leave: tuple[tuple[str, str], ...] = ()
+    if spec.expert_neurons and model is not None:  # ffn= then prunes the dense MLPs; the experts are pruned per expert
+        leave = tuple((b.experts, "expert neurons are pruned per expert by expert_neurons=")
+                      for b in find_moe_blocks(model))
     spec = spec.resolved(calibrated=calib is not None)
     ratio, importance = spec.default_ratio, spec.importance
     options = ChannelOptions(
         ratio=ratio, target=spec.target or "channels", scope=spec.scope or "local",
         min_keep=0.1 if spec.min_keep is None else spec.min_keep, round_to=8 if spec.round_to is None else spec.round_to,
-        ignore=tuple(ignore), hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
+        ignore=tuple(ignore), leave=leave, hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
         bias_compensation=bool(spec.bias_compensation), verify=spec.verify is not False,
     )
     allocate, budget_unit, speedup = spec.allocate, spec.budget_unit or "channels", spec.speedup

@@ -48,8 +48,8 @@ def test_unselected_experts_are_removed_exactly():
 @pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
 def test_experts_and_expert_neurons_then_generate_and_reload(fn, tmp_path):
     model, inputs = _build(fn)
-    # Mixtral has no dense FFN besides its experts (ffn= selects no group there and is refused); Qwen2-MoE's
-    # shared expert is one
+    # with expert_neurons= the experts are pruned per expert and ffn= prunes the dense MLPs only: Mixtral has none
+    # (ffn= would select no group there and be refused); Qwen2-MoE's shared expert is one
     dense_ffn = {"ffn": 0.25} if fn is qwen2_moe else {}
     report = sc.prune(model, inputs, experts=0.5, expert_neurons=0.25, expert_importance="mass", **dense_ffn)
     blocks = find_moe_blocks(model)
@@ -146,3 +146,41 @@ def test_pruned_fused_experts_export_to_onnx_and_match_onnx_runtime(fn, tmp_path
     assert result.max_abs_error < 1e-4
     other = {"input_ids": torch.randint(0, 120, (3, 9))}  # another batch and length through the dynamic axes
     assert verify_onnx(tmp_path / "moe.onnx", model, (), other)[0] < 1e-4
+
+
+@pytest.mark.parametrize("fn", [mixtral, qwen2_moe])
+def test_ffn_prunes_fused_experts_through_grouped_mm_and_plain_loaders_reload_it(fn, tmp_path):
+    """transformers 5 runs fused experts through grouped_mm: its rule makes their neurons one ffn group per layer
+    (the same neurons leave every expert), rounded like any FFN, and the config says the new width."""
+    import transformers as tf
+
+    model, inputs = _build(fn)
+    width = model.model.layers[0].mlp.experts.down_proj.shape[2]
+    report = sc.prune(model, inputs, ffn=0.3)
+    experts = [c for c in report.changes if ".experts." in c.name]
+    assert len(experts) == 2 and all(c.kind == "ffn" and c.before == width for c in experts)
+    kept = experts[0].after
+    assert kept < width and kept % 8 == 0  # every sliced dim (gate_up's 2 x kept rows too) a multiple of 8
+    for layer in model.model.layers:
+        e = layer.mlp.experts
+        assert e.gate_up_proj.shape[1] == 2 * kept and e.down_proj.shape[2] == kept and e.intermediate_dim == kept
+    ref = first_tensor(call(model, inputs))
+    result = sc.save_pretrained(model, tmp_path / "out")
+    assert result.plain_loadable
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(first_tensor(call(plain, inputs)), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_neurons_and_ffn_prune_each_ffn_once():
+    model, inputs = _build(qwen2_moe)
+    width = model.model.layers[0].mlp.experts.down_proj.shape[2]
+    report = sc.prune(model, inputs, expert_neurons=0.25, ffn=0.25)
+    assert {e.what for e in report.experts} == {"neurons per expert"}
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == report.experts[0].after < width
+    assert not [c for c in report.changes if ".experts." in c.name]  # ffn= left the experts to expert_neurons=
+    assert [c.kind for c in report.changes] == ["ffn", "ffn"]  # the shared experts
+    assert any("pruned per expert by expert_neurons=" in f.reason for f in report.frozen)
+    model, inputs = _build(mixtral)  # no dense FFN besides the experts: ffn= selects nothing and is refused
+    with pytest.raises(BudgetError, match=r"ffn=0\.25 \(--ffn\) selects no prunable group in this model \(frozen: "
+                                          r"expert neurons are pruned per expert by expert_neurons="):
+        sc.prune(model, inputs, expert_neurons=0.25, ffn=0.25)

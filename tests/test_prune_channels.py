@@ -220,3 +220,32 @@ def test_pass_manager_pipeline_and_noop_result():
     assert result.modified is True and model.conv1.out_channels == 4
     assert result.graph is not graph  # a fresh capture of the rewritten module
     assert first_tensor(call(model, (torch.randn(1, 3, 4, 4),))).shape == (1, 4, 4, 4)
+
+
+class _FusedGateUp(torch.nn.Module):
+    """Phi-3's MLP: one gate_up projection chunked in two, then down (a GLU through a fused weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+def test_a_fused_gate_up_is_an_ffn_rounded_on_every_sliced_dim():
+    """gate_up holds two rows per neuron (stride 2), down one column: the group is an FFN (not heads) and the
+    kept count keeps down's dim a multiple of round_to too (64 x 0.7 = 44.8 -> 48, not 44)."""
+    torch.manual_seed(0)
+    model, x = _FusedGateUp().eval(), torch.randn(2, 16)
+    with torch.no_grad():  # neurons 48..63 are dead: their gate and up rows and down columns are zero
+        for rows in (slice(48, 64), slice(112, 128)):
+            model.gate_up.weight[rows] = 0
+            model.gate_up.bias[rows] = 0
+        model.down.weight[:, 48:] = 0
+    ref = model(x)
+    report = sc.prune(model, (x,), ffn=0.3)
+    assert [(c.kind, c.before, c.after) for c in report.changes] == [("ffn", 64, 48)]
+    assert model.gate_up.out_features == 96 and model.down.in_features == 48
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)  # exactly the dead ones left

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
+from secateurs.errors import UnsupportedOpError
 from secateurs.ir import families
-from secateurs.ir.rules import RuleContext, ShapeOf, numel, op_rule
+from secateurs.ir.rules import RULES, RuleContext, ShapeOf, numel, op_rule
 
 __all__: list[str] = []
 
@@ -177,6 +178,35 @@ def _matmul_core(ctx: RuleContext, node: fx.Node, a: fx.Node, b: fx.Node) -> Non
 def _matmul(ctx: RuleContext, node: fx.Node) -> None:
     """Batched matrix product: a[..., k] ~ b[..., k, :]; rows of a and columns of b pass through."""
     _matmul_core(ctx, node, node.args[0], node.args[1])
+
+
+def _grouped_mm_flops(node: fx.Node, shape_of: ShapeOf) -> float:
+    x, w = shape_of(node.args[0]), shape_of(node.args[1])
+    return 2.0 * x[0] * x[1] * w[-1] if x and w and len(x) == 2 else 0.0  # each token through one expert
+
+
+def _grouped_mm(ctx: RuleContext, node: fx.Node) -> None:
+    """Grouped matmul of MoE experts: tokens sorted by expert, ``[S, in] x [E, in, out] -> [S, out]``.
+
+    ``offs[e]`` ends expert ``e``'s run of tokens. Every expert's matrix shares the input and output channel
+    spaces, so a neuron group spans all experts (the same neurons leave every expert, as one fused tensor must
+    keep one size); the expert dim follows ``offs``, which the routing computes (frozen).
+    """
+    x, w = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else _arg(node, "offs")
+    sx, sw = families.static_shape(ctx, x), families.static_shape(ctx, w)
+    if len(sx) != 2 or len(sw) != 3:
+        raise UnsupportedOpError(f"{ctx.where()}: grouped_mm of a {len(sx)}-d input and {len(sw)}-d weight (the "
+                                 "rule knows 2-d tokens by 3-d expert weights)")
+    ctx.unify_dims(x, 1, w, 1)
+    ctx.unify_dims(x, 0, node, 0)
+    ctx.unify_dims(w, 2, node, 1)
+    if isinstance(offs, fx.Node) and ctx.is_tensor(offs):
+        ctx.unify_dims(w, 0, offs, 0)
+
+
+RULES.register([aten._grouped_mm.default], _grouped_mm, _grouped_mm_flops)
+RULES.register_named(["transformers.grouped_mm_fallback.default"], _grouped_mm, _grouped_mm_flops)
 
 
 def _addmm_flops(node: fx.Node, shape_of: ShapeOf) -> float:

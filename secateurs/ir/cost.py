@@ -60,10 +60,15 @@ def predict_cost(graph: Graph, info: DependencyInfo, kept: dict[int, int]) -> tu
         return None
 
     params = graph.param_count()
-    for placeholder in graph.params:
+    seen: set[int] = set()  # a tied weight (embeddings = LM head) is one tensor, counted once like param_count
+    for placeholder, fqn in graph.params.items():
         key = (placeholder, -1)
         if key not in info.values:
             continue
+        tensor = id(graph.module.get_parameter(fqn))
+        if tensor in seen:
+            continue
+        seen.add(tensor)
         before = math.prod(info.table.size(a) for a in info.values[key])
         params += math.prod(info.shape_under(key, kept, memo)) - before
     flops = 0.0

@@ -95,6 +95,19 @@ class ChannelGroup:
                    default=None)
         return best.stride if best is not None else 1
 
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """The strides of the members holding at least a quarter of the most weights per channel.
+
+        Rounding keeps every such sliced dim a multiple of ``round_to`` (a fused gate_up has stride 2, its down
+        projection 1); small per-channel tables (a per-head bias) do not count.
+        """
+        params = [m for m in self.members if m.is_param]
+        if not params:
+            return (1,)
+        most = max(m.numel_per_channel for m in params)
+        return tuple(sorted({m.stride for m in params if 4 * m.numel_per_channel >= most}))
+
     def module_names(self) -> set[str]:
         """Names of the modules owning the members."""
         return {m.name.rsplit(".", 1)[0] if "." in m.name else "" for m in self.members}
@@ -201,17 +214,23 @@ def _classify(
         return "kv_groups"
     if group.mixed_at is not None:
         return "hidden"
-    linear = 0
+    linear: list[int] = []  # strides of the members that are matrices of linear layers
     for m in group.members:
-        if not m.is_param or not m.name.endswith("weight"):
+        if not m.is_param:
+            continue
+        if graph.module.get_parameter(m.name).dim() == 3 and m.dim > 0:
+            linear.append(m.stride)  # a stack of expert matrices (fused MoE experts, grouped_mm)
+            continue
+        if not m.name.endswith("weight"):
             continue
         path = m.name.rpartition(".")[0]
         if _is_linear(graph.module.get_submodule(path) if path else graph.module):
-            linear += 1
+            linear.append(m.stride)
         elif graph.module.get_parameter(m.name).dim() != 1:
             return "channels"
-    if linear >= 2:
-        return "heads" if group.stride > 1 else "ffn"
+    if len(linear) >= 2:
+        # heads span head_dim rows in every projection; a fused gate_up has stride 2 but its down projection 1
+        return "heads" if min(linear) > 1 else "ffn"
     return "channels"
 
 

@@ -68,6 +68,7 @@ class OpRuleTable:
     def __init__(self) -> None:
         """Create an empty table."""
         self._rules: dict[Any, OpRule] = {}
+        self._named: dict[str, OpRule] = {}  # ops of libraries that may not be loaded yet, by qualified name
 
     def register(self, ops: Iterable[Any], rule: RuleFn, flops: FlopFn | None = None) -> None:
         """Register ``rule`` for every op in ``ops``.
@@ -86,23 +87,43 @@ class OpRuleTable:
                 raise UnsupportedOpError(f"op {op} already has a rule")
             self._rules[op] = OpRule(op, rule, flops)
 
+    def register_named(self, names: Iterable[str], rule: RuleFn, flops: FlopFn | None = None) -> None:
+        """Register ``rule`` for ops named like ``"transformers.grouped_mm_fallback.default"`` (``str(overload)``).
+
+        For custom ops of a library that registers them only when it is imported: the rule applies once the op
+        exists, without importing the library here.
+
+        Raises:
+            UnsupportedOpError: A name has no namespace and overload (``ns.op.overload``) or already has a rule.
+
+        """
+        for name in names:
+            if name.count(".") < 2:
+                raise UnsupportedOpError(f"{name!r} is not a qualified op name such as 'ns.op.default'")
+            if name in self._named:
+                raise UnsupportedOpError(f"op {name} already has a rule")
+            self._named[name] = OpRule(name, rule, flops)
+
     def get(self, op: Any) -> OpRule | None:
         """The rule for ``op``, or None."""
-        return self._rules.get(op)
+        found = self._rules.get(op)
+        if found is None and isinstance(op, torch._ops.OpOverload):
+            found = self._named.get(str(op))
+        return found
 
     def copy(self) -> OpRuleTable:
         """A new table with the same rules (add to it without touching this one)."""
         table = OpRuleTable()
-        table._rules = dict(self._rules)
+        table._rules, table._named = dict(self._rules), dict(self._named)
         return table
 
     def __contains__(self, op: Any) -> bool:
         """Whether ``op`` has a rule."""
-        return op in self._rules
+        return self.get(op) is not None
 
     def __len__(self) -> int:
         """Number of ops with a rule."""
-        return len(self._rules)
+        return len(self._rules) + len(self._named)
 
 
 RULES = OpRuleTable()

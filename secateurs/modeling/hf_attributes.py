@@ -85,8 +85,24 @@ UP_PROJECTIONS = ("up_proj", "gate_proj", "fc1", "c_fc", "w1", "dense_h_to_4h")
 
 
 def sync_module(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
-    """Re-sync an attention block's head counts and an MLP block's ``intermediate_size``."""
+    """Re-sync an attention block's head counts, an MLP block's ``intermediate_size`` and fused experts' width."""
     sync_attention(module, set_attr)
+    weight = module._parameters.get("weight")
+    if weight is not None and weight.dim() == 2 and isinstance(getattr(module, "hidden_dim", None), int) and \
+            hasattr(module, "top_k"):  # an MoE router [experts, hidden] that reshapes its input to hidden_dim
+        set_attr(module, "hidden_dim", int(weight.shape[1]))
+        return
+    down = module._parameters.get("down_proj")
+    if down is not None and down.dim() == 3:  # fused experts [E, out, in] (or [E, in, out] when is_transposed)
+        transposed = bool(getattr(module, "is_transposed", False))
+        inner, hidden = (int(down.shape[1]), int(down.shape[2])) if transposed else (int(down.shape[2]),
+                                                                                   int(down.shape[1]))
+        for attr in ("intermediate_dim", "intermediate_size", "moe_intermediate_size"):
+            if isinstance(getattr(module, attr, None), int):
+                set_attr(module, attr, inner)
+        if isinstance(getattr(module, "hidden_dim", None), int):
+            set_attr(module, "hidden_dim", hidden)
+        return
     if isinstance(getattr(module, "intermediate_size", None), int):
         width = _child(module, UP_PROJECTIONS)
         if width is not None:

@@ -223,6 +223,9 @@ def _follow_tensors(model: nn.Module, touched: set[nn.Module], snap: Snapshot) -
     for mod in touched:
         _update_attributes(snap, mod)
     parents = {name.rpartition(".")[0] for name, mod in model.named_modules() if mod in touched}
+    # fused experts and MoE routers hold their tensors themselves: their size attributes follow them too
+    parents |= {name for name, mod in model.named_modules() if mod in touched and (getattr(
+        mod._parameters.get("down_proj"), "ndim", 0) == 3 or isinstance(getattr(mod, "hidden_dim", None), int))}
     for name in sorted(parents):
         sync_module(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
 

@@ -46,6 +46,8 @@ class ChannelOptions:
         round_to: Kept sizes are rounded so every sliced dim stays a multiple of this (tensor cores like 8);
             groups smaller than the rounding are left alone. 1 disables rounding.
         ignore: Module names (or prefixes ending with ``.``) whose groups are never pruned.
+        leave: ``(module, reason)``: groups entirely inside ``module`` stay whole, reported with ``reason`` (the
+            experts whose neurons ``expert_neurons=`` prunes one expert at a time).
         hidden: Also prune groups whose channels enter a cross-channel statistic (LayerNorm / RMSNorm over
             them: the hidden size / residual stream of a transformer). Off by default.
         kind_ratios: Per-structure ratios, ``(("heads", 0.25), ("ffn", 0.3))``; a kind listed here uses its own
@@ -67,6 +69,7 @@ class ChannelOptions:
     min_keep: float = 0.1
     round_to: int = 8
     ignore: tuple[str, ...] = ()
+    leave: tuple[tuple[str, str], ...] = ()
     hidden: bool = False
     kind_ratios: tuple[tuple[str, float], ...] = ()
     bias_compensation: bool | None = None
@@ -123,7 +126,8 @@ class PruneRecord:
 
 
 def _align(group: ChannelGroup, round_to: int) -> int:
-    return round_to // math.gcd(round_to, group.stride)
+    """The kept count's step: every large member's sliced dim (count x its stride) is a multiple of ``round_to``."""
+    return math.lcm(*(round_to // math.gcd(round_to, stride) for stride in group.strides))
 
 
 def round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:
@@ -149,10 +153,20 @@ def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
     return False
 
 
+def _left(group: ChannelGroup, opts: ChannelOptions) -> str | None:
+    """Why ``group`` is left to another pass (every module of it is inside one of ``opts.leave``), or None."""
+    mods = group.module_names()
+    for prefix, why in opts.leave:
+        if mods and all(m == prefix or m.startswith(prefix + ".") for m in mods):
+            return why
+    return None
+
+
 def eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
     """Whether the options let ``group`` be pruned (not ignored; the hidden size only when asked)."""
     hidden_ok = opts.hidden or "hidden" in dict(opts.kind_ratios)
-    return not _ignored(group, opts.ignore) and (hidden_ok or group.mixed_at is None)
+    return (not _ignored(group, opts.ignore) and _left(group, opts) is None
+            and (hidden_ok or group.mixed_at is None))
 
 
 def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, np.ndarray], exclude: set[int],
@@ -180,7 +194,8 @@ def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int,
                                     f"of the {len(selected)} groups it selects ({'; '.join(reasons[:2])}) and the "
                                     "others keep every channel after rounding")
         if not selected:
-            reasons = sorted({f.reason for f in frozen})
+            left = {why for g in info.iter_groups() if (not kind or g.kind == kind) and (why := _left(g, opts))}
+            reasons = sorted(left) + sorted({f.reason for f in frozen} - left)
             raise BudgetError(f"{what} selects no prunable group in this model"
                               + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""))
         smallest = min(g.size for g in selected)
@@ -351,6 +366,8 @@ class PruneChannels(Pass):
             names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
             if _ignored(g, opts.ignore):
                 frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
+            elif (why := _left(g, opts)) is not None:
+                frozen.append(FrozenGroup(g.size, names, why))
             elif g.mixed_at is not None and not eligible(g, opts):
                 frozen.append(FrozenGroup(
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"

@@ -270,12 +270,15 @@ class _Walker:
         if self.opts.block_capture:
             return block, None, ""
         mlp = getattr(block, "mlp", None)
-        first = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None) if isinstance(mlp, nn.Module) else None
+        # the hidden size the MLP reads: its first linear layer's input, or an MoE router's [experts, hidden]
+        first = next((p for m in mlp.modules() for p in ([m.weight] if isinstance(m, nn.Linear) else
+                                                         [q for q in m._parameters.values() if q is not None])
+                      if p.dim() == 2), None) if isinstance(mlp, nn.Module) else None
         if first is None:
             raise BudgetError(f"block '{self.blocks_name}.{position}' ({type(block).__name__}) has no mlp with a "
                               "linear layer to prune")
         assert isinstance(mlp, nn.Module)
-        return mlp, (torch.zeros(1, 1, first.in_features, dtype=first.weight.dtype),), "mlp."
+        return mlp, (torch.zeros(1, 1, first.shape[1], dtype=first.dtype),), "mlp."
 
     def depth(self) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """First pass over the dense blocks: choose the blocks to remove, then renumber the meta model."""
