@@ -125,3 +125,23 @@ def test_the_cost_of_a_plan_counts_with_the_rules_the_analysis_ran_with():
     assert ruled == plain + 32
     assert half == (ruled - 32) / 2 + 16  # both linear layers halve with the group; frac at 2 x 8 adds 16
 
+
+
+class _EmptySlice(torch.nn.Module):
+    """A rotary-style split whose pass-through part is empty (``x[..., 16:]`` of 16 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(torch.cat([h[..., :16] * 2, h[..., 16:]], dim=-1))
+
+
+def test_an_empty_slice_is_no_rule_failure():
+    import secateurs as sc
+
+    report = sc.prune(_EmptySlice().eval(), (torch.randn(2, 8),), ratio=0.5, round_to=1)
+    assert not report.unsupported_ops  # was: IndexError in the slice rule, the channels frozen
+    assert [(c.before, c.after) for c in report.changes] == [(16, 8)]

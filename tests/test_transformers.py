@@ -186,3 +186,52 @@ def test_encoders_run_with_and_without_masks_after_pruning(name):
         b = model(input_ids=inputs["input_ids"]).last_hidden_state
     assert a.shape == b.shape == (2, 12, 64)
     assert torch.allclose(a[1], b[1], atol=1e-5)  # row 1 has no padding: the mask must not change it
+
+
+def test_phi3_fused_qkv_and_gate_up_prune_heads_kv_groups_and_ffn(tmp_path):
+    """Phi-3 slices one qkv_proj at config.num_attention_heads x head_dim and chunks one gate_up_proj: heads, KV
+    groups and FFN neurons all prune (each attention gets a config with its own head counts), the result
+    generates and reloads exactly."""
+    torch.manual_seed(0)
+    cfg = tf.Phi3Config(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=1)
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 120, (2, 9))}
+    report = sc.prune(model, inputs, heads=0.5, kv_groups=0.5, ffn=0.3)
+    assert not report.unsupported_ops and report.retries == 0  # was: IndexError in the slice rule, heads frozen
+    assert sorted({c.kind for c in report.changes}) == ["ffn", "heads", "kv_groups"]
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.out_features == (1 + 2 * 1) * 16 and attn.o_proj.in_features == 16
+    assert attn.config.num_attention_heads == 1 and model.config.num_attention_heads == 4  # the layer's own
+    assert model.model.layers[0].mlp.gate_up_proj.out_features == 2 * 64
+    ref = first_tensor(call(model, inputs))
+    out = model.generate(inputs["input_ids"][:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    assert sc.save_pretrained(model, tmp_path / "phi3").plain_loadable  # uniform: the config says it all
+    assert torch.equal(first_tensor(call(sc.load_pretrained(tmp_path / "phi3"), inputs)), ref)
+    plain = tf.Phi3ForCausalLM.from_pretrained(tmp_path / "phi3").eval()
+    assert plain.config.num_attention_heads == 1 and plain.config.intermediate_size == 64
+    assert torch.equal(first_tensor(call(plain, inputs)), ref)
+
+
+def test_t5_heads_prune_with_the_relative_attention_bias_they_share(tmp_path):
+    """T5's first block computes a per-head relative position bias that every block of its stack adds to its
+    scores, so each stack's heads are one coupled group (the bias table loses the same heads); the bias
+    arithmetic (where / min with scalars) no longer freezes them."""
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=120, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 120, (2, 9)), "decoder_input_ids": torch.randint(0, 120, (2, 5))}
+    report = sc.prune(model, inputs, heads=0.25, ffn=0.3)
+    assert not report.unsupported_ops
+    heads = [c for c in report.changes if c.kind == "heads"]
+    assert [(c.before, c.after) for c in heads] == [(4, 3), (4, 3)]  # encoder stack, decoder stack
+    for stack in (model.encoder, model.decoder):
+        assert stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 3
+        assert all(b.layer[0].SelfAttention.q.out_features == 48 for b in stack.block)
+    ref = first_tensor(call(model, inputs))
+    assert model.generate(inputs["input_ids"][:1], max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 4)
+    sc.save_pretrained(model, tmp_path / "t5")
+    assert torch.equal(first_tensor(call(sc.load_pretrained(tmp_path / "t5"), inputs)), ref)

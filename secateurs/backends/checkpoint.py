@@ -202,6 +202,10 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
             ref = fresh_mods.get(name)
             propose(getattr(ref, "out_features", getattr(ref, "nf", None)),
                     getattr(mod, "out_features", getattr(mod, "nf", None)))
+        elif leaf == "gate_up_proj" and isinstance(mod, nn.Linear):  # Phi-3's fused GLU: two rows per neuron
+            ref = fresh_mods.get(name)
+            if isinstance(ref, nn.Linear):
+                propose(ref.out_features // 2, mod.out_features // 2)
     fresh_blocks = {b.name: b for b in find_moe_blocks(fresh)}
     for b in find_moe_blocks(model):
         ref_block = fresh_blocks.get(b.name)

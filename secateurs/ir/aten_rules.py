@@ -55,7 +55,8 @@ _ELEMENTWISE = [
     aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar, aten.div.Tensor_mode,
     aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
-    aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar,
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, aten.min.other, aten.max.other,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar,
     aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
     aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
     aten.logical_and.default, aten.logical_or.default, aten.logical_not.default, aten.bitwise_not.default,
@@ -594,6 +595,9 @@ def _slice(ctx: RuleContext, node: fx.Node) -> None:
         return
     if start == 0 and length == n:
         ctx.unify_dims(x, d, node, d)
+        return
+    if length == 0:  # an empty slice (the pass-through part of a rotary embedding over the whole head)
+        ctx.freeze([ctx.dims(node)[d]], "empty slice", channel=False)
         return
     sizes = [s for s in (start, length, n - start - length) if s > 0]
     parts = ctx.split(ctx.dims(x)[d], "sum", sizes)

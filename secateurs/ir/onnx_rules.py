@@ -743,6 +743,9 @@ def _slice(ctx: OnnxRuleContext, node: ir.Node) -> None:
         if start == 0 and length == n:
             ctx.unify(xa, oa)
             continue
+        if length == 0:  # an empty slice: no channel of the input reaches it
+            ctx.freeze([oa], "empty slice", channel=False)
+            continue
         start_follows = start == 0 or start_origin[k] is None
         end_follows = (end == n and raw_end >= n) or end_origin[k] is None
         if not (start_follows and end_follows):

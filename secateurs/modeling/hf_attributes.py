@@ -7,6 +7,7 @@ removed these attributes are recomputed from the projection shapes; the head dim
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
     if not head_dim:
         return None
     q_out = _child(module, _Q)
+    if q_out is None and "qkv_proj" in module._modules:
+        return _fused_qkv_sizes(module, head_dim)
     fused = module._modules.get("c_attn")
     if q_out is None and fused is not None and not getattr(module, "is_cross_attention", False):
         total = _out_features(fused)
@@ -55,6 +58,16 @@ def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
     k_out = _child(module, _K)
     kv = k_out // head_dim if k_out and k_out % head_dim == 0 else None
     return q_out // head_dim, kv, head_dim
+
+
+def _fused_qkv_sizes(module: nn.Module, head_dim: int) -> tuple[int, int | None, int] | None:
+    """Phi-3's ``qkv_proj`` rows are ``[q; k; v]``: the query heads from ``o_proj``'s input, the KV heads from the rest."""
+    qkv, out = module._modules.get("qkv_proj"), module._modules.get("o_proj")
+    total = _out_features(qkv) if qkv is not None else None
+    o_in = int(out.in_features) if isinstance(out, nn.Linear) else None
+    if total is None or o_in is None or o_in % head_dim or (total - o_in) % (2 * head_dim):
+        return None
+    return o_in // head_dim, (total - o_in) // (2 * head_dim), head_dim
 
 
 def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
@@ -79,6 +92,17 @@ def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], 
             set_attr(module, "num_key_value_heads", kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
             set_attr(module, "num_key_value_groups", heads // kv_heads)
+    config = getattr(module, "config", None)
+    counts = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    if config is not None and any(isinstance(getattr(config, k, None), int) and v and getattr(config, k) != v
+                                  for k, v in counts.items()):
+        # code that reads the head counts from the config (Phi-3 slices its fused qkv at
+        # config.num_attention_heads x head_dim) gets a config of its own with this layer's counts
+        own = copy.copy(config)
+        for k, v in counts.items():
+            if v and isinstance(getattr(config, k, None), int):
+                setattr(own, k, v)
+        set_attr(module, "config", own)
 
 
 UP_PROJECTIONS = ("up_proj", "gate_proj", "fc1", "c_fc", "w1", "dense_h_to_4h")
