@@ -225,9 +225,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; an unknown flag is refused with the closest flag of its command."""
+    import difflib
+
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr,index]
+        flags = [f for f in sub._option_string_actions if f.startswith("--")]
+        close = next((difflib.get_close_matches(u.split("=")[0], flags, n=1) for u in unknown if u.startswith("-")),
+                     [])
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return args
+
+
 def _main(argv: list[str]) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except SystemExit as exc:  # argparse printed the usage and the error on standard error
         if exc.code == EXIT_BAD_INPUT and "--json" in argv:
             print(json.dumps({"error": "invalid command line (see standard error)", "exit_code": EXIT_BAD_INPUT}))

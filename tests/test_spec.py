@@ -163,3 +163,9 @@ def test_the_drivers_take_exactly_the_options_the_schema_gives_their_path():
     params = set(inspect.signature(prune_onnx).parameters) - {"src", "dst", "input_shapes", "verify"}
     assert params == set(path_options("onnx"))
     assert set(PATHS) == {"memory", "stream", "onnx"} and path_options("memory") == list(OPTIONS)
+
+
+def test_a_misspelt_flag_gets_the_closest_one(capsys):
+    code, data, err = run_cli(capsys, "prune", "src", "--out", "dst", "--fnn", "0.3")
+    assert code == 2 and "unrecognized arguments: --fnn 0.3 (did you mean --ffn?)" in err
+    assert data == {"error": "invalid command line (see standard error)", "exit_code": 2}
