@@ -218,8 +218,8 @@ def _classify(
     for m in group.members:
         if not m.is_param:
             continue
-        if graph.module.get_parameter(m.name).dim() == 3 and m.dim > 0:
-            linear.append(m.stride)  # a stack of expert matrices (fused MoE experts, grouped_mm)
+        if not m.name.endswith("weight") and graph.module.get_parameter(m.name).dim() == 3 and m.dim > 0:
+            linear.append(m.stride)  # a stack of expert matrices (fused MoE experts' gate_up_proj / down_proj)
             continue
         if not m.name.endswith("weight"):
             continue
