@@ -313,15 +313,20 @@ def _flag_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
     elif args.recover_mode is not None:
         raise BudgetError("--recover-mode needs --recover STEPS")
     spec = PruneSpec(**options)
-    if not _STRUCTURE & set(options) and not extra:
+    structure = _structure_flags()
+    if not structure & set(options) and not extra:
         raise BudgetError("nothing to prune: give --recipe or at least one of --channels --heads --kv-groups --ffn "
                           "--hidden --experts --layers --sublayers --sparsity --nm --low-rank")
-    if not _STRUCTURE & set(options) and options:  # e.g. --criterion with only --low-rank: no pass would read it
+    if not structure & set(options) and options:  # e.g. --criterion with only --low-rank: no pass would read it
         spec.check(steps=())
     return spec.given(), extra
 
 
-_STRUCTURE = {"channels", "heads", "kv_groups", "ffn", "hidden", "experts", "layers", "sublayers", "sparsity", "nm"}
+def _structure_flags() -> set[str]:
+    """The options that ask for a pruning step and have a flag (the schema's ``structure`` options)."""
+    from secateurs.spec import OPTIONS
+
+    return {name for name, opt in OPTIONS.items() if opt.step == "structure" and opt.flag}
 # Flags of the prune command that are not pruning options (secateurs.spec), with the paths that take them.
 _DRIVER_FLAGS = {"recipe": ("memory",), "low_rank": ("memory",), "recover": ("memory",), "recover_mode": ("memory",),
                  "min_cosine": ("memory",), "max_rel_error": ("memory",), "calib": ("memory", "stream"),
