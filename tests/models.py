@@ -162,3 +162,47 @@ class FusedQKV(nn.Module):
 class FusedQKVTimm(FusedQKV):
     def __init__(self):
         super().__init__(style="timm")
+
+
+class MHA(nn.Module):
+    """A ViT-style block around ``nn.MultiheadAttention``: self-attention (one packed projection) or, with
+    ``cross``, attention over a memory computed from the input (the key/value half of the packed weight)."""
+
+    def __init__(self, dim=24, heads=4, batch_first=True, cross=False):
+        super().__init__()
+        self.cross, self.batch_first = cross, batch_first
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.mem = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        kv = self.mem(x) if self.cross else x
+        x = x + self.attn(x, kv, kv, need_weights=False)[0]
+        x = x + self.mlp(x)
+        return self.out(x if self.batch_first else x.transpose(0, 1))
+
+
+class MHACross(MHA):
+    def __init__(self):
+        super().__init__(batch_first=False, cross=True)
+
+
+class TimmAttention(nn.Module):
+    """timm's ``Attention``: sizes read from ``num_heads`` / ``head_dim`` / ``attn_dim`` at run time."""
+
+    def __init__(self, dim=24, heads=4, head_dim=6):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, head_dim, heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.out(x + self.proj(a))

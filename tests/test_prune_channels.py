@@ -23,6 +23,9 @@ CASES = [
     ("UNetish", (2, 3, 8, 8)),
     ("FusedQKV", (2, 5, 24)),
     ("FusedQKVTimm", (2, 5, 24)),
+    ("MHA", (2, 5, 24)),
+    ("MHACross", (2, 5, 24)),
+    ("TimmAttention", (2, 5, 24)),
     ("Seq1d", None),
 ]
 

@@ -19,6 +19,9 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "attn_head_siz
 _Q = ("q_proj", "query", "q_lin", "q")
 _K = ("k_proj", "key", "k_lin", "k")
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
+_WIDTH_ATTRS = ("all_head_size", "attn_dim")  # heads x head_dim
+_FUSED_QKV = (("qkv_proj", "o_proj"), ("qkv", "proj"))  # (fused q/k/v projection, output projection)
 
 
 def _out_features(module: Any) -> int | None:
@@ -45,8 +48,9 @@ def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
     if not head_dim:
         return None
     q_out = _child(module, _Q)
-    if q_out is None and "qkv_proj" in module._modules:
-        return _fused_qkv_sizes(module, head_dim)
+    for fused_name, out_name in _FUSED_QKV:
+        if q_out is None and fused_name in module._modules and out_name in module._modules:
+            return _fused_qkv_sizes(module, head_dim, fused_name, out_name)
     fused = module._modules.get("c_attn")
     if q_out is None and fused is not None and not getattr(module, "is_cross_attention", False):
         total = _out_features(fused)
@@ -60,9 +64,13 @@ def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
     return q_out // head_dim, kv, head_dim
 
 
-def _fused_qkv_sizes(module: nn.Module, head_dim: int) -> tuple[int, int | None, int] | None:
-    """Phi-3's ``qkv_proj`` rows are ``[q; k; v]``: the query heads from ``o_proj``'s input, the KV heads from the rest."""
-    qkv, out = module._modules.get("qkv_proj"), module._modules.get("o_proj")
+def _fused_qkv_sizes(module: nn.Module, head_dim: int, fused: str,
+                     out_name: str) -> tuple[int, int | None, int] | None:
+    """Head counts of a fused ``[q; k; v]`` projection (Phi-3's ``qkv_proj``, timm's ``qkv``).
+
+    The query heads come from the output projection's input, the KV heads from the rest of the rows.
+    """
+    qkv, out = module._modules.get(fused), module._modules.get(out_name)
     total = _out_features(qkv) if qkv is not None else None
     o_in = int(out.in_features) if isinstance(out, nn.Linear) else None
     if total is None or o_in is None or o_in % head_dim or (total - o_in) % (2 * head_dim):
@@ -85,11 +93,13 @@ def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], 
     for name in _HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, name, None), int):
             set_attr(module, name, heads)
-    if isinstance(getattr(module, "all_head_size", None), int):
-        set_attr(module, "all_head_size", heads * head_dim)
+    for name in _WIDTH_ATTRS:
+        if isinstance(getattr(module, name, None), int):
+            set_attr(module, name, heads * head_dim)
     if kv_heads:
-        if isinstance(getattr(module, "num_key_value_heads", None), int):
-            set_attr(module, "num_key_value_heads", kv_heads)
+        for name in _KV_COUNT_ATTRS:
+            if isinstance(getattr(module, name, None), int):
+                set_attr(module, name, kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
             set_attr(module, "num_key_value_groups", heads // kv_heads)
     config = getattr(module, "config", None)

@@ -20,6 +20,7 @@ from torch import nn
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.hf_attributes import sync_module
+from secateurs.modeling.layers import sync_multihead
 
 __all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases", "slice_dims"]
 
@@ -279,6 +280,8 @@ def _update_attributes(snap: Snapshot, mod: nn.Module) -> None:
         _set_attr(snap, mod, "embedding_dim", mod.weight.shape[1])
     elif isinstance(mod, nn.PReLU):
         _set_attr(snap, mod, "num_parameters", mod.weight.shape[0])
+    elif isinstance(mod, nn.MultiheadAttention):
+        sync_multihead(mod, lambda m, a, v: _set_attr(snap, m, a, v))
     elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and isinstance(w, torch.Tensor):
         # Hugging Face's GPT-2 Conv1D stores weight as [in, out].
         _set_attr(snap, mod, "nf", w.shape[1])
