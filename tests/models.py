@@ -206,3 +206,53 @@ class TimmAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.out(x + self.proj(a))
+
+
+class WindowAttention(nn.Module):
+    """timm's Swin ``WindowAttention``: a per-head relative position bias table, no head-size attribute, the
+    manual ``softmax(q k^T * scale + bias) v`` path."""
+
+    def __init__(self, dim=24, heads=4, window=3):
+        super().__init__()
+        self.num_heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
+                             persistent=False)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0)
+        a = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.out(x + self.proj(a))
+
+
+class LiteralHeads(nn.Module):
+    """Attention whose code hard-codes its head count (``view(b, n, 4, -1)``): its heads cannot be pruned."""
+
+    def __init__(self, dim=24):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, 4, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class LiteralHeadsStack(nn.Module):
+    def __init__(self, depth=4):
+        super().__init__()
+        self.blocks = nn.Sequential(*(LiteralHeads() for _ in range(depth)))
+        self.out = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.out(self.blocks(x))

@@ -104,3 +104,18 @@ def test_a_rolled_back_rewrite_restores_the_torch_class_and_sizes():
     snap.restore()
     assert type(model.attn) is nn.MultiheadAttention and model.attn.num_heads == 4
     assert model.attn.in_proj_weight.shape == (72, 24)
+
+
+def test_a_per_head_bias_table_loses_the_columns_of_the_removed_heads():
+    torch.manual_seed(0)
+    model = models.WindowAttention(dim=32, heads=8).eval()
+    x = (torch.randn(2, 9, 32),)
+    table = model.relative_position_bias_table.detach().clone()
+    report = sc.prune(model, x, heads=0.5, round_to=1)
+    assert report.retries == 0 and model.num_heads == 4
+    assert model.qkv.weight.shape == (48, 32) and model.relative_position_bias_table.shape == (25, 4)
+    kept = [h for h in range(8) if any(torch.equal(model.relative_position_bias_table[:, j], table[:, h])
+                                       for j in range(4))]
+    assert len(kept) == 4
+    # the head size is frozen on the manual path too (a product of two activations), with its reason
+    assert any("attention head_dim" in f.reason and "qkv.weight[0]" in " ".join(f.members) for f in report.frozen)

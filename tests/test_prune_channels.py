@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import secateurs as sc
-from secateurs.errors import BudgetError
+from secateurs.errors import BudgetError, VerificationError
 from secateurs.ir import analyze
 from secateurs.passes import AnalyzeDependencies, ChannelOptions, PassManager, PruneChannels, ScoreChannels
 
@@ -26,6 +26,7 @@ CASES = [
     ("MHA", (2, 5, 24)),
     ("MHACross", (2, 5, 24)),
     ("TimmAttention", (2, 5, 24)),
+    ("WindowAttention", (2, 9, 24)),
     ("Seq1d", None),
 ]
 
@@ -252,3 +253,16 @@ def test_a_fused_gate_up_is_an_ffn_rounded_on_every_sliced_dim():
     assert [(c.kind, c.before, c.after) for c in report.changes] == [("ffn", 64, 48)]
     assert model.gate_up.out_features == 96 and model.down.in_features == 48
     torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)  # exactly the dead ones left
+
+
+def test_a_contradiction_in_one_block_freezes_every_block_running_the_same_code_in_one_retry():
+    model = models.LiteralHeadsStack(depth=4).eval()
+    x = (torch.randn(2, 5, 24),)
+    with pytest.raises(VerificationError, match="heads=0.5 .* removes nothing: the model's code contradicts"):
+        sc.prune(model, x, heads=0.5, round_to=1)
+    report = sc.prune(model, x, ratio=0.5, round_to=1)
+    assert report.retries == 1
+    heads = [f for f in report.frozen if any(m.endswith(".q.weight") for m in f.members) and f.size == 4]
+    assert len(heads) == 4 and sum("same code as blocks.0" in f.reason for f in heads) == 3
+    assert sorted(c.kind for c in report.changes) == ["ffn"] * 4
+    assert all(b.up.out_features == 24 for b in model.blocks)

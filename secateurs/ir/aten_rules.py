@@ -171,6 +171,7 @@ def _matmul_flops(node: fx.Node, shape_of: ShapeOf) -> float:
 
 def _matmul_core(ctx: RuleContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
     families.matmul(ctx, a, b, node)
+    families.attention_product(ctx, a, b, node)
     if b.op == "placeholder":
         ctx.consumer(a, len(ctx.shape(a)) - 1, b, len(ctx.shape(b)) - 2)
 

@@ -1,7 +1,7 @@
 """The channel algebra of op families, written once for both dialects.
 
 A family says how channels flow through every op of its kind: broadcasting elementwise ops, batched matrix
-products, convolutions with groups, layer / RMS / group norms, reductions, pooling and padding, row-major
+products (and attention's products of two activations), convolutions with groups, layer / RMS / group norms, reductions, pooling and padding, row-major
 reshapes, permutations, broadcasts to a bigger shape, tiling, concatenation and splitting.
 The ATen rules (:mod:`secateurs.ir.aten_rules`) and the ONNX rules (:mod:`secateurs.ir.onnx_rules`) decode a
 node onto a family (its operands, axis, permutation) and add only what their dialect has besides: literal size
@@ -9,7 +9,7 @@ vectors in ONNX, parameter consumers in ATen.
 
 The functions work against the small protocol every :class:`~secateurs.ir.rules.RuleContext` offers (``shape``,
 ``dims``, ``unify``, ``unify_dims``, ``broadcast``, ``product``, ``concat``, ``new``, ``mark``, ``tag``,
-``mixes``, ``freeze``, ``freeze_value``); values are whatever the dialect's context keys (FX nodes, onnx-ir
+``mixes``, ``freeze``, ``freeze_value``, ``is_activation``); values are whatever the dialect's context keys (FX nodes, onnx-ir
 values). This module imports neither torch nor onnx.
 """
 
@@ -23,7 +23,7 @@ from secateurs.errors import UnsupportedOpError
 if TYPE_CHECKING:
     from secateurs.ir.rules import RuleContext, Shape
 
-__all__ = ["axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading", "matmul", "normalise_over",
+__all__ = ["attention_product", "axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading", "matmul", "normalise_over",
            "permute", "reduce", "reshape", "reshape_runs", "same_sizes", "split", "static_shape", "tile"]
 
 
@@ -90,6 +90,23 @@ def matmul(ctx: RuleContext, a: Any, b: Any, out: Any) -> None:
         for i, s in enumerate(shape):
             if s == batch[offset + i]:
                 ctx.unify_dims(value, i, out, offset + i)
+
+
+def attention_product(ctx: RuleContext, a: Any, b: Any, out: Any) -> bool:
+    """Freeze ``head_dim`` when a matrix product multiplies two activations (attention's ``q k^T`` or ``p v``).
+
+    The last dims of both operands (``head_dim`` of q and of v) are frozen, as for a fused attention op: pruning
+    them changes the softmax scale and rotary embeddings. With rank >= 4 the dim before the last two is the
+    heads dim. Returns whether the product was one of two activations.
+    """
+    if not (ctx.is_activation(a) and ctx.is_activation(b)):
+        return False
+    sa, sb, so = static_shape(ctx, a), static_shape(ctx, b), static_shape(ctx, out)
+    if len(sa) >= 3 and len(sb) >= 3:
+        ctx.freeze([ctx.dims(a)[-1], ctx.dims(b)[-1]], "attention head_dim (product of two activations)")
+        if len(so) >= 4:
+            ctx.tag([ctx.dims(out)[-3]], "heads")
+    return True
 
 
 def reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:

@@ -377,22 +377,14 @@ def _matmul_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
 def _matmul(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Batched matrix product: a[..., k] ~ b[..., k, :]; rows of a and columns of b pass through.
 
-    A product of two activations of rank >= 3 is attention (``q k^T`` or ``p v``): the dim before the last
-    two is the heads dim, and the last dims of both operands (``head_dim`` of q and of v) are frozen, as the
-    ATen rule for ``scaled_dot_product_attention`` does (changing head_dim changes the softmax scale and
-    rotary embeddings).
+    A product of two activations is attention (:func:`~secateurs.ir.families.attention_product`).
     """
     a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
     assert a is not None and b is not None
     families.matmul(ctx, a, b, out)
-    sa, sb, so = _shape(ctx, a), _shape(ctx, b), _shape(ctx, out)
-    if ctx.is_activation(a) and ctx.is_activation(b):
-        if len(sa) >= 3 and len(sb) >= 3:
-            ctx.freeze([ctx.dims(a)[-1], ctx.dims(b)[-1]], "attention head_dim (product of two activations)")
-            if len(so) >= 4:
-                ctx.tag([ctx.dims(out)[-3]], "heads")
+    if families.attention_product(ctx, a, b, out):
         return
-    for value, shape in ((a, sa), (b, sb)):
+    for value, shape in ((a, _shape(ctx, a)), (b, _shape(ctx, b))):
         if not ctx.is_activation(value) and len(shape) >= 2:
             ctx.linear_weight(value)
 

@@ -152,8 +152,33 @@ class RuleContext:
         self.consumers: list[ConsumerUse] = []
         self.module_attrs: list[tuple[str, str, int]] = []
         self.mixing: dict[str, list[int]] = {}
+        self.weights: set[str] = set()  # placeholders of parameters, buffers and constants
+        self._activation: dict[str, bool] = {}
 
     # ------------------------------------------------------------ values
+    def is_activation(self, value: Any) -> bool:
+        """Whether ``value`` depends on a graph input (as opposed to parameters, buffers and constants only)."""
+        node = value[0] if isinstance(value, tuple) else value
+        if not isinstance(node, fx.Node):
+            return False
+        memo, stack = self._activation, [node]
+        while stack:
+            top = stack[-1]
+            if top.name in memo:
+                stack.pop()
+                continue
+            if top.op == "placeholder":
+                memo[top.name] = top.name not in self.weights
+                stack.pop()
+                continue
+            todo = [n for n in top.all_input_nodes if n.name not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            memo[top.name] = any(memo[n.name] for n in top.all_input_nodes)
+            stack.pop()
+        return memo[node.name]
+
     def _key(self, value: Any) -> tuple[str, int]:
         if isinstance(value, tuple):
             node, index = value

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["HEAD_DIM_ATTRS", "UP_PROJECTIONS", "attention_sizes", "sync_attention", "sync_module"]
+__all__ = ["HEAD_DIM_ATTRS", "UP_PROJECTIONS", "attention_sizes", "dense_head_dim", "sync_attention",
+           "sync_module"]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "attn_head_size")
 _Q = ("q_proj", "query", "q_lin", "q")
@@ -42,9 +43,13 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
-    """(query heads, KV heads or None, head_dim) of a recognisable attention block, from its projections."""
-    head_dim = next((getattr(module, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(module, a, None), int)), None)
+def attention_sizes(module: nn.Module, head_dim: int | None = None) -> tuple[int, int | None, int] | None:
+    """(query heads, KV heads or None, head_dim) of a recognisable attention block, from its projections.
+
+    ``head_dim`` is used when the module keeps no head-size attribute (timm's Swin ``WindowAttention``).
+    """
+    head_dim = next((getattr(module, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(module, a, None), int)),
+                    head_dim)
     if not head_dim:
         return None
     q_out = _child(module, _Q)
@@ -64,6 +69,23 @@ def attention_sizes(module: nn.Module) -> tuple[int, int | None, int] | None:
     return q_out // head_dim, kv, head_dim
 
 
+def dense_head_dim(module: nn.Module, dense_in: Callable[[nn.Module], int | None]) -> int | None:
+    """The head size of a fused-projection block without a head-size attribute, from its dense sizes.
+
+    ``dense_in(linear)`` is a linear's input width before the rewrite; ``num_heads`` has not been re-synced yet.
+    """
+    heads = getattr(module, "num_heads", None)
+    if not isinstance(heads, int) or heads <= 0 or any(isinstance(getattr(module, a, None), int)
+                                                      for a in HEAD_DIM_ATTRS):
+        return None
+    for fused_name, out_name in _FUSED_QKV:
+        out = module._modules.get(out_name)
+        if fused_name in module._modules and isinstance(out, nn.Linear):
+            width = dense_in(out)
+            return width // heads if width is not None and width % heads == 0 else None
+    return None
+
+
 def _fused_qkv_sizes(module: nn.Module, head_dim: int, fused: str,
                      out_name: str) -> tuple[int, int | None, int] | None:
     """Head counts of a fused ``[q; k; v]`` projection (Phi-3's ``qkv_proj``, timm's ``qkv``).
@@ -78,13 +100,14 @@ def _fused_qkv_sizes(module: nn.Module, head_dim: int, fused: str,
     return o_in // head_dim, (total - o_in) // (2 * head_dim), head_dim
 
 
-def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
+def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None],
+                   head_dim: int | None = None) -> None:
     """Recompute head-count attributes of an attention ``module`` from its projections.
 
-    ``set_attr(module, name, value)`` performs (and records) each change. Modules that are not recognisable
-    attention blocks are left alone.
+    ``set_attr(module, name, value)`` performs (and records) each change; ``head_dim`` stands in for a missing
+    head-size attribute. Modules that are not recognisable attention blocks are left alone.
     """
-    sizes = attention_sizes(module)
+    sizes = attention_sizes(module, head_dim)
     if sizes is None:
         return
     heads, kv_heads, head_dim = sizes
@@ -118,9 +141,10 @@ def sync_attention(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], 
 UP_PROJECTIONS = ("up_proj", "gate_proj", "fc1", "c_fc", "w1", "dense_h_to_4h")
 
 
-def sync_module(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None]) -> None:
+def sync_module(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], None],
+                head_dim: int | None = None) -> None:
     """Re-sync an attention block's head counts, an MLP block's ``intermediate_size`` and fused experts' width."""
-    sync_attention(module, set_attr)
+    sync_attention(module, set_attr, head_dim)
     weight = module._parameters.get("weight")
     if weight is not None and weight.dim() == 2 and isinstance(getattr(module, "hidden_dim", None), int) and \
             hasattr(module, "top_k"):  # an MoE router [experts, hidden] that reshapes its input to hidden_dim

@@ -19,7 +19,7 @@ from torch import nn
 
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
-from secateurs.modeling.hf_attributes import sync_module
+from secateurs.modeling.hf_attributes import dense_head_dim, sync_module
 from secateurs.modeling.layers import sync_multihead
 
 __all__ = ["Snapshot", "apply_keep", "check_module_attributes", "compensate_biases", "slice_dims"]
@@ -227,8 +227,15 @@ def _follow_tensors(model: nn.Module, touched: set[nn.Module], snap: Snapshot) -
     # fused experts and MoE routers hold their tensors themselves: their size attributes follow them too
     parents |= {name for name, mod in model.named_modules() if mod in touched and (getattr(
         mod._parameters.get("down_proj"), "ndim", 0) == 3 or isinstance(getattr(mod, "hidden_dim", None), int))}
+    dense = {id(owner): old for owner, kind, name, old in snap.entries if kind == "param" and name == "weight"}
+
+    def dense_in(linear: nn.Module) -> int | None:
+        weight = dense.get(id(linear), linear._parameters.get("weight"))
+        return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
     for name in sorted(parents):
-        sync_module(model.get_submodule(name), lambda m, a, v: _set_attr(snap, m, a, v))
+        block = model.get_submodule(name)
+        sync_module(block, lambda m, a, v: _set_attr(snap, m, a, v), dense_head_dim(block, dense_in))
 
 
 def _replace_tensor(model: nn.Module, names: list[str], old: torch.Tensor, new: torch.Tensor,

@@ -7,10 +7,11 @@ import difflib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 
 from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
@@ -401,7 +402,14 @@ class PruneChannels(Pass):
                 g = info.groups[gid]
                 exclude.add(gid)
                 frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})), why))
-            log.info("freezing %d group(s): %s", len(culprits), why)
+            # the same module code contradicts the plan the same way in every instance: freeze those at once
+            twins = same_code(graph.module, info, culprits, exclude)
+            for gid, culprit in twins.items():
+                g = info.groups[gid]
+                exclude.add(gid)
+                frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})),
+                                          f"same code as {info.groups[culprit].name}: {why}"))
+            log.info("freezing %d group(s): %s", len(culprits) + len(twins), why)
         else:
             raise VerificationError(
                 f"the rewritten model kept contradicting the plan after {opts.max_retries} retries; "
@@ -484,6 +492,33 @@ class PruneChannels(Pass):
             else:
                 break
         return set(ids)
+
+
+def _code_site(model: nn.Module, group: ChannelGroup) -> tuple[Any, ...]:
+    """Where the model's code decides a group's sizes.
+
+    That is its kind, the class of the smallest module holding all its members, and the members' names and dims
+    relative to that module.
+    """
+    paths = [m.name.split(".")[:-1] for m in group.members]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    owner = model.get_submodule(".".join(common)) if common else model
+    prefix = len(".".join(common)) + 1 if common else 0
+    return group.kind, type(owner), tuple(sorted({(m.name[prefix:], m.dim) for m in group.members}))
+
+
+def same_code(model: nn.Module, info: DependencyInfo, culprits: set[int], exclude: set[int]) -> dict[int, int]:
+    """Groups (not yet excluded) that the same module code sizes as a culprit's: group id -> that culprit."""
+    sites = {_code_site(model, info.groups[c]): c for c in sorted(culprits)}
+    out: dict[int, int] = {}
+    for g in info.iter_groups():
+        if g.id not in exclude and (c := sites.get(_code_site(model, g))) is not None and c != g.id:
+            out[g.id] = c
+    return out
 
 
 def _replaced_params(graph: Graph, snap: Snapshot, unsliced: bool = False) -> dict[str, torch.Tensor]:

@@ -1,0 +1,61 @@
+"""Run the coverage zoo (``tests/families.py``) and print the README's coverage table.
+
+    python tools/zoo.py                 # every family whose package is installed
+    python tools/zoo.py vit swin -v     # some, with the frozen reasons
+
+Each family: bit-identical at ratio 0; at ``ratio=0.3`` at least 5% of the parameters removed with the output
+shape kept; the pruned model exported to ONNX and run in ONNX Runtime (``export_onnx`` refuses a mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from families import FAMILIES, check  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="families to run (default: all)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime parity check")
+    parser.add_argument("-v", action="store_true", help="print every frozen reason")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    names = args.names or list(FAMILIES)
+    failed = 0
+    print("| family | source | kind | removed at 0.3 | groups pruned | frozen (groups) | ONNX Runtime | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            fam = FAMILIES[name]
+            if fam.source in ("torchvision", "timm") and importlib.util.find_spec(fam.source) is None:
+                print(f"| {name} | {fam.source} | {fam.kind} | not run: {fam.source} is not installed | | | | |")
+                continue
+            try:
+                out = check(name, None if args.no_onnx else tmp)
+            except Exception as exc:  # noqa: BLE001 - a table row per failure
+                failed += 1
+                print(f"| {name} | {fam.source} | {fam.kind} | **fails**: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:160]} | | | | |")
+                if args.v:
+                    traceback.print_exc()
+                continue
+            failed += bool(out.problems)
+            frozen = ", ".join(f"{k} ({n})" for k, n in sorted(out.frozen.items()))
+            onnx = fam.onnx or ("not run" if out.onnx_error is None else f"equal ({out.onnx_error:.0e})")
+            verdict = f"{100 * out.removed:.1f}%" + (f" **{'; '.join(out.problems)}**" if out.problems else "")
+            print(f"| {name} | {fam.source} | {fam.kind} | {verdict} | {', '.join(out.pruned) or '-'} | {frozen} | "
+                  f"{onnx} | {out.seconds:.0f} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
