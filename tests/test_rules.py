@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
+import secateurs as sc
 from secateurs.errors import UnsupportedOpError
+from secateurs.ir.depgraph import analyze
 from secateurs.ir.rules import RULES, OpRuleTable
 
 aten = torch.ops.aten
@@ -145,3 +147,29 @@ def test_an_empty_slice_is_no_rule_failure():
     report = sc.prune(_EmptySlice().eval(), (torch.randn(2, 8),), ratio=0.5, round_to=1)
     assert not report.unsupported_ops  # was: IndexError in the slice rule, the channels frozen
     assert [(c.before, c.after) for c in report.changes] == [(16, 8)]
+
+
+def test_topk_sort_repeat_interleave_and_weight_norm_have_rules():
+    class Ops(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 8)
+            self.b = torch.nn.Linear(8, 4)
+            self.g = torch.nn.Parameter(torch.ones(8, 1))
+            self.v = torch.nn.Parameter(torch.randn(8, 6))
+
+        def forward(self, x):
+            h = self.a(x)                                            # [2, 5, 8]
+            top, idx = h.topk(3, dim=1)                              # positions selected: channels pass
+            s, _ = h.sort(dim=1)
+            r = torch.repeat_interleave(h, 2, dim=1)                 # positions repeated in place
+            w = torch._weight_norm(self.v, self.g, 0)                # per output row
+            counts = torch.histc(x, bins=4, min=-1, max=1)
+            return self.b(top.sum(1) + s.sum(1) + r.sum(1) + (x @ w.t()).sum(1)) + counts.sum() + idx.sum() * 0
+
+    model = Ops().eval()
+    x = (torch.randn(2, 5, 6),)
+    info = analyze(sc.capture(model, x))
+    assert info.unsupported == []
+    group = next(g for g in info.iter_groups() if "a.weight" in {m.name for m in g.members})
+    assert group.size == 8 and {"b.weight", "v", "g"} <= {m.name for m in group.members}

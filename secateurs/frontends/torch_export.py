@@ -26,7 +26,8 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple
     """Normalise example inputs to ``(args, kwargs)``.
 
     A tensor becomes a 1-tuple, a mapping becomes keyword inputs. ``use_cache=False`` is added for models
-    whose ``forward`` takes ``use_cache`` (Hugging Face decoders), because KV caches do not export.
+    whose ``forward`` takes ``use_cache`` (Hugging Face decoders), or passes ``**kwargs`` on and has a config
+    with ``use_cache``, because KV caches do not export.
 
     Raises:
         CaptureError: The inputs are neither a tensor, a tuple nor a mapping.
@@ -48,8 +49,10 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}  # type: ignore[assignment]
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    hf_config = isinstance(getattr(getattr(model, "config", None), "use_cache", None), bool)
+    if "use_cache" not in kwargs and ("use_cache" in params or (takes_kwargs and hf_config)):
+        kwargs["use_cache"] = False  # a decoder whose forward passes **kwargs on to its base model too
     return args, kwargs
 
 

@@ -80,6 +80,7 @@ _ELEMENTWISE = [
     aten.rand_like.default, aten.randn_like.default, aten.bernoulli.p,
     aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
     aten.nan_to_num.default, aten.fill.Scalar, aten.fill_.Scalar, aten.copy_.default,
+    aten.floor_divide.default, aten.remainder.Tensor, aten.remainder.Scalar, aten.fmod.Tensor, aten.fmod.Scalar,
 ]
 _SOFTMAX = (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
 
@@ -138,6 +139,54 @@ def _reorder(ctx: RuleContext, node: fx.Node) -> None:
         if i not in mixed:
             ctx.unify_dims(x, i, node, i)
     ctx.freeze([ctx.dims(x)[d] for d in mixed] + [ctx.dims(node)[d] for d in mixed], "position-dependent op")
+
+
+@op_rule(aten.topk.default, aten.sort.default, aten.sort.stable)
+def _select_along(ctx: RuleContext, node: fx.Node) -> None:
+    """Top-k / sort: positions along ``dim`` are reordered or selected (frozen); the other dims pass through."""
+    x = node.args[0]
+    rank = len(families.static_shape(ctx, x))
+    d = _dim(int(_arg(node, "dim", -1)), rank)
+    outs = [(node, i) for i in range(len(node.meta["val"]))]
+    for out in outs:
+        for i in range(rank):
+            if i != d:
+                ctx.unify_dims(x, i, out, i)
+    ctx.freeze([ctx.dims(x)[d]] + [ctx.dims(o)[d] for o in outs], "sorted or selected along this dim")
+
+
+@op_rule(aten.histc.default)
+def _histc(ctx: RuleContext, node: fx.Node) -> None:
+    """A histogram counts every input value (MoE routing counts expert ids): nothing passes through."""
+    ctx.freeze_value(node.args[0], "counted by a histogram")
+    ctx.freeze_value(node, "histogram bins")
+
+
+@op_rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx: RuleContext, node: fx.Node) -> None:
+    """Each position along ``dim`` repeated ``r`` times in place: that dim is ``channels x r``."""
+    x, repeats = node.args[0], int(node.args[1])
+    rank = len(families.static_shape(ctx, x))
+    raw = _arg(node, "dim")
+    if raw is None:
+        ctx.freeze_value(x, "repeat_interleave of the flattened tensor")
+        ctx.freeze_value(node, "repeat_interleave of the flattened tensor")
+        return
+    d = _dim(int(raw), rank)
+    for i in range(rank):
+        if i != d:
+            ctx.unify_dims(x, i, node, i)
+    ctx.unify(ctx.dims(node)[d], ctx.product([ctx.dims(x)[d], ctx.new(repeats)]))
+
+
+@op_rule(aten._weight_norm.default)
+def _weight_norm(ctx: RuleContext, node: fx.Node) -> None:
+    """``v * g / ||v||`` with the norm over every dim but ``dim``: those dims are frozen (the norm reads them)."""
+    v, g = node.args[0], node.args[1]
+    d = _dim(int(_arg(node, "dim", 0)), len(families.static_shape(ctx, v)))
+    ctx.same_dims(v, node)
+    ctx.broadcast(node, [g])
+    ctx.freeze([a for i, a in enumerate(ctx.dims(v)) if i != d], "weight norm over these dims")
 
 
 # ------------------------------------------------------------------------------------------- linear algebra
@@ -534,6 +583,7 @@ def _split_outputs(ctx: RuleContext, node: fx.Node, dim: int) -> None:
 
 
 @op_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+         aten.tensor_split.indices,
          aten.split.sizes)
 def _split(ctx: RuleContext, node: fx.Node) -> None:
     """Split / chunk: the input dim is the concatenation of the outputs' dims."""
