@@ -185,9 +185,7 @@ TRANSFORMERS: dict[str, Family] = {
                                                     num_experts_per_tok=2)),
     "granitemoe": Family("transformers", "moe", _decoder(tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, **_MOE)),
     # encoder-decoders, audio
-    "t5": Family("transformers", "encoder-decoder", _seq2seq(tf.T5Config, tf.T5ForConditionalGeneration, **_T5),
-                 onnx="torch.onnx fails on the unpruned model too: dynamo cannot view T5's transposed attention "
-                      "output, TorchScript's file differs from PyTorch"),
+    "t5": Family("transformers", "encoder-decoder", _seq2seq(tf.T5Config, tf.T5ForConditionalGeneration, **_T5)),
     "bart": Family("transformers", "encoder-decoder", _seq2seq(tf.BartConfig, tf.BartForConditionalGeneration,
                                                                **_BART)),
     "marian": Family("transformers", "encoder-decoder", _seq2seq(tf.MarianConfig, tf.MarianMTModel, **_BART)),
@@ -208,7 +206,7 @@ TRANSFORMERS: dict[str, Family] = {
                                                        image_size=32, patch_size=8)),
     "swin": Family("transformers", "vision", _vision(tf.SwinConfig, tf.SwinForImageClassification, image_size=32,
                                                      patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
-                                                     window_size=4, num_labels=10), exporter="legacy"),
+                                                     window_size=4, num_labels=10)),
     "convnext": Family("transformers", "vision", _vision(tf.ConvNextConfig, tf.ConvNextForImageClassification,
                                                          num_stages=2, hidden_sizes=[32, 64], depths=[2, 2],
                                                          num_labels=10)),
@@ -281,18 +279,28 @@ def _timm(name: str, size: int = 32, **kw: Any) -> Callable[[], tuple[nn.Module,
     return build
 
 
+def _mixer(resmlp: bool) -> Callable[[], tuple[nn.Module, Any]]:
+    def build() -> tuple[nn.Module, Any]:
+        from timm.models import mlp_mixer
+
+        extra: dict[str, Any] = dict(block_layer=mlp_mixer.ResBlock, norm_layer=mlp_mixer.Affine,
+                                     mlp_ratio=4) if resmlp else {}
+        return mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=64,
+                                  **extra), _image(32)
+    return build
+
+
 _TIMM_VIT = dict(img_size=32, patch_size=8, depth=2)
 TIMM: dict[str, Family] = {
     "timm_vit": Family("timm", "vision", _timm("vit_tiny_patch16_224", **_TIMM_VIT)),
     "timm_deit": Family("timm", "vision", _timm("deit_tiny_patch16_224", **_TIMM_VIT)),
-    "timm_eva02": Family("timm", "vision", _timm("eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2)),
+    "timm_eva02": Family("timm", "vision", _timm("eva02_tiny_patch14_224", size=28, img_size=28, patch_size=14,
+                                                 depth=2)),
     "timm_swin": Family("timm", "vision", _timm("swin_tiny_patch4_window7_224", size=56, img_size=56, depths=(2, 2),
                                                embed_dim=32, num_heads=(2, 4))),
     "timm_levit": Family("timm", "hybrid", _timm("levit_128s", size=64, img_size=64)),
-    "timm_mixer": Family("timm", "mlp-mixer", _timm("mixer_s16_224", img_size=32, patch_size=8, num_blocks=2,
-                                                    embed_dim=64)),
-    "timm_resmlp": Family("timm", "mlp-mixer", _timm("resmlp_12_224", img_size=32, patch_size=8, depth=2,
-                                                     embed_dim=64)),
+    "timm_mixer": Family("timm", "mlp-mixer", _mixer(resmlp=False)),
+    "timm_resmlp": Family("timm", "mlp-mixer", _mixer(resmlp=True)),
     "timm_convnext": Family("timm", "vision", _timm("convnext_atto", size=64)),
     "timm_efficientnet": Family("timm", "vision", _timm("efficientnet_b0", size=64)),
     "timm_resnet": Family("timm", "vision", _timm("resnet18", size=64)),
@@ -305,6 +313,9 @@ TIMM: dict[str, Family] = {
 }
 
 FAMILIES: dict[str, Family] = {**TRANSFORMERS, **TORCHVISION, **TIMM}
+
+# The group kinds that must lose channels at ratio=0.3 (what the README's table says each family prunes).
+PRUNES: dict[str, tuple[str, ...]] = {}
 
 
 def build(name: str) -> tuple[nn.Module, Any]:
@@ -377,6 +388,9 @@ def check(name: str, onnx_dir: str | None = None) -> Outcome:
         result.frozen[key] = result.frozen.get(key, 0) + 1
     if out.shape != ref.shape:
         result.problems.append(f"output shape {tuple(out.shape)} != {tuple(ref.shape)}")
+    missing = set(PRUNES.get(name, ())) - set(result.pruned)
+    if missing:
+        result.problems.append(f"no {', '.join(sorted(missing))} group lost channels")
     if result.removed < 0.05:
         result.problems.append(f"only {100 * result.removed:.1f}% of the parameters removed")
     if onnx_dir is not None and FAMILIES[name].onnx is None:

@@ -94,3 +94,13 @@ def test_attached_masks_export_as_sparse_weights_not_mul(tmp_path):
     assert check_sparsity(result.path, modules=["0"]) == []  # the output layer stays dense by design
     assert check_sparsity(result.path, modules=["2"])
     assert hasattr(model[0], "weight_mask")
+
+
+def test_a_failed_dynamo_export_of_sdpa_attention_is_redone_with_eager_attention(tmp_path):
+    import families
+
+    model, inputs = families.build("t5")
+    sc.prune(model, inputs, ratio=0.3)
+    result = export_onnx(model, inputs, tmp_path / "t5.onnx")
+    assert result.exporter == "dynamo (eager attention)" and result.max_abs_error < 1e-4
+    assert model.config._attn_implementation == "sdpa"

@@ -124,30 +124,22 @@ def export_onnx(
             lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, (args, kwargs))
     was_training = model.training
     model.eval()
+    used = exporter
     try:
         with atomic_file(out, suffix=".onnx") as tmp:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with _exportable_experts(model):
-                        if exporter == "dynamo":
-                            program = torch.onnx.export(
-                                model, args, kwargs=kwargs, dynamo=True, verbose=False,
-                                dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
-                            )
-                            assert program is not None
-                            program.save(str(tmp))
-                        else:
-                            # TorchScript tracing takes positional tensors only: keyword tensors become positional
-                            # inputs named after their keywords, other keywords (use_cache=False) stay fixed.
-                            tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-                            names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
-                            axes = {n: {0: "batch"} for n in names} if dynamic else None
-                            static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
-                            # Positional-only models export as they are (initializers keep their module names).
-                            traced = _Positional(model, len(args), list(tensor_kwargs), static) if kwargs else model
-                            torch.onnx.export(traced, (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
-                                              opset_version=opset, input_names=names, dynamic_axes=axes)
+                try:
+                    _export_once(model, args, kwargs, tmp, exporter, dynamic, opset)
+                except Exception:
+                    if exporter != "dynamo" or not _can_use_eager_attention(model):
+                        raise
+                    # torch's ONNX decomposition of sdpa changes the strides a later view relied on (seen on
+                    # transformers' T5 and Swin, pruned or not); the eager attention path exports.
+                    log.info("dynamo export failed with %s attention; retrying with eager attention",
+                             getattr(model.config, "_attn_implementation", None))
+                    with _eager_attention(model):
+                        _export_once(model, args, kwargs, tmp, exporter, dynamic, opset)
+                    used = "dynamo (eager attention)"
                 result = verify_onnx(tmp, model, args, kwargs, atol=atol, rtol=rtol) if verify else (0.0, 0.0)
             except (VerificationError, CheckpointError):
                 raise
@@ -155,7 +147,49 @@ def export_onnx(
                 raise CheckpointError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {exc}") from exc
     finally:
         model.train(was_training)
-    return OnnxExport(out, exporter, result[0], result[1])
+    return OnnxExport(out, used, result[0], result[1])
+
+
+def _export_once(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp: Path, exporter: str,
+                 dynamic: bool, opset: int) -> None:
+    """One ``torch.onnx.export`` of ``model`` into ``tmp`` with ``exporter``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _exportable_experts(model):
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, args, kwargs=kwargs, dynamo=True, verbose=False,
+                    dynamic_shapes=_dynamic_shapes(model, args, kwargs) if dynamic else None,
+                )
+                assert program is not None
+                program.save(str(tmp))
+                return
+            # TorchScript tracing takes positional tensors only: keyword tensors become positional inputs named
+            # after their keywords, other keywords (use_cache=False) stay fixed.
+            tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            names = [f"input_{i}" for i in range(len(args))] + list(tensor_kwargs)
+            axes = {n: {0: "batch"} for n in names} if dynamic else None
+            static = {k: v for k, v in kwargs.items() if k not in tensor_kwargs}
+            # Positional-only models export as they are (initializers keep their module names).
+            traced = _Positional(model, len(args), list(tensor_kwargs), static) if kwargs else model
+            torch.onnx.export(traced, (*args, *tensor_kwargs.values()), str(tmp), dynamo=False,
+                              opset_version=opset, input_names=names, dynamic_axes=axes)
+
+
+def _can_use_eager_attention(model: nn.Module) -> bool:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl not in (None, "eager") and callable(getattr(model, "set_attn_implementation", None))
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model's attention through its eager (matmul + softmax) path while exporting."""
+    current = model.config._attn_implementation  # type: ignore[union-attr]
+    model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)  # type: ignore[operator]
 
 
 @contextlib.contextmanager

@@ -17,12 +17,12 @@ __all__ = ["HEAD_DIM_ATTRS", "UP_PROJECTIONS", "attention_sizes", "dense_head_di
            "sync_module"]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "attn_head_size")
-_Q = ("q_proj", "query", "q_lin", "q")
-_K = ("k_proj", "key", "k_lin", "k")
+_Q = ("q_proj", "query", "q_lin", "q", "query_proj")
+_K = ("k_proj", "key", "k_lin", "k", "key_proj")
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 _WIDTH_ATTRS = ("all_head_size", "attn_dim")  # heads x head_dim
-_FUSED_QKV = (("qkv_proj", "o_proj"), ("qkv", "proj"))  # (fused q/k/v projection, output projection)
+_FUSED_QKV = (("qkv_proj", "o_proj"), ("qkv", "proj"), ("query_key_value", "dense"))  # (fused q/k/v projection, output projection)
 
 
 def _out_features(module: Any) -> int | None:

@@ -494,11 +494,10 @@ class PruneChannels(Pass):
         return set(ids)
 
 
-def _code_site(model: nn.Module, group: ChannelGroup) -> tuple[Any, ...]:
-    """Where the model's code decides a group's sizes.
+def _code_site(model: nn.Module, group: ChannelGroup) -> tuple[str, tuple[Any, ...]]:
+    """Where the model's code decides a group's sizes: the smallest module holding all its members (its path).
 
-    That is its kind, the class of the smallest module holding all its members, and the members' names and dims
-    relative to that module.
+    With it: the group's kind, that module's class, and the members' names and dims relative to it.
     """
     paths = [m.name.split(".")[:-1] for m in group.members]
     common: list[str] = []
@@ -506,18 +505,30 @@ def _code_site(model: nn.Module, group: ChannelGroup) -> tuple[Any, ...]:
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    owner = model.get_submodule(".".join(common)) if common else model
-    prefix = len(".".join(common)) + 1 if common else 0
-    return group.kind, type(owner), tuple(sorted({(m.name[prefix:], m.dim) for m in group.members}))
+    path = ".".join(common)
+    owner = model.get_submodule(path) if path else model
+    prefix = len(path) + 1 if path else 0
+    return path, (group.kind, type(owner), tuple(sorted({(m.name[prefix:], m.dim) for m in group.members})))
 
 
 def same_code(model: nn.Module, info: DependencyInfo, culprits: set[int], exclude: set[int]) -> dict[int, int]:
-    """Groups (not yet excluded) that the same module code sizes as a culprit's: group id -> that culprit."""
-    sites = {_code_site(model, info.groups[c]): c for c in sorted(culprits)}
+    """Groups (not yet excluded) of other instances of a culprit's module, sized by the same code.
+
+    Returns group id -> that culprit. Other groups of the culprit's own module (another segment of the same
+    tensor) are not twins: the plan may be wrong about one segment only.
+    """
+    sites: dict[tuple[Any, ...], tuple[int, str]] = {}
+    for c in sorted(culprits):
+        path, site = _code_site(model, info.groups[c])
+        sites.setdefault(site, (c, path))
     out: dict[int, int] = {}
     for g in info.iter_groups():
-        if g.id not in exclude and (c := sites.get(_code_site(model, g))) is not None and c != g.id:
-            out[g.id] = c
+        if g.id in exclude:
+            continue
+        path, site = _code_site(model, g)
+        hit = sites.get(site)
+        if hit is not None and hit[1] != path:
+            out[g.id] = hit[0]
     return out
 
 
