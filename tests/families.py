@@ -184,6 +184,9 @@ TRANSFORMERS: dict[str, Family] = {
     "olmoe": Family("transformers", "moe", _decoder(tf.OlmoeConfig, tf.OlmoeForCausalLM, num_experts=4,
                                                     num_experts_per_tok=2)),
     "granitemoe": Family("transformers", "moe", _decoder(tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, **_MOE)),
+    "gpt_oss": Family("transformers", "moe", _decoder(tf.GptOssConfig, tf.GptOssForCausalLM, head_dim=16,
+                                                      sliding_window=8, **_MOE,
+                                                      layer_types=["sliding_attention", "full_attention"])),
     # encoder-decoders, audio
     "t5": Family("transformers", "encoder-decoder", _seq2seq(tf.T5Config, tf.T5ForConditionalGeneration, **_T5)),
     "bart": Family("transformers", "encoder-decoder", _seq2seq(tf.BartConfig, tf.BartForConditionalGeneration,

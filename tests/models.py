@@ -256,3 +256,18 @@ class LiteralHeadsStack(nn.Module):
 
     def forward(self, x):
         return self.out(self.blocks(x))
+
+
+class InterleavedGLU(nn.Module):
+    """GPT-OSS's fused experts layout: gate and up neurons interleaved in one projection (``y[..., ::2]``,
+    ``y[..., 1::2]``)."""
+
+    def __init__(self, dim=24, hidden=16):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        y = self.gate_up(x)
+        return self.out(x + self.down(F.silu(y[..., ::2]) * y[..., 1::2]))

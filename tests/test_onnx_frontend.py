@@ -90,6 +90,7 @@ SMALL = {
     "Attention": (torch.randn(2, 7, 24),),  # GQA: Expand-based repeat of KV heads, head product refinement
     "FusedQKV": (torch.randn(2, 7, 24),),  # one linear for q, k, v split with Split
     "FusedQKVTimm": (torch.randn(2, 7, 24),),  # (3, heads, head_dim) reshape + Transpose + Gather
+    "InterleavedGLU": (torch.randn(2, 7, 24),),  # gate / up interleaved: strided Slice
 }
 
 

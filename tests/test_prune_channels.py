@@ -27,6 +27,7 @@ CASES = [
     ("MHACross", (2, 5, 24)),
     ("TimmAttention", (2, 5, 24)),
     ("WindowAttention", (2, 9, 24)),
+    ("InterleavedGLU", (2, 5, 24)),
     ("Seq1d", None),
 ]
 
@@ -266,3 +267,14 @@ def test_a_contradiction_in_one_block_freezes_every_block_running_the_same_code_
     assert len(heads) == 4 and sum("same code as blocks.0" in f.reason for f in heads) == 3
     assert sorted(c.kind for c in report.changes) == ["ffn"] * 4
     assert all(b.up.out_features == 24 for b in model.blocks)
+
+
+def test_interleaved_gate_and_up_neurons_leave_in_pairs():
+    model = models.InterleavedGLU().eval()
+    x = (torch.randn(2, 5, 24),)
+    dense = copy.deepcopy(model)
+    report = sc.prune(model, x, ffn=0.5, round_to=1)
+    assert model.gate_up.out_features == 16 and model.down.in_features == 8 and report.retries == 0
+    rows = [next(i for i, r in enumerate(dense.gate_up.weight) if torch.equal(r, row)) for row in model.gate_up.weight]
+    assert all(rows[2 * k] % 2 == 0 and rows[2 * k + 1] == rows[2 * k] + 1 for k in range(8))  # (gate, up) pairs
+    assert any("interleaved run" in f.reason for f in report.frozen)

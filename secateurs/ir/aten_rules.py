@@ -642,7 +642,8 @@ def _slice(ctx: RuleContext, node: fx.Node) -> None:
         end = max(0, min(n, end + n if end < 0 else end))
         length = max(0, end - start)
     if step != 1:
-        ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "strided slice")
+        if not families.strided_slice(ctx, x, node, d, start, start + length, step):
+            ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "strided slice")
         return
     if start == 0 and length == n:
         ctx.unify_dims(x, d, node, d)

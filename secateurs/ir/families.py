@@ -23,8 +23,9 @@ from secateurs.errors import UnsupportedOpError
 if TYPE_CHECKING:
     from secateurs.ir.rules import RuleContext, Shape
 
-__all__ = ["attention_product", "axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading", "matmul", "normalise_over",
-           "permute", "reduce", "reshape", "reshape_runs", "same_sizes", "split", "static_shape", "tile"]
+__all__ = ["attention_product", "axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading",
+           "matmul", "normalise_over", "permute", "reduce", "reshape", "reshape_runs", "same_sizes", "split",
+           "static_shape", "strided_slice", "tile"]
 
 
 def axis(d: int, rank: int) -> int:
@@ -233,6 +234,24 @@ def split(ctx: RuleContext, x: Any, outs: Sequence[Any], d: int, *, complete: bo
         return None
     ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
     return parts
+
+
+def strided_slice(ctx: RuleContext, x: Any, out: Any, d: int, start: int, end: int, step: int) -> bool:
+    """``x[start::step]`` along ``d`` over the whole dim: one position of every run of ``step`` (interleaved layouts).
+
+    The dim is ``runs x step`` row-major; the output's channels are the runs, so ``x[0::2]`` and ``x[1::2]`` of an
+    interleaved gate / up projection couple each gate with its up neuron. Returns False (nothing linked) for any
+    other strided slice.
+    """
+    n = static_shape(ctx, x)[d]
+    if step <= 1 or n % step or not 0 <= start < step or end < n - (step - 1):
+        return False
+    parts = ctx.split(ctx.dims(x)[d], "prod", (n // step, step))
+    if parts is None:
+        return False
+    ctx.unify(parts[0], ctx.dims(out)[d])
+    ctx.freeze([parts[1]], "position within an interleaved run (a strided slice picks it)")
+    return True
 
 
 def conv(ctx: RuleContext, x: Any, w: Any, out: Any, bias: Any | None, *, groups: int, transposed: bool) -> int:

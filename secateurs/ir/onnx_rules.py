@@ -729,7 +729,8 @@ def _slice(ctx: OnnxRuleContext, node: ir.Node) -> None:
         start = min(max(raw_start + n if raw_start < 0 else raw_start, 0), n)
         end = min(max(raw_end + n if raw_end < 0 else raw_end, 0), n)
         if step != 1:
-            ctx.freeze([xa, oa], "strided slice")
+            if not families.strided_slice(ctx, x, out, i, start, end, step):
+                ctx.freeze([xa, oa], "strided slice")
             continue
         length = max(0, end - start)
         if start == 0 and length == n:
