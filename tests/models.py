@@ -271,3 +271,23 @@ class InterleavedGLU(nn.Module):
     def forward(self, x):
         y = self.gate_up(x)
         return self.out(x + self.down(F.silu(y[..., ::2]) * y[..., 1::2]))
+
+
+class ScanState(nn.Module):
+    """Mamba's slow path in small: a recurrent state allocated at ``self.intermediate_size`` (a factory literal
+    the rewrite re-syncs), and a cache the export leaves behind unused."""
+
+    def __init__(self, dim=24, inner=32):
+        super().__init__()
+        self.intermediate_size = inner
+        self.in_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        u = self.in_proj(x)
+        x.new_zeros((x.shape[0], self.intermediate_size))  # unused (a cache)
+        state = torch.zeros(x.shape[0], self.intermediate_size)
+        for t in range(x.shape[1]):
+            state = 0.5 * state + u[:, t]
+        return self.out(self.out_proj(state))

@@ -15,9 +15,7 @@ pytest.importorskip("onnxruntime")
 
 # Families that do not pass yet, with what stops them (each listed in the README's table and in
 # docs/limitations.md). A listed family that starts passing fails this test: take it off the list.
-KNOWN = {
-    "mamba": "only 0.0% of the parameters removed",  # its scan allocates state at intermediate_size (a literal)
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

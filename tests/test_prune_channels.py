@@ -28,6 +28,7 @@ CASES = [
     ("TimmAttention", (2, 5, 24)),
     ("WindowAttention", (2, 9, 24)),
     ("InterleavedGLU", (2, 5, 24)),
+    ("ScanState", (2, 4, 24)),
     ("Seq1d", None),
 ]
 
@@ -278,3 +279,11 @@ def test_interleaved_gate_and_up_neurons_leave_in_pairs():
     rows = [next(i for i, r in enumerate(dense.gate_up.weight) if torch.equal(r, row)) for row in model.gate_up.weight]
     assert all(rows[2 * k] % 2 == 0 and rows[2 * k + 1] == rows[2 * k] + 1 for k in range(8))  # (gate, up) pairs
     assert any("interleaved run" in f.reason for f in report.frozen)
+
+
+def test_a_state_allocated_at_a_synced_size_follows_the_pruned_width():
+    model = models.ScanState().eval()
+    x = (torch.randn(2, 4, 24),)
+    report = sc.prune(model, x, ratio=0.5, round_to=1)
+    assert model.in_proj.out_features == 16 == model.intermediate_size and report.retries == 0
+    assert not any("tensor factory" in f.reason for f in report.frozen)

@@ -16,7 +16,7 @@ from torch import fx
 
 from secateurs.errors import UnsupportedOpError
 from secateurs.ir import families
-from secateurs.ir.rules import RULES, RuleContext, ShapeOf, numel, op_rule
+from secateurs.ir.rules import RULES, SYNCED_SIZES, RuleContext, ShapeOf, numel, op_rule
 
 __all__: list[str] = []
 
@@ -711,8 +711,24 @@ def _index(ctx: RuleContext, node: fx.Node) -> None:
          aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
          aten.lift_fresh.default)
 def _factory(ctx: RuleContext, node: fx.Node) -> None:
-    """Tensors created with a literal shape: every dim is frozen."""
-    ctx.freeze_value(node, "shape is a literal of a tensor factory")
+    """Tensors created with a literal shape: every dim is frozen.
+
+    Except a dim whose size is one the running module keeps in an attribute the rewrite re-syncs
+    (:data:`~secateurs.ir.rules.SYNCED_SIZES`: Mamba allocates its scan state at ``self.intermediate_size``).
+    """
+    shape = ctx.shape(node)
+    module = ctx.module_of(node)
+    synced = {getattr(module, a) for a in SYNCED_SIZES if isinstance(getattr(module, a, None), int)}
+    if shape is None or not synced or node.target not in _SIZED_FACTORIES:
+        ctx.freeze_value(node, "shape is a literal of a tensor factory")
+        return
+    dims = list(zip(ctx.dims(node), shape, strict=True))
+    ctx.freeze([a for a, size in dims if size not in synced], "shape is a literal of a tensor factory")
+    ctx.mark(*[a for a, size in dims if size in synced])
+
+
+_SIZED_FACTORIES = (aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
+                    aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default)
 
 
 @op_rule(aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default,

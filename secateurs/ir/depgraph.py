@@ -272,6 +272,7 @@ def analyze(graph: Graph, rules: OpRuleTable | None = None) -> DependencyInfo:
     unsupported: list[str] = []
     state = {**graph.params, **graph.buffers}
     ctx.weights = set(state) | set(graph.constants)
+    ctx.root = graph.module
     tensors: dict[str, Any] = dict(graph.module.named_parameters(remove_duplicate=False))
     tensors.update(graph.module.named_buffers(remove_duplicate=False))
     first_of: dict[int, fx.Node] = {}

@@ -10,9 +10,15 @@ from torch import fx, nn
 
 from secateurs.errors import PassContractError
 
-__all__ = ["Graph", "tensor_shape"]
+__all__ = ["Graph", "is_dead", "tensor_shape"]
 
 _T = TypeVar("_T")
+
+
+def is_dead(node: Any) -> bool:
+    """A call whose value nothing reads and which mutates nothing (a cache an export left behind)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and not node.users and schema is not None and not schema.is_mutable
 
 
 def tensor_shape(value: Any) -> tuple[int, ...] | None:

@@ -23,6 +23,7 @@ from secateurs.ir.graph import tensor_shape
 
 __all__ = [
     "RULES",
+    "SYNCED_SIZES",
     "ConsumerUse",
     "FlopFn",
     "OpRule",
@@ -33,6 +34,10 @@ __all__ = [
 ]
 
 Shape = tuple[int, ...]
+# Size attributes that the rewrite re-syncs from a module's tensors after pruning
+# (:func:`secateurs.modeling.hf_attributes.sync_module`): a tensor the module's code allocates at one of these
+# sizes follows the pruned width, so a factory dim of that size is not frozen (the re-capture verifies it).
+SYNCED_SIZES = ("intermediate_size",)
 ShapeOf = Callable[[Any], Shape | None]
 RuleFn = Callable[["RuleContext", fx.Node], None]
 FlopFn = Callable[[fx.Node, ShapeOf], float]
@@ -153,6 +158,7 @@ class RuleContext:
         self.module_attrs: list[tuple[str, str, int]] = []
         self.mixing: dict[str, list[int]] = {}
         self.weights: set[str] = set()  # placeholders of parameters, buffers and constants
+        self.root: Any = None  # the captured module (to read the attributes of the module running a node)
         self._activation: dict[str, bool] = {}
 
     # ------------------------------------------------------------ values
@@ -178,6 +184,17 @@ class RuleContext:
             memo[top.name] = any(memo[n.name] for n in top.all_input_nodes)
             stack.pop()
         return memo[node.name]
+
+    def module_of(self, node: fx.Node) -> Any:
+        """The innermost module whose ``forward`` ran ``node`` (from ``nn_module_stack``), or None."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack or self.root is None:
+            return None
+        path = list(stack.values())[-1][0]
+        try:
+            return self.root.get_submodule(path) if path else self.root
+        except AttributeError:
+            return None
 
     def _key(self, value: Any) -> tuple[str, int]:
         if isinstance(value, tuple):

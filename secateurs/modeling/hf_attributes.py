@@ -163,5 +163,8 @@ def sync_module(module: nn.Module, set_attr: Callable[[nn.Module, str, Any], Non
         return
     if isinstance(getattr(module, "intermediate_size", None), int):
         width = _child(module, UP_PROJECTIONS)
+        if width is None and "in_proj" in module._modules:  # Mamba's mixer: in_proj -> (x, z), out_proj
+            out = module._modules.get("out_proj")
+            width = int(out.in_features) if isinstance(out, nn.Linear) else None
         if width is not None:
             set_attr(module, "intermediate_size", width)

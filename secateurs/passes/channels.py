@@ -17,7 +17,7 @@ from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.cost import predict_cost
 from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup, require_kinds
-from secateurs.ir.graph import Graph, tensor_shape
+from secateurs.ir.graph import Graph, is_dead, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult, transaction
@@ -580,6 +580,8 @@ def _shape_problem(
             continue
         for old, new_node in zip(old_nodes[i1:i2], new_nodes[j1:j2], strict=True):
             partner[old.name] = new_node
+            if is_dead(old):  # a value nothing reads (a cache export left behind) cannot change the outputs
+                continue
             problem = _compare_node(info, kept, memo, old, new_node)
             if problem is not None:
                 return new, problem, partner

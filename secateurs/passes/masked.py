@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from secateurs.ir.depgraph import DependencyInfo
-from secateurs.ir.graph import Graph
+from secateurs.ir.graph import Graph, is_dead
 
 __all__ = ["Mismatch", "masked_mismatch"]
 
@@ -205,7 +205,7 @@ class _Lockstep(fx.Interpreter):
             # parameters stay the dense ones, masked: a wrong slice shows where they are used
             return self._put(value, _zeroed(value, dims)) if dims else value
         want = _sliced(_zeroed(value, dims), dims)
-        if node.name not in self.skip and not _undefined(node):
+        if node.name not in self.skip and not _undefined(node) and not is_dead(node):
             err = _differs(want, new)
             if err is not None:
                 self.mismatch = self._explain(node, err)
