@@ -59,6 +59,7 @@ class Option:
         why: Per path, why the values missing there are missing.
         criteria: For a criterion option, the step whose registered criteria it takes
             (:mod:`secateurs.passes.criteria`): each path offers those its needs allow.
+        fraction: Its value is a fraction in [0, 1) (an amount to remove).
 
     """
 
@@ -68,20 +69,21 @@ class Option:
     choices: Mapping[str, tuple[str, ...]] | None = None
     why: Mapping[str, str] | None = None
     criteria: str | None = None
+    fraction: bool = False
 
 
 OPTIONS: dict[str, Option] = {
-    "ratio": Option("structure", _MO),
-    "heads": Option("structure", _ALL, "--heads"),
-    "kv_groups": Option("structure", _ALL, "--kv-groups"),
-    "ffn": Option("structure", _ALL, "--ffn"),
-    "channels": Option("structure", _MO, "--channels"),
+    "ratio": Option("structure", _MO, fraction=True),
+    "heads": Option("structure", _ALL, "--heads", fraction=True),
+    "kv_groups": Option("structure", _ALL, "--kv-groups", fraction=True),
+    "ffn": Option("structure", _ALL, "--ffn", fraction=True),
+    "channels": Option("structure", _MO, "--channels", fraction=True),
     "hidden": Option("structure", _ALL, "--hidden"),
     "layers": Option("structure", _MS, "--layers"),
     "sublayers": Option("structure", ("memory",), "--sublayers"),
-    "experts": Option("structure", _MS, "--experts"),
-    "expert_neurons": Option("structure", _MS),
-    "sparsity": Option("structure", _MS, "--sparsity"),
+    "experts": Option("structure", _MS, "--experts", fraction=True),
+    "expert_neurons": Option("structure", _MS, fraction=True),
+    "sparsity": Option("structure", _MS, "--sparsity", fraction=True),
     "nm": Option("structure", _MS, "--nm"),
     "importance": Option("width", _ALL, "--criterion", criteria="channels"),
     "scope": Option("width", _ALL, "--scope", {"memory": SCOPES}),
@@ -110,7 +112,6 @@ OPTIONS: dict[str, Option] = {
 }
 """Every option: which step reads it, which paths take it, its CLI flag and its values."""
 
-_FRACTIONS = ("ratio", "heads", "kv_groups", "ffn", "channels", "experts", "expert_neurons", "sparsity")
 _SWITCHES = ("sequential", "owl", "reconstruct")  # False is the same as not given
 _STEP_NAME = {"width": "width pruning (ratio= or heads= / kv_groups= / ffn= / channels= / hidden=; --heads --ffn ...)",
               "sparse": "weight sparsity (sparsity= / nm=; --sparsity --nm)",
@@ -330,7 +331,7 @@ class PruneSpec:
         self._check_combinations(path)
 
     def _check_values(self, path: str) -> None:
-        for name in _FRACTIONS:
+        for name in (n for n, o in OPTIONS.items() if o.fraction):
             if getattr(self, name) is not None:
                 _fraction(name, getattr(self, name))
         if self.hidden is not None and self.hidden is not True:
