@@ -1,9 +1,10 @@
 """The coverage zoo: one small model per family users bring, from configs (random weights, no downloads).
 
 ``FAMILIES`` maps a family name to how to build it. ``tests/test_coverage.py`` runs the oracles on every one
-(bit-identical at ratio 0; at ratio 0.3 at least 5% of the parameters removed, output shape kept, ONNX Runtime
-equal to PyTorch); ``tools/zoo.py`` runs the same and writes the README's coverage table. torchvision and timm
-families need those packages (they skip without them).
+(bit-identical at ratio 0; at ratio 0.3 at least 5% of the parameters removed, output shape kept, the kinds of
+``PRUNES`` pruned, ONNX Runtime equal to PyTorch; transformers models also reload equal from the checkpoint
+``save_pretrained`` writes); ``tools/zoo.py`` runs the same and writes the README's coverage table. torchvision
+and timm families need those packages (they skip without them).
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ class Outcome:
     pruned: tuple[str, ...] = ()  # group kinds that lost channels
     frozen: dict[str, int] = dataclasses.field(default_factory=dict)  # reason (shortened) -> groups
     onnx_error: float | None = None  # ONNX Runtime vs PyTorch, max absolute error
+    reload: str = ""  # transformers models: how the saved checkpoint reloads ("plain" from_pretrained / "secateurs")
     seconds: float = 0.0
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -396,6 +398,14 @@ def check(name: str, onnx_dir: str | None = None) -> Outcome:
         result.problems.append(f"no {', '.join(sorted(missing))} group lost channels")
     if result.removed < 0.05:
         result.problems.append(f"only {100 * result.removed:.1f}% of the parameters removed")
+    if onnx_dir is not None and FAMILIES[name].source == "transformers":
+        from pathlib import Path
+
+        saved = sc.save_pretrained(model, Path(onnx_dir) / f"{name}-pruned")
+        back = sc.load_pretrained(saved.path).eval()
+        if not torch.allclose(_call(back, inputs), out, rtol=1e-5, atol=1e-6):
+            result.problems.append("the saved checkpoint reloads to a different model")
+        result.reload = "plain" if saved.plain_loadable else "secateurs"
     if onnx_dir is not None and FAMILIES[name].onnx is None:
         from pathlib import Path
 

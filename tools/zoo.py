@@ -4,7 +4,9 @@
     python tools/zoo.py vit swin -v     # some, with the frozen reasons
 
 Each family: bit-identical at ratio 0; at ``ratio=0.3`` at least 5% of the parameters removed with the output
-shape kept; the pruned model exported to ONNX and run in ONNX Runtime (``export_onnx`` refuses a mismatch).
+shape kept; the pruned model exported to ONNX and run in ONNX Runtime (``export_onnx`` refuses a mismatch);
+transformers models saved with ``save_pretrained`` and reloaded (``plain``: transformers' own ``from_pretrained``
+loads it; ``secateurs``: ``secateurs.load_pretrained`` does, per-layer sizes the config cannot state).
 """
 
 from __future__ import annotations
@@ -31,20 +33,20 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     names = args.names or list(FAMILIES)
     failed = 0
-    print("| family | source | kind | removed at 0.3 | groups pruned | frozen (groups) | ONNX Runtime | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| family | source | kind | removed at 0.3 | groups pruned | frozen (groups) | ONNX Runtime | reload | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             fam = FAMILIES[name]
             if fam.source in ("torchvision", "timm") and importlib.util.find_spec(fam.source) is None:
-                print(f"| {name} | {fam.source} | {fam.kind} | not run: {fam.source} is not installed | | | | |")
+                print(f"| {name} | {fam.source} | {fam.kind} | not run: {fam.source} is not installed | | | | | |")
                 continue
             try:
                 out = check(name, None if args.no_onnx else tmp)
             except Exception as exc:  # noqa: BLE001 - a table row per failure
                 failed += 1
                 print(f"| {name} | {fam.source} | {fam.kind} | **fails**: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160]} | | | | |")
+                      f"{str(exc).splitlines()[0][:160]} | | | | | |")
                 if args.v:
                     traceback.print_exc()
                 continue
@@ -53,7 +55,7 @@ def main() -> int:
             onnx = fam.onnx or ("not run" if out.onnx_error is None else f"equal ({out.onnx_error:.0e})")
             verdict = f"{100 * out.removed:.1f}%" + (f" **{'; '.join(out.problems)}**" if out.problems else "")
             print(f"| {name} | {fam.source} | {fam.kind} | {verdict} | {', '.join(out.pruned) or '-'} | {frozen} | "
-                  f"{onnx} | {out.seconds:.0f} |", flush=True)
+                  f"{onnx} | {out.reload or '-'} | {out.seconds:.0f} |", flush=True)
     return 1 if failed else 0
 
 

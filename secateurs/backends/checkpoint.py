@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -175,13 +176,13 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
             kv.add(sizes[1])
         head_dims.add(sizes[2])
     if (h := _uniform(heads)) is not None:
-        cand.num_attention_heads = h
+        _set_field(cand, "num_attention_heads", h)
     if (k := _uniform(kv)) is not None and hasattr(cand, "num_key_value_heads"):
-        cand.num_key_value_heads = k
+        _set_field(cand, "num_key_value_heads", k)
     if (d := _uniform(head_dims)) is not None:
         # Explicit, since many configs derive it as hidden_size // num_attention_heads (ViT and Llama-style
         # models read it); a config class that ignores it fails the shape check below instead.
-        cand.head_dim = d
+        _set_field(cand, "head_dim", d)
     # FFN widths: each MLP input projection (up / gate / fc1 / c_fc / BERT's intermediate.dense) proposes its
     # new width for the config field that held its width in a fresh model (intermediate_size,
     # shared_expert_intermediate_size, ...). The shape check in save_pretrained has the last word.
@@ -227,8 +228,16 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
                     proposals.setdefault(field, set()).add(int(embeddings.embedding_dim))
     for field, values in proposals.items():
         if (v := _uniform(values)) is not None:
-            setattr(cand, field, v)
+            _set_field(cand, field, v)
     return cand
+
+
+def _set_field(config: Any, field: str, value: int) -> None:
+    """Set a config field; one the class computes (Falcon's ``head_dim`` property) is left to the shape check."""
+    try:
+        setattr(config, field, value)
+    except AttributeError:
+        logging.getLogger(__name__).debug("config field %s cannot be set on %s", field, type(config).__name__)
 
 
 @dataclasses.dataclass(frozen=True)
