@@ -19,6 +19,7 @@ from torch import nn
 
 SEQ = 12
 VOCAB = 128
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,9 @@ TRANSFORMERS: dict[str, Family] = {
         num_experts_per_tok=2)),
     "olmoe": Family("transformers", "moe", _decoder(tf.OlmoeConfig, tf.OlmoeForCausalLM, num_experts=4,
                                                     num_experts_per_tok=2)),
-    "granitemoe": Family("transformers", "moe", _decoder(tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, **_MOE)),
+    "granitemoe": Family("transformers", "moe", _decoder(tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, **_MOE),
+                         onnx=None if _TORCH >= (2, 14) else "torch.export of torch 2.13 fails on GraniteMoE's "
+                                                             "routing (2.14 exports it)"),
     "gpt_oss": Family("transformers", "moe", _decoder(tf.GptOssConfig, tf.GptOssForCausalLM, head_dim=16,
                                                       sliding_window=8, **_MOE,
                                                       layer_types=["sliding_attention", "full_attention"])),
@@ -319,7 +322,36 @@ TIMM: dict[str, Family] = {
 FAMILIES: dict[str, Family] = {**TRANSFORMERS, **TORCHVISION, **TIMM}
 
 # The group kinds that must lose channels at ratio=0.3 (what the README's table says each family prunes).
-PRUNES: dict[str, tuple[str, ...]] = {}
+PRUNES: dict[str, tuple[str, ...]] = {
+    "bert": ("ffn", "heads"), "distilbert": ("ffn", "heads"), "roberta": ("ffn", "heads"),
+    "albert": ("ffn", "heads"), "electra": ("ffn", "heads"), "deberta_v2": ("ffn", "heads"),
+    "xlm_roberta": ("ffn", "heads"), "modernbert": ("ffn", "heads"), "mpnet": ("ffn", "heads"),
+    "gpt2": ("ffn", "heads"), "llama": ("ffn", "heads", "kv_groups"), "qwen2": ("ffn", "heads", "kv_groups"),
+    "qwen3": ("ffn", "heads", "kv_groups"), "mistral": ("ffn", "heads", "kv_groups"),
+    "gemma": ("ffn", "heads", "kv_groups"), "gemma2": ("ffn", "heads", "kv_groups"),
+    "gemma3": ("ffn", "heads", "kv_groups"), "phi": ("ffn", "heads", "kv_groups"),
+    "phi3": ("ffn", "heads", "kv_groups"), "olmo2": ("ffn",), "stablelm": ("ffn", "heads", "kv_groups"),
+    "gpt_neox": ("ffn", "heads"), "falcon": ("ffn", "kv_groups"), "opt": ("ffn", "heads"), "bloom": ("ffn",),
+    "granite": ("ffn", "heads", "kv_groups"), "cohere": ("ffn", "heads", "kv_groups"),
+    "starcoder2": ("ffn", "heads", "kv_groups"), "smollm3": ("ffn", "heads", "kv_groups"),
+    "glm4": ("ffn", "heads", "kv_groups"), "mixtral": ("ffn", "heads", "kv_groups"),
+    "qwen2_moe": ("ffn", "heads", "kv_groups"), "qwen3_moe": ("ffn", "heads", "kv_groups"), "olmoe": ("ffn",),
+    "granitemoe": ("ffn", "heads", "kv_groups"), "gpt_oss": ("ffn", "heads", "kv_groups"), "t5": ("ffn", "heads"),
+    "bart": ("ffn", "heads"), "marian": ("ffn", "heads"), "whisper": ("channels", "ffn", "heads"),
+    "wav2vec2": ("channels", "ffn", "heads"), "hubert": ("channels", "ffn", "heads"), "vit": ("ffn", "heads"),
+    "deit": ("ffn", "heads"), "dinov2": ("ffn", "heads"), "swin": ("ffn", "heads"), "convnext": ("ffn",),
+    "resnet": ("channels",), "clip_text": ("ffn", "heads"), "clip_vision": ("ffn", "heads"),
+    "siglip_vision": ("ffn", "heads"), "mamba": ("channels",), "tv_resnet18": ("channels",),
+    "tv_mobilenet_v3": ("channels", "ffn"), "tv_efficientnet_b0": ("channels",), "tv_convnext_tiny": ("ffn",),
+    "tv_regnet": ("channels",), "tv_densenet121": ("channels",), "tv_shufflenet_v2": ("channels",),
+    "tv_vit": ("ffn", "heads"), "tv_swin": ("ffn",), "tv_deeplabv3": ("channels",), "tv_lraspp": ("channels",),
+    "tv_r3d_18": ("channels",), "timm_vit": ("ffn", "heads"), "timm_deit": ("ffn", "heads"), "timm_eva02": ("ffn",),
+    "timm_swin": ("ffn", "heads"), "timm_levit": ("channels", "ffn"), "timm_mixer": ("ffn",),
+    "timm_resmlp": ("ffn",), "timm_convnext": ("channels",), "timm_efficientnet": ("channels",),
+    "timm_resnet": ("channels",), "timm_mobilenetv3": ("channels",), "timm_regnet": ("channels",),
+    "timm_poolformer": ("channels",), "timm_coatnet": ("channels",), "timm_fastvit": ("channels",),
+    "timm_edgenext": ("ffn",), "segformer": ("channels", "heads"),
+}
 
 
 def build(name: str) -> tuple[nn.Module, Any]:
@@ -353,7 +385,7 @@ def _short(reason: str) -> str:
                 "model's code", "indexed by", "constant tensor", "unsupported", "tensor factory"):
         if key in reason:
             return "code contradicts the plan" if key in ("same code as", "model's code") else key
-    return reason.split(" at node")[0][:60]
+    return reason.split(" at node")[0].split(" (")[0][:60]
 
 
 def _output(out: Any) -> torch.Tensor:

@@ -233,10 +233,15 @@ def _propose_config(model: nn.Module, fresh: nn.Module, config: Any) -> Any:
 
 
 def _set_field(config: Any, field: str, value: int) -> None:
-    """Set a config field; one the class computes (Falcon's ``head_dim`` property) is left to the shape check."""
+    """Set a config field, unless the class computes it or holds it per stage.
+
+    Falcon's ``head_dim`` is a property and SegFormer's ``num_attention_heads`` a list: the shape check decides.
+    """
+    if isinstance(getattr(config, field, None), (list, tuple)):
+        return
     try:
         setattr(config, field, value)
-    except AttributeError:
+    except (AttributeError, TypeError, ValueError):
         logging.getLogger(__name__).debug("config field %s cannot be set on %s", field, type(config).__name__)
 
 
