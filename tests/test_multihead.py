@@ -119,3 +119,25 @@ def test_a_per_head_bias_table_loses_the_columns_of_the_removed_heads():
     assert len(kept) == 4
     # the head size is frozen on the manual path too (a product of two activations), with its reason
     assert any("attention head_dim" in f.reason and "qkv.weight[0]" in " ".join(f.members) for f in report.frozen)
+
+
+def test_a_pruned_transformer_encoder_keeps_off_torch_s_fused_fast_path():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.out = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.out(self.enc(x))
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(2, 6, 32)
+    report = sc.prune(model, (x,), heads=0.5, round_to=1)
+    assert [c.after for c in report.changes if c.kind == "heads"] == [2, 2]
+    assert all(type(layer.self_attn) is PrunedMultiheadAttention for layer in model.enc.layers)
+    slow = model(x)  # autograd on: torch's regular path
+    with torch.no_grad():  # eval + no_grad: where torch would take its fused path
+        torch.testing.assert_close(model(x), slow, atol=1e-5, rtol=1e-5)

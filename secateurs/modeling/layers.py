@@ -92,6 +92,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     ``bias_k`` / ``add_zero_attn``, attention weights) from the module's ``num_heads`` and ``head_dim``. The
     parameters keep their names: a state dict loads into it as into the original, at the pruned shapes.
     A 3-d ``attn_mask`` holds one mask per remaining head (``batch * num_heads``), as for torch's module.
+    ``_qkv_same_embed_dim`` is False on a pruned module, which keeps torch's fused encoder fast paths (they assume
+    one width for q, k, v and the output) away from it.
     """
 
     def forward(  # type: ignore[override]
@@ -187,7 +189,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         """Query, key and value projections, packed as torch packs them (one matmul for self-attention)."""
         inner = self.num_heads * self.head_dim
         w, b = self.in_proj_weight, self.in_proj_bias
-        if not self._qkv_same_embed_dim:
+        if w is None:  # separate q / k / v projections (kdim / vdim given)
             b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
             return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
                     F.linear(value, self.v_proj_weight, b_v))
@@ -213,7 +215,7 @@ def sync_multihead(module: nn.MultiheadAttention, set_attr: Callable[[nn.Module,
     ``head_dim`` never changes: the head count follows the projection rows, ``embed_dim`` the output projection,
     ``kdim`` / ``vdim`` the key and value projections' inputs.
     """
-    packed = module._qkv_same_embed_dim
+    packed = module.in_proj_weight is not None
     rows = module.in_proj_weight.shape[0] // 3 if packed else module.q_proj_weight.shape[0]
     set_attr(module, "num_heads", int(rows // module.head_dim))
     embed = int(module.out_proj.weight.shape[0])
@@ -223,3 +225,6 @@ def sync_multihead(module: nn.MultiheadAttention, set_attr: Callable[[nn.Module,
     pruned = rows != embed or (packed and module.in_proj_weight.shape[1] != embed)
     if type(module) in (nn.MultiheadAttention, PrunedMultiheadAttention):
         set_attr(module, "__class__", PrunedMultiheadAttention if pruned else nn.MultiheadAttention)
+        # torch's fused fast paths (nn.TransformerEncoderLayer in eval under no_grad) assume one embed_dim for
+        # q, k, v and the output; they check this flag, so a pruned module takes the regular path
+        set_attr(module, "_qkv_same_embed_dim", packed and not pruned)
