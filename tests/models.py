@@ -273,6 +273,23 @@ class InterleavedGLU(nn.Module):
         return self.out(x + self.down(F.silu(y[..., ::2]) * y[..., 1::2]))
 
 
+class PositionOps(nn.Module):
+    """Ops that reorder, select or accumulate positions (top-k, cumsum, flip, a lower triangle over a position x
+    position map): positions are frozen, the channels between ``a`` and ``b`` pass through them."""
+
+    def __init__(self, dim=6, hidden=8):
+        super().__init__()
+        self.a = nn.Linear(dim, hidden)
+        self.b = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        h = self.a(x)  # [B, P, C]
+        c = h.transpose(1, 2)  # [B, C, P]
+        tri = torch.tril(c.unsqueeze(-1) * c.unsqueeze(-2)).sum((-1, -2))  # [B, C, P, P] -> [B, C]
+        top = h.topk(3, dim=1).values.sum(1)
+        return self.b(top + h.cumsum(1).sum(1) + h.flip(1)[:, 0] + tri)
+
+
 class ScanState(nn.Module):
     """Mamba's slow path in small: a recurrent state allocated at ``self.intermediate_size`` (a factory literal
     the rewrite re-syncs), and a cache the export leaves behind unused."""

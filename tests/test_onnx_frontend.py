@@ -91,6 +91,7 @@ SMALL = {
     "FusedQKV": (torch.randn(2, 7, 24),),  # one linear for q, k, v split with Split
     "FusedQKVTimm": (torch.randn(2, 7, 24),),  # (3, heads, head_dim) reshape + Transpose + Gather
     "InterleavedGLU": (torch.randn(2, 7, 24),),  # gate / up interleaved: strided Slice
+    "PositionOps": (torch.randn(2, 5, 6),),  # TopK, CumSum, Trilu: positions frozen, channels pass
 }
 
 

@@ -28,6 +28,7 @@ CASES = [
     ("TimmAttention", (2, 5, 24)),
     ("WindowAttention", (2, 9, 24)),
     ("InterleavedGLU", (2, 5, 24)),
+    ("PositionOps", (2, 5, 6)),
     ("ScanState", (2, 4, 24)),
     ("Seq1d", None),
 ]

@@ -123,36 +123,22 @@ def _positional(ctx: RuleContext, node: fx.Node) -> None:
 def _reorder(ctx: RuleContext, node: fx.Node) -> None:
     """Ops that mix positions along some dims: those dims are frozen, the others pass through."""
     x = node.args[0]
-    shape = ctx.shape(x)
-    assert shape is not None
-    rank = len(shape)
     if node.target is aten.diff.default:
         dims = [_arg(node, "dim", -1)]
     elif node.target is aten.roll.default:
-        dims = list(_arg(node, "dims", [])) or list(range(rank))
+        dims = list(_arg(node, "dims", [])) or list(range(len(families.static_shape(ctx, x))))
     elif node.target is aten.flip.default:
         dims = list(node.args[1])
     else:
         dims = [_arg(node, "dim")]
-    mixed = {_dim(int(d), rank) for d in dims}
-    for i in range(rank):
-        if i not in mixed:
-            ctx.unify_dims(x, i, node, i)
-    ctx.freeze([ctx.dims(x)[d] for d in mixed] + [ctx.dims(node)[d] for d in mixed], "position-dependent op")
+    families.along_dims(ctx, x, [node], dims, "position-dependent op")
 
 
 @op_rule(aten.topk.default, aten.sort.default, aten.sort.stable)
 def _select_along(ctx: RuleContext, node: fx.Node) -> None:
     """Top-k / sort: positions along ``dim`` are reordered or selected (frozen); the other dims pass through."""
-    x = node.args[0]
-    rank = len(families.static_shape(ctx, x))
-    d = _dim(int(_arg(node, "dim", -1)), rank)
     outs = [(node, i) for i in range(len(node.meta["val"]))]
-    for out in outs:
-        for i in range(rank):
-            if i != d:
-                ctx.unify_dims(x, i, out, i)
-    ctx.freeze([ctx.dims(x)[d]] + [ctx.dims(o)[d] for o in outs], "sorted or selected along this dim")
+    families.along_dims(ctx, node.args[0], outs, [_arg(node, "dim", -1)], "sorted or selected along this dim")
 
 
 @op_rule(aten.histc.default)

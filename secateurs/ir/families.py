@@ -15,7 +15,7 @@ values). This module imports neither torch nor onnx.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from secateurs.errors import UnsupportedOpError
@@ -234,6 +234,21 @@ def split(ctx: RuleContext, x: Any, outs: Sequence[Any], d: int, *, complete: bo
         return None
     ctx.unify(ctx.dims(x)[d], ctx.concat(parts))
     return parts
+
+
+def along_dims(ctx: RuleContext, x: Any, outs: Sequence[Any], dims: Iterable[int], reason: str) -> None:
+    """Reordering, selecting or accumulating positions along ``dims`` (roll, flip, cumsum, sort, top-k, triangles).
+
+    Those dims of ``x`` and of every output are frozen with ``reason``; the other dims pass through position by
+    position.
+    """
+    rank = len(static_shape(ctx, x))
+    mixed = {axis(int(d), rank) for d in dims}
+    for out in outs:
+        for i in range(rank):
+            if i not in mixed:
+                ctx.unify_dims(x, i, out, i)
+    ctx.freeze([ctx.dims(v)[d] for v in (x, *outs) for d in sorted(mixed)], reason)
 
 
 def strided_slice(ctx: RuleContext, x: Any, out: Any, d: int, start: int, end: int, step: int) -> bool:

@@ -348,23 +348,23 @@ def _ms_elementwise(ctx: OnnxRuleContext, node: ir.Node) -> None:
 @onnx_rule("Trilu")
 def _trilu(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Upper / lower triangle: positions along the last two dims matter, so they are frozen."""
-    x, out = node.inputs[0], node.outputs[0]
-    ctx.same_dims(x, out)
-    ctx.freeze(ctx.dims(out)[-2:], "position-dependent op")
+    families.along_dims(ctx, node.inputs[0], node.outputs[:1], [-2, -1], "position-dependent op")
 
 
 @onnx_rule("CumSum")
 def _cumsum(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Cumulative sum along one axis: that axis is frozen, the others pass through."""
-    x, out = node.inputs[0], node.outputs[0]
-    rank = len(_shape(ctx, x))
+    x = node.inputs[0]
     axes = ctx.ints(_input(node, 1))
-    frozen = {_axis(a, rank) for a in axes} if axes is not None else set(range(rank))
-    for i in range(rank):
-        if i in frozen:
-            ctx.freeze([ctx.dims(x)[i], ctx.dims(out)[i]], "position-dependent op")
-        else:
-            ctx.unify_dims(x, i, out, i)
+    dims = axes if axes is not None else range(len(_shape(ctx, x)))
+    families.along_dims(ctx, x, node.outputs[:1], dims, "position-dependent op")
+
+
+@onnx_rule("TopK")
+def _topk(ctx: OnnxRuleContext, node: ir.Node) -> None:
+    """Top-k values and indices along ``axis``: that axis is frozen, the others pass through."""
+    outs = [v for v in node.outputs if v is not None]
+    families.along_dims(ctx, node.inputs[0], outs, [_attr(node, "axis", -1)], "sorted or selected along this dim")
 
 
 # ------------------------------------------------------------------------------------ linear algebra
@@ -788,7 +788,7 @@ def _gather_elements(ctx: OnnxRuleContext, node: ir.Node) -> None:
             ctx.unify_dims(data, i, out, i)
 
 
-@onnx_rule("GatherND", "ScatterND", "ScatterElements", "NonZero", "TopK", "Compress", "Unique", "OneHot",
+@onnx_rule("GatherND", "ScatterND", "ScatterElements", "NonZero", "Compress", "Unique", "OneHot",
            "Range", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
            "RandomUniformLike", "Multinomial", "Bernoulli", "Shape", "Size", "Constant")
 def _opaque(ctx: OnnxRuleContext, node: ir.Node) -> None:
