@@ -270,13 +270,13 @@ def test_an_existing_output_is_refused_before_reading_any_block(tmp_path, monkey
 
 
 def test_depth_first_pass_loads_one_block_at_a_time(tmp_path):
-    src = save_sharded(_llama(8), tmp_path / "src")
+    src = save_sharded(_llama(4), tmp_path / "src")
     report = prune_checkpoint(src, tmp_path / "out", calib=_fixed_calib(), layers=0.25, ffn=0.25, scope="global")
-    assert report.passes == 3 and report.blocks == 6
+    assert report.passes == 3 and report.blocks == 3
     assert report.peak_weight_bytes == report.block_bytes
-    assert len(report.depth_scores) == 8
+    assert len(report.depth_scores) == 4
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["num_hidden_layers"] == 6
+    assert config["num_hidden_layers"] == 3
     assert "removed blocks" in report.summary()
 
 
@@ -304,16 +304,17 @@ def test_tied_single_file_bf16_checkpoint_copies_embeddings_in_chunks(tmp_path):
 
 def test_peak_weights_are_one_block_at_any_depth(tmp_path):
     reports = {}
-    for layers in (4, 16):
+    for layers in (2, 8):
         src = save_sharded(_llama(layers), tmp_path / f"src{layers}")
         reports[layers] = prune_checkpoint(src, tmp_path / f"out{layers}", ffn=0.25, nm="2:4", round_to=8,
                                            chunk_bytes=4096)
-    small, big = reports[4], reports[16]
+    small, big = reports[2], reports[8]
     assert big.model_bytes > 3 * small.model_bytes
     assert small.block_bytes == big.block_bytes
     # the counter of checkpoint bytes loaded at once: one block whatever the depth, a fraction of the model
+    # (8 blocks and the embeddings: a block is less than an eighth)
     assert small.peak_weight_bytes == big.peak_weight_bytes == big.block_bytes
-    assert big.peak_weight_bytes < big.model_bytes / 12
+    assert big.peak_weight_bytes < big.model_bytes / 8
 
 
 RSS_SCRIPT = textwrap.dedent("""
@@ -549,7 +550,8 @@ def test_per_expert_sources_stream_and_are_written_back_per_expert(tmp_path, mon
     by block: it is read through transformers' conversion, pruned as in memory, and written back per-expert so that
     plain from_pretrained loads it; fused on request, and fused with the reason when the pruning has per-layer
     sizes (asking for per-expert then is an error that writes nothing). A spoiled per-expert tensor is caught by
-    the reload check."""
+    the reload check. Qwen2-MoE (a shared expert beside the routed ones) runs the per-expert round trip; the other
+    layouts run on Mixtral."""
     import transformers as tf
 
     from secateurs.cli import main
@@ -587,6 +589,8 @@ def test_per_expert_sources_stream_and_are_written_back_per_expert(tmp_path, mon
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sc.load_pretrained(tmp_path / "same")(x).logits, plain(x).logits, rtol=0, atol=0)
+    if family != "mixtral":
+        return  # the layouts below do not depend on the family (Qwen2-MoE adds a shared expert, checked above)
     report = prune_checkpoint(src, tmp_path / "fused", expert_layout="fused", **opts)
     assert report.expert_layout["written"] == "fused"
     assert not any(one in k for k in ShardedSource(tmp_path / "fused").tensors)
