@@ -3,8 +3,8 @@
 ``FAMILIES`` maps a family name to how to build it. ``tests/test_coverage.py`` runs the oracles on every one
 (bit-identical at ratio 0; at ratio 0.3 at least 5% of the parameters removed, output shape kept, the kinds of
 ``PRUNES`` pruned, ONNX Runtime equal to PyTorch; transformers models also reload equal from the checkpoint
-``save_pretrained`` writes); ``tools/zoo.py`` runs the same and writes the README's coverage table. torchvision
-and timm families need those packages (they skip without them).
+``save_pretrained`` writes); ``tools/zoo.py`` runs the same and prints the table of docs/coverage.md.
+torchvision and timm families need those packages (they skip without them).
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ TIMM: dict[str, Family] = {
 
 FAMILIES: dict[str, Family] = {**TRANSFORMERS, **TORCHVISION, **TIMM}
 
-# The group kinds that must lose channels at ratio=0.3 (what the README's table says each family prunes).
+# The group kinds that must lose channels at ratio=0.3 (what the coverage table says each family prunes).
 PRUNES: dict[str, tuple[str, ...]] = {
     "bert": ("ffn", "heads"), "distilbert": ("ffn", "heads"), "roberta": ("ffn", "heads"),
     "albert": ("ffn", "heads"), "electra": ("ffn", "heads"), "deberta_v2": ("ffn", "heads"),

@@ -2,7 +2,7 @@
 
     python tools/torch_pruning_zoo.py            # every family, a table row each
     python tools/torch_pruning_zoo.py vit bert   # some
-    python tools/zoo.py --torch-pruning          # the README's coverage table with a Torch-Pruning column
+    python tools/zoo.py --torch-pruning          # the coverage table (docs/coverage.md) with a Torch-Pruning column
 
 Needs the ``[bench]`` extra (``torch-pruning``). One harness for every family, written the way Torch-Pruning's
 examples (``examples/transformers``, ``examples/LLMs/prune_llm.py``, ``examples/timm_models``,

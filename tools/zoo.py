@@ -1,4 +1,4 @@
-"""Run the coverage zoo (``tests/families.py``) and print the README's coverage table.
+"""Run the coverage zoo (``tests/families.py``) and print the table of docs/coverage.md (the README has a digest).
 
     python tools/zoo.py                 # every family whose package is installed
     python tools/zoo.py vit swin -v     # some, with the frozen reasons
