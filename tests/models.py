@@ -290,6 +290,43 @@ class PositionOps(nn.Module):
         return self.b(top + h.cumsum(1).sum(1) + h.flip(1)[:, 0] + tri)
 
 
+class IndexOps(nn.Module):
+    """Lookups along positions (index_select, gather, select, unbind, narrow, a slice), a BatchNorm1d over the
+    channels and a linear layer on a matrix (ONNX's Gemm): positions are frozen, the channels between ``a`` and
+    ``b`` pass through them."""
+
+    def __init__(self, dim=6, hidden=8):
+        super().__init__()
+        self.a = nn.Linear(dim, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.mid = nn.Linear(hidden, hidden)
+        self.b = nn.Linear(hidden, 4)
+        self.register_buffer("order", torch.tensor([2, 0, 1]))
+        self.register_buffer("pick", torch.tensor([[[2], [0], [3]]]).repeat(1, 1, hidden))  # [1, 3, C]
+
+    def forward(self, x):
+        h = self.norm(self.a(x).transpose(1, 2)).transpose(1, 2)  # [B, P, C]
+        y = h.index_select(1, self.order).sum(1) + torch.gather(h, 1, self.pick).sum(1) + h.select(1, 0)
+        y = y + sum(h.unbind(1)) + h.narrow(1, 1, 2).sum(1) + h[:, 3:].sum(1)
+        return self.b(self.mid(y))  # y is [B, C]: a Gemm in ONNX
+
+
+class ShapeIndexGather(nn.Module):
+    """A gather whose index is built from the input's sizes (``expand(B, 3, C)`` of a constant): in ONNX that
+    index is a constant of the analysis with a literal C, so the channels of ``a`` are frozen and reported."""
+
+    def __init__(self, dim=6, hidden=8):
+        super().__init__()
+        self.a = nn.Linear(dim, hidden)
+        self.b = nn.Linear(hidden, 4)
+        self.register_buffer("order", torch.tensor([2, 0, 1]))
+
+    def forward(self, x):
+        h = self.a(x)  # [B, P, C]
+        idx = self.order.view(1, 3, 1).expand(h.shape[0], 3, h.shape[2])
+        return self.b(torch.gather(h, 1, idx).sum(1))
+
+
 class ScanState(nn.Module):
     """Mamba's slow path in small: a recurrent state allocated at ``self.intermediate_size`` (a factory literal
     the rewrite re-syncs), and a cache the export leaves behind unused."""

@@ -92,6 +92,7 @@ SMALL = {
     "FusedQKVTimm": (torch.randn(2, 7, 24),),  # (3, heads, head_dim) reshape + Transpose + Gather
     "InterleavedGLU": (torch.randn(2, 7, 24),),  # gate / up interleaved: strided Slice
     "PositionOps": (torch.randn(2, 5, 6),),  # TopK, CumSum, Trilu: positions frozen, channels pass
+    "IndexOps": (torch.randn(2, 5, 6),),  # Gather, GatherElements, Slice, BatchNormalization, Gemm
 }
 
 
@@ -117,6 +118,18 @@ def test_small_models_match_the_pytorch_path(name, tmp_path):
     _assert_same(_run(dst, inputs), _torch(pruned, inputs))
     assert onnx_report.params_after < onnx_report.params_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "pruned.onnx"]
+
+
+def test_channels_a_constant_of_the_analysis_ties_are_frozen_and_reported(tmp_path):
+    """An index tensor computed from sizes and constants has a literal C: the channels it meets are listed."""
+    model = models.ShapeIndexGather().eval()
+    inputs = (torch.randn(2, 5, 6),)
+    pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, ratio=0.5)
+    assert _sizes(report.changes) == [(8, 4)]  # PyTorch re-derives the index's shape from h
+    assert onnx_report.changes == []
+    tied = [f for f in onnx_report.frozen if "computed from sizes and constants" in f.reason]
+    assert [f.size for f in tied] == [8], onnx_report.frozen
+    _assert_same(_run(dst, inputs), _torch(model, inputs))
 
 
 @pytest.mark.parametrize("target", ["params", "flops"])

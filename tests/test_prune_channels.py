@@ -29,6 +29,7 @@ CASES = [
     ("WindowAttention", (2, 9, 24)),
     ("InterleavedGLU", (2, 5, 24)),
     ("PositionOps", (2, 5, 6)),
+    ("IndexOps", (2, 5, 6)),
     ("ScanState", (2, 4, 24)),
     ("Seq1d", None),
 ]

@@ -187,15 +187,8 @@ def _linear(ctx: RuleContext, node: fx.Node) -> None:
     """Y = x W^T + b: x[..., in] ~ W[:, in]; W[out, :] ~ b ~ y[..., out]."""
     x, w = node.args[0], node.args[1]
     b = _arg(node, "bias")
-    xs = ctx.shape(x)
-    assert xs is not None
-    for i in range(len(xs) - 1):
-        ctx.unify_dims(x, i, node, i)
-    ctx.unify_dims(x, -1, w, 1)
-    ctx.unify_dims(w, 0, node, -1)
-    if isinstance(b, fx.Node):
-        ctx.unify_dims(b, 0, node, -1)
-    ctx.consumer(x, len(xs) - 1, w, 1)
+    families.linear(ctx, x, w, node, b if isinstance(b, fx.Node) else None)
+    ctx.consumer(x, len(families.static_shape(ctx, x)) - 1, w, 1)
 
 
 def _matmul_flops(node: fx.Node, shape_of: ShapeOf) -> float:
@@ -354,24 +347,13 @@ def _conv(ctx: RuleContext, node: fx.Node) -> None:
          aten.instance_norm.default, aten.native_batch_norm.default,
          aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default)
 def _batch_norm(ctx: RuleContext, node: fx.Node) -> None:
-    """Per-channel normalisation over dim 1: weight, bias and running stats follow the channels."""
-    x = node.args[0]
-    sx = ctx.shape(x)
-    assert sx is not None
-    out = (node, 0) if isinstance(node.meta.get("val"), (list, tuple)) else node
-    ctx.same_dims(x, out)
-    for a in node.args[1:5]:
-        if isinstance(a, fx.Node) and ctx.is_tensor(a):
-            ctx.unify_dims(a, 0, x, 1 if len(sx) > 1 else 0)
-    if out is not node:
-        val = node.meta["val"]
-        for i in range(1, len(val)):
-            if ctx.is_tensor((node, i)):
-                shp = ctx.shape((node, i))
-                if shp and len(shp) == 1 and shp[0] == sx[1]:
-                    ctx.unify_dims((node, i), 0, x, 1)
-                else:
-                    ctx.freeze_value((node, i), "batch-norm statistics output")
+    """Per-channel normalisation over dim 1 (:func:`secateurs.ir.families.per_channel_norm`)."""
+    multi = isinstance(node.meta.get("val"), (list, tuple))
+    out = (node, 0) if multi else node
+    params = [a for a in node.args[1:5] if isinstance(a, fx.Node) and ctx.is_tensor(a)]
+    stats = [(node, i) for i in range(1, len(node.meta["val"]))] if multi else []
+    families.per_channel_norm(ctx, node.args[0], out, params, [v for v in stats if ctx.is_tensor(v)],
+                              instance=node.target is aten.instance_norm.default)
 
 
 @op_rule(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
@@ -419,13 +401,7 @@ def _group_norm(ctx: RuleContext, node: fx.Node) -> None:
 @op_rule(aten.embedding.default)
 def _embedding(ctx: RuleContext, node: fx.Node) -> None:
     """Lookup: rows (vocabulary) are indexed and frozen; the embedding dim is the output's last dim."""
-    w, idx = node.args[0], node.args[1]
-    si = ctx.shape(idx)
-    assert si is not None
-    ctx.freeze([ctx.dims(w)[0]], "embedding rows are indexed by token ids")
-    ctx.unify_dims(w, 1, node, -1)
-    for i in range(len(si)):
-        ctx.unify_dims(idx, i, node, i)
+    families.gather(ctx, node.args[0], [node], 0, node.args[1], "embedding rows are indexed by token ids")
 
 
 # ---------------------------------------------------------------------------------------------- pooling
@@ -579,30 +555,14 @@ def _split(ctx: RuleContext, node: fx.Node) -> None:
 @op_rule(aten.unbind.int)
 def _unbind(ctx: RuleContext, node: fx.Node) -> None:
     """Unbind: one output per index of a dim; that dim is indexed (frozen), the others pass through."""
-    x = node.args[0]
-    sx = ctx.shape(x)
-    assert sx is not None
-    d = _dim(int(_arg(node, "dim", 0)), len(sx))
-    ctx.freeze([ctx.dims(x)[d]], "unbind index")
-    for k in range(len(node.meta["val"])):
-        for i in range(len(sx)):
-            if i < d:
-                ctx.unify_dims(x, i, (node, k), i)
-            elif i > d:
-                ctx.unify_dims(x, i, (node, k), i - 1)
+    outs = [(node, k) for k in range(len(node.meta["val"]))]
+    families.gather(ctx, node.args[0], outs, int(_arg(node, "dim", 0)), None, "unbind index")
 
 
 @op_rule(aten.select.int)
 def _select(ctx: RuleContext, node: fx.Node) -> None:
     """Select one index: that dim is indexed (frozen); the others pass through."""
-    x = node.args[0]
-    sx = ctx.shape(x)
-    assert sx is not None
-    d = _dim(int(node.args[1]), len(sx))
-    ctx.freeze([ctx.dims(x)[d]], "indexed by select")
-    for i in range(len(sx)):
-        if i != d:
-            ctx.unify_dims(x, i, node, i if i < d else i - 1)
+    families.gather(ctx, node.args[0], [node], int(node.args[1]), None, "indexed by select")
 
 
 @op_rule(aten.slice.Tensor, aten.narrow.default)
@@ -617,51 +577,21 @@ def _slice(ctx: RuleContext, node: fx.Node) -> None:
             ctx.unify_dims(x, i, node, i)
     n = sx[d]
     if node.target is aten.narrow.default:
-        start, length, step = int(node.args[2]), int(node.args[3]), 1
+        start, step = int(node.args[2]), 1
+        end = start + int(node.args[3])
     else:
-        start = _arg(node, "start", None)
-        end = _arg(node, "end", None)
+        start, end = _arg(node, "start", None), _arg(node, "end", None)
         step = int(_arg(node, "step", 1) or 1)
-        start = 0 if start is None else int(start)
-        end = n if end is None else int(end)
-        start = max(0, min(n, start + n if start < 0 else start))
-        end = max(0, min(n, end + n if end < 0 else end))
-        length = max(0, end - start)
-    if step != 1:
-        if not families.strided_slice(ctx, x, node, d, start, start + length, step):
-            ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "strided slice")
-        return
-    if start == 0 and length == n:
-        ctx.unify_dims(x, d, node, d)
-        return
-    if length == 0:  # an empty slice (the pass-through part of a rotary embedding over the whole head)
-        ctx.freeze([ctx.dims(node)[d]], "empty slice", channel=False)
-        return
-    sizes = [s for s in (start, length, n - start - length) if s > 0]
-    parts = ctx.split(ctx.dims(x)[d], "sum", sizes)
-    if parts is None:
-        ctx.freeze([ctx.dims(node)[d]], "slice of frozen channels")
-        return
-    # Channels outside the slice stay free: if the model computes the bounds from the size, pruning them is
-    # fine; if the bounds are literals, the verification after rewriting catches it.
-    kept = parts[1] if start > 0 else parts[0]
-    ctx.unify(kept, ctx.dims(node)[d])
+        start = families.clamp_bound(0 if start is None else int(start), n)
+        end = families.clamp_bound(n if end is None else int(end), n)
+    families.slice_along(ctx, x, node, d, start, end, step)
 
 
 @op_rule(aten.index_select.default, aten.gather.default)
 def _index_select(ctx: RuleContext, node: fx.Node) -> None:
     """Data-dependent indexing along one dim: that dim is frozen, the others pass through."""
-    x = node.args[0]
-    sx, so = ctx.shape(x), ctx.shape(node)
-    assert sx is not None and so is not None
-    d = _dim(int(node.args[1]), len(sx))
-    ctx.freeze([ctx.dims(x)[d], ctx.dims(node)[d]], "indexed by tensor indices")
-    idx = node.args[2]
-    for i in range(len(sx)):
-        if i != d and sx[i] == so[i]:
-            ctx.unify_dims(x, i, node, i)
-    if node.target is aten.gather.default:
-        ctx.same_dims(idx, node)
+    index = node.args[2] if node.target is aten.gather.default else None
+    families.take_along(ctx, node.args[0], node, int(node.args[1]), index)
 
 
 @op_rule(aten.index.Tensor)

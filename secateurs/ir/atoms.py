@@ -50,7 +50,7 @@ class AtomTable:
         self._parent: list[int] = []
         self._size: list[int] = []
         self._refine: dict[int, Refinement] = {}
-        self._freeze: list[tuple[int, str, bool]] = []
+        self._freeze: list[tuple[int, str, bool | None]] = []
         self.where = "graph"
         self._mixed: list[tuple[int, str]] = []
         self._tags: list[tuple[int, str]] = []
@@ -83,11 +83,13 @@ class AtomTable:
         return self._refine.get(self.find(atom))
 
     # --------------------------------------------------------------- freezing
-    def freeze(self, atom: int, reason: str, *, channel: bool = True) -> None:
+    def freeze(self, atom: int, reason: str, *, channel: bool | None = True) -> None:
         """Mark ``atom`` (and, once the analysis ends, every leaf under it) as never prunable.
 
         ``channel=False`` says the dim is not a channel at all (a kernel window, a spatial size), as
         opposed to channels frozen by a limitation or a graph boundary; reports list only the latter.
+        ``channel=None``: not a channel by itself (a dim of a constant of the analysis), but reported as one
+        when an op ties it to a weight's dim, since that weight's channels are then frozen by it.
         """
         self._freeze.append((atom, reason, channel))
 
@@ -115,15 +117,17 @@ class AtomTable:
                 out.setdefault(leaf, where)
         return out
 
-    def frozen_leaves(self) -> dict[int, tuple[str, bool]]:
+    def frozen_leaves(self) -> dict[int, tuple[str, bool | None]]:
         """Map every frozen leaf root to the first (reason, is_channel) recorded for it.
 
-        A channel reason wins over a non-channel one, so a boundary is never hidden.
+        A channel reason wins over a ``channel=None`` one, which wins over a non-channel one, so a boundary is
+        never hidden.
         """
-        out: dict[int, tuple[str, bool]] = {}
+        rank = {True: 2, None: 1, False: 0}
+        out: dict[int, tuple[str, bool | None]] = {}
         for atom, reason, channel in self._freeze:
             for leaf in self.leaves(atom):
-                if leaf not in out or (channel and not out[leaf][1]):
+                if leaf not in out or rank[channel] > rank[out[leaf][1]]:
                     out[leaf] = (reason, channel)
         return out
 

@@ -352,7 +352,7 @@ def analyze(graph: Graph, rules: OpRuleTable | None = None) -> DependencyInfo:
         size = table.size(leaf)
         if leaf in frozen_leaves:
             reason, is_channel = frozen_leaves[leaf]
-            if is_channel:
+            if is_channel is not False:
                 frozen.append(FrozenGroup(size, tuple(sorted({f"{m.name}[{m.dim}]" for m in mem})), reason))
             continue
         per = sum(m.numel_per_channel for m in mem if m.is_param)

@@ -1,16 +1,17 @@
 """The channel algebra of op families, written once for both dialects.
 
 A family says how channels flow through every op of its kind: broadcasting elementwise ops, batched matrix
-products (and attention's products of two activations), convolutions with groups, layer / RMS / group norms, reductions, pooling and padding, row-major
-reshapes, permutations, broadcasts to a bigger shape, tiling, concatenation and splitting.
+products (and attention's products of two activations), linear layers, convolutions with groups, layer / RMS /
+group norms, reductions, pooling and padding, row-major reshapes, permutations, broadcasts to a bigger shape,
+tiling, concatenation and splitting, slices, lookups and gathers by index, and ops over positions.
 The ATen rules (:mod:`secateurs.ir.aten_rules`) and the ONNX rules (:mod:`secateurs.ir.onnx_rules`) decode a
 node onto a family (its operands, axis, permutation) and add only what their dialect has besides: literal size
 vectors in ONNX, parameter consumers in ATen.
 
 The functions work against the small protocol every :class:`~secateurs.ir.rules.RuleContext` offers (``shape``,
-``dims``, ``unify``, ``unify_dims``, ``broadcast``, ``product``, ``concat``, ``new``, ``mark``, ``tag``,
-``mixes``, ``freeze``, ``freeze_value``, ``is_activation``); values are whatever the dialect's context keys (FX nodes, onnx-ir
-values). This module imports neither torch nor onnx.
+``dims``, ``unify``, ``unify_dims``, ``same_dims``, ``broadcast``, ``product``, ``concat``, ``split``, ``new``,
+``mark``, ``tag``, ``mixes``, ``freeze``, ``freeze_value``, ``is_activation``); values are whatever the
+dialect's context keys (FX nodes, onnx-ir values). This module imports neither torch nor onnx.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from secateurs.errors import UnsupportedOpError
 if TYPE_CHECKING:
     from secateurs.ir.rules import RuleContext, Shape
 
-__all__ = ["attention_product", "axis", "broadcast_to", "concat", "conv", "elementwise", "group_norm", "leading",
-           "matmul", "normalise_over", "permute", "reduce", "reshape", "reshape_runs", "same_sizes", "split",
-           "static_shape", "strided_slice", "tile"]
+__all__ = ["along_dims", "attention_product", "axis", "broadcast_to", "clamp_bound", "concat", "conv", "elementwise",
+           "gather", "group_norm", "leading", "linear", "matmul", "normalise_over", "per_channel_norm", "permute", "reduce", "reshape",
+           "reshape_runs", "same_sizes", "slice_along", "split", "static_shape", "strided_slice", "take_along",
+           "tile"]
 
 
 def axis(d: int, rank: int) -> int:
@@ -91,6 +93,23 @@ def matmul(ctx: RuleContext, a: Any, b: Any, out: Any) -> None:
         for i, s in enumerate(shape):
             if s == batch[offset + i]:
                 ctx.unify_dims(value, i, out, offset + i)
+
+
+def linear(ctx: RuleContext, x: Any, w: Any, out: Any, bias: Any | None = None, *, x_in: int = -1,
+           w_in: int = 1) -> None:
+    """``y = x W^T + b`` (a linear layer, ONNX's Gemm): ``x[x_in] ~ W[w_in]``, ``W``'s other dim ~ ``y[..., -1]``.
+
+    ``W`` is a matrix; the other dims of ``x`` pass through to ``y``'s leading dims in order (Gemm's ``transA``
+    is ``x_in=0``, ``transB=0`` is ``w_in=0``). ``bias`` broadcasts to ``y``.
+    """
+    rank = len(static_shape(ctx, x))
+    x_in, w_in = axis(x_in, rank), axis(w_in, 2)
+    ctx.unify_dims(x, x_in, w, w_in)
+    ctx.unify_dims(w, 1 - w_in, out, -1)
+    for j, i in enumerate(i for i in range(rank) if i != x_in):
+        ctx.unify_dims(x, i, out, j)
+    if bias is not None:
+        ctx.broadcast(out, [bias])
 
 
 def attention_product(ctx: RuleContext, a: Any, b: Any, out: Any) -> bool:
@@ -251,6 +270,83 @@ def along_dims(ctx: RuleContext, x: Any, outs: Sequence[Any], dims: Iterable[int
     ctx.freeze([ctx.dims(v)[d] for v in (x, *outs) for d in sorted(mixed)], reason)
 
 
+def gather(ctx: RuleContext, data: Any, outs: Sequence[Any], d: int, index: Any | None, reason: str) -> None:
+    """Positions picked along ``d`` by index values (embedding lookup, ONNX's Gather, select, unbind).
+
+    ``data[d]`` is frozen with ``reason``: the indices name its positions. Each output is
+    ``data[:d] + index dims + data[d + 1:]``: those dims pass through (``index=None``: one scalar index, so
+    ``d`` disappears, as in ``select`` and each output of ``unbind``).
+    """
+    sd = static_shape(ctx, data)
+    d = axis(d, len(sd))
+    ctx.freeze([ctx.dims(data)[d]], reason)
+    n = len(static_shape(ctx, index)) if index is not None else 0
+    for out in outs:
+        for i in range(d):
+            ctx.unify_dims(data, i, out, i)
+        for j in range(n):
+            ctx.unify_dims(index, j, out, d + j)
+        for i in range(d + 1, len(sd)):
+            ctx.unify_dims(data, i, out, i - 1 + n)
+
+
+def take_along(ctx: RuleContext, data: Any, out: Any, d: int, index: Any | None = None,
+               reason: str = "indexed by tensor indices") -> None:
+    """Positions picked along ``d`` with the rank kept (``index_select``, ``gather``, ONNX's GatherElements).
+
+    ``d`` is frozen in ``data`` and ``out``; the other dims pass through where their sizes agree. ``index``
+    given: it has the output's shape (element-wise gather), so it shares its dims.
+    """
+    sd, so = static_shape(ctx, data), static_shape(ctx, out)
+    d = axis(d, len(sd))
+    ctx.freeze([ctx.dims(data)[d], ctx.dims(out)[d]], reason)
+    for i in range(len(sd)):
+        if i != d and sd[i] == so[i]:
+            ctx.unify_dims(data, i, out, i)
+    if index is not None:
+        ctx.same_dims(index, out)
+
+
+def slice_along(ctx: RuleContext, x: Any, out: Any, d: int, start: int, end: int, step: int, *,
+                fixed_bounds: bool = False) -> str:
+    """One sliced dim ``x[start:end:step]`` along ``d`` (bounds already clamped to ``[0, size]``).
+
+    A whole-dim slice passes through; a contiguous part splits the dim as ``before | kept | after`` and the
+    kept run is the output's channels (the channels outside stay free: bounds the model computes from the size
+    follow, literal ones are caught by the verification); strided slices go to :func:`strided_slice`.
+    ``fixed_bounds``: the bounds are sizes the graph computes and a rewrite cannot move, so a strict part is
+    frozen. Returns what happened: ``"whole"``, ``"part"`` (the caller's bounds are positions along ``x[d]``),
+    ``"strided"``, ``"empty"``, ``"fixed"`` or ``"frozen"``.
+    """
+    n = static_shape(ctx, x)[d]
+    xa, oa = ctx.dims(x)[d], ctx.dims(out)[d]
+    if step != 1:
+        if not strided_slice(ctx, x, out, d, start, end, step):
+            ctx.freeze([xa, oa], "strided slice")
+        return "strided"
+    length = max(0, end - start)
+    if start == 0 and length == n:
+        ctx.unify(xa, oa)
+        return "whole"
+    if length == 0:  # an empty slice (the pass-through part of a rotary embedding over the whole head)
+        ctx.freeze([oa], "empty slice", channel=False)
+        return "empty"
+    if fixed_bounds:
+        ctx.freeze([xa, oa], "slice bounds computed in the graph")
+        return "fixed"
+    parts = ctx.split(xa, "sum", [s for s in (start, length, n - start - length) if s > 0])
+    if parts is None:
+        ctx.freeze([oa], "slice of frozen channels")
+        return "frozen"
+    ctx.unify(parts[1] if start > 0 else parts[0], oa)
+    return "part"
+
+
+def clamp_bound(raw: int, n: int) -> int:
+    """A slice bound (negative: from the end) clamped to ``[0, n]``, as Python and ONNX slicing do."""
+    return min(max(raw + n if raw < 0 else raw, 0), n)
+
+
 def strided_slice(ctx: RuleContext, x: Any, out: Any, d: int, start: int, end: int, step: int) -> bool:
     """``x[start::step]`` along ``d`` over the whole dim: one position of every run of ``step`` (interleaved layouts).
 
@@ -297,6 +393,30 @@ def conv(ctx: RuleContext, x: Any, w: Any, out: Any, bias: Any | None, *, groups
         ctx.unify_dims(bias, 0, out, cdim)
     ctx.freeze(ctx.dims(w)[2:], "kernel window", channel=False)
     return g
+
+
+def per_channel_norm(ctx: RuleContext, x: Any, out: Any, params: Sequence[Any], stats: Sequence[Any], *,
+                     instance: bool = False) -> None:
+    """Batch / instance norm: channels on dim 1 (dim 0 for a vector) pass through, each normalised on its own.
+
+    ``params`` (scale, bias, running statistics) and the 1-d ``stats`` outputs of the channels' size follow
+    the channels, other ``stats`` are frozen; ``instance``: the statistics run over every dim after the
+    channels, so those mix.
+    """
+    sx = static_shape(ctx, x)
+    cdim = 1 if len(sx) > 1 else 0
+    ctx.same_dims(x, out)
+    if instance:
+        ctx.mixes(ctx.dims(x)[2:])
+    for p in params:
+        if len(static_shape(ctx, p)) == 1:
+            ctx.unify_dims(p, 0, x, cdim)
+    for v in stats:
+        shape = static_shape(ctx, v)
+        if len(shape) == 1 and shape[0] == sx[cdim]:
+            ctx.unify_dims(v, 0, x, cdim)
+        else:
+            ctx.freeze_value(v, "batch-norm statistics output")
 
 
 def normalise_over(ctx: RuleContext, x: Any, out: Any, affine: Sequence[Any], d: int) -> None:

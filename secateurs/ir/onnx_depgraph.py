@@ -163,9 +163,10 @@ def analyze_onnx(graph: OnnxGraph, rules: OnnxOpRuleTable | None = None) -> Onnx
         outs = [o for o in node.outputs if o.name and ctx.is_tensor(o)]
         named = [o for o in node.outputs if o.name]
         if outs and len(outs) == len(named) and all((o.name or "") in graph.consts for o in outs):
-            # Computed from shapes and constants only: a constant of the analysis, never a channel.
+            # Computed from shapes and constants only: a constant of the analysis, not a channel by itself; an op
+            # that ties one of its dims to a weight's (an index tensor of a gather) freezes those channels.
             for o in outs:
-                ctx.freeze(ctx.dims(o), "computed from sizes and constants", channel=False)
+                ctx.freeze(ctx.dims(o), "computed from sizes and constants", channel=None)
             continue
         for o in outs:
             ctx.dims(o)
@@ -239,7 +240,7 @@ def analyze_onnx(graph: OnnxGraph, rules: OnnxOpRuleTable | None = None) -> Onnx
         size = table.size(leaf)
         if leaf in frozen_leaves:
             reason, is_channel = frozen_leaves[leaf]
-            if is_channel:
+            if is_channel is not False:
                 frozen.append(FrozenGroup(size, tuple(sorted({f"{m.name}[{m.dim}]" for m in mem})), reason))
             continue
         per = sum(m.numel_per_channel for m in mem if m.is_param)

@@ -400,13 +400,8 @@ def _gemm(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Y = alpha op(A) op(B) + beta C: the contracted dims of A and B are shared; C broadcasts to Y."""
     a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
     c = _input(node, 2)
-    ka = 0 if _attr(node, "transA", 0) else 1
-    kb = 1 if _attr(node, "transB", 0) else 0
-    ctx.unify_dims(a, ka, b, kb)
-    ctx.unify_dims(a, 1 - ka, out, 0)
-    ctx.unify_dims(b, 1 - kb, out, 1)
-    if c is not None and ctx.is_tensor(c):
-        ctx.broadcast(out, [c])
+    families.linear(ctx, a, b, out, c if c is not None and ctx.is_tensor(c) else None,
+                    x_in=0 if _attr(node, "transA", 0) else 1, w_in=1 if _attr(node, "transB", 0) else 0)
     for value in (a, b):
         if not ctx.is_activation(value):
             ctx.linear_weight(value)
@@ -448,23 +443,12 @@ def _batch_norm(ctx: OnnxRuleContext, node: ir.Node) -> None:
     (``Reshape`` to [N, groups, -1] first) puts the channels of a group there, so those mix.
     """
     x = node.inputs[0]
-    if node.op_type == "InstanceNormalization":
-        ctx.mixes(ctx.dims(x)[2:])
-    rank = len(_shape(ctx, x))
-    cdim = 1 if rank > 1 else 0
-    ctx.same_dims(x, node.outputs[0])
-    for i, t in enumerate(node.inputs[1:], start=1):
-        if t is not None and ctx.is_tensor(t) and len(_shape(ctx, t)) == 1:
-            ctx.unify_dims(t, 0, x, cdim)
-            if i >= 3 and node.op_type == "BatchNormalization" and ctx.graph.is_weight(t):
-                ctx.buffers.add(t.name or "")
-    for out in node.outputs[1:]:
-        if ctx.is_tensor(out):
-            shape = _shape(ctx, out)
-            if len(shape) == 1 and shape[0] == _shape(ctx, x)[cdim]:
-                ctx.unify_dims(out, 0, x, cdim)
-            else:
-                ctx.freeze_value(out, "batch-norm statistics output")
+    params = _tensors(ctx, node.inputs[1:])
+    for t in params[2:]:
+        if node.op_type == "BatchNormalization" and ctx.graph.is_weight(t):
+            ctx.buffers.add(t.name or "")
+    families.per_channel_norm(ctx, x, node.outputs[0], params, _tensors(ctx, node.outputs[1:]),
+                              instance=node.op_type == "InstanceNormalization")
 
 
 def _norm_over(ctx: OnnxRuleContext, node: ir.Node, x: ir.Value | None, affine: Sequence[ir.Value | None],
@@ -723,38 +707,19 @@ def _slice(ctx: OnnxRuleContext, node: ir.Node) -> None:
         if i not in sliced:
             ctx.unify_dims(x, i, out, i)
     for i, k in sliced.items():
-        n, step = sx[i], steps[k]
-        xa, oa = ctx.dims(x)[i], ctx.dims(out)[i]
-        raw_start, raw_end = starts[k], ends[k]
-        start = min(max(raw_start + n if raw_start < 0 else raw_start, 0), n)
-        end = min(max(raw_end + n if raw_end < 0 else raw_end, 0), n)
-        if step != 1:
-            if not families.strided_slice(ctx, x, out, i, start, end, step):
-                ctx.freeze([xa, oa], "strided slice")
-            continue
-        length = max(0, end - start)
-        if start == 0 and length == n:
-            ctx.unify(xa, oa)
-            continue
-        if length == 0:  # an empty slice: no channel of the input reaches it
-            ctx.freeze([oa], "empty slice", channel=False)
-            continue
+        n, raw_start, raw_end = sx[i], starts[k], ends[k]
+        start, end = families.clamp_bound(raw_start, n), families.clamp_bound(raw_end, n)
         start_follows = start == 0 or start_origin[k] is None
         end_follows = (end == n and raw_end >= n) or end_origin[k] is None
-        if not (start_follows and end_follows):
-            ctx.freeze([xa, oa], "slice bounds computed in the graph")
+        done = families.slice_along(ctx, x, out, i, start, end, steps[k],
+                                    fixed_bounds=not (start_follows and end_follows))
+        if done == "fixed":
             ctx.freeze_sources([start_origin[k], end_origin[k]], "size read by slice bounds")
-            continue
-        sizes = [s for s in (start, length, n - start - length) if s > 0]
-        parts = ctx.split(xa, "sum", sizes)
-        if parts is None:
-            ctx.freeze([oa], "slice of frozen channels")
-            continue
-        ctx.unify(parts[1] if start > 0 else parts[0], oa)
-        if start > 0:
-            ctx.slice_bound(node, 1, k, xa, raw_start)
-        if end < n:
-            ctx.slice_bound(node, 2, k, xa, raw_end)
+        elif done == "part":
+            if start > 0:
+                ctx.slice_bound(node, 1, k, ctx.dims(x)[i], raw_start)
+            if end < n:
+                ctx.slice_bound(node, 2, k, ctx.dims(x)[i], raw_end)
 
 
 @onnx_rule("Gather")
@@ -763,29 +728,14 @@ def _gather(ctx: OnnxRuleContext, node: ir.Node) -> None:
 
     Output dims are data[:axis] + indices dims + data[axis + 1:].
     """
-    data, idx, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    sd, si = _shape(ctx, data), _shape(ctx, idx)
-    axis = _axis(int(_attr(node, "axis", 0)), len(sd))
-    ctx.freeze([ctx.dims(data)[axis]], "indexed by tensor indices")
-    for i in range(axis):
-        ctx.unify_dims(data, i, out, i)
-    for j in range(len(si)):
-        ctx.unify_dims(idx, j, out, axis + j)
-    for i in range(axis + 1, len(sd)):
-        ctx.unify_dims(data, i, out, i - 1 + len(si))
+    families.gather(ctx, node.inputs[0], node.outputs[:1], int(_attr(node, "axis", 0)), node.inputs[1],
+                    "indexed by tensor indices")
 
 
 @onnx_rule("GatherElements")
 def _gather_elements(ctx: OnnxRuleContext, node: ir.Node) -> None:
     """Element-wise gather along an axis: that axis is frozen; the output has the indices' dims."""
-    data, idx, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    sd, so = _shape(ctx, data), _shape(ctx, out)
-    axis = _axis(int(_attr(node, "axis", 0)), len(sd))
-    ctx.freeze([ctx.dims(data)[axis], ctx.dims(out)[axis]], "indexed by tensor indices")
-    ctx.same_dims(idx, out)
-    for i in range(len(sd)):
-        if i != axis and sd[i] == so[i]:
-            ctx.unify_dims(data, i, out, i)
+    families.take_along(ctx, node.inputs[0], node.outputs[0], int(_attr(node, "axis", 0)), node.inputs[1])
 
 
 @onnx_rule("GatherND", "ScatterND", "ScatterElements", "NonZero", "Compress", "Unique", "OneHot",

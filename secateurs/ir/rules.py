@@ -308,8 +308,8 @@ class RuleContext:
             self.table.freeze(atom, f"incompatible channel structure at {self.where()}: {exc}")
             return None
 
-    def freeze(self, atoms: Iterable[int], why: str, *, channel: bool = True) -> None:
-        """Freeze ``atoms`` with a reason naming the current node (``channel=False``: not a channel dim)."""
+    def freeze(self, atoms: Iterable[int], why: str, *, channel: bool | None = True) -> None:
+        """Freeze ``atoms`` with a reason naming the current node (``channel``: see :meth:`AtomTable.freeze`)."""
         for a in atoms:
             self.mark(a)
             self.table.freeze(a, f"{why} at {self.where()}", channel=channel)
