@@ -124,12 +124,30 @@ def test_channels_a_constant_of_the_analysis_ties_are_frozen_and_reported(tmp_pa
     """An index tensor computed from sizes and constants has a literal C: the channels it meets are listed."""
     model = models.ShapeIndexGather().eval()
     inputs = (torch.randn(2, 5, 6),)
-    pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, ratio=0.5)
+    src = tmp_path / "model.onnx"
+    export_onnx(model, inputs, src)
+    report = sc.prune(copy.deepcopy(model), inputs, ratio=0.5, round_to=1)
     assert _sizes(report.changes) == [(8, 4)]  # PyTorch re-derives the index's shape from h
-    assert onnx_report.changes == []
-    tied = [f for f in onnx_report.frozen if "computed from sizes and constants" in f.reason]
-    assert [f.size for f in tied] == [8], onnx_report.frozen
-    _assert_same(_run(dst, inputs), _torch(model, inputs))
+    info = analyze_onnx(load_onnx(src))
+    assert info.groups == {}
+    tied = [f for f in info.frozen if "computed from sizes and constants" in f.reason]
+    assert [f.size for f in tied] == [8], info.frozen
+    with pytest.raises(BudgetError, match="selects no prunable group.*computed from sizes and constants"):
+        prune_onnx(src, tmp_path / "pruned.onnx", ratio=0.5, round_to=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_structure_ratio_that_selects_nothing_in_an_onnx_file_is_refused(tmp_path):
+    """As in memory: --channels on a file whose groups are all FFN neurons is an error, nothing written."""
+    model = models.IndexOps().eval()
+    inputs = (torch.randn(2, 5, 6),)
+    src = tmp_path / "model.onnx"
+    export_onnx(model, inputs, src)
+    with pytest.raises(BudgetError, match=r"channels=0.5 \(--channels\) selects no group.*use ffn="):
+        prune_onnx(src, tmp_path / "pruned.onnx", channels=0.5, round_to=1)
+    with pytest.raises(BudgetError, match="removes no channel"):
+        prune_onnx(src, tmp_path / "pruned.onnx", ffn=0.05, round_to=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 @pytest.mark.parametrize("target", ["params", "flops"])
@@ -255,9 +273,10 @@ def test_slice_bounds_follow_the_kept_channels(tmp_path):
 def test_ignored_modules_stay_whole(tmp_path):
     model = models.Grouped().eval()
     export_onnx(model, SMALL["Grouped"], tmp_path / "g.onnx")
-    report = prune_onnx(tmp_path / "g.onnx", tmp_path / "p.onnx", ratio=0.5, round_to=1, ignore=["gconv"])
-    assert all("gconv" not in c.name for c in report.changes)
-    assert any(f.reason == "ignored by the user" for f in report.frozen)
+    # Every group of this model reaches gconv, so nothing is left to prune: refused as in memory, nothing written.
+    with pytest.raises(BudgetError, match="selects no prunable group.*ignored by the user"):
+        prune_onnx(tmp_path / "g.onnx", tmp_path / "p.onnx", ratio=0.5, round_to=1, ignore=["gconv"])
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_ratio_zero_is_bit_identical(tmp_path, bert_onnx):

@@ -24,7 +24,8 @@ from secateurs.passes.base import Pass, PassResult, transaction
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.masked import masked_mismatch
 
-__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible", "plan_keep", "round_keep"]
+__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible", "plan_keep", "require_removal",
+           "round_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
             and (hidden_ok or group.mixed_at is None))
 
 
-def _require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, np.ndarray], exclude: set[int],
+def require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, np.ndarray], exclude: set[int],
                      frozen: Sequence[FrozenGroup]) -> None:
     """Refuse a plan that removes nothing of a structure the options asked to prune (never exit 0 with less done).
 
@@ -380,7 +381,7 @@ class PruneChannels(Pass):
         for attempt in range(opts.max_retries + 1):
             keep = plan_keep(graph, info, scores, opts, exclude, per_group)
             if per_group is None and opts.require:
-                _require_removal(info, opts, keep, exclude, frozen)
+                require_removal(info, opts, keep, exclude, frozen)
             if not keep:
                 return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
             kept_counts = {g: int(m.sum()) for g, m in keep.items()}

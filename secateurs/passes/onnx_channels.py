@@ -19,10 +19,10 @@ import onnx_ir.passes.common as ir_passes
 
 from secateurs.errors import BudgetError, PassContractError, VerificationError
 from secateurs.frontends.onnx_model import propagate_shapes
-from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
+from secateurs.ir.depgraph import DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.onnx_depgraph import Cut, OnnxDependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
-from secateurs.passes.channels import ChannelOptions, GroupChange, plan_keep
+from secateurs.passes.channels import ChannelOptions, GroupChange, plan_keep, require_removal
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
 
@@ -113,8 +113,12 @@ class PruneOnnxChannels(OnnxPass):
                     g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
                 ))
         params_before, flops_before = info.predict_params({}), info.predict_flops(graph, {})
+        if opts.require:  # a structure asked for that selects or removes nothing is refused, as in memory
+            require_kinds(info, opts.kind_ratios)
         keep = plan_keep(None, info, scores, opts,
                          cost=lambda kept: (info.predict_params(kept), info.predict_flops(graph, kept)))
+        if opts.require:
+            require_removal(info, opts, keep, set(), frozen)
         if not keep:
             record = OnnxPruneRecord(opts, [], frozen, params_before, params_before, flops_before, flops_before)
             return OnnxPassResult(graph, False, record)
