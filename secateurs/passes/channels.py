@@ -24,8 +24,8 @@ from secateurs.passes.base import Pass, PassResult, transaction
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.masked import masked_mismatch
 
-__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible", "plan_keep", "require_removal",
-           "round_keep"]
+__all__ = ["ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible", "left_alone", "plan_keep",
+           "require_removal", "round_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,28 @@ def eligible(group: ChannelGroup, opts: ChannelOptions) -> bool:
             and (hidden_ok or group.mixed_at is None))
 
 
+def left_alone(info: DependencyInfo, opts: ChannelOptions) -> list[FrozenGroup]:
+    """The groups the options keep whole, each with why (both dialects' pruners report these).
+
+    Ignored by the user, left to another pass, or a hidden size (its channels enter a normalisation) that was
+    not asked for.
+    """
+    out = []
+    for g in info.iter_groups():
+        names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
+        if _ignored(g, opts.ignore):
+            out.append(FrozenGroup(g.size, names, "ignored by the user"))
+        elif (why := _left(g, opts)) is not None:
+            out.append(FrozenGroup(g.size, names, why))
+        elif g.mixed_at is not None and not eligible(g, opts):
+            out.append(FrozenGroup(
+                g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
+            ))
+    return out
+
+
 def require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, np.ndarray], exclude: set[int],
-                     frozen: Sequence[FrozenGroup]) -> None:
+                    frozen: Sequence[FrozenGroup]) -> None:
     """Refuse a plan that removes nothing of a structure the options asked to prune (never exit 0 with less done).
 
     Raises:
@@ -363,17 +383,7 @@ class PruneChannels(Pass):
         means = {k: v.mean for k, v in scored.inputs.items()}
         compensated = (0, 0)
         exclude: set[int] = set()
-        frozen = list(info.frozen)
-        for g in info.iter_groups():
-            names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
-            if _ignored(g, opts.ignore):
-                frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
-            elif (why := _left(g, opts)) is not None:
-                frozen.append(FrozenGroup(g.size, names, why))
-            elif g.mixed_at is not None and not eligible(g, opts):
-                frozen.append(FrozenGroup(
-                    g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
-                ))
+        frozen = [*info.frozen, *left_alone(info, opts)]
         budget = graph.analyses.get(LayerBudget)
         per_group = budget.ratios if budget is not None else None
         if per_group is None and opts.require:

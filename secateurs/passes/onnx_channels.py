@@ -22,7 +22,7 @@ from secateurs.frontends.onnx_model import propagate_shapes
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.onnx_depgraph import Cut, OnnxDependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
-from secateurs.passes.channels import ChannelOptions, GroupChange, plan_keep, require_removal
+from secateurs.passes.channels import ChannelOptions, GroupChange, left_alone, plan_keep, require_removal
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
 
@@ -63,14 +63,6 @@ class OnnxPruneRecord:
     cuts: list[Cut] = dataclasses.field(default_factory=list, repr=False)
 
 
-def _ignored(names: set[str], ignore: tuple[str, ...]) -> bool:
-    for mod in names:
-        for pat in ignore:
-            if mod == pat or (pat.endswith(".") and mod.startswith(pat)) or mod.startswith(pat + "."):
-                return True
-    return False
-
-
 class PruneOnnxChannels(OnnxPass):
     """Transform pass: remove the least important channels of every group and rewrite the ONNX graph.
 
@@ -102,16 +94,7 @@ class PruneOnnxChannels(OnnxPass):
             raise PassContractError("PruneOnnxChannels needs the dependency analysis of an ONNX graph")
         scores = graph.analysis(ChannelScores).scores
         opts = self.options
-        frozen = list(info.frozen)
-        hidden_ok = opts.hidden or "hidden" in dict(opts.kind_ratios)
-        for g in info.iter_groups():
-            names = tuple(sorted({f"{m.name}[{m.dim}]" for m in g.members}))
-            if _ignored(g.module_names(), opts.ignore):
-                frozen.append(FrozenGroup(g.size, names, "ignored by the user"))
-            elif g.mixed_at is not None and not hidden_ok:
-                frozen.append(FrozenGroup(
-                    g.size, names, f"hidden size: channels enter a normalisation at {g.mixed_at}; pass hidden=True"
-                ))
+        frozen = [*info.frozen, *left_alone(info, opts)]
         params_before, flops_before = info.predict_params({}), info.predict_flops(graph, {})
         if opts.require:  # a structure asked for that selects or removes nothing is refused, as in memory
             require_kinds(info, opts.kind_ratios)
