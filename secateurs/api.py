@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from secateurs.backends.latency import LatencyTable
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import ExampleInputs, capture
-from secateurs.ir.cost import count_flops
+from secateurs.ir.aten_cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
+from secateurs.modeling.latency import LatencyTable
 from secateurs.passes.allocate import AllocateBudget
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
@@ -36,7 +36,7 @@ from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
 from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
 from secateurs.spec import WEIGHT_DEFAULT, PruneSpec
 
-__all__ = ["WEIGHT_DEFAULT", "Report", "change_lines", "frozen_lines", "passes_for", "plan_passes", "prune", "run_passes",
+__all__ = ["WEIGHT_DEFAULT", "Report", "budget_pass", "change_lines", "frozen_lines", "passes_for", "plan_passes", "prune", "run_passes",
            "sparsity_lines"]
 
 
@@ -297,6 +297,23 @@ def plan_passes(
     return passes_for(model, spec, calib=calib)
 
 
+def budget_pass(spec: PruneSpec, min_keep: float, *, calib: Iterable[Any] | None = None,
+                backend: str = "torch") -> tuple[AllocateBudget | None, LatencyTable | None]:
+    """The allocator pass ``spec`` asks for (``allocate=``, ``speedup=``), with the latency table it reads.
+
+    Both drivers of a width step build it here: in memory and for an ONNX file (``backend`` is where latency is
+    measured by default: PyTorch for a module, ONNX Runtime for a file).
+    """
+    allocate, unit = spec.allocate, spec.budget_unit or "channels"
+    if spec.speedup is not None:
+        allocate, unit = allocate or "dp", "latency"
+    if allocate is None:
+        return None, None
+    table = LatencyTable(spec.latency_backend or backend, cache=spec.latency_cache) if unit == "latency" else None
+    return AllocateBudget(spec.default_ratio, allocate, unit=unit, min_keep=min_keep, calib=calib, latency=table,
+                          speedup=spec.speedup, kind_ratios=spec.kind_ratios), table
+
+
 def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any] | None = None,
                ) -> tuple[list[Pass], LatencyTable | None, bool]:
     """The passes of :func:`plan_passes` for a checked ``spec`` (the defaults are filled here)."""
@@ -320,7 +337,6 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         ignore=tuple(ignore), leave=leave, hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
         bias_compensation=bool(spec.bias_compensation), verify=spec.verify is not False,
     )
-    allocate, budget_unit, speedup = spec.allocate, spec.budget_unit or "channels", spec.speedup
     passes: list[Pass] = []
     table: LatencyTable | None = None
     if spec.layers:
@@ -333,13 +349,8 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         passes.append(PruneExpertNeurons(spec.expert_neurons))
     if width_runs:
         passes += [AnalyzeDependencies(), ScoreChannels(importance, calib=calib, loss_fn=spec.loss_fn)]
-        if speedup is not None:
-            allocate, budget_unit = allocate or "dp", "latency"
-        if allocate is not None:
-            table = (LatencyTable(spec.latency_backend or "torch", cache=spec.latency_cache)
-                     if budget_unit == "latency" else None)
-            passes.append(AllocateBudget(ratio, allocate, unit=budget_unit, min_keep=options.min_keep, calib=calib,
-                                         latency=table, speedup=speedup, kind_ratios=spec.kind_ratios))
+        budget, table = budget_pass(spec, options.min_keep, calib=calib)
+        passes += [budget] if budget is not None else []
         passes.append(PruneChannels(options))
     if spec.sparse:
         passes += [AnalyzeDependencies(), SparsifyWeights(spec.sparsity or 0.0, nm=spec.pattern,
@@ -351,7 +362,7 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
             if model is None:
                 raise BudgetError("reconstruct=True needs the dense model")
             passes.append(ReconstructLayers(copy.deepcopy(model), calib=calib))
-    return passes, table, speedup is not None
+    return passes, table, spec.speedup is not None
 
 
 def _check_ignore(model: nn.Module, ignore: Sequence[str]) -> None:

@@ -257,7 +257,7 @@ def inspect_checkpoint(src: str | os.PathLike[str], *, seq_len: int = 16, seed: 
                        trust_remote_code: bool = False) -> dict[str, Any]:
     """The dependency groups of a checkpoint: each group's kind and size, each frozen group's reason."""
     from secateurs.frontends.torch_export import capture
-    from secateurs.ir.cost import count_flops
+    from secateurs.ir.aten_cost import count_flops
     from secateurs.ir.depgraph import analyze
 
     source = Path(src)

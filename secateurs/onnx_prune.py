@@ -18,18 +18,18 @@ from typing import Any
 
 import onnx_ir as ir
 
-from secateurs.api import change_lines, frozen_lines
+from secateurs.api import budget_pass, change_lines, frozen_lines
 from secateurs.backends.files import guard_source
 from secateurs.backends.onnx_file import run_onnx_model, save_onnx
 from secateurs.backends.onnx_masked import cut_expect, masked_model
 from secateurs.errors import CheckpointError
 from secateurs.frontends.onnx_model import load_onnx
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
-from secateurs.ir.onnx_depgraph import OnnxDependencyInfo
+from secateurs.ir.onnx_depgraph import OnnxDependencyInfo, onnx_costs
 from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.passes.base import PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange
 from secateurs.passes.dependencies import DependencyRecord
-from secateurs.passes.onnx_base import OnnxPassManager
 from secateurs.passes.onnx_channels import OnnxPruneRecord, PruneOnnxChannels
 from secateurs.passes.onnx_dependencies import AnalyzeOnnxDependencies
 from secateurs.passes.onnx_importance import ScoreOnnxChannels
@@ -57,6 +57,8 @@ class OnnxReport:
         unsupported_ops: Nodes whose op has no rule (their channels are frozen).
         shapes: The static input shapes the analysis used (symbolic dims given a size).
         seconds: Wall time of loading + analysis + pruning, and of writing + checking.
+        latency_before: With ``speedup``: median seconds of one run in ONNX Runtime before (analysis shapes).
+        latency_after: The same after pruning.
 
     """
 
@@ -71,6 +73,8 @@ class OnnxReport:
     unsupported_ops: list[str]
     shapes: dict[str, tuple[int, ...]]
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -97,6 +101,9 @@ class OnnxReport:
             + ", ".join(f"{k}{list(v)}" for k, v in self.shapes.items()),
             f"pruned groups: {len(self.changes)}",
         ]
+        if self.latency_before and self.latency_after:
+            lines.insert(3, f"latency {1e3 * self.latency_before:.2f} ms -> {1e3 * self.latency_after:.2f} ms "
+                            f"({self.latency_before / self.latency_after:.2f}x, ONNX Runtime CPU)")
         lines += change_lines(self.changes) + frozen_lines(self.frozen, self.unsupported_ops)
         return "\n".join(lines)
 
@@ -117,6 +124,11 @@ def prune_onnx(
     min_keep: float | None = None,
     round_to: int | None = None,
     ignore: Sequence[str] | None = None,
+    allocate: str | None = None,
+    budget_unit: str | None = None,
+    speedup: float | None = None,
+    latency_cache: str | None = None,
+    latency_backend: str | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
 ) -> OnnxReport:
@@ -141,6 +153,14 @@ def prune_onnx(
         min_keep: Per-group floor as a fraction of its channels (default 0.1).
         round_to: Keep every sliced dim a multiple of this (default 8, as :func:`secateurs.prune`; 1 disables).
         ignore: Names (or prefixes ending in ``.``) of the modules / initializers whose groups stay whole.
+        allocate: Spread the budget over the groups with an allocator (``"global"``, ``"lamp"``, ``"owl"``,
+            ``"dp"``), as :func:`secateurs.prune` does, costed on the ONNX graph.
+        budget_unit: What the allocator's budget counts: ``"channels"``, ``"params"``, ``"flops"`` or
+            ``"latency"`` (each MatMul / Gemm / Conv timed alone in ONNX Runtime at the analysis shapes).
+        speedup: A whole-model latency target (1.5 for 1.5x faster in ONNX Runtime); implies the ``dp``
+            allocator and ``budget_unit="latency"``; the report gives the latency measured before and after.
+        latency_cache: Latency cache file (default ``~/.cache/secateurs/latency.json``).
+        latency_backend: ``"onnxruntime"`` (the only one for a file).
         input_shapes: Static shapes for inputs with symbolic dims, for the analysis (see
             :func:`~secateurs.frontends.onnx_model.load_onnx`).
         verify: Run the written model once in ONNX Runtime before moving it into place.
@@ -157,7 +177,9 @@ def prune_onnx(
     """
     spec = PruneSpec.parse({"ratio": ratio, "heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels,
                             "hidden": hidden, "importance": importance, "scope": scope, "target": target,
-                            "min_keep": min_keep, "round_to": round_to, "ignore": ignore},
+                            "min_keep": min_keep, "round_to": round_to, "ignore": ignore, "allocate": allocate,
+                            "budget_unit": budget_unit, "speedup": speedup, "latency_cache": latency_cache,
+                            "latency_backend": latency_backend},
                            path="onnx", where="prune_onnx()").resolved(calibrated=False, path="onnx")
     options = ChannelOptions(ratio=spec.default_ratio, scope=spec.scope or "local", target=spec.target or "channels",
                              min_keep=0.1 if spec.min_keep is None else spec.min_keep,
@@ -165,6 +187,7 @@ def prune_onnx(
                              hidden=spec.hidden is True, kind_ratios=spec.kind_ratios, verify=False)
     scorer = ScoreOnnxChannels(spec.importance or "l2")  # resolved: never None
     pruner = PruneOnnxChannels(options)
+    budget, table = budget_pass(spec, options.min_keep, backend="onnxruntime")
     start = time.perf_counter()
     if dst is not None:
         guard_source(src, dst, "the output")
@@ -176,7 +199,8 @@ def prune_onnx(
               if v.name and not v.is_initializer() and v.name in graph.shapes}
     small = verify and dst is not None and _bytes(graph) < 1_800_000_000
     dense = ir.serde.deserialize_model(ir.serde.serialize_model(graph.model)) if small else None
-    results = OnnxPassManager([AnalyzeOnnxDependencies(), scorer, pruner])(graph)
+    latency_before = table.model_latency(graph) if table is not None and spec.speedup is not None else None
+    results = PassManager([AnalyzeOnnxDependencies(), scorer, *([budget] if budget else []), pruner])(graph).results
     deps = results[0][1].record
     record = results[-1][1].record
     assert isinstance(deps, DependencyRecord) and isinstance(record, OnnxPruneRecord)
@@ -192,6 +216,11 @@ def prune_onnx(
             expect, why = cut_expect(masked, results[-1][1].graph.model, record.cuts, shapes)
             if why is not None:
                 log.warning("the masked-model check does not run on this pruning of a hidden size: %s", why)
+    latency_after = None
+    if table is not None:
+        table.save()
+        if latency_before is not None:
+            latency_after = table.model_latency(results[-1][1].graph)
     out = save_onnx(results[-1][1].graph, dst, run_inputs=shapes if verify else None,
                     expect=expect) if dst is not None else None
     return OnnxReport(
@@ -200,6 +229,7 @@ def prune_onnx(
         flops_before=record.flops_before, flops_after=record.flops_after,
         changes=record.changes, frozen=record.frozen, unsupported_ops=list(deps.unsupported_ops), shapes=shapes,
         seconds={"analyse_and_prune": analysed - start, "write_and_check": time.perf_counter() - analysed},
+        latency_before=latency_before, latency_after=latency_after,
     )
 
 
@@ -243,7 +273,7 @@ def inspect_onnx(src: str | os.PathLike[str], *, input_shapes: Mapping[str, Sequ
     from secateurs.report import layer_of
 
     graph = load_onnx(src, input_shapes=input_shapes)
-    results = OnnxPassManager([AnalyzeOnnxDependencies()])(graph)
+    results = PassManager([AnalyzeOnnxDependencies()])(graph).results
     graph = results[0][1].graph
     info = graph.analysis(DependencyInfo)
     assert isinstance(info, OnnxDependencyInfo)
@@ -255,7 +285,7 @@ def inspect_onnx(src: str | os.PathLike[str], *, input_shapes: Mapping[str, Sequ
             layers[layer_of(value.name)] = layers.get(layer_of(value.name), 0) + int(graph.array(value.name).size)
     return {
         "params": graph.param_count(),
-        "flops": info.predict_flops(graph, {}),
+        "flops": onnx_costs(graph, info).flops({}),
         "groups": [{"name": g.name, "kind": g.kind, "size": g.size, "params_per_channel": g.params_per_channel}
                    for g in info.iter_groups()],
         "frozen": [{"members": list(f.members), "size": f.size, "reason": f.reason} for f in info.frozen],

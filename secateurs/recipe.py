@@ -264,7 +264,7 @@ def build_passes(recipe: Recipe, model: nn.Module | None, *, calib: Iterable[Any
 
     """
     from secateurs.api import plan_passes
-    from secateurs.backends.latency import LatencyTable
+    from secateurs.modeling.latency import LatencyTable
 
     passes: list[Pass] = []
     provided: set[type] = set()

@@ -23,7 +23,7 @@ from torch import nn
 
 from secateurs.backends.files import atomic_file
 from secateurs.errors import CheckpointError
-from secateurs.ir.cost import flops_by_module
+from secateurs.ir.aten_cost import flops_by_module
 from secateurs.ir.graph import Graph
 from secateurs.passes.depth import DepthRecord
 

@@ -144,7 +144,7 @@ def test_tied_weights_are_one_tensor():
 
 
 def test_per_channel_costs_match_the_layer_arithmetic():
-    from secateurs.ir.cost import count_flops, per_channel_costs
+    from secateurs.ir.aten_cost import count_flops, per_channel_costs
 
     graph = sc.capture(models.FlattenHead().eval(), (torch.randn(1, 3, 4, 4),))
     info = analyze(graph)

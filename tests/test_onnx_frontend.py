@@ -6,6 +6,7 @@ channels are dead; typed errors and no file left behind on malformed input.
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -162,6 +163,59 @@ def test_params_and_flops_targets_are_met_on_the_onnx_graph_as_in_pytorch(name, 
                      else (onnx_report.flops_before, onnx_report.flops_after))
     assert after <= 0.7 * before
     _assert_same(_run(dst, inputs), _torch(pruned, inputs))
+
+
+@pytest.mark.parametrize(("allocate", "unit"), [("global", "channels"), ("lamp", "params"), ("dp", "flops"),
+                                              ("owl", "channels")])
+def test_the_budget_allocators_run_on_an_onnx_file_as_on_the_module(allocate, unit, tmp_path, bert_onnx):
+    """The same AllocateBudget pass and cost model over the ONNX graph: the per-group widths equal the PyTorch
+    path's, the budget is met, and the file runs and matches the pruned module."""
+    model, inputs, src = bert_onnx
+    pruned, report, onnx_report, dst = _parity(tmp_path, model, inputs, src, ffn=0.4, allocate=allocate,
+                                               budget_unit=unit)
+    assert onnx_report.changes and _sizes(onnx_report.changes) == _sizes(report.changes)
+    widths = {c.after for c in onnx_report.changes}
+    if allocate != "global":  # global ranks raw scores: equal layers may still get equal widths
+        assert len(widths) > 1 or unit == "channels", "a layer-adaptive allocation"
+    ffn = [c for c in onnx_report.changes if c.before == 96]
+    removed = sum(c.before - c.after for c in ffn) / sum(c.before for c in ffn)
+    assert removed == pytest.approx(0.4, abs=0.05)
+    _assert_same(_run(dst, inputs), _torch(pruned, inputs))
+
+
+def test_allocators_that_run_the_model_are_refused_for_an_onnx_file(tmp_path, bert_onnx):
+    _, _, src = bert_onnx
+    with pytest.raises(BudgetError, match="ecoflap.*cannot run in an ONNX file.*choose from global, lamp, owl, dp"):
+        prune_onnx(src, tmp_path / "out.onnx", ffn=0.4, allocate="ecoflap")
+    # the pass itself refuses too, for a pipeline built by hand
+    from secateurs.passes import AllocateBudget, PassManager
+    from secateurs.passes.onnx_dependencies import AnalyzeOnnxDependencies
+    from secateurs.passes.onnx_importance import ScoreOnnxChannels
+
+    with pytest.raises(BudgetError, match="the cfsp allocator runs the model"):
+        PassManager([AnalyzeOnnxDependencies(), ScoreOnnxChannels(), AllocateBudget(0.3, "cfsp")])(load_onnx(src))
+    with pytest.raises(BudgetError, match="latency_backend"):
+        prune_onnx(src, tmp_path / "out.onnx", ffn=0.4, allocate="dp", budget_unit="latency", latency_backend="torch")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_latency_budget_on_an_onnx_file_is_timed_in_onnx_runtime(tmp_path, bert_onnx):
+    """budget_unit='latency': every MatMul / Gemm a group slices is timed alone in ONNX Runtime (cached), the
+    DP allocator spends the budget by measured time, and ``speedup`` reports the whole file's latency."""
+    _, _, src = bert_onnx
+    cache = tmp_path / "latency.json"
+    report = prune_onnx(src, tmp_path / "out.onnx", ffn=0.5, allocate="dp", budget_unit="latency",
+                        latency_cache=str(cache))
+    assert report.changes and report.params_after < report.params_before
+    entries = json.loads(cache.read_text())
+    assert entries and all(k.startswith("onnxruntime|") and "|onnx|" in k for k in entries)
+    assert all(v > 0 for v in entries.values())
+    again = prune_onnx(src, tmp_path / "again.onnx", ffn=0.5, allocate="dp", budget_unit="latency",
+                       latency_cache=str(cache))
+    assert json.loads(cache.read_text()) == entries  # nothing new measured: the same layers, the same plan
+    assert _sizes(again.changes) == _sizes(report.changes)
+    fast = prune_onnx(src, tmp_path / "fast.onnx", speedup=1.05, latency_cache=str(cache))
+    assert fast.latency_before and fast.latency_after and "ONNX Runtime CPU" in str(fast)
 
 
 def test_bert_heads_and_ffn_match_the_pytorch_path(tmp_path, bert_onnx):

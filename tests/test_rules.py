@@ -107,7 +107,7 @@ def test_a_rule_table_given_to_the_analysis_adds_a_rule_without_touching_the_bui
 
 def test_the_cost_of_a_plan_counts_with_the_rules_the_analysis_ran_with():
     import secateurs as sc
-    from secateurs.ir.cost import predict_cost
+    from secateurs.ir.aten_cost import predict_cost
     from secateurs.ir.depgraph import DependencyInfo
     from secateurs.passes import AnalyzeDependencies
 

@@ -14,10 +14,10 @@ import torch
 from torch import fx
 
 from secateurs.errors import UnsupportedOpError
-from secateurs.ir import families
+from secateurs.ir import cost, families
 from secateurs.ir.aten_args import arg as _arg
 from secateurs.ir.aten_args import tensor_args as _tensor_args
-from secateurs.ir.rules import RULES, RuleContext, ShapeOf, numel, op_rule
+from secateurs.ir.rules import RULES, RuleContext, ShapeOf, op_rule
 
 __all__: list[str] = []
 
@@ -157,8 +157,7 @@ def _weight_norm(ctx: RuleContext, node: fx.Node) -> None:
 # ------------------------------------------------------------------------------------------- linear algebra
 def _linear_flops(node: fx.Node, shape_of: ShapeOf) -> float:
     w = shape_of(node.args[1])
-    out = shape_of(node)
-    return 2.0 * numel(out) * (w[1] if w else 0)
+    return cost.matmul_flops(shape_of(node), w[1] if w else 0)
 
 
 @op_rule(aten.linear.default, flops=_linear_flops)
@@ -172,8 +171,7 @@ def _linear(ctx: RuleContext, node: fx.Node) -> None:
 
 def _matmul_flops(node: fx.Node, shape_of: ShapeOf) -> float:
     a = shape_of(node.args[0])
-    out = shape_of(node)
-    return 2.0 * numel(out) * (a[-1] if a else 0)
+    return cost.matmul_flops(shape_of(node), a[-1] if a else 0)
 
 
 def _matmul_core(ctx: RuleContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
@@ -190,8 +188,7 @@ def _matmul(ctx: RuleContext, node: fx.Node) -> None:
 
 
 def _grouped_mm_flops(node: fx.Node, shape_of: ShapeOf) -> float:
-    x, w = shape_of(node.args[0]), shape_of(node.args[1])
-    return 2.0 * x[0] * x[1] * w[-1] if x and w and len(x) == 2 else 0.0  # each token through one expert
+    return cost.grouped_mm_flops(shape_of(node.args[0]), shape_of(node.args[1]))
 
 
 def _grouped_mm(ctx: RuleContext, node: fx.Node) -> None:
@@ -220,7 +217,7 @@ RULES.register_named(["transformers.grouped_mm_fallback.default"], _grouped_mm, 
 
 def _addmm_flops(node: fx.Node, shape_of: ShapeOf) -> float:
     a = shape_of(node.args[1])
-    return 2.0 * numel(shape_of(node)) * (a[-1] if a else 0)
+    return cost.matmul_flops(shape_of(node), a[-1] if a else 0)
 
 
 @op_rule(aten.addmm.default, aten.baddbmm.default, flops=_addmm_flops)
@@ -232,10 +229,7 @@ def _addmm(ctx: RuleContext, node: fx.Node) -> None:
 
 def _sdpa_flops(node: fx.Node, shape_of: ShapeOf) -> float:
     q, k, v = (shape_of(a) for a in node.args[:3])
-    if not (q and k and v):
-        return 0.0
-    batch = numel(q[:-2])
-    return 2.0 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    return cost.attention_flops(q, k, v)
 
 
 @op_rule(aten.scaled_dot_product_attention.default, flops=_sdpa_flops)
@@ -289,11 +283,9 @@ def _conv_flops(node: fx.Node, shape_of: ShapeOf) -> float:
     out = shape_of(node)
     if not w or not out:
         return 0.0
-    transposed = node.target in _CONV_T or bool(_arg(node, "transposed", False))
-    if transposed:
-        x = shape_of(node.args[0])
-        return 2.0 * numel(x) * numel(w[1:])
-    return 2.0 * numel(out) * numel(w[1:])
+    if node.target in _CONV_T or bool(_arg(node, "transposed", False)):
+        return cost.conv_transpose_flops(shape_of(node.args[0]), w)
+    return cost.conv_flops(out, w)
 
 
 _CONV = [aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,

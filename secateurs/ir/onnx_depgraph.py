@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from secateurs.errors import CaptureError
 from secateurs.ir.atoms import AtomTable
+from secateurs.ir.cost import CostModel
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup, Member
 from secateurs.ir.onnx_graph import OnnxGraph
 from secateurs.ir.onnx_rules import (
@@ -30,7 +31,7 @@ from secateurs.ir.onnx_rules import (
     SliceBound,
 )
 
-__all__ = ["Cut", "OnnxDependencyInfo", "analyze_onnx"]
+__all__ = ["Cut", "OnnxDependencyInfo", "analyze_onnx", "onnx_costs"]
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +69,19 @@ class OnnxDependencyInfo(DependencyInfo):
     flop_nodes: list[tuple[ir.Node, OnnxFlopFn]] = dataclasses.field(default_factory=list)
     params: frozenset[str] = frozenset()
 
-    def predict_params(self, kept: dict[int, int]) -> int:
-        """Parameter elements when each group ``g`` keeps ``kept[g]`` channels."""
-        memo: dict[int, int] = {}
-        return sum(math.prod(self.shape_under((name, -1), kept, memo)) for name in self.params)
 
-    def predict_flops(self, graph: OnnxGraph, kept: dict[int, int]) -> float:
-        """FLOPs of one call at the analysis shapes when each group ``g`` keeps ``kept[g]`` channels."""
-        memo: dict[int, int] = {}
 
-        def shape_of(value: ir.Value | None) -> tuple[int, ...] | None:
-            if value is None or not value.name:
-                return None
-            if (value.name, -1) in self.values:
-                return self.shape_under((value.name, -1), kept, memo)
-            return graph.shape(value)
+def onnx_costs(graph: OnnxGraph, info: OnnxDependencyInfo) -> CostModel:
+    """The cost model of an analysed ONNX graph (the ONNX side of :mod:`secateurs.ir.cost`).
 
-        return float(sum(fn(node, shape_of) for node, fn in self.flop_nodes))
+    Parameters are the scored weights (``info.params``); FLOPs come from the nodes the op rules gave a FLOP
+    function, with the static shape of every value the analysis does not track.
+    """
+
+    def key(value: ir.Value | None) -> tuple[str, int] | None:
+        return (value.name, -1) if value is not None and value.name else None
+
+    return CostModel(info, 0, tuple((name, -1) for name in sorted(info.params)), info.flop_nodes, key, graph.shape)
 
 
 def _classify(group: ChannelGroup, tags: dict[int, set[str]], ctx: OnnxRuleContext) -> str:

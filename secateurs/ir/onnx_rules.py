@@ -13,14 +13,13 @@ Ops absent from this table freeze every dimension they touch and are reported.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
 from secateurs.errors import UnsupportedOpError
-from secateurs.ir import families
+from secateurs.ir import cost, families
 from secateurs.ir.onnx_context import (
     SIZE_INPUTS,
     AttrSize,
@@ -88,8 +87,7 @@ def _shape(ctx: OnnxRuleContext, value: ir.Value | None) -> Shape:
     return shape
 
 
-def _numel(shape: Shape | None) -> int:
-    return math.prod(shape) if shape is not None else 0
+_numel = cost.numel
 
 
 # ---------------------------------------------------------------------------------------- elementwise
@@ -152,7 +150,7 @@ def _topk(ctx: OnnxRuleContext, node: ir.Node) -> None:
 # ------------------------------------------------------------------------------------ linear algebra
 def _matmul_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
     a = shape_of(node.inputs[0])
-    return 2.0 * _numel(shape_of(node.outputs[0])) * (a[-1] if a else 0)
+    return cost.matmul_flops(shape_of(node.outputs[0]), a[-1] if a else 0)
 
 
 @onnx_rule("MatMul", flops=_matmul_flops)
@@ -174,7 +172,7 @@ def _matmul(ctx: OnnxRuleContext, node: ir.Node) -> None:
 def _gemm_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
     a = shape_of(node.inputs[0])
     k = (a[0] if _attr(node, "transA", 0) else a[1]) if a else 0
-    return 2.0 * _numel(shape_of(node.outputs[0])) * k
+    return cost.matmul_flops(shape_of(node.outputs[0]), k)
 
 
 @onnx_rule("Gemm", flops=_gemm_flops)
@@ -195,8 +193,8 @@ def _conv_flops(node: ir.Node, shape_of: OnnxShapeOf) -> float:
     if not w or not out:
         return 0.0
     if node.op_type == "ConvTranspose":
-        return 2.0 * _numel(shape_of(node.inputs[0])) * _numel(w[1:])
-    return 2.0 * _numel(out) * _numel(w[1:])
+        return cost.conv_transpose_flops(shape_of(node.inputs[0]), w)
+    return cost.conv_flops(out, w)
 
 
 @onnx_rule("Conv", "ConvTranspose", flops=_conv_flops)

@@ -10,7 +10,6 @@ channel free. Ops with no rule freeze every dimension they touch.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -345,6 +344,3 @@ class RuleContext:
         self.module_attrs.append((weight.name, attr, atom))
 
 
-def numel(shape: Shape | None) -> int:
-    """Number of elements of a shape (0 for None)."""
-    return math.prod(shape) if shape is not None else 0

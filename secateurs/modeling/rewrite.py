@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,28 +32,100 @@ log = logging.getLogger(__name__)
 _MISSING = object()
 
 
+ROLLBACK_MEMORY = int(os.environ.get("SECATEURS_ROLLBACK_MEMORY", str(2 << 30)))
+"""Bytes of old tensor values a :class:`Snapshot` keeps in memory; beyond it they are written to a temporary
+folder (``SECATEURS_ROLLBACK_MEMORY`` sets it; 0 writes every copy to disk)."""
+
+_MODULE_STATE = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks")
+
+
+@dataclasses.dataclass
+class _Spilled:
+    """An old tensor value written to disk by a :class:`Snapshot` (read back with ``weights_only``)."""
+
+    path: str
+
+
 @dataclasses.dataclass
 class Snapshot:
-    """Old values of everything :func:`apply_keep` replaced, newest last."""
+    """Old values of everything a transform replaced or edited, newest last, so it can be rolled back exactly.
+
+    Three kinds of record: a replaced parameter / buffer / attribute (:meth:`record`: the old object is kept, no
+    copy), a module's whole state before a structural edit (:meth:`record_module`: its parameter, buffer,
+    submodule and hook tables and instance attributes, shallow), and the values of a tensor about to be edited
+    in place (:meth:`record_values`: a copy, kept in memory up to :data:`ROLLBACK_MEMORY` bytes in all and in
+    a temporary folder beyond). :meth:`discard` frees the copies once the change is kept.
+    """
 
     entries: list[tuple[Any, str, str, Any]] = dataclasses.field(default_factory=list)
+    edited: set[int] = dataclasses.field(default_factory=set)
+    held: int = 0
+    _folder: str | None = dataclasses.field(default=None, repr=False)
 
     def record(self, owner: Any, kind: str, name: str, old: Any) -> None:
         """Remember ``owner``'s ``name`` (``kind`` is ``param``, ``buffer`` or ``attr``) before a change."""
         self.entries.append((owner, kind, name, old))
 
+    def record_module(self, module: nn.Module) -> None:
+        """Remember ``module``'s tables and instance attributes before a structural edit.
+
+        A submodule replaced, a weight reparametrised by ``torch.nn.utils.prune``: tensors in them are kept, not
+        copied.
+        """
+        state = {key: dict(getattr(module, key)) for key in _MODULE_STATE}
+        self.entries.append((module, "module", "", (state, dict(module.__dict__))))
+
+    def record_values(self, tensor: torch.Tensor) -> None:
+        """Copy ``tensor``'s values before it is edited in place (once per tensor and snapshot)."""
+        if id(tensor) in self.edited:
+            return
+        self.edited.add(id(tensor))
+        old = tensor.detach()
+        size = old.numel() * old.element_size()
+        if self.held + size <= ROLLBACK_MEMORY:
+            self.held += size
+            saved: Any = old.clone()
+        else:
+            if self._folder is None:
+                self._folder = tempfile.mkdtemp(prefix="secateurs-rollback-")
+            path = os.path.join(self._folder, f"{len(self.entries)}.pt")
+            torch.save(old.cpu().contiguous(), path)
+            saved = _Spilled(path)
+        self.entries.append((tensor, "values", "", saved))
+
     def restore(self) -> None:
-        """Put every recorded value back, in reverse order."""
+        """Put every recorded value back, in reverse order, then free the copies."""
         for owner, kind, name, old in reversed(self.entries):
             if kind == "param":
                 owner._parameters[name] = old
             elif kind == "buffer":
                 owner._buffers[name] = old
+            elif kind == "values":
+                value = torch.load(old.path, weights_only=True) if isinstance(old, _Spilled) else old
+                with torch.no_grad():
+                    owner.copy_(value)
+            elif kind == "module":
+                state, attrs = old
+                for key in [k for k in owner.__dict__ if k not in attrs]:
+                    del owner.__dict__[key]
+                owner.__dict__.update(attrs)
+                for key, table in state.items():
+                    getattr(owner, key).clear()
+                    getattr(owner, key).update(table)
             elif old is _MISSING:
                 delattr(owner, name)
             else:
                 setattr(owner, name, old)
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget every record (the change is kept) and delete copies written to disk."""
         self.entries.clear()
+        self.edited.clear()
+        self.held = 0
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
 
 def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:

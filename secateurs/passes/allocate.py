@@ -4,7 +4,7 @@ Each allocator is an analysis pass that reads :class:`DependencyInfo` and :class
 :class:`LayerBudget` (a fraction to remove per group); :class:`PruneChannels` follows it when present.
 Budgets are a fraction of the eligible groups' channels (``unit="channels"``), of the parameters those
 channels own (``unit="params"``), of the FLOPs they cost on the example inputs (``unit="flops"``) or of the
-time their layers take, measured with a :class:`~secateurs.backends.latency.LatencyTable`
+time their layers take, measured with a :class:`~secateurs.modeling.latency.LatencyTable`
 (``unit="latency"``); each channel is weighted by what removing it saves. A latency budget can be a
 ``speedup`` of the whole model instead of a ratio ("make it 1.5x faster").
 
@@ -36,12 +36,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from secateurs.backends.latency import LatencyTable
 from secateurs.errors import BudgetError
-from secateurs.ir.cost import per_channel_costs
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, require_kinds
 from secateurs.ir.graph import Graph
-from secateurs.passes.base import Pass, PassResult
+from secateurs.modeling.latency import LatencyTable
+from secateurs.passes.base import Pass, PassResult, cost_model
 from secateurs.passes.depth import block_influence, find_blocks
 from secateurs.passes.hooks import calibration_calls
 from secateurs.passes.importance import ChannelScores, default_loss
@@ -152,8 +151,11 @@ class AllocateBudget(Pass):
         if self.kind_ratios and speedup is not None:
             raise BudgetError("a speedup target sets the whole budget; do not combine it with per-structure ratios")
 
-    def run(self, graph: Graph) -> PassResult:
-        """Compute per-group ratios."""
+    def run(self, graph: Any) -> PassResult:
+        """Compute per-group ratios (on a captured PyTorch graph or an ONNX one: both are costed the same way)."""
+        if self.allocator in ("ecoflap", "cfsp") and not isinstance(graph, Graph):
+            raise BudgetError(f"the {self.allocator} allocator runs the model (its loss or its blocks' "
+                              "activations); an ONNX file takes global, lamp, owl or dp")
         info = graph.analysis(DependencyInfo)
         scores = graph.analysis(ChannelScores).scores
         require_kinds(info, self.kind_ratios.items())
@@ -162,7 +164,7 @@ class AllocateBudget(Pass):
         if not groups:
             raise BudgetError(f"no prunable groups of kinds {kinds} to spread the budget over")
         if self.unit == "flops":
-            costs = per_channel_costs(graph, info)
+            costs = cost_model(graph, info).per_channel()
             self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
         elif self.unit == "latency":
             assert self.latency is not None

@@ -23,7 +23,8 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.layers import ArmorLinear
-from secateurs.passes.base import Pass, PassResult
+from secateurs.modeling.rewrite import Snapshot
+from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 from secateurs.passes.sparsity import _nm_mask, _sparsegpt
 
@@ -110,6 +111,7 @@ class FactorizeARMOR(Pass):
 
     requires = (DependencyInfo,)
     transforms = True
+    transactional = True
 
     def __init__(self, *, calib: Iterable[Any] | None = None, block: int = 4, steps: int = 150, lr: float = 5e-3,
                  init: str = "sparsegpt", ignore: tuple[str, ...] = ()) -> None:
@@ -117,7 +119,11 @@ class FactorizeARMOR(Pass):
         self.calib, self.block, self.steps, self.lr, self.init, self.ignore = calib, block, steps, lr, init, ignore
 
     def run(self, graph: Graph) -> PassResult:
-        """Fit every eligible linear layer and re-capture."""
+        """Fit every eligible linear layer and re-capture (each replaced layer recorded in the transaction)."""
+        with recorded() as snap:
+            return self._run(graph, snap)
+
+    def _run(self, graph: Graph, snap: Snapshot) -> PassResult:
         model = graph.module
         targets = layer_targets(graph, lambda m: isinstance(m, nn.Linear), self.ignore)
         inputs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in targets}
@@ -133,7 +139,9 @@ class FactorizeARMOR(Pass):
             new = ArmorLinear(a.to(dtype), s.to(dtype), b.to(dtype),
                               None if mod.bias is None else mod.bias.detach().clone())
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            owner = model.get_submodule(parent) if parent else model
+            snap.record(owner, "attr", leaf, mod)
+            setattr(owner, leaf, new)
             layers.append((name, start, final))
         if not layers:
             return PassResult(graph, False, ArmorRecord(()))

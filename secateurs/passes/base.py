@@ -1,30 +1,39 @@
-"""Pass protocol and the pass manager.
+"""Pass protocol and the pass manager, one for both IRs (a captured PyTorch :class:`Graph` and an ONNX graph).
 
-The manager runs every transform inside one transaction: a :class:`~secateurs.modeling.rewrite.Snapshot` that
-the pass records its changes in (:func:`transaction`), kept until the pass and its checks (its ``ensures``, the
-graph invariants) have passed. If anything fails, or the run is interrupted, the manager rolls a
-``transactional`` pass back and checks that the module is as it was (the same tensors, shapes, dtypes, modules and
-size attributes) before the error goes on.
+The manager runs every transform inside one transaction, opened by the graph's :class:`Dialect`: for a PyTorch
+graph a :class:`~secateurs.modeling.rewrite.Snapshot` that the pass records its changes in (:func:`transaction`),
+for an ONNX graph a copy of the model's structure (tensors shared). It is kept until the pass and its checks
+(its ``ensures``, the dialect's graph invariants) have passed. If anything fails, or the run is interrupted, the
+manager rolls a ``transactional`` pass back and checks that the model is as it was before the error goes on: the
+same tensors, shapes, dtypes, modules and size attributes, and no tensor edited in place that the transaction
+did not copy first (torch's version counters tell). After a transform that modified the graph, every analysis
+the pass does not itself provide is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
+import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from secateurs.errors import PassContractError
+from secateurs.ir.aten_cost import aten_costs
+from secateurs.ir.cost import CostModel
+from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, check_module_attributes
 from secateurs.progress import track
 
-__all__ = ["Pass", "PassManager", "PassResult", "PipelineResult", "graph_invariants", "module_fingerprint",
-           "transaction"]
+__all__ = ["Dialect", "Pass", "PassManager", "PassResult", "PipelineResult", "Transaction", "cost_model",
+           "dialect_of", "graph_invariants", "module_fingerprint", "recorded", "register_dialect", "transaction"]
 
 _ACTIVE: contextvars.ContextVar[Snapshot | None] = contextvars.ContextVar("secateurs_transaction", default=None)
 
@@ -36,13 +45,13 @@ class PassResult:
     """What one pass did.
 
     Attributes:
-        graph: The graph after the pass (a new capture after a transform that changed the model).
+        graph: The graph after the pass (for a PyTorch transform, often a new capture of the changed model).
         modified: Whether the model changed.
         record: A typed record for the report (the pass's own dataclass), or None.
 
     """
 
-    graph: Graph
+    graph: Any
     modified: bool
     record: Any = None
 
@@ -51,13 +60,13 @@ class PassResult:
 class PipelineResult:
     """Result of a :class:`PassManager` run: the final graph and each pass's result, in order."""
 
-    graph: Graph
+    graph: Any
     results: list[tuple[str, PassResult, float]]
 
     @property
     def module(self) -> Any:
-        """The (rewritten in place) module."""
-        return self.graph.module
+        """The (rewritten in place) module, or the ONNX model."""
+        return getattr(self.graph, "module", None) or getattr(self.graph, "model", None)
 
     @property
     def modified(self) -> bool:
@@ -82,20 +91,161 @@ def transaction() -> Snapshot:
     return snap if snap is not None else Snapshot()
 
 
+@contextlib.contextmanager
+def recorded() -> Iterator[Snapshot]:
+    """The transaction for a pass's whole run (what a weight-editing pass records its edits in).
+
+    Under a manager it is the manager's; outside one, the pass's own, rolled back if the pass fails and freed
+    when it ends.
+    """
+    snap = _ACTIVE.get()
+    if snap is not None:
+        yield snap
+        return
+    own = Snapshot()
+    try:
+        yield own
+    except BaseException:
+        own.restore()
+        raise
+    own.discard()
+
+
 def module_fingerprint(module: nn.Module) -> tuple[Any, ...]:
     """What a rollback must restore.
 
-    Every submodule (name, type), tensor (name, identity, shape, dtype) and size attribute problem. Cheap (no
-    tensor data is read); in-place edits of a tensor's values are not seen, so a transactional pass replaces
-    tensors rather than editing them.
+    Every submodule (name, type), tensor (name, identity, shape, dtype), hook count and size attribute problem.
+    Cheap (no tensor data is read); in-place edits of a tensor's values are caught by :func:`_versions`.
     """
-    mods = tuple((n, type(m).__name__) for n, m in module.named_modules())
+    mods = tuple((n, type(m).__name__, len(m._forward_pre_hooks), len(m._forward_hooks))
+                 for n, m in module.named_modules())
     tensors = tuple((n, id(t), tuple(t.shape), t.dtype) for n, t in
                     [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
     return mods, tensors, tuple(check_module_attributes(module))
 
 
-Ensure = Callable[[Graph, "PassResult"], list[str]]
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return -1
+
+
+def _versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each parameter and buffer (by name) with its in-place version counter."""
+    return {n: (t, _version(t)) for n, t in [*module.named_parameters(remove_duplicate=False),
+                                             *module.named_buffers(remove_duplicate=False)]}
+
+
+class Transaction(Protocol):
+    """One transform's undo log, opened by :meth:`Dialect.begin`."""
+
+    def commit(self) -> None:
+        """Keep the change and free the undo log."""
+
+    def rollback(self) -> list[str]:
+        """Undo the change; returns what could not be restored (empty when the model is as it was)."""
+
+
+class Dialect(Protocol):
+    """What the pass manager needs from one IR: its graph invariants and a transaction over its model."""
+
+    def invariants(self, graph: Any) -> list[str]:
+        """Violations of the invariants every graph between passes satisfies."""
+
+    def begin(self, graph: Any, transactional: bool) -> Transaction:
+        """Open a transaction for one transform (``transactional``: the pass records its changes)."""
+
+    def drop_analyses(self, graph: Any, keep: tuple[type, ...]) -> None:
+        """Forget every analysis but ``keep`` after the model changed."""
+
+    def cost_model(self, graph: Any, info: Any) -> CostModel:
+        """The :class:`~secateurs.ir.cost.CostModel` of ``graph`` under its dependency analysis ``info``."""
+
+
+_DIALECTS: dict[type, Dialect] = {}
+_LAZY = {"OnnxGraph": "secateurs.passes.onnx_base"}  # dialects registered when their module is imported
+
+
+def register_dialect(graph_type: type, dialect: Dialect) -> None:
+    """Run passes over graphs of ``graph_type`` with ``dialect``."""
+    _DIALECTS[graph_type] = dialect
+
+
+def dialect_of(graph: Any) -> Dialect:
+    """The dialect registered for ``graph``'s type.
+
+    Raises:
+        PassContractError: None is (the message names the type).
+
+    """
+    for cls in type(graph).__mro__:
+        if cls in _DIALECTS:
+            return _DIALECTS[cls]
+    module = _LAZY.get(type(graph).__name__)
+    if module is not None:
+        importlib.import_module(module)
+        return dialect_of(graph) if type(graph) in _DIALECTS else _missing(graph)
+    return _missing(graph)
+
+
+def cost_model(graph: Any, info: Any) -> CostModel:
+    """The cost model of ``graph`` (either dialect) under its dependency analysis ``info``."""
+    return dialect_of(graph).cost_model(graph, info)
+
+
+def _missing(graph: Any) -> Dialect:
+    raise PassContractError(f"passes run on a secateurs Graph or OnnxGraph, not {type(graph).__name__}")
+
+
+class _TorchTransaction:
+    """A :class:`Snapshot` the pass records in, with the module's fingerprint and version counters."""
+
+    def __init__(self, graph: Graph, transactional: bool) -> None:
+        self.module = graph.module
+        self.snap = Snapshot()
+        self.transactional = transactional
+        self.before = module_fingerprint(self.module) if transactional else None
+        self.versions = _versions(self.module) if transactional else {}
+        self.token = _ACTIVE.set(self.snap)
+
+    def commit(self) -> None:
+        _ACTIVE.reset(self.token)
+        self.snap.discard()
+
+    def rollback(self) -> list[str]:
+        _ACTIVE.reset(self.token)
+        if not self.transactional:
+            self.snap.discard()
+            return []
+        edited = set(self.snap.edited)
+        self.snap.restore()
+        problems = [] if module_fingerprint(self.module) == self.before else [
+            "a replaced tensor, module or attribute was not recorded"]
+        unrecorded = [n for n, (t, v) in self.versions.items() if _version(t) != v and id(t) not in edited]
+        if unrecorded:
+            problems.append(f"tensors edited in place without a copy: {', '.join(unrecorded[:5])}")
+        return problems
+
+
+class _TorchDialect:
+    """The captured PyTorch graph."""
+
+    def invariants(self, graph: Graph) -> list[str]:
+        return graph_invariants(graph)
+
+    def begin(self, graph: Graph, transactional: bool) -> Transaction:
+        return _TorchTransaction(graph, transactional)
+
+    def drop_analyses(self, graph: Graph, keep: tuple[type, ...]) -> None:
+        for kind in [k for k in graph.analyses if k not in keep]:
+            del graph.analyses[kind]
+
+    def cost_model(self, graph: Graph, info: DependencyInfo) -> CostModel:
+        return aten_costs(graph, info)
+
+
+Ensure = Callable[[Any, "PassResult"], list[str]]
 
 
 class Pass:
@@ -104,8 +254,10 @@ class Pass:
     Subclasses set ``requires`` (analysis result types that must be present), ``provides`` (the types
     they add) and ``transforms`` (True when they rewrite the model, which drops every analysis), and
     implement :meth:`run`. A transform may also set ``ensures`` (checks ``(graph before, result) -> problems``
-    the manager runs after it) and ``transactional`` (it records every change in :func:`transaction`, so the
-    manager can roll it back exactly).
+    the manager runs after it) and ``transactional`` (it records every change in :func:`transaction` /
+    :func:`recorded`, so the manager can roll it back exactly; an ONNX transform is always rolled back, from a
+    copy of the model's structure). The same class serves both IRs: an ONNX pass's ``run`` takes an
+    ``OnnxGraph``.
     """
 
     requires: ClassVar[tuple[type, ...]] = ()
@@ -119,11 +271,11 @@ class Pass:
         """The pass's name (its class name)."""
         return type(self).__name__
 
-    def run(self, graph: Graph) -> PassResult:
-        """Run on ``graph``."""
+    def run(self, graph: Any) -> PassResult:
+        """Run on ``graph`` (a :class:`Graph`, or an ``OnnxGraph`` for ONNX passes)."""
         raise NotImplementedError
 
-    def __call__(self, graph: Graph) -> PassResult:
+    def __call__(self, graph: Any) -> PassResult:
         """Run with the requires / provides contract checked."""
         for kind in self.requires:
             if kind not in graph.analyses:
@@ -161,7 +313,10 @@ def graph_invariants(graph: Graph) -> list[str]:
 
 
 class PassManager:
-    """Runs passes in order, checking contracts and graph invariants between them.
+    """Runs passes in order, checking contracts and graph invariants between them, each transform in a transaction.
+
+    The same manager runs PyTorch passes over a :class:`Graph` and ONNX passes over an ``OnnxGraph``: the
+    graph's :class:`Dialect` gives the invariants and the transaction.
 
     Example:
         >>> pm = PassManager([AnalyzeDependencies(), ScoreChannels("l2"), PruneChannels(ratio=0.3)])
@@ -177,50 +332,52 @@ class PassManager:
         self.passes = list(passes)
         self.check_invariants = check_invariants
 
-    def __call__(self, graph: Graph) -> PipelineResult:
+    def __call__(self, graph: Any) -> PipelineResult:
         """Run every pass on ``graph`` and return the final graph and per-pass results.
 
         Raises:
             PassContractError: A pass lacked a required analysis or broke a graph invariant (the message
-                names the pass).
+                names the pass), or the graph is of a type no dialect covers.
 
         """
         results: list[tuple[str, PassResult, float]] = []
+        dialect = dialect_of(graph)
         for p in track(self.passes, "passes"):
             start = time.perf_counter()
-            result = self._run(p, graph) if p.transforms else p(graph)
+            result = self._run(dialect, p, graph) if p.transforms else p(graph)
             elapsed = time.perf_counter() - start
             log.info("%s: modified=%s (%.2fs)", p.name, result.modified, elapsed)
             results.append((p.name, result, elapsed))
             graph = result.graph
         return PipelineResult(graph, results)
 
-    def _check(self, p: Pass, graph: Graph, result: PassResult) -> None:
+    def _check(self, dialect: Dialect, p: Pass, graph: Any, result: PassResult) -> None:
         """Refuse a transform whose ``ensures`` or the graph invariants fail (the message names the pass)."""
         problems = [f"{check.__name__}: {m}" for check in p.ensures for m in check(graph, result)]
         if problems:
             raise PassContractError(f"{p.name} did not ensure what it promises: " + "; ".join(problems[:5]))
-        problems = graph_invariants(result.graph) if self.check_invariants else []
+        problems = dialect.invariants(result.graph) if self.check_invariants else []
         if problems:
             raise PassContractError(f"{p.name} broke graph invariants: " + "; ".join(problems[:5]))
 
-    def _run(self, p: Pass, graph: Graph) -> PassResult:
+    def _run(self, dialect: Dialect, p: Pass, graph: Any) -> PassResult:
         """Run the transform ``p`` in a transaction: checked after, rolled back on any failure."""
-        snap = Snapshot()
-        before = module_fingerprint(graph.module) if p.transactional else None
-        token = _ACTIVE.set(snap)
+        tx = dialect.begin(graph, p.transactional)
         try:
             result = p(graph)
             if result.modified:
-                self._check(p, graph, result)
-            return result
+                self._check(dialect, p, graph, result)
         except BaseException as exc:
-            if p.transactional:
-                snap.restore()
-                if module_fingerprint(graph.module) != before:
-                    raise PassContractError(f"{p.name} failed ({type(exc).__name__}: {exc}) and rolling it back did "
-                                            "not restore the model: a change was not recorded in its "
-                                            "transaction") from exc
+            problems = tx.rollback()
+            if problems:
+                raise PassContractError(f"{p.name} failed ({type(exc).__name__}: {exc}) and rolling it back did "
+                                        "not restore the model: a change was not recorded in its transaction ("
+                                        + "; ".join(problems) + ")") from exc
             raise
-        finally:
-            _ACTIVE.reset(token)
+        tx.commit()
+        if result.modified:
+            dialect.drop_analyses(result.graph, p.provides)
+        return result
+
+
+register_dialect(Graph, _TorchDialect())

@@ -15,12 +15,12 @@ from torch import fx, nn
 
 from secateurs.errors import BudgetError, CaptureError, VerificationError
 from secateurs.frontends.torch_export import capture_call
-from secateurs.ir.cost import predict_cost
+from secateurs.ir.aten_cost import predict_cost
 from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.graph import Graph, is_dead, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
-from secateurs.passes.base import Pass, PassResult, transaction
+from secateurs.passes.base import Pass, PassResult, cost_model, transaction
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.masked import masked_mismatch
 
@@ -228,7 +228,7 @@ def require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, 
 
 
 def plan_keep(
-    graph: Graph | None,
+    graph: Any,
     info: DependencyInfo,
     scores: dict[int, np.ndarray],
     opts: ChannelOptions,
@@ -240,8 +240,8 @@ def plan_keep(
 
     ``per_group`` (from a budget allocator) gives each listed group its own ratio; other groups stay whole.
     ``cost`` gives (parameters, FLOPs) when each group ``g`` keeps ``kept[g]`` channels, for the ``params`` and
-    ``flops`` targets: by default :func:`~secateurs.ir.cost.predict_cost` over the captured ``graph``; the ONNX
-    path passes its own prediction over the ONNX graph, so both dialects meet a budget the same way.
+    ``flops`` targets: by default the :class:`~secateurs.ir.cost.CostModel` of ``graph`` (a captured PyTorch
+    graph or an ONNX one), so both dialects meet a budget the same way.
 
     Returns:
         Group id -> boolean keep mask, only for groups that lose channels.
@@ -304,10 +304,7 @@ def plan_keep(
     if cost is None:
         if graph is None:
             raise BudgetError(f"a {opts.target} target needs the graph to cost the plan")
-        captured = graph
-
-        def cost(kept: dict[int, int]) -> tuple[float, float]:
-            return predict_cost(captured, info, kept)
+        cost = cost_model(graph, info).predict
 
     params0, flops0 = cost({})
 

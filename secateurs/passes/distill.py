@@ -51,7 +51,7 @@ from torch.nn.utils import prune as torch_prune
 from secateurs.errors import PassContractError, RecoveryError
 from secateurs.frontends.torch_export import split_inputs
 from secateurs.ir.graph import Graph
-from secateurs.passes.base import Pass, PassResult
+from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.depth import DepthRecord
 from secateurs.passes.training.checkpoints import _Checkpoints, _State, _state_tensors
 from secateurs.passes.training.lora import LoraAdapters, _attach_zero_masks, _refresh_masked, attach_lora
@@ -105,6 +105,7 @@ class Recover(Pass):
     """
 
     transforms = True
+    transactional = True
 
     def __init__(self, teacher: nn.Module | None, data: Iterable[Any], *, eval_data: Iterable[Any] | None = None,
                  options: RecoverOptions | None = None, loss_fn: LossFn | None = None,
@@ -169,6 +170,10 @@ class Recover(Pass):
     def run(self, graph: Graph) -> PassResult:
         """Train the graph's module in place; shapes do not change.
 
+        Every parameter and buffer is copied into the transaction first (in memory up to
+        :data:`~secateurs.modeling.rewrite.ROLLBACK_MEMORY`, then on disk), so a failed or interrupted run, or a
+        check failing after it, restores the model exactly.
+
         Raises:
             RecoveryError: The teacher's outputs do not match the student's (another vocabulary or head), there
                 is nothing to optimise, or the teacher is missing where distillation needs it.
@@ -177,9 +182,18 @@ class Recover(Pass):
 
         """
         o = self.options
-        model = graph.module
         if o.steps == 0:
             return PassResult(graph, False, RecoverRecord(o.mode, "", (), 0, 0.0, False, None, None, 0))
+        with recorded() as snap:
+            for tensor in [*graph.module.parameters(), *graph.module.buffers()]:
+                snap.record_values(tensor)
+            for mod in graph.module.modules():  # adapters and masks come and go: the tables as they were
+                snap.record_module(mod)
+            return self._run(graph)
+
+    def _run(self, graph: Graph) -> PassResult:
+        o = self.options
+        model = graph.module
         distill_w, task_w, hidden_w = self._weights(self.data[0])
         if distill_w == 0 and task_w == 0 and hidden_w == 0:
             raise RecoveryError("nothing to optimise: alpha=0 without a task loss and hidden_weight=0")

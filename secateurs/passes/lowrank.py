@@ -22,7 +22,8 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.layers import LowRankLinear
-from secateurs.passes.base import Pass, PassResult
+from secateurs.modeling.rewrite import Snapshot
+from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
 
 __all__ = ["FactorizeLowRank", "LowRankLinear", "LowRankRecord"]
@@ -45,6 +46,7 @@ class FactorizeLowRank(Pass):
 
     requires = (DependencyInfo,)
     transforms = True
+    transactional = True
 
     def __init__(
         self,
@@ -89,7 +91,11 @@ class FactorizeLowRank(Pass):
                 if isinstance(m, nn.Linear)]
 
     def run(self, graph: Graph) -> PassResult:
-        """Factorize and re-capture."""
+        """Factorize and re-capture (each replaced layer recorded in the transaction)."""
+        with recorded() as snap:
+            return self._run(graph, snap)
+
+    def _run(self, graph: Graph, snap: Snapshot) -> PassResult:
         targets = self._targets(graph)
         whiten = self._covariances(graph, targets) if self.method == "whitened" else {}
         factors = {}
@@ -123,6 +129,7 @@ class FactorizeLowRank(Pass):
                     low.up.bias.copy_(mod.bias)
                 parent, _, leaf = name.rpartition(".")
                 owner = graph.module.get_submodule(parent) if parent else graph.module
+                snap.record(owner, "attr", leaf, mod)
                 setattr(owner, leaf, low)
                 changed.append((name, rank, min(in_f, out_f)))
                 after += rank * (in_f + out_f)

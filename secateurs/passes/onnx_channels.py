@@ -22,6 +22,8 @@ from secateurs.frontends.onnx_model import propagate_shapes
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup, require_kinds
 from secateurs.ir.onnx_depgraph import Cut, OnnxDependencyInfo
 from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.passes.allocate import LayerBudget
+from secateurs.passes.base import cost_model
 from secateurs.passes.channels import ChannelOptions, GroupChange, left_alone, plan_keep, require_removal
 from secateurs.passes.importance import ChannelScores
 from secateurs.passes.onnx_base import OnnxPass, OnnxPassResult
@@ -66,7 +68,9 @@ class OnnxPruneRecord:
 class PruneOnnxChannels(OnnxPass):
     """Transform pass: remove the least important channels of every group and rewrite the ONNX graph.
 
-    Requires :class:`DependencyInfo` (from :class:`AnalyzeOnnxDependencies`) and :class:`ChannelScores`.
+    Requires :class:`DependencyInfo` (from :class:`AnalyzeOnnxDependencies`) and :class:`ChannelScores`; follows
+    a :class:`LayerBudget` when an allocator (:class:`~secateurs.passes.allocate.AllocateBudget`, the same pass as
+    in memory) wrote one.
     Guarantees: graph inputs and outputs keep their shapes, and every value's static shape after the rewrite
     equals the plan's prediction (checked by propagating shapes again).
     """
@@ -95,18 +99,20 @@ class PruneOnnxChannels(OnnxPass):
         scores = graph.analysis(ChannelScores).scores
         opts = self.options
         frozen = [*info.frozen, *left_alone(info, opts)]
-        params_before, flops_before = info.predict_params({}), info.predict_flops(graph, {})
-        if opts.require:  # a structure asked for that selects or removes nothing is refused, as in memory
+        costs = cost_model(graph, info)
+        params_before, flops_before = costs.predict({})
+        budget = graph.analyses.get(LayerBudget)  # an allocator's per-group ratios, as in memory
+        per_group = budget.ratios if budget is not None else None
+        if per_group is None and opts.require:  # a structure that selects or removes nothing is refused
             require_kinds(info, opts.kind_ratios)
-        keep = plan_keep(None, info, scores, opts,
-                         cost=lambda kept: (info.predict_params(kept), info.predict_flops(graph, kept)))
-        if opts.require:
+        keep = plan_keep(graph, info, scores, opts, per_group=per_group, cost=costs.predict)
+        if per_group is None and opts.require:
             require_removal(info, opts, keep, set(), frozen)
         if not keep:
             record = OnnxPruneRecord(opts, [], frozen, params_before, params_before, flops_before, flops_before)
             return OnnxPassResult(graph, False, record)
         kept = {g: int(m.sum()) for g, m in keep.items()}
-        params_after, flops_after = info.predict_params(kept), info.predict_flops(graph, kept)
+        params_after, flops_after = costs.predict(kept)
         inputs = {v.name: graph.shapes[v.name] for v in graph.graph.inputs
                   if v.name and not v.is_initializer() and v.name in graph.shapes}
         masks: dict[str, list[np.ndarray]] = {}

@@ -23,7 +23,8 @@ from torch import nn
 
 from secateurs.errors import BudgetError
 from secateurs.ir.graph import Graph
-from secateurs.passes.base import Pass, PassResult
+from secateurs.modeling.rewrite import Snapshot
+from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.hooks import calibration_calls
 
 __all__ = ["ReconstructLayers", "ReconstructRecord"]
@@ -56,7 +57,13 @@ def _mask(mod: nn.Module) -> torch.Tensor:
 
 
 class ReconstructLayers(Pass):
-    """Transform pass: layer-wise least squares against a dense reference (see the module docstring)."""
+    """Transform pass: layer-wise least squares against a dense reference (see the module docstring).
+
+    Weights, biases and norm statistics are edited in place, each copied into the transaction first.
+    """
+
+    transforms = True
+    transactional = True
 
     def __init__(self, dense: nn.Module, *, calib: Iterable[Any] | None = None, weights: bool = True,
                  biases: bool = True, norms: bool = True, damp: float = 1e-3) -> None:
@@ -75,9 +82,14 @@ class ReconstructLayers(Pass):
             raise BudgetError("ReconstructLayers needs the dense model as reference")
         self.dense, self.calib = dense, calib
         self.weights, self.biases, self.norms, self.damp = weights, biases, norms, damp
+        self._snap = Snapshot()  # the transaction of the running call (see run)
 
     def run(self, graph: Graph) -> PassResult:
         """Refit and re-calibrate in place (shapes do not change)."""
+        with recorded() as self._snap:
+            return self._run(graph)
+
+    def _run(self, graph: Graph) -> PassResult:
         model = graph.module
         calls = calibration_calls(graph, self.calib)
         dense_mods = dict(self.dense.named_modules())
@@ -99,9 +111,10 @@ class ReconstructLayers(Pass):
                     self._refit(mod, xp, target)
                 if self.biases and mod.bias is not None:
                     current = torch.nn.functional.linear(xp, mod.weight.double(), mod.bias.double())
+                    self._snap.record_values(mod.bias)
                     mod.bias.add_((target - current).mean(0).to(mod.bias.dtype))
                 layers.append((name, before, self._error(mod, xp, target)))
-        count = self._recalibrate_norms(model, calls) if self.norms else 0
+        count = self._recalibrate_norms(model, calls, self._snap) if self.norms else 0
         return PassResult(graph, bool(layers) or count > 0, ReconstructRecord(tuple(layers), count))
 
     @staticmethod
@@ -134,13 +147,15 @@ class ReconstructLayers(Pass):
             keep = torch.nonzero(mask[r]).flatten()
             if keep.numel():
                 new[r, keep] = torch.linalg.solve(h[keep][:, keep], xty[keep, r])
+        self._snap.record_values(base)
         base.copy_(new.to(base.dtype))
         if hasattr(mod, "weight_orig"):
             # refresh the masked weight that the mask's pre-hook recomputes on the next forward
+            self._snap.record(mod, "attr", "weight", mod.weight)
             setattr(mod, "weight", base * _mask(mod))  # noqa: B010
 
     @staticmethod
-    def _recalibrate_norms(model: nn.Module, calls: list[Any]) -> int:
+    def _recalibrate_norms(model: nn.Module, calls: list[Any], snap: Snapshot) -> int:
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  and m.track_running_stats]
         if not norms:
@@ -148,6 +163,8 @@ class ReconstructLayers(Pass):
         saved = [(m, m.momentum) for m in norms]
         model.eval()  # dropout and the like stay off; only the norms update their statistics
         for m in norms:
+            for buffer in m.buffers(recurse=False):
+                snap.record_values(buffer)
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
             m.train()

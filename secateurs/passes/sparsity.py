@@ -39,7 +39,8 @@ from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.outputs import remove_masks
-from secateurs.passes.base import Pass, PassResult
+from secateurs.modeling.rewrite import Snapshot
+from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.criteria import step_criteria
 from secateurs.passes.depth import find_blocks
 from secateurs.passes.hooks import calibration_calls, first_tensor, run_calibration, select_layers
@@ -187,6 +188,7 @@ class SparsifyWeights(Pass):
 
     requires = (DependencyInfo,)
     transforms = True
+    transactional = True
     ensures = (nm_pattern_holds,)
 
     def __init__(
@@ -253,6 +255,7 @@ class SparsifyWeights(Pass):
         self.max_layer_sparsity = max_layer_sparsity
         self.owl, self.owl_lambda, self.owl_m = owl, owl_lambda, owl_m
         self._layer_ratios: dict[str, float] = dict(layer_ratios or {})
+        self._snap = Snapshot()  # the transaction of the running call (see run)
         for name, value in self._layer_ratios.items():
             if not 0.0 <= value < 1.0:
                 raise BudgetError(f"layer ratio of '{name}' must be in [0, 1), got {value!r}")
@@ -335,12 +338,17 @@ class SparsifyWeights(Pass):
                     h.remove()
             stats = self._finish(all_reduce_sum(acc, inplace=True))
         layers: list[tuple[str, float]] = []
-        self._apply(targets, stats, layers)
+        with recorded() as self._snap:
+            self._apply(targets, stats, layers)
         peak = sum(t.numel() * t.element_size() for t in stats.values())
         return SparsityRecord(self.criterion, self._pattern(), tuple(layers), peak, tuple(skipped))
 
     def run(self, graph: Graph) -> PassResult:
-        """Choose and apply the masks."""
+        """Choose and apply the masks (every edit recorded in the transaction)."""
+        with recorded() as self._snap:
+            return self._run(graph)
+
+    def _run(self, graph: Graph) -> PassResult:
         chosen, left = self._targets(graph)
         if not chosen:
             why = "; ".join(sorted({w for _, w in left})) or "the model has no linear / conv layer"
@@ -454,10 +462,7 @@ class SparsifyWeights(Pass):
                     keep[w.topk(k, largest=False).indices] = False
                 weight = _weight(mod)
                 mask = keep.reshape(weight.shape).to(weight.dtype)
-                if self.keep_masks:
-                    torch_prune.custom_from_mask(mod, "weight", mask)
-                else:
-                    weight.mul_(mask)
+                self._mask(mod, weight, mask)
                 layers.append((name, float(1 - mask.mean())))
 
     def _apply(self, targets: list[tuple[str, nn.Module]], stats: dict[str, torch.Tensor],
@@ -471,6 +476,7 @@ class SparsifyWeights(Pass):
                 if self.criterion == "sparsegpt":
                     ratio = self._layer_ratios.get(name, self.ratio)
                     new_rows, keep = _sparsegpt(rows, stats[name], ratio, self.nm, self.block, self.damp)
+                    self._snap.record_values(weight)
                     weight.copy_(_from_rows(new_rows, w, mod).to(w.dtype))
                 else:
                     score = rows.abs()
@@ -480,11 +486,17 @@ class SparsifyWeights(Pass):
                             else _unstructured_mask(score, self._layer_ratios.get(name, self.ratio),
                                                     per_row=self.criterion == "wanda"))
                 mask = _from_rows(keep, w, mod).to(w.dtype)
-                if self.keep_masks:
-                    torch_prune.custom_from_mask(mod, "weight", mask)
-                else:
-                    weight.mul_(mask)
+                self._mask(mod, weight, mask)
                 layers.append((name, float(1 - mask.mean())))
+
+    def _mask(self, mod: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Attach ``mask`` to ``mod`` (``keep_masks``) or zero ``weight`` by it, recorded in the transaction."""
+        if self.keep_masks:
+            self._snap.record_module(mod)
+            torch_prune.custom_from_mask(mod, "weight", mask)
+        else:
+            self._snap.record_values(weight)
+            weight.mul_(mask)
 
     def _sequential(self, graph: Graph, targets: list[tuple[str, nn.Module]],
                     layers: list[tuple[str, float]]) -> None:
