@@ -9,7 +9,7 @@ from torch import nn
 import secateurs as sc
 from secateurs.errors import BudgetError
 from secateurs.passes import AnalyzeDependencies, ArmorLinear, FactorizeARMOR, fit_armor
-from secateurs.passes.sparsity import _nm_mask, _sparsegpt
+from secateurs.passes.sparse_masks import _nm_mask, _sparsegpt
 
 
 def _proxy(w, x, approx):

@@ -692,3 +692,128 @@ def test_rms_normalization_is_cut_with_a_unit_scale_side_node(tmp_path, monkeypa
     with pytest.raises(VerificationError, match="output"):
         prune_onnx(src, tmp_path / "q.onnx", hidden=0.25, round_to=1)
     assert not (tmp_path / "q.onnx").exists()
+
+
+# ------------------------------------------------------------------------------ fused attention (opset 23)
+_D, _H, _KV, _HD, _S = 24, 6, 2, 4, 7
+
+
+def _fused_attention_file(path):
+    """q / k / v projections -> Reshape -> Transpose -> ONNX ``Attention`` (GQA: 6 query, 2 kv heads) -> out."""
+    rng = np.random.default_rng(0)
+    weights = {n: (rng.standard_normal((_D, h * _HD)) * 0.3).astype(np.float32)
+               for n, h in (("q", _H), ("k", _KV), ("v", _KV))}
+    weights["o"] = (rng.standard_normal((_H * _HD, _D)) * 0.3).astype(np.float32)
+    nodes = []
+    for n, h in (("q", _H), ("k", _KV), ("v", _KV)):
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}p"]),
+                  helper.make_node("Reshape", [f"{n}p", f"shape_{n}"], [f"{n}r"]),
+                  helper.make_node("Transpose", [f"{n}r"], [f"{n}t"], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Attention", ["qt", "kt", "vt"], ["a"]),
+              helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["at", "shape_o"], ["ar"]),
+              helper.make_node("MatMul", ["ar", "wo"], ["y"])]
+    inits = [numpy_helper.from_array(w, f"w{n}") for n, w in weights.items()]
+    inits += [numpy_helper.from_array(np.array(s, np.int64), f"shape_{n}")
+              for n, s in (("q", [0, 0, _H, _HD]), ("k", [0, 0, _KV, _HD]), ("v", [0, 0, _KV, _HD]),
+                           ("o", [0, 0, _H * _HD]))]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", _S, _D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", _S, _D])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), str(path))
+    return weights
+
+
+class _SdpaTwin(torch.nn.Module):
+    """The same attention in PyTorch: scaled_dot_product_attention with GQA."""
+
+    def __init__(self, weights):
+        super().__init__()
+        for n, w in weights.items():
+            layer = torch.nn.Linear(*w.shape, bias=False)
+            layer.weight.data = torch.from_numpy(w.T.copy())
+            setattr(self, n, layer)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (getattr(self, n)(x).view(b, s, -1, _HD).transpose(1, 2) for n in "qkv")
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("options", [{"heads": 0.5}, {"kv_groups": 0.5}])
+def test_a_fused_onnx_attention_node_is_pruned_like_sdpa(options, tmp_path):
+    """ONNX ``Attention`` and ATen's sdpa decode onto one attention family: the same groups and widths, and the
+    pruned file computes what the pruned PyTorch twin computes."""
+    weights = _fused_attention_file(tmp_path / "fused.onnx")
+    twin = _SdpaTwin(weights).eval()
+    x = torch.randn(2, _S, _D)
+    _assert_same(_run(tmp_path / "fused.onnx", (x,)), _torch(twin, (x,)))
+    info = analyze_onnx(load_onnx(tmp_path / "fused.onnx"))
+    kinds = sorted((g.kind, g.size) for g in info.iter_groups())
+    assert kinds == [("heads", 3), ("kv_groups", 2)], kinds
+    assert any("attention head_dim" in f.reason for f in info.frozen) and not info.unsupported
+    report = sc.prune(twin, (x,), importance="l2", round_to=1, **options)
+    onnx_report = prune_onnx(tmp_path / "fused.onnx", tmp_path / "pruned.onnx", importance="l2", round_to=1,
+                             **options)
+    assert onnx_report.changes and _sizes(onnx_report.changes) == _sizes(report.changes)
+    _assert_same(_run(tmp_path / "pruned.onnx", (x,)), _torch(twin, (x,)))
+    assert onnx_report.flops_after < onnx_report.flops_before
+
+
+def test_an_onnx_attention_node_in_its_3d_form_is_frozen_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((_D, _D)) * 0.3).astype(np.float32), n)
+             for n in ("wq", "wk", "wv", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n]) for n in "qkv"]
+    nodes += [helper.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=6, kv_num_heads=6),
+              helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    graph = helper.make_graph(nodes, "packed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, _S, _D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, _S, _D])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), str(tmp_path / "p.onnx"))
+    info = analyze_onnx(load_onnx(tmp_path / "p.onnx"))
+    assert info.groups == {} and any("3-D form" in f.reason for f in info.frozen), info.frozen
+    assert any("3-D form" in u for u in info.unsupported)  # reported, and the analysis went on
+    with pytest.raises(BudgetError, match="selects no prunable group"):
+        prune_onnx(tmp_path / "p.onnx", tmp_path / "out.onnx", ratio=0.5)
+
+
+# ------------------------------------------------------------------------------ multi-tensor indexing
+class _PickRows(torch.nn.Module):
+    """``h[rows, picks]``: two index tensors at once (aten.index.Tensor), channels trail the indexed block."""
+
+    def __init__(self, w1, w2, picks):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 32, bias=False), torch.nn.Linear(32, 4, bias=False)
+        self.a.weight.data, self.b.weight.data = torch.from_numpy(w1.T.copy()), torch.from_numpy(w2.T.copy())
+        self.register_buffer("picks", torch.from_numpy(picks))
+
+    def forward(self, x):
+        h = self.a(x)
+        rows = torch.arange(h.shape[0]).unsqueeze(1)
+        return self.b(torch.relu(h[rows, self.picks]))
+
+
+def test_gather_nd_and_multi_tensor_indexing_decode_onto_one_family(tmp_path):
+    """ONNX GatherND and ATen's ``x[i, j]`` freeze the indexed dims and let the trailing channels through: the
+    same FFN group, the same widths, and the pruned file computes what the pruned module computes."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((6, 32)).astype(np.float32), rng.standard_normal((32, 4)).astype(np.float32)
+    picks = np.array([[0, 4, 2], [1, 1, 3]], np.int64)  # per batch row, three of the five positions
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Unsqueeze", ["picks", "axis_last"], ["idx"]),
+             helper.make_node("GatherND", ["h", "idx"], ["g"], batch_dims=1),
+             helper.make_node("Relu", ["g"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(picks, "picks"), numpy_helper.from_array(np.array([-1], np.int64), "axis_last")]
+    graph = helper.make_graph(nodes, "nd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "nd.onnx"))
+    twin = _PickRows(w1, w2, picks).eval()
+    x = torch.randn(2, 5, 6)
+    _assert_same(_run(tmp_path / "nd.onnx", (x,)), _torch(twin, (x,)))
+    info = analyze_onnx(load_onnx(tmp_path / "nd.onnx"))
+    assert [(g.kind, g.size) for g in info.iter_groups()] == [("ffn", 32)] and not info.unsupported
+    report = sc.prune(twin, (x,), importance="l2", round_to=1, ffn=0.5)
+    onnx_report = prune_onnx(tmp_path / "nd.onnx", tmp_path / "pruned.onnx", importance="l2", round_to=1, ffn=0.5)
+    assert _sizes(onnx_report.changes) == _sizes(report.changes) == [(32, 16)]
+    _assert_same(_run(tmp_path / "pruned.onnx", (x,)), _torch(twin, (x,)))

@@ -234,47 +234,10 @@ def _sdpa_flops(node: fx.Node, shape_of: ShapeOf) -> float:
 
 @op_rule(aten.scaled_dot_product_attention.default, flops=_sdpa_flops)
 def _sdpa(ctx: RuleContext, node: fx.Node) -> None:
-    """softmax(q k^T) v over heads.
-
-    Heads (and batch) are shared by q, k, v and the output; with grouped-query attention
-    (``enable_gqa``) the query heads are the product (kv heads x queries per kv head). The head
-    dimension is frozen: pruning it changes the default softmax scale and rotary embeddings.
-    """
+    """softmax(q k^T) v over heads (:func:`~secateurs.ir.families.attention`; ``enable_gqa``: fewer kv heads)."""
     q, k, v = node.args[:3]
     mask = _arg(node, "attn_mask")
-    sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
-    assert sq is not None and sk is not None and sv is not None and so is not None
-    ctx.unify_dims(q, -2, node, -2)
-    ctx.unify_dims(k, -2, v, -2)
-    ctx.unify_dims(q, -1, k, -1)
-    ctx.unify_dims(v, -1, node, -1)
-    ctx.freeze([ctx.dims(q)[-1], ctx.dims(v)[-1]], "attention head_dim (changes softmax scale / rotary)")
-    rank = len(sq)
-    for i in range(rank - 2):
-        ctx.unify_dims(q, i, node, i)
-        if sk[i] == sq[i]:
-            ctx.unify_dims(q, i, k, i)
-            ctx.unify_dims(q, i, v, i)
-            if i == rank - 3:
-                ctx.tag([ctx.dims(q)[i]], "heads")
-        elif i == rank - 3 and sk[i] and sq[i] % sk[i] == 0:
-            group = ctx.new(sq[i] // sk[i])
-            ctx.unify(ctx.dims(q)[i], ctx.product([ctx.dims(k)[i], group]))
-            ctx.unify_dims(k, i, v, i)
-            ctx.tag([ctx.dims(k)[i]], "kv_groups")
-            ctx.tag([group], "heads")
-            ctx.tag([group], "copies")
-        else:
-            ctx.freeze([ctx.dims(q)[i], ctx.dims(k)[i], ctx.dims(v)[i]], "attention batch dims do not match")
-    if isinstance(mask, fx.Node):
-        ms = ctx.shape(mask)
-        if ms is not None:
-            offset = rank - len(ms)
-            if ms[-1] == sk[-2]:
-                ctx.unify_dims(mask, -1, k, -2)
-            for i in range(len(ms) - 1):
-                if ms[i] == so[offset + i]:
-                    ctx.unify_dims(mask, i, node, offset + i)
+    families.attention(ctx, q, k, v, node, mask if isinstance(mask, fx.Node) else None)
 
 
 # -------------------------------------------------------------------------------------------------- conv

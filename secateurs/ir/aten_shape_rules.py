@@ -149,24 +149,9 @@ def _index(ctx: RuleContext, node: fx.Node) -> None:
 
     With one contiguous block of index tensors the result is ``x[:first] + index shape + x[last+1:]``.
     """
-    x = node.args[0]
     indices = list(node.args[1])
-    sx, so = ctx.shape(x), ctx.shape(node)
-    assert sx is not None and so is not None
     used = [i for i, ix in enumerate(indices) if ix is not None]
-    for i in used:
-        ctx.freeze([ctx.dims(x)[i]], "indexed by tensor indices")
-        ctx.freeze_value(indices[i], "index tensor")
-    if not used:
-        ctx.same_dims(x, node)
-        return
-    first, last = used[0], used[-1]
-    for i in range(first):
-        ctx.unify_dims(x, i, node, i)
-    if used == list(range(first, last + 1)):
-        trailing = len(sx) - last - 1
-        for k in range(trailing):
-            ctx.unify_dims(x, len(sx) - trailing + k, node, len(so) - trailing + k)
+    families.index_block(ctx, node.args[0], node, used, [indices[i] for i in used])
 
 
 # --------------------------------------------------------------------------------------- factories, misc

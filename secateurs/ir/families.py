@@ -1,7 +1,7 @@
 """The channel algebra of op families, written once for both dialects.
 
 A family says how channels flow through every op of its kind: broadcasting elementwise ops, batched matrix
-products (and attention's products of two activations), linear layers, convolutions with groups, layer / RMS /
+products (and attention's products of two activations), fused attention, linear layers, convolutions with groups, layer / RMS /
 group norms, reductions, pooling and padding, row-major reshapes, permutations, broadcasts to a bigger shape,
 tiling, concatenation and splitting, slices, lookups and gathers by index, and ops over positions.
 The ATen rules (:mod:`secateurs.ir.aten_rules`) and the ONNX rules (:mod:`secateurs.ir.onnx_rules`) decode a
@@ -24,8 +24,8 @@ from secateurs.errors import UnsupportedOpError
 if TYPE_CHECKING:
     from secateurs.ir.rules import RuleContext, Shape
 
-__all__ = ["along_dims", "attention_product", "axis", "broadcast_to", "clamp_bound", "concat", "conv", "elementwise",
-           "gather", "group_norm", "leading", "linear", "matmul", "normalise_over", "per_channel_norm", "permute", "reduce", "reshape",
+__all__ = ["along_dims", "attention", "attention_product", "axis", "broadcast_to", "clamp_bound", "concat", "conv", "elementwise",
+           "gather", "group_norm", "index_block", "leading", "linear", "matmul", "normalise_over", "per_channel_norm", "permute", "reduce", "reshape",
            "reshape_runs", "same_sizes", "slice_along", "split", "static_shape", "strided_slice", "take_along",
            "tile"]
 
@@ -127,6 +127,48 @@ def attention_product(ctx: RuleContext, a: Any, b: Any, out: Any) -> bool:
         if len(so) >= 4:
             ctx.tag([ctx.dims(out)[-3]], "heads")
     return True
+
+
+def attention(ctx: RuleContext, q: Any, k: Any, v: Any, out: Any, mask: Any | None = None) -> None:
+    """Fused attention ``softmax(q k^T) v`` over heads (``[..., heads, seq, head_dim]`` operands).
+
+    Heads (and batch) are shared by q, k, v and the output; with grouped-query attention (fewer key / value heads
+    than query heads) the query heads are the product (kv heads x queries per kv head), tagged ``kv_groups`` and
+    ``heads``. The head dimension is frozen: pruning it changes the default softmax scale and rotary embeddings.
+    A mask broadcasts over the scores ``[..., q_seq, k_seq]``.
+    """
+    sq, sk, so = static_shape(ctx, q), static_shape(ctx, k), static_shape(ctx, out)
+    static_shape(ctx, v)
+    ctx.unify_dims(q, -2, out, -2)
+    ctx.unify_dims(k, -2, v, -2)
+    ctx.unify_dims(q, -1, k, -1)
+    ctx.unify_dims(v, -1, out, -1)
+    ctx.freeze([ctx.dims(q)[-1], ctx.dims(v)[-1]], "attention head_dim (changes softmax scale / rotary)")
+    rank = len(sq)
+    for i in range(rank - 2):
+        ctx.unify_dims(q, i, out, i)
+        if sk[i] == sq[i]:
+            ctx.unify_dims(q, i, k, i)
+            ctx.unify_dims(q, i, v, i)
+            if i == rank - 3:
+                ctx.tag([ctx.dims(q)[i]], "heads")
+        elif i == rank - 3 and sk[i] and sq[i] % sk[i] == 0:
+            group = ctx.new(sq[i] // sk[i])
+            ctx.unify(ctx.dims(q)[i], ctx.product([ctx.dims(k)[i], group]))
+            ctx.unify_dims(k, i, v, i)
+            ctx.tag([ctx.dims(k)[i]], "kv_groups")
+            ctx.tag([group], "heads")
+            ctx.tag([group], "copies")
+        else:
+            ctx.freeze([ctx.dims(q)[i], ctx.dims(k)[i], ctx.dims(v)[i]], "attention batch dims do not match")
+    ms = ctx.shape(mask) if mask is not None else None
+    if ms:
+        offset = rank - len(ms)
+        if ms[-1] == sk[-2]:
+            ctx.unify_dims(mask, -1, k, -2)
+        for i in range(len(ms) - 1):
+            if ms[i] == so[offset + i]:
+                ctx.unify_dims(mask, i, out, offset + i)
 
 
 def reshape_runs(src: Shape, dst: Shape) -> list[tuple[list[int], list[int]]] | None:
@@ -288,6 +330,30 @@ def gather(ctx: RuleContext, data: Any, outs: Sequence[Any], d: int, index: Any 
             ctx.unify_dims(index, j, out, d + j)
         for i in range(d + 1, len(sd)):
             ctx.unify_dims(data, i, out, i - 1 + n)
+
+
+def index_block(ctx: RuleContext, x: Any, out: Any, indexed: Sequence[int], indices: Sequence[Any]) -> None:
+    """Advanced indexing by several index tensors at once (``x[i, j]``, ONNX ``GatherND``).
+
+    The indexed dims of ``x`` and the index tensors are frozen; dims before the first indexed one pass
+    through at the same positions, and with one contiguous block of indexed dims the dims after it pass
+    through to the output's last dims (its middle dims come from the index tensors' shapes).
+    """
+    sx, so = static_shape(ctx, x), static_shape(ctx, out)
+    for i in indexed:
+        ctx.freeze([ctx.dims(x)[i]], "indexed by tensor indices")
+    for index in indices:
+        ctx.freeze_value(index, "index tensor")
+    if not indexed:
+        ctx.same_dims(x, out)
+        return
+    first, last = indexed[0], indexed[-1]
+    for i in range(first):
+        ctx.unify_dims(x, i, out, i)
+    if list(indexed) == list(range(first, last + 1)):
+        trailing = len(sx) - last - 1
+        for k in range(trailing):
+            ctx.unify_dims(x, len(sx) - trailing + k, out, len(so) - trailing + k)
 
 
 def take_along(ctx: RuleContext, data: Any, out: Any, d: int, index: Any | None = None,

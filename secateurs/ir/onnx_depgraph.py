@@ -1,7 +1,7 @@
 """Dependency analysis of an ONNX graph: run the ONNX op rule table and build coupled channel groups.
 
 The result is a :class:`~secateurs.ir.depgraph.DependencyInfo` (values keyed ``(value name, -1)``, members
-naming initializers), so the selection logic of the PyTorch path (:func:`secateurs.passes.channels.plan_keep`)
+naming initializers), so the selection logic of the PyTorch path (:func:`secateurs.passes.channel_plan.plan_keep`)
 runs on it unchanged. It also carries the literals the rewrite must change (Reshape targets, Slice bounds,
 Conv groups) and can predict parameters and FLOPs under a plan.
 """
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from secateurs.errors import CaptureError
+from secateurs.errors import CaptureError, UnsupportedOpError
 from secateurs.ir.atoms import AtomTable
 from secateurs.ir.cost import CostModel
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup, Member
@@ -188,6 +188,13 @@ def analyze_onnx(graph: OnnxGraph, rules: OnnxOpRuleTable | None = None) -> Onnx
             continue
         try:
             entry.rule(ctx, node)
+        except UnsupportedOpError as exc:  # a form the rule does not decode: freeze what the node touches, report
+            why = f"the op rule cannot handle this node: {exc}"
+            unsupported.append(f"{label}: {exc}")
+            for arg in [*node.inputs, *outs]:
+                if arg is not None and ctx.is_tensor(arg):
+                    ctx.freeze_value(arg, why)
+            continue
         except (IndexError, KeyError, ValueError, TypeError, ZeroDivisionError) as exc:
             # A rule indexes shapes and attributes the ONNX spec promises; a file that breaks them is malformed.
             raise CaptureError(f"node '{node.name}' ({node.op_type}) in '{graph.path}' does not match the ONNX "

@@ -26,7 +26,7 @@ from secateurs.modeling.layers import ArmorLinear
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.base import Pass, PassResult, recorded
 from secateurs.passes.hooks import calibration_calls, layer_targets, run_calibration
-from secateurs.passes.sparsity import _nm_mask, _sparsegpt
+from secateurs.passes.sparse_masks import _nm_mask, _sparsegpt
 
 __all__ = ["ArmorLinear", "ArmorRecord", "FactorizeARMOR", "fit_armor"]
 

@@ -1,6 +1,6 @@
 """PruneOnnxChannels: width pruning of an ONNX graph, rewriting initializers and the literals that hold sizes.
 
-The channels to keep are chosen by :func:`secateurs.passes.channels.plan_keep`, the same selection the
+The channels to keep are chosen by :func:`secateurs.passes.channel_plan.plan_keep`, the same selection the
 PyTorch path uses (per-kind ratios, ``round_to``, ``min_keep``, ``scope``), from the same
 :class:`~secateurs.passes.importance.ChannelScores`. The rewrite slices every initializer member, replaces
 the literals recorded by the op rules (Reshape targets, Expand shapes, Split sizes, Slice bounds, Conv
