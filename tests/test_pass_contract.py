@@ -293,3 +293,47 @@ def test_onnx_invariants_name_what_is_broken(tmp_path):
     graph.graph.initializers["w2"].const_value = ir.tensor(np.zeros((8, 4), np.float32))
     problems = onnx_invariants(graph)
     assert any("initializer 'w2': declared shape" in p for p in problems)
+
+
+# ------------------------------------------------------------------------------ freeze-and-retry, once
+class _Flaky(Pass):
+    """Replaces a weight, then asks for a retry ``fails`` times before it keeps its change."""
+
+    transforms = True
+    transactional = True
+
+    def __init__(self, fails, max_retries=3):
+        self.fails, self.max_retries, self.seen = fails, max_retries, []
+
+    def run(self, graph):
+        owner = graph.module.a
+        self.seen.append((self.attempt, owner.weight.shape[0], float(owner.weight.sum())))
+        transaction().record(owner, "param", "weight", owner._parameters["weight"])
+        owner._parameters["weight"] = nn.Parameter(torch.full_like(owner.weight, float(self.attempt)))
+        if self.attempt < self.fails:
+            raise sc.passes.base.Retry(f"attempt {self.attempt} contradicted")
+        return PassResult(graph, True, self.attempt)
+
+
+def test_the_manager_rolls_back_and_reruns_a_pass_that_asks_for_a_retry():
+    model = MLP()
+    graph = sc.capture(model, (torch.randn(2, 16),))
+    start = float(model.a.weight.sum())
+    flaky = _Flaky(fails=2)
+    result = PassManager([flaky])(graph)
+    # every attempt started from the restored model, and the third one's change was kept
+    assert [a for a, _, _ in flaky.seen] == [0, 1, 2] and all(s == start for _, _, s in flaky.seen)
+    assert result.results[-1][1].record == 2 and torch.equal(model.a.weight, torch.full((64, 16), 2.0))
+
+
+def test_a_pass_that_keeps_asking_is_refused_with_the_model_restored():
+    from secateurs.errors import VerificationError
+
+    model = MLP()
+    graph = sc.capture(model, (torch.randn(2, 16),))
+    state, fingerprint = _state(model), module_fingerprint(model)
+    flaky = _Flaky(fails=10, max_retries=2)
+    with pytest.raises(VerificationError, match=r"_Flaky: the rewritten model kept contradicting the plan after 2 "
+                                                r"retries \(attempt 2 contradicted\); the model was restored"):
+        flaky(graph)  # called alone: the same transaction and retries as under a manager
+    assert len(flaky.seen) == 3 and _same(model, state) and module_fingerprint(model) == fingerprint

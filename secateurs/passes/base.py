@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from secateurs.errors import PassContractError
+from secateurs.errors import PassContractError, VerificationError
 from secateurs.ir.aten_cost import aten_costs
 from secateurs.ir.cost import CostModel
 from secateurs.ir.depgraph import DependencyInfo
@@ -32,10 +32,11 @@ from secateurs.ir.graph import Graph, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, check_module_attributes
 from secateurs.progress import track
 
-__all__ = ["Dialect", "Pass", "PassManager", "PassResult", "PipelineResult", "Transaction", "cost_model",
+__all__ = ["Dialect", "Pass", "PassManager", "PassResult", "PipelineResult", "Retry", "Transaction", "cost_model",
            "dialect_of", "graph_invariants", "module_fingerprint", "recorded", "register_dialect", "transaction"]
 
 _ACTIVE: contextvars.ContextVar[Snapshot | None] = contextvars.ContextVar("secateurs_transaction", default=None)
+_MANAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("secateurs_managed", default=False)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class PipelineResult:
             if isinstance(r.record, kind):
                 return r.record
         return None
+
+
+class Retry(Exception):  # noqa: N818 - a request to the manager, not an error the user sees
+    """Raised by a transform whose rewrite the model contradicted, after it noted what to leave alone next time.
+
+    The manager rolls the transaction back and runs the pass again (``pass.attempt`` counts the runs), up to
+    the pass's ``max_retries``; then the last reason is raised as a :class:`~secateurs.errors.VerificationError`
+    with the model restored. The analyses the pass read stay valid for its next run on a PyTorch graph (the
+    rollback restores the module they describe); an ONNX rollback swaps in a copy of the model and drops them,
+    so an ONNX pass does not ask for a retry.
+    """
 
 
 def transaction() -> Snapshot:
@@ -265,6 +277,8 @@ class Pass:
     transforms: ClassVar[bool] = False
     ensures: ClassVar[tuple[Ensure, ...]] = ()
     transactional: ClassVar[bool] = False
+    max_retries: int = 0
+    attempt: int = 0
 
     @property
     def name(self) -> str:
@@ -276,7 +290,16 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, graph: Any) -> PassResult:
-        """Run with the requires / provides contract checked."""
+        """Run with the requires / provides contract checked.
+
+        A transform called outside a :class:`PassManager` still runs in a transaction with its retries (its
+        ``ensures`` and the graph invariants are the manager's checks).
+        """
+        if self.transforms and not _MANAGED.get():
+            return PassManager([self], check_invariants=False, check_ensures=False)._run(dialect_of(graph), self, graph)
+        return self._checked(graph)
+
+    def _checked(self, graph: Any) -> PassResult:
         for kind in self.requires:
             if kind not in graph.analyses:
                 raise PassContractError(f"{self.name} requires {kind.__name__}; run the pass that provides it first")
@@ -324,13 +347,18 @@ class PassManager:
 
     """
 
-    def __init__(self, passes: Sequence[Pass], *, check_invariants: bool = True) -> None:
-        """Create a manager over ``passes``; ``check_invariants`` lints the graph after each transform."""
+    def __init__(self, passes: Sequence[Pass], *, check_invariants: bool = True, check_ensures: bool = True) -> None:
+        """Create a manager over ``passes``.
+
+        ``check_invariants`` lints the graph after each transform; ``check_ensures`` runs each transform's
+        ``ensures``.
+        """
         for p in passes:
             if not isinstance(p, Pass):
                 raise PassContractError(f"{p!r} is not a secateurs pass")
         self.passes = list(passes)
         self.check_invariants = check_invariants
+        self.check_ensures = check_ensures
 
     def __call__(self, graph: Any) -> PipelineResult:
         """Run every pass on ``graph`` and return the final graph and per-pass results.
@@ -353,7 +381,8 @@ class PassManager:
 
     def _check(self, dialect: Dialect, p: Pass, graph: Any, result: PassResult) -> None:
         """Refuse a transform whose ``ensures`` or the graph invariants fail (the message names the pass)."""
-        problems = [f"{check.__name__}: {m}" for check in p.ensures for m in check(graph, result)]
+        ensures = p.ensures if self.check_ensures else ()
+        problems = [f"{check.__name__}: {m}" for check in ensures for m in check(graph, result)]
         if problems:
             raise PassContractError(f"{p.name} did not ensure what it promises: " + "; ".join(problems[:5]))
         problems = dialect.invariants(result.graph) if self.check_invariants else []
@@ -361,23 +390,44 @@ class PassManager:
             raise PassContractError(f"{p.name} broke graph invariants: " + "; ".join(problems[:5]))
 
     def _run(self, dialect: Dialect, p: Pass, graph: Any) -> PassResult:
-        """Run the transform ``p`` in a transaction: checked after, rolled back on any failure."""
-        tx = dialect.begin(graph, p.transactional)
+        """Run the transform ``p`` in a transaction: checked after, rolled back on any failure.
+
+        While the pass asks for a :class:`Retry`, it runs again from the rolled-back model.
+        """
+        token = _MANAGED.set(True)
         try:
-            result = p(graph)
-            if result.modified:
-                self._check(dialect, p, graph, result)
-        except BaseException as exc:
-            problems = tx.rollback()
-            if problems:
-                raise PassContractError(f"{p.name} failed ({type(exc).__name__}: {exc}) and rolling it back did "
-                                        "not restore the model: a change was not recorded in its transaction ("
-                                        + "; ".join(problems) + ")") from exc
-            raise
-        tx.commit()
-        if result.modified:
-            dialect.drop_analyses(result.graph, p.provides)
-        return result
+            for attempt in range(p.max_retries + 1):
+                p.attempt = attempt
+                tx = dialect.begin(graph, p.transactional)
+                try:
+                    result = p(graph)
+                    if result.modified:
+                        self._check(dialect, p, graph, result)
+                except Retry as retry:
+                    self._rolled_back(p, tx, retry)
+                    if attempt == p.max_retries:
+                        raise VerificationError(f"{p.name}: the rewritten model kept contradicting the plan after "
+                                                f"{p.max_retries} retries ({retry}); the model was restored") from retry
+                    log.info("%s: retrying after %s", p.name, retry)
+                    continue
+                except BaseException as exc:
+                    self._rolled_back(p, tx, exc)
+                    raise
+                tx.commit()
+                if result.modified:
+                    dialect.drop_analyses(result.graph, p.provides)
+                return result
+            raise AssertionError("unreachable")  # the loop returns or raises
+        finally:
+            _MANAGED.reset(token)
+
+    @staticmethod
+    def _rolled_back(p: Pass, tx: Transaction, exc: BaseException) -> None:
+        problems = tx.rollback()
+        if problems:
+            raise PassContractError(f"{p.name} failed ({type(exc).__name__}: {exc}) and rolling it back did "
+                                    "not restore the model: a change was not recorded in its transaction ("
+                                    + "; ".join(problems) + ")") from exc
 
 
 register_dialect(Graph, _TorchDialect())

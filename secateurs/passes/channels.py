@@ -18,7 +18,7 @@ from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup, req
 from secateurs.ir.graph import Graph, is_dead, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
-from secateurs.passes.base import Pass, PassResult, transaction
+from secateurs.passes.base import Pass, PassResult, Retry, transaction
 from secateurs.passes.channel_plan import (
     KINDS,
     SCOPES,
@@ -69,8 +69,10 @@ class PruneChannels(Pass):
     Requires :class:`DependencyInfo` and :class:`ChannelScores`; follows a :class:`LayerBudget` when an
     allocator pass wrote one (per-group ratios instead of ``ratio``). After slicing, the model is captured again
     and every traced shape is compared with the plan's prediction; a group whose pruning the model's own
-    Python code contradicts (a hard-coded size, a stale attribute) is frozen, the model restored and the plan
-    redone. Guarantees: output shapes are unchanged and the graph is a fresh capture of the rewritten module.
+    Python code contradicts (a hard-coded size, a stale attribute) is frozen and the pass asks the manager for a
+    :class:`~secateurs.passes.base.Retry`: the manager restores the model and runs it again, which plans
+    without the frozen groups (up to ``max_retries`` times). Guarantees: output shapes are unchanged and the
+    graph is a fresh capture of the rewritten module.
     """
 
     requires = (DependencyInfo, ChannelScores)
@@ -83,9 +85,12 @@ class PruneChannels(Pass):
         if options is not None and kwargs:
             raise BudgetError("pass either options or keyword options, not both")
         self.options = options or ChannelOptions(**kwargs)  # type: ignore[arg-type]
+        self.max_retries = self.options.max_retries
+        self._exclude: set[int] = set()  # groups frozen by earlier attempts of this run
+        self._frozen: list[FrozenGroup] = []
 
     def run(self, graph: Graph) -> PassResult:
-        """Plan, rewrite, verify (and retry) on ``graph``."""
+        """Plan, rewrite and verify on ``graph``; a contradiction freezes its groups and asks for a retry."""
         info = graph.analysis(DependencyInfo)
         scored = graph.analysis(ChannelScores)
         scores = scored.scores
@@ -96,53 +101,52 @@ class PruneChannels(Pass):
             raise BudgetError("bias compensation needs calibration statistics: use importance 'flap' or 'activation'")
         means = {k: v.mean for k, v in scored.inputs.items()}
         compensated = (0, 0)
-        exclude: set[int] = set()
-        frozen = [*info.frozen, *left_alone(info, opts)]
+        if self.attempt == 0:
+            self._exclude, self._frozen = set(), [*info.frozen, *left_alone(info, opts)]
+        exclude, frozen, attempt = self._exclude, self._frozen, self.attempt
         budget = graph.analyses.get(LayerBudget)
         per_group = budget.ratios if budget is not None else None
         if per_group is None and opts.require:
             require_kinds(info, opts.kind_ratios)
-        for attempt in range(opts.max_retries + 1):
-            keep = plan_keep(graph, info, scores, opts, exclude, per_group)
-            if per_group is None and opts.require:
-                require_removal(info, opts, keep, exclude, frozen)
-            if not keep:
-                return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
-            kept_counts = {g: int(m.sum()) for g, m in keep.items()}
-            predicted = predict_cost(graph, info, kept_counts)  # before the rewrite: it counts the module's params
-            snap = transaction()  # the manager's, rolled back if anything after fails
-            if opts.bias_compensation:
-                compensated = compensate_biases(graph, info, keep, means, snap)
-            overrides = _replaced_params(graph, snap)
-            snap = apply_keep(graph, info, keep, snap)
-            overrides = {**_replaced_params(graph, snap, unsliced=True), **overrides}
-            if not opts.verify:
-                new_graph = self._recapture(graph, snap)
-                break
-            checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap, overrides)
-            if checked is not None:
-                new_graph = checked
-                break
-            for gid in culprits:
-                g = info.groups[gid]
-                exclude.add(gid)
-                frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})), why))
-            # the same module code contradicts the plan the same way in every instance: freeze those at once
-            twins = same_code(graph.module, info, culprits, exclude)
-            for gid, culprit in twins.items():
-                g = info.groups[gid]
-                exclude.add(gid)
-                frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})),
-                                          f"same code as {info.groups[culprit].name}: {why}"))
-            log.info("freezing %d group(s): %s", len(culprits) + len(twins), why)
+        keep = plan_keep(graph, info, scores, opts, exclude, per_group)
+        if per_group is None and opts.require:
+            require_removal(info, opts, keep, exclude, frozen)
+        if not keep:
+            return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
+        kept_counts = {g: int(m.sum()) for g, m in keep.items()}
+        predicted = predict_cost(graph, info, kept_counts)  # before the rewrite: it counts the module's params
+        snap = transaction()  # the manager's, rolled back if anything after fails
+        if opts.bias_compensation:
+            compensated = compensate_biases(graph, info, keep, means, snap)
+        overrides = _replaced_params(graph, snap)
+        snap = apply_keep(graph, info, keep, snap)
+        overrides = {**_replaced_params(graph, snap, unsliced=True), **overrides}
+        if not opts.verify:
+            new_graph = self._recapture(graph, snap)
         else:
-            raise VerificationError(
-                f"the rewritten model kept contradicting the plan after {opts.max_retries} retries; "
-                "the model was restored"
-            )
+            checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap, overrides)
+            if checked is None:
+                self._freeze(graph, info, culprits, why)
+                raise Retry(why)
+            new_graph = checked
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
                    for g, k in sorted(kept_counts.items())]
         return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated))
+
+    def _freeze(self, graph: Graph, info: DependencyInfo, culprits: set[int], why: str) -> None:
+        """Leave ``culprits`` whole from the next attempt on (and the groups the same module code sizes)."""
+        for gid in culprits:
+            g = info.groups[gid]
+            self._exclude.add(gid)
+            self._frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})), why))
+        # the same module code contradicts the plan the same way in every instance: freeze those at once
+        twins = same_code(graph.module, info, culprits, self._exclude)
+        for gid, culprit in twins.items():
+            g = info.groups[gid]
+            self._exclude.add(gid)
+            self._frozen.append(FrozenGroup(g.size, tuple(sorted({m.name for m in g.members})),
+                                            f"same code as {info.groups[culprit].name}: {why}"))
+        log.info("freezing %d group(s): %s", len(culprits) + len(twins), why)
 
     @staticmethod
     def _recapture(graph: Graph, snap: Snapshot) -> Graph:
