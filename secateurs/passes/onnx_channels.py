@@ -124,7 +124,8 @@ class PruneOnnxChannels(OnnxPass):
         _Rewriter(graph, info, keep).apply()
         propagate_shapes(graph, input_shapes=inputs)
         _check(graph, info, kept)
-        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k) for g, k in sorted(kept.items())]
+        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
+                   for g, k in sorted(kept.items())]
         record = OnnxPruneRecord(opts, changes, frozen, params_before, params_after, flops_before, flops_after,
                                  masks, any(info.groups[g].mixed_at is not None for g in keep), cuts)
         return OnnxPassResult(graph, True, record)
