@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.backends.checkpoint import MANIFEST, _assemble, _skeleton, _tied_names, compare_outputs
+from secateurs.backends.checkpoint_load import MANIFEST, _assemble, _skeleton, _tied_names, compare_outputs
 from secateurs.backends.expert_layout import PerExpertSource
 from secateurs.backends.sharded import ShardedSource
 from secateurs.errors import VerificationError

@@ -13,7 +13,8 @@ from pathlib import Path
 import secateurs
 
 UTIL = {"secateurs.errors", "secateurs.progress", "secateurs.distributed"}
-TOP = {"secateurs", "secateurs.__main__", "secateurs.api", "secateurs.bench", "secateurs.cli", "secateurs.convert",
+TOP = {"secateurs", "secateurs.__main__", "secateurs.api", "secateurs.bench", "secateurs.cli", "secateurs.cli_parser",
+       "secateurs.convert",
        "secateurs.data", "secateurs.demo", "secateurs.onnx_prune", "secateurs.recipe", "secateurs.report",
        "secateurs.spec", "secateurs.stream", "secateurs.stream_reload"}
 PACKAGES = ("ir", "frontends", "modeling", "passes", "backends")

@@ -248,7 +248,7 @@ def test_head_counts_the_config_class_refuses_are_recorded_in_the_manifest(tmp_p
 
 def test_the_reload_check_loads_as_the_source_was_loaded(llama_dir, tmp_path, monkeypatch):
     """trust_remote_code reaches the reload as it reached the load (remote-code models reload only so)."""
-    import secateurs.backends.checkpoint as ckpt
+    import secateurs.backends.checkpoint_load as ckpt  # check_reload calls load_pretrained from there
     from secateurs.convert import prune_checkpoint
 
     seen = []

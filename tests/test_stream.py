@@ -449,7 +449,7 @@ def _broken_stream(tmp_path, monkeypatch, spoil, **options):
 def test_streamed_output_is_reloaded_before_rename_structure(tmp_path, monkeypatch, capsys):
     """A manifest that loses one layer's recorded width: the loader builds the dense shape, so the written
     checkpoint would not load; the check refuses it and nothing is written."""
-    import secateurs.streaming.walker as stream
+    import secateurs.streaming.writer as stream  # the last walk writes the manifest describe() gives
 
     real = stream.describe
 
@@ -470,7 +470,7 @@ def test_streamed_output_is_reloaded_before_rename_structure(tmp_path, monkeypat
 def test_streamed_output_is_reloaded_before_rename_constants(tmp_path, monkeypatch, capsys):
     """A written config whose rotary base differs from the streamed model's: the blocks' weights are all right,
     but every loader would rebuild other rotary tables."""
-    import secateurs.streaming.walker as stream
+    import secateurs.streaming.writer as stream  # the last walk writes the manifest describe() gives
 
     real = stream.describe
 

@@ -26,7 +26,7 @@ class _Stop(Exception):  # noqa: N818 - control flow only
 def _meta_model(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig
 
-    from secateurs.backends.checkpoint import _skeleton
+    from secateurs.backends.checkpoint_load import _skeleton
 
     try:
         config = AutoConfig.from_pretrained(folder)

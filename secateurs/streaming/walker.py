@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import json
 import logging
 import os
-import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +13,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateurs.backends.checkpoint import MANIFEST, TOKENIZER_FILES, describe
-from secateurs.backends.expert_layout import PerExpertSource, fused_state, per_expert_state, stores_experts_one_by_one
-from secateurs.backends.sharded import ShardedSource, ShardedWriter, shard_name
-from secateurs.distributed import all_reduce_sum, is_writer
+from secateurs.backends.checkpoint import MANIFEST
+from secateurs.backends.expert_layout import PerExpertSource, stores_experts_one_by_one
+from secateurs.backends.sharded import ShardedSource
+from secateurs.distributed import all_reduce_sum
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
-from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph
-from secateurs.modeling.rewrite import Snapshot, slice_dims
+from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
-from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, eligible, round_keep
-from secateurs.passes.criteria import WeightCriterion, channel_criterion
+from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, eligible
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
 from secateurs.passes.experts import (
@@ -40,10 +35,9 @@ from secateurs.passes.experts import (
     find_moe_blocks,
 )
 from secateurs.passes.hooks import first_tensor
-from secateurs.passes.importance import ChannelScores, ScoreChannels, reduce_positions
-from secateurs.passes.sparsity import SparsifyWeights
+from secateurs.passes.importance import ChannelScores, ScoreChannels
 from secateurs.progress import track
-from secateurs.stream_reload import check_streamed_reload, digest
+from secateurs.streaming import hidden_size
 from secateurs.streaming.blocks import (
     _as_inputs,
     _block_list,
@@ -51,10 +45,11 @@ from secateurs.streaming.blocks import (
     _first_inputs,
     _forward,
     _meta_model,
-    _passthrough_groups,
     _release_memory,
 )
+from secateurs.streaming.hidden_size import _HiddenPlan
 from secateurs.streaming.options import _CALIBRATED_IMPORTANCE, _CALIBRATED_SPARSITY, Call, StreamOptions
+from secateurs.streaming.writer import write_blocks
 
 log = logging.getLogger("secateurs.stream")
 
@@ -69,27 +64,6 @@ class _Slot:
     name: str
     position: int
     params_per_channel: int
-
-
-@dataclasses.dataclass
-class _HiddenPlan:
-    """The hidden-size group of the whole (meta) model, its members and the scores gathered block by block."""
-
-    group: ChannelGroup
-    members: list[tuple[str, int, np.ndarray, bool]]  # name, dim, channel of every flat index, is a parameter
-    attrs: list[tuple[str, str, int]]  # module, attribute, size it takes once the group keeps ``keep``
-    scores: np.ndarray
-    table: Any
-    keep: np.ndarray | None = None
-
-    def cuts(self, prefix: str) -> tuple[list[tuple[str, int, np.ndarray]], list[tuple[str, str, int]]]:
-        """The slices and attributes of the members under ``prefix``, named relative to it."""
-        assert self.keep is not None
-        cuts = [(name[len(prefix):], dim, np.flatnonzero((pos < 0) | np.isin(pos, self.keep)))
-                for name, dim, pos, _ in self.members if name.startswith(prefix)]
-        attrs = [(module[len(prefix):], attr, value) for module, attr, value in self.attrs
-                 if (module + ".").startswith(prefix)]
-        return cuts, attrs
 
 
 class _GivenBudget(Pass):
@@ -111,6 +85,8 @@ class _GivenBudget(Pass):
 
 class _Walker:
     """The meta model, its checkpoint and the calibration streams; walks the blocks one at a time."""
+
+    expert_layout: dict[str, str] | None  # how the experts were written, and why (set by write)
 
     def __init__(self, folder: Path, opts: StreamOptions, batches: list[dict[str, torch.Tensor]] | None) -> None:
         self.folder, self.opts = folder, opts
@@ -392,52 +368,11 @@ class _Walker:
 
     def plan_hidden(self) -> None:
         """Find the hidden-size group: capture the whole (depth-pruned) model on ``meta`` and analyse it."""
-        skeleton, _ = _meta_model(self.folder)
-        if self.removed:
-            RemoveBlocks(len(self.removed))._apply(skeleton, self.removed, Snapshot(), [])
-        graph = capture(skeleton, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
-        AnalyzeDependencies()(graph)
-        info = graph.analysis(DependencyInfo)
-        groups = [g for g in info.iter_groups() if g.kind == "hidden"]
-        embeddings = skeleton.get_input_embeddings()  # type: ignore[operator]
-        emb = next((f"{n}.weight[1]" for n, m in skeleton.named_modules() if m is embeddings), "")
-        why = next((f.reason for f in info.frozen if emb in f.members), None)
-        if not groups and why is not None:
-            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is frozen (as it is in memory): {why}")
-        if len(groups) != 1:
-            raise BudgetError(f"{type(skeleton).__name__} has {len(groups)} hidden-size groups; streaming prunes "
-                              "exactly one (the residual stream)")
-        g = groups[0]
-        members = [(m.name, m.dim, info.channel_positions(m, g.id), m.is_param) for m in g.members]
-        outside = [n for n, _, _, _ in members if not n.startswith(self.blocks_name + ".")]
-        stream_dims = [pos for n, d, pos, _ in members if n in outside and d == 1]
-        if any(not np.array_equal(pos, np.arange(g.size)) for pos in stream_dims):
-            raise BudgetError(f"the hidden size of {type(skeleton).__name__} is not laid out channel by channel in "
-                              "its embeddings; it cannot be streamed")
-        state = {**graph.params, **graph.buffers}
-        attrs = [(state[p].rpartition(".")[0], attr, atom) for p, attr, atom in info.module_attrs if p in state]
-        self.hidden = _HiddenPlan(g, members, attrs, np.zeros(g.size), info.table)  # type: ignore[arg-type]
-
-    def _hidden_criterion(self) -> WeightCriterion:
-        scorer = channel_criterion(self.opts.importance or "l2")
-        assert isinstance(scorer, WeightCriterion)  # StreamOptions refuses the others for the hidden size
-        return scorer
-
-    def _add_hidden(self, per: np.ndarray, positions: np.ndarray) -> None:
-        plan = self.hidden
-        assert plan is not None
-        maw = self._hidden_criterion().reduce == "max"
-        red = reduce_positions(per, positions, plan.group.size, "max" if maw else "sum")
-        plan.scores = np.maximum(plan.scores, red) if maw else plan.scores + red
+        hidden_size.plan_hidden(self)
 
     def score_hidden(self, position: int, block: nn.Module) -> None:
         """Add the contributions of block ``position``'s hidden-size members (as :class:`ScoreChannels` does)."""
-        assert self.hidden is not None
-        scorer = self._hidden_criterion()
-        prefix = f"{self.blocks_name}.{position}."
-        for name, dim, pos, is_param in self.hidden.members:
-            if is_param and name.startswith(prefix):
-                self._add_hidden(scorer.per_position(block.get_parameter(name[len(prefix):]), dim), pos)
+        hidden_size.score_hidden(self, position, block)
 
     def stored_name(self, name: str) -> str:
         """The checkpoint's name of a tensor of the model (a tied weight is stored under one of its names)."""
@@ -451,34 +386,7 @@ class _Walker:
 
     def finish_hidden(self) -> None:
         """Add the embeddings', final norm's and LM head's contributions (read in row chunks); choose the channels."""
-        plan = self.hidden
-        assert plan is not None
-        scorer = self._hidden_criterion()
-        maw = scorer.reduce == "max"
-        for name, dim, pos, is_param in plan.members:
-            if not is_param or name.startswith(self.blocks_name + "."):
-                continue
-            stored = self.stored_name(name)
-            per: np.ndarray | None = None
-            pieces = [self.source.load([stored])[stored]] if dim == 0 else self.source.chunks(stored,
-                                                                                            self.opts.chunk_bytes)
-            for piece in pieces:
-                self.peak_weights = max(self.peak_weights, piece.numel() * piece.element_size())
-                p = scorer.per_position(piece, dim)
-                per = p if per is None else (np.maximum(per, p) if maw else per + p)
-            assert per is not None
-            self._add_hidden(per, pos)
-        scores = scorer.finish(plan.scores, plan.group.name)
-        g = plan.group
-        kept = round_keep(g, g.size - int(round(g.size * float(self.opts.hidden or 0.0))), self.options)
-        if kept >= g.size:
-            self.hidden = None
-            return
-        plan.keep = np.sort(np.argsort(-scores, kind="stable")[:kept])
-        memo: dict[int, int] = {}
-        table = plan.table
-        plan.attrs = [(module, attr, table.sized(atom, {g.id: kept}, memo)) for module, attr, atom in plan.attrs
-                      if table.sized(atom, {g.id: kept}, memo) != table.sized(atom, {}, {})]
+        hidden_size.finish_hidden(self)
 
     def survey(self) -> dict[int, dict[str, float]] | None:
         """First pass over the blocks: width scores of every block, then one ranking or allocation over all.
@@ -551,141 +459,7 @@ class _Walker:
             out.update({s.id: removed.get(s.id, 0) / s.size for s in slots if s.kind == kind})
         return out
 
-    def _outside_cuts(self) -> dict[str, tuple[int, np.ndarray]]:
-        """Per stored tensor outside the blocks, the hidden-size dim and the flat indices it keeps."""
-        if self.hidden is None:
-            return {}
-        cuts, _ = self.hidden.cuts("")
-        return {self.stored_name(name): (dim, idx) for name, dim, idx in cuts
-                if not name.startswith(self.blocks_name + ".")}
-
-    def _passthrough(self, name: str, outside: dict[str, tuple[int, np.ndarray]]) -> tuple[Any, ...]:
-        """A copied-through tensor for :meth:`ShardedWriter.stream_shard`, sliced when the hidden size is pruned."""
-        info = self.source.info(name)
-        if name not in outside:
-            return name, info.dtype, info.shape, functools.partial(self.source.chunks, name, self.opts.chunk_bytes)
-        dim, idx = outside[name]
-        index = torch.from_numpy(idx)
-        shape = tuple(len(idx) if d == dim else v for d, v in enumerate(info.shape))
-
-        def pieces() -> Iterable[torch.Tensor]:
-            if dim == 0:
-                yield self.source.load([name])[name].index_select(0, index)
-                return
-            for chunk in self.source.chunks(name, self.opts.chunk_bytes):
-                yield chunk.index_select(dim, index)
-
-        return name, info.dtype, shape, pieces
-
-    def _sync_expert_count(self, changes: list[ExpertChange]) -> None:
-        """The top-level model's expert count (its load-balancing loss) follows when every block agrees.
-
-        :class:`~secateurs.passes.experts.PruneExperts` does this itself when it sees the whole model.
-        """
-        counts = {b.num_experts for b in find_moe_blocks(self.model)}
-        olds = {c.before for c in changes if c.what == "experts"}
-        if len(counts) == 1 and len(olds) == 1 and getattr(self.model, "num_experts", None) == olds.pop():
-            setattr(self.model, "num_experts", counts.pop())  # noqa: B010 - nn.Module attribute typing
-
     def write(self, dst: str | os.PathLike[str], overwrite: bool,
               budget: dict[int, dict[str, float]] | None) -> tuple[list[Any], list[Any], list[Any], int, bool]:
         """The last pass: transform, sparsify and write every block, then copy the rest through."""
-        opts = self.opts
-        self.walks += 1
-        streams = self.streams()
-        sparsifier = (SparsifyWeights(opts.sparsity or 0.0, nm=opts.nm, criterion=opts.sparsity_criterion,  # type: ignore[arg-type]
-                                      keep_masks=False, block=opts.block, damp=opts.damp) if opts.sparse else None)
-        groups = _passthrough_groups(self.passthrough, self.source, opts.max_shard_bytes)
-        n = len(self.order)
-        total = n + len(groups)
-        widths: list[tuple[str, int, int]] = []
-        experts: list[ExpertChange] = []
-        sparsity: list[tuple[str, float]] = []
-        probe = self.probe_call() if is_writer() else None
-        probes: list[tuple[str, Call, torch.Tensor]] = []  # what each written block gives on the probe
-        digests: list[dict[str, int]] = []  # and the bytes of each of its tensors
-        moe = bool(find_moe_blocks(self.model))
-        per_expert = moe and (opts.expert_layout == "per-expert" or (opts.expert_layout == "source"
-                                                                     and self.per_expert_source))
-        self.expert_layout = None if not moe else {
-            "written": "per-expert" if per_expert else "fused",
-            "why": "asked for" if opts.expert_layout != "source" else
-            f"the source stores its experts {'one by one' if self.per_expert_source else 'fused'}"}
-        with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
-            for position in track(range(n), "streaming blocks"):
-                prefix = f"{self.blocks_name}.{position}."
-                block = self.load(position, self.blocks.get_submodule(str(position)))
-                changed, width = self.transform(position, block, streams,
-                                                budget=None if budget is None else budget.get(position, {}))
-                experts += changed
-                widths += width
-                if self.hidden is not None:
-                    slice_dims(block, *self.hidden.cuts(prefix))
-                self.note_activations(streams)
-                if sparsifier is not None:
-                    targets: list[tuple[str, nn.Module]] = [
-                        (prefix + name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
-                    stream = streams.get("pruned")
-                    record = sparsifier.sparsify_layers(
-                        targets, (lambda: _forward(block, stream)) if stream is not None else None)  # noqa: B023
-                    sparsity.extend(record.layers)
-                    if stream is not None and position + 1 < n:
-                        streams["pruned"], _ = _forward(block, stream)
-                if writer.enabled:
-                    state = {prefix + k: v for k, v in block.state_dict().items()}
-                    probes.append(self.probe(block, position, probe))
-                    digests.append({k[len(prefix):]: digest(v) for k, v in state.items()})
-                    writer.write_shard(shard_name(position + 1, total),
-                                       per_expert_state(self.model, state) if per_expert else state)
-                    del state
-                block.to("meta")
-                _release_memory()
-            streams.clear()
-            outside = self._outside_cuts()
-            for j, group in enumerate(track(groups, "copying embeddings and head")):
-                writer.stream_shard(shard_name(n + j + 1, total), [self._passthrough(name, outside) for name in group])
-                self.peak_weights = max(self.peak_weights,
-                                        min(max(self.source.info(name).nbytes for name in group), opts.chunk_bytes))
-            if self.hidden is not None:
-                assert self.hidden.keep is not None
-                size = self.hidden.group.size
-                widths.append((f"hidden size: {self.hidden.group.name}", size, len(self.hidden.keep)))
-                slice_dims(self.model, [(name, dim, idx) for name, (dim, idx) in outside.items()],
-                           self.hidden.cuts("")[1])
-            self._sync_expert_count(experts)
-            layout = describe(self.model)  # on every rank: the same decisions, the same errors (no rank left waiting)
-            fallback = per_expert and not layout.plain_loadable
-            if fallback:
-                if opts.expert_layout == "per-expert":
-                    raise BudgetError("the per-expert layout is read by plain from_pretrained only, and this "
-                                      "pruning is not expressible in the config (per-layer sizes); write the "
-                                      "fused layout instead")
-                per_expert = False
-                self.expert_layout = {"written": "fused", "why": "the source is per-expert, but the per-expert "
-                                      "layout is read by plain from_pretrained only and this pruning has "
-                                      "per-layer sizes"}
-            plain = False
-            if writer.enabled:
-                plain = layout.plain_loadable
-                folder = self.folder
-                if fallback:
-                    log.warning("the source stores its experts one by one, but the per-expert layout loads with plain "
-                                "from_pretrained only and this pruning has per-layer sizes: writing the fused layout")
-                    for position in range(n):  # the blocks again, converted back (what load_pretrained reads)
-                        writer.rewrite_shard(shard_name(position + 1, total),
-                                             lambda t: fused_state(self.model, t, str(self.folder)))
-                if per_expert:
-                    layout.manifest["expert_layout"] = "per-expert"
-
-                def extras(tmp: Path) -> None:
-                    layout.config.save_pretrained(tmp)
-                    (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
-                    for fname in ("generation_config.json", *TOKENIZER_FILES):
-                        if (folder / fname).is_file():
-                            shutil.copy2(folder / fname, tmp / fname)
-                    copies = [(name, self._passthrough(name, outside)[3]) for name in self.passthrough]
-                    check_streamed_reload(tmp, self.model, self.blocks_name, probes, plain, copies=copies,
-                                          chunk_bytes=opts.chunk_bytes, per_expert=per_expert, digests=digests)
-
-                writer.commit(extras)
-        return widths, experts, sparsity, total, plain
+        return write_blocks(self, dst, overwrite, budget)
