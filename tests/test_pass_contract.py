@@ -337,3 +337,20 @@ def test_a_pass_that_keeps_asking_is_refused_with_the_model_restored():
                                                 r"retries \(attempt 2 contradicted\); the model was restored"):
         flaky(graph)  # called alone: the same transaction and retries as under a manager
     assert len(flaky.seen) == 3 and _same(model, state) and module_fingerprint(model) == fingerprint
+
+
+def test_no_room_for_a_rollback_copy_warns_and_the_rollback_names_the_edit(monkeypatch, caplog):
+    """A full temporary disk does not stop the pass; if it then fails, the rollback says what it could not undo."""
+    import secateurs.modeling.rewrite as rewrite
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rewrite, "ROLLBACK_MEMORY", 0)
+    monkeypatch.setattr(rewrite.torch, "save", full)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    graph = sc.capture(model, (torch.randn(2, 16),))
+    failing = _failing(SparsifyWeights)(0.5, keep_masks=False)
+    with pytest.raises(PassContractError, match=r"tensors edited in place without a copy: 0\.weight"):
+        PassManager([AnalyzeDependencies(), failing])(graph)
+    assert "no room to keep a rollback copy" in caplog.text

@@ -7,6 +7,7 @@ Every change is recorded in a :class:`Snapshot` so it can be rolled back bit-exa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -54,12 +55,14 @@ class Snapshot:
     copy), a module's whole state before a structural edit (:meth:`record_module`: its parameter, buffer,
     submodule and hook tables and instance attributes, shallow), and the values of a tensor about to be edited
     in place (:meth:`record_values`: a copy, kept in memory up to :data:`ROLLBACK_MEMORY` bytes in all and in
-    a temporary folder beyond). :meth:`discard` frees the copies once the change is kept.
+    a temporary folder beyond; when the folder has no room, a warning says the edit cannot be undone and the
+    rollback check names the tensor). :meth:`discard` frees the copies once the change is kept.
     """
 
     entries: list[tuple[Any, str, str, Any]] = dataclasses.field(default_factory=list)
     edited: set[int] = dataclasses.field(default_factory=set)
     held: int = 0
+    short: bool = False
     _folder: str | None = dataclasses.field(default=None, repr=False)
 
     def record(self, owner: Any, kind: str, name: str, old: Any) -> None:
@@ -79,18 +82,29 @@ class Snapshot:
         """Copy ``tensor``'s values before it is edited in place (once per tensor and snapshot)."""
         if id(tensor) in self.edited:
             return
-        self.edited.add(id(tensor))
         old = tensor.detach()
         size = old.numel() * old.element_size()
         if self.held + size <= ROLLBACK_MEMORY:
             self.held += size
             saved: Any = old.clone()
         else:
-            if self._folder is None:
-                self._folder = tempfile.mkdtemp(prefix="secateurs-rollback-")
-            path = os.path.join(self._folder, f"{len(self.entries)}.pt")
-            torch.save(old.cpu().contiguous(), path)
+            path = ""
+            try:
+                if self._folder is None:
+                    self._folder = tempfile.mkdtemp(prefix="secateurs-rollback-")
+                path = os.path.join(self._folder, f"{len(self.entries)}.pt")
+                torch.save(old.cpu().contiguous(), path)
+            except OSError as exc:  # no room for the copy: the edit goes on, and a rollback will say it cannot undo it
+                if path:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                if not self.short:
+                    log.warning("no room to keep a rollback copy (%s); if this pass fails, its in-place edits cannot be "
+                                "undone (set SECATEURS_ROLLBACK_MEMORY or TMPDIR)", exc)
+                self.short = True
+                return
             saved = _Spilled(path)
+        self.edited.add(id(tensor))
         self.entries.append((tensor, "values", "", saved))
 
     def restore(self) -> None:
@@ -123,6 +137,7 @@ class Snapshot:
         self.entries.clear()
         self.edited.clear()
         self.held = 0
+        self.short = False
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
