@@ -67,7 +67,7 @@ class PipelineResult:
     @property
     def module(self) -> Any:
         """The (rewritten in place) module, or the ONNX model."""
-        return getattr(self.graph, "module", None) or getattr(self.graph, "model", None)
+        return self.graph.module if isinstance(self.graph, Graph) else getattr(self.graph, "model", None)
 
     @property
     def modified(self) -> bool:
