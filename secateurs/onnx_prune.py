@@ -27,6 +27,7 @@ from secateurs.frontends.onnx_model import load_onnx
 from secateurs.ir.depgraph import DependencyInfo, FrozenGroup
 from secateurs.ir.onnx_depgraph import OnnxDependencyInfo, onnx_costs
 from secateurs.ir.onnx_graph import OnnxGraph
+from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange
 from secateurs.passes.dependencies import DependencyRecord
@@ -199,8 +200,10 @@ def prune_onnx(
               if v.name and not v.is_initializer() and v.name in graph.shapes}
     small = verify and dst is not None and _bytes(graph) < 1_800_000_000
     dense = ir.serde.deserialize_model(ir.serde.serialize_model(graph.model)) if small else None
-    latency_before = table.model_latency(graph) if table is not None and spec.speedup is not None else None
-    results = PassManager([AnalyzeOnnxDependencies(), scorer, *([budget] if budget else []), pruner])(graph).results
+    pipeline = PassManager([AnalyzeOnnxDependencies(), scorer, *([budget] if budget else []), pruner])(graph)
+    results = pipeline.results
+    allocated = pipeline.record(LayerBudget)  # with speedup, the dense file's latency the budget was derived from
+    latency_before = allocated.model_latency if allocated is not None else None
     deps = results[0][1].record
     record = results[-1][1].record
     assert isinstance(deps, DependencyRecord) and isinstance(record, OnnxPruneRecord)

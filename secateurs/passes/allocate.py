@@ -68,7 +68,8 @@ class LayerBudget:
     """Fraction of channels to remove per group id, chosen by ``allocator`` for a total ``ratio``.
 
     ``weights`` is what one channel of each group is worth in the budget's unit (1, its parameters, or its
-    FLOPs on the example inputs).
+    FLOPs on the example inputs). ``model_latency``: with a ``speedup`` target, the whole model's measured
+    seconds the budget was derived from.
     """
 
     allocator: str
@@ -76,6 +77,7 @@ class LayerBudget:
     unit: str
     ratios: dict[int, float]
     weights: dict[int, float]
+    model_latency: float | None = None
 
     def spent(self, info: DependencyInfo) -> float:
         """The fraction of the budget unit these ratios remove (channels rounded as the pruning pass does)."""
@@ -163,6 +165,7 @@ class AllocateBudget(Pass):
         groups = [g for g in info.iter_groups() if g.kind in kinds and g.mixed_at is None and g.size > 1]
         if not groups:
             raise BudgetError(f"no prunable groups of kinds {kinds} to spread the budget over")
+        total = None
         if self.unit == "flops":
             costs = cost_model(graph, info).per_channel()
             self._w = {g.id: max(costs[g.id][1], 0.0) for g in groups}
@@ -187,7 +190,7 @@ class AllocateBudget(Pass):
         elif self.allocator == "cfsp":
             importance = self._block_influence(graph, groups)
         ratios = self.allocate(groups, scores, self._w, importance)
-        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w))
+        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w), total)
         graph.analyses[LayerBudget] = budget
         return PassResult(graph, False, budget)
 

@@ -79,7 +79,6 @@ class _OnnxTransaction:
 
     def __init__(self, graph: OnnxGraph) -> None:
         self.graph = graph
-        self.model = graph.model
         self.copy = graph.model.clone()
         self.before = onnx_fingerprint(graph.model)
         self.facts = {k: _shallow(getattr(graph, k)) for k in _FACTS}
