@@ -127,13 +127,10 @@ class LatencyTable:
         return self._ort_time(layer.eval(), (torch.randn(x_shape),), {})
 
     def _ort_time(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BudgetError("the onnxruntime latency backend needs: pip install 'secateurs[onnx]'") from exc
         import io
         import warnings
 
+        _onnxruntime()  # before exporting: a missing runtime is the error to report
         buf = io.BytesIO()
         tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
             v for v in kwargs.values() if isinstance(v, torch.Tensor)]
@@ -145,9 +142,7 @@ class LatencyTable:
                                   input_names=names)
         except Exception as exc:  # the exporter raises many types; all mean "cannot time this in ORT"
             raise BudgetError(f"cannot export {type(module).__name__} for ONNX Runtime timing: {exc}") from exc
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        session = self._ort_session(buf.getvalue())
         feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors, strict=False)}
         return _time(lambda: session.run(None, feeds), self.repeats)
 
@@ -212,10 +207,7 @@ class LatencyTable:
 
     # ------------------------------------------------------------------------------------------ ONNX graphs
     def _ort_session(self, model_bytes: bytes) -> Any:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BudgetError("timing an ONNX graph needs onnxruntime: pip install 'secateurs[onnx]'") from exc
+        ort = _onnxruntime()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.log_severity_level = 3
@@ -292,6 +284,14 @@ class LatencyTable:
                     cost += max(slope, 0.0) / max(size - half, 1) * m.stride
             out[gid] = cost
         return out
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BudgetError("the onnxruntime latency backend needs: pip install 'secateurs[onnx]'") from exc
+    return onnxruntime
 
 
 def _np_dtype(dtype: Any) -> Any:
