@@ -65,6 +65,9 @@ class Report:
         recovery: The :class:`~secateurs.passes.distill.RecoverRecord` of a recovery run (loss curve), or None.
         passes: The passes that ran, in order, with seconds each.
         width_criterion: The criterion that scored the width groups (``"flap"``, ``"l2"``, ...), or None.
+        capture: How the model was captured: ``"record"`` (one recorded forward) or ``"export"``
+            (``torch.export``, where recording refused the model).
+        verification: Which check verified the width rewrite (``verify=``), or ``""`` without one.
 
     """
 
@@ -87,6 +90,8 @@ class Report:
     drift: OutputDrift | None = None
     recovery: Any = None
     width_criterion: str | None = None
+    capture: str = ""
+    verification: str = ""
 
     @property
     def param_ratio(self) -> float:
@@ -126,6 +131,8 @@ class Report:
                          + (f", held-out loss {last.eval_loss:.4f}" if last is not None and last.eval_loss else ""))
         if self.drift is not None:
             lines.append(str(self.drift))
+        if self.verification:
+            lines.append(f"verified ({self.verification})")
         lines += frozen_lines(self.frozen, self.unsupported_ops)
         return "\n".join(lines)
 
@@ -283,7 +290,9 @@ def plan_passes(
             and ``allocate="dp"`` unless an allocator is given. The report holds the measured latencies.
         latency_cache: Latency cache file (default ``~/.cache/secateurs/latency.json``).
         latency_backend: Where latency is measured: ``"torch"`` (PyTorch CPU) or ``"onnxruntime"``.
-        verify: Re-capture and check every traced shape against the plan (recommended).
+        verify: How each width rewrite is checked against the plan: ``"fast"`` (default, True): a recorded forward
+            of the pruned model, every traced shape and every value against the masked dense model; ``"full"``:
+            the same on a ``torch.export`` capture (slower; proves the result still exports); ``"off"`` (False).
 
     Returns:
         The passes, the latency table they share (or None) and whether to measure whole-model latency.
@@ -335,7 +344,7 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         ratio=ratio, target=spec.target or "channels", scope=spec.scope or "local",
         min_keep=0.1 if spec.min_keep is None else spec.min_keep, round_to=8 if spec.round_to is None else spec.round_to,
         ignore=tuple(ignore), leave=leave, hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
-        bias_compensation=bool(spec.bias_compensation), verify=spec.verify is not False,
+        bias_compensation=bool(spec.bias_compensation), verify=True if spec.verify is None else spec.verify,
     )
     passes: list[Pass] = []
     table: LatencyTable | None = None
@@ -427,4 +436,6 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         drift=drift,
         recovery=result.record(RecoverRecord),
         width_criterion=scores.criterion if (scores := result.record(ChannelScores)) is not None else None,
+        capture=graph.capture,
+        verification=record.check if record else "",
     )

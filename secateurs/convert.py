@@ -24,6 +24,7 @@ from secateurs.backends.checkpoint import (
     check_reload,
     describe,
     load_pretrained,
+    load_skeleton,
     save_pretrained,
     stores_per_expert,
 )
@@ -108,6 +109,8 @@ def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: R
         "unsupported_ops": report.unsupported_ops,
         "retries": report.retries,
         "width_criterion": report.width_criterion,
+        "capture": report.capture,
+        "verification": report.verification,
         "compensated_biases": report.compensated_biases,
         "drift": plain(report.drift),
         "recovery": plain(report.recovery),
@@ -255,7 +258,11 @@ def _expert_layout(model: nn.Module, source: Path, asked: str) -> dict[str, str]
 
 def inspect_checkpoint(src: str | os.PathLike[str], *, seq_len: int = 16, seed: int = 0,
                        trust_remote_code: bool = False) -> dict[str, Any]:
-    """The dependency groups of a checkpoint: each group's kind and size, each frozen group's reason."""
+    """The dependency groups of a checkpoint: each group's kind and size, each frozen group's reason.
+
+    No weight is read: the model is built on the meta device (:func:`load_skeleton`) and one forward on meta
+    example inputs is recorded, so a checkpoint far larger than memory is inspected in seconds.
+    """
     from secateurs.frontends.torch_export import capture
     from secateurs.ir.aten_cost import count_flops
     from secateurs.ir.depgraph import analyze
@@ -263,9 +270,9 @@ def inspect_checkpoint(src: str | os.PathLike[str], *, seq_len: int = 16, seed: 
     source = Path(src)
     if not source.is_dir():
         raise CheckpointError(f"source '{source}' is not a checkpoint folder")
-    model = load_pretrained(source, trust_remote_code=trust_remote_code)
+    model = load_skeleton(source, trust_remote_code=trust_remote_code)
     example, _ = example_and_calib(model, source, "none", 2, seq_len, seed)
-    graph = capture(model, example)
+    graph = capture(model, {k: v.to("meta") for k, v in example.items()})
     info = analyze(graph)
     return {
         "layers": [{"name": k, "params": p, "flops": f} for k, (p, f) in costs_by_layer(graph).items()],

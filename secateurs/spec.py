@@ -111,7 +111,7 @@ OPTIONS: dict[str, Option] = {
     "owl": Option("sparse", ("memory",)),
     "sparsity_allocate": Option("sparse", ("memory",), None, {"memory": ("global", "lamp", "owl", "dp")}),
     "reconstruct": Option("sparse", ("memory",)),
-    "verify": Option("run", ("memory",)),
+    "verify": Option("run", ("memory",), "--verify-rewrite"),
 }
 """Every option: which step reads it, which paths take it, its CLI flag and its values."""
 
@@ -211,7 +211,7 @@ class PruneSpec:
     owl: bool | None = None
     sparsity_allocate: str | None = None
     reconstruct: bool | None = None
-    verify: bool | None = None
+    verify: bool | str | None = None
 
     def __post_init__(self) -> None:
         """Normalise the spellings: ``nm="2:4"`` to ``(2, 4)``, a whole ``layers`` count to an int, lists to tuples."""
@@ -356,6 +356,8 @@ class PruneSpec:
             raise BudgetError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if self.min_keep is not None and (not isinstance(self.min_keep, (int, float)) or not 0.0 <= self.min_keep <= 1.0):
             raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
+        if self.verify is not None and not (isinstance(self.verify, bool) or self.verify in ("fast", "full", "off")):
+            raise BudgetError(f"verify must be True, False, 'fast', 'full' or 'off', got {self.verify!r}")
         if self.speedup is not None and (not isinstance(self.speedup, (int, float)) or not self.speedup > 1.0):
             raise BudgetError(f"speedup is a whole-model latency target > 1 (1.5 for 1.5x faster), got {self.speedup!r}")
         for name, opt in OPTIONS.items():

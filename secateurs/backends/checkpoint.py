@@ -37,6 +37,7 @@ from secateurs.backends.checkpoint_load import (
     _skeleton,
     check_reload,
     load_pretrained,
+    load_skeleton,
 )
 from secateurs.backends.expert_layout import per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
@@ -46,7 +47,7 @@ from secateurs.modeling.layers import ZeroSublayer
 from secateurs.modeling.structure import find_moe_blocks
 
 __all__ = ["MANIFEST", "TOKENIZER_FILES", "Layout", "SaveResult", "check_reload", "describe", "load_pretrained",
-           "save_pretrained"]
+           "load_skeleton", "save_pretrained"]
 
 # Integer size attributes that a pruned module may carry and that its tensors do not all imply.
 WATCHED = (

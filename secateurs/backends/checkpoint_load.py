@@ -124,26 +124,8 @@ def load_pretrained(
         CheckpointError: The folder, config or weights are missing, corrupt or do not match each other.
 
     """
-    from transformers import AutoConfig
-
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"'{folder}' has no config.json")
-    manifest: dict[str, Any] = {}
-    if (folder / MANIFEST).is_file():
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"'{folder / MANIFEST}' is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict):
-            raise CheckpointError(f"'{folder / MANIFEST}' must hold a JSON object, got {type(manifest).__name__}")
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"'{folder / MANIFEST}' has unknown format {manifest.get('format')!r}")
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # a malformed config raises ValueError, TypeError, KeyError, ... from its class
-        raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
-    _check_manifest(manifest, folder / MANIFEST)
+    config, manifest = _read_config(folder, trust_remote_code)
     # The recorded structure is built on the meta device first: a config or manifest asking for far more than
     # the folder stores is refused before anything is allocated.
     _check_size(_assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code), folder)
@@ -173,6 +155,57 @@ def load_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def load_skeleton(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> nn.Module:
+    """The model a checkpoint folder describes, on the meta device: its recorded structure, no weight read.
+
+    What ``secateurs inspect`` analyses: a 7B-shape checkpoint's groups and costs need its shapes only. The
+    stored tensors' shapes (safetensors headers) are compared with the skeleton's.
+
+    Raises:
+        CheckpointError: The folder or config is missing or malformed, or a stored tensor's shape differs from
+            the one the config builds (the message names it).
+
+    """
+    folder = Path(path)
+    config, manifest = _read_config(folder, trust_remote_code)
+    model = _assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code)
+    _check_size(model, folder)
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        from secateurs.backends.sharded import ShardedSource
+
+        stored = ShardedSource(folder).tensors
+        for name, tensor in model.state_dict().items():
+            info = stored.get(name)
+            if info is not None and tuple(info.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"the weights in '{folder}' do not match its config.json: '{name}' is stored "
+                                      f"as {list(info.shape)}, the config builds {list(tensor.shape)}")
+    return model.eval()
+
+
+def _read_config(folder: Path, trust_remote_code: bool) -> tuple[Any, dict[str, Any]]:
+    """The folder's config and its ``secateurs.json`` manifest (empty for a plain checkpoint), both checked."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"'{folder}' has no config.json")
+    manifest: dict[str, Any] = {}
+    if (folder / MANIFEST).is_file():
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"'{folder / MANIFEST}' is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"'{folder / MANIFEST}' must hold a JSON object, got {type(manifest).__name__}")
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"'{folder / MANIFEST}' has unknown format {manifest.get('format')!r}")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a malformed config raises ValueError, TypeError, KeyError, ... from its class
+        raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
+    _check_manifest(manifest, folder / MANIFEST)
+    return config, manifest
 
 
 def _assemble(config: Any, manifest: dict[str, Any], folder: Path, *, meta: bool,

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from secateurs.errors import PassContractError
 
-__all__ = ["Graph", "is_dead", "tensor_shape"]
+__all__ = ["Graph", "RecordedProgram", "is_dead", "tensor_shape"]
 
 _T = TypeVar("_T")
 
@@ -29,8 +29,45 @@ def tensor_shape(value: Any) -> tuple[int, ...] | None:
 
 
 @dataclasses.dataclass
+class RecordedProgram:
+    """A program recorded from one eager forward (``secateurs.frontends.record``), laid out as an export's.
+
+    Attributes:
+        graph: The recorded FX graph (placeholders: parameters, buffers, constants, then user inputs).
+        state: Placeholder name -> the parameter, buffer or constant tensor it held when recorded (a later
+            rewrite of the module replaces tensors; this program keeps computing with the recorded ones).
+        in_spec: The pytree spec of ``(args, kwargs)`` it was recorded on.
+
+    """
+
+    graph: fx.Graph
+    state: dict[str, torch.Tensor]
+    in_spec: Any
+    _module: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph as a runnable module (generated on first use: it costs a code generation)."""
+        if self._module is None:
+            self._module = fx.GraphModule(nn.Module(), self.graph)
+        return self._module
+
+    def flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The values of every placeholder, in order, for ``(args, kwargs)`` laid out as when recorded.
+
+        Raises:
+            ValueError: The inputs are structured differently.
+
+        """
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise ValueError(f"inputs structured as {spec}, recorded on {self.in_spec}")
+        return [*self.state.values(), *leaves]
+
+
+@dataclasses.dataclass
 class Graph:
-    """A model captured with ``torch.export``.
+    """A model captured into an ATen-level FX graph (recorded from one forward, or with ``torch.export``).
 
     Attributes:
         module: The original ``nn.Module``; width pruning rewrites it in place.
@@ -43,11 +80,17 @@ class Graph:
         user_inputs: Names of placeholder nodes fed by the caller.
         user_outputs: Names of nodes returned to the caller.
         analyses: Typed analysis results written by analysis passes, keyed by their class.
+        capture: How it was captured: ``"record"`` (one eager forward recorded at the ATen level) or
+            ``"export"`` (``torch.export``).
+        outputs: With ``"record"``: the output tensors of the recorded forward (detached), the dense outputs a
+            final check compares with, without another forward.
+        values: Node name -> the value it computed in the recorded forward, when the capture was asked to keep
+            them (a verification's capture of the pruned model: its check then runs no second forward).
 
     """
 
     module: nn.Module
-    program: torch.export.ExportedProgram
+    program: torch.export.ExportedProgram | RecordedProgram
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     params: dict[str, str]
@@ -57,10 +100,31 @@ class Graph:
     user_outputs: list[str]
     analyses: dict[type, Any] = dataclasses.field(default_factory=dict)
 
+    capture: str = "export"
+    outputs: list[torch.Tensor] | None = None
+    values: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
     @property
     def fx_graph(self) -> fx.Graph:
-        """The FX graph of the exported program."""
+        """The FX graph of the captured program."""
         return self.program.graph
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The runnable FX module of the captured program (run it on :meth:`flat_inputs`)."""
+        return self.program.graph_module
+
+    def interpreter_root(self) -> nn.Module:
+        """The module an ``fx.Interpreter`` of :attr:`fx_graph` runs against (its ``get_attr`` targets)."""
+        if isinstance(self.program, RecordedProgram):
+            return nn.Module()  # a recorded graph has no get_attr: no code generation needed to run it
+        return self.program.graph_module
+
+    def flat_inputs(self) -> list[Any]:
+        """The value of every placeholder for the example inputs: state tensors as captured, then the inputs."""
+        if isinstance(self.program, RecordedProgram):
+            return self.program.flat_inputs(self.args, self.kwargs)
+        return list(self.program._graph_module_flat_inputs(self.args, self.kwargs))
 
     def nodes(self) -> list[fx.Node]:
         """Graph nodes in topological order."""
@@ -71,6 +135,20 @@ class Graph:
         for n in self.program.graph.nodes:
             if n.name == name:
                 return n
+        raise KeyError(name)
+
+    def state_tensor(self, name: str) -> torch.Tensor:
+        """The tensor the capture holds for parameter or buffer ``name`` (the module may have replaced it since).
+
+        Raises:
+            KeyError: No placeholder holds ``name``.
+
+        """
+        if not isinstance(self.program, RecordedProgram):
+            return self.program.state_dict[name]
+        for placeholder, fqn in [*self.params.items(), *self.buffers.items()]:
+            if fqn == name:
+                return self.program.state[placeholder]
         raise KeyError(name)
 
     def state_name(self, placeholder: str) -> str | None:

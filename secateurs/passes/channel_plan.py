@@ -21,6 +21,8 @@ from secateurs.errors import BudgetError, VerificationError
 from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup
 from secateurs.passes.base import cost_model
 
+VERIFY_MODES: tuple[bool | str, ...] = (True, False, "fast", "full", "off")
+"""The values of ``verify``: True is ``"fast"``, False is ``"off"``."""
 __all__ = ["KINDS", "SCOPES", "TARGETS", "ChannelOptions", "GroupChange", "eligible", "left_alone", "plan_keep",
            "require_removal", "round_keep"]
 
@@ -55,7 +57,10 @@ class ChannelOptions:
         bias_compensation: Fold the calibration mean of every removed input channel into its consumer's bias
             (FLAP); needs ``activation`` or ``flap`` scores. Consumers without a bias are skipped. Default (None):
             on when the scores are ``flap`` with calibration statistics.
-        verify: Re-capture the rewritten model and check every traced shape against the plan.
+        verify: How the rewritten model is checked against the plan: ``"fast"`` (or True, the default) records
+            one forward of it and compares every traced shape and, node by node, every value with the masked
+            dense model's; ``"full"`` does the same on a ``torch.export`` capture (tens of times slower, and
+            proves the pruned model still exports); ``"off"`` (or False) only captures it again.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
         require: Refuse a structure ratio that selects or removes nothing (off for one block of a streamed model,
             where the whole-model check already ran and a block may lack a kind).
@@ -72,7 +77,7 @@ class ChannelOptions:
     hidden: bool = False
     kind_ratios: tuple[tuple[str, float], ...] = ()
     bias_compensation: bool | None = None
-    verify: bool = True
+    verify: bool | str = True
     max_retries: int = 8
     require: bool = True
 
@@ -93,8 +98,18 @@ class ChannelOptions:
                 raise BudgetError(f"unknown structure kind {kind!r}; choose from {KINDS}")
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
                 raise BudgetError(f"{kind} ratio must be in [0, 1), got {value!r}")
+        if self.verify not in VERIFY_MODES:
+            raise BudgetError(f"verify must be one of True, False, {', '.join(repr(m) for m in VERIFY_MODES[2:])}; "
+                              f"got {self.verify!r}")
         if self.kind_ratios and self.target != "channels":
             raise BudgetError("per-structure ratios (heads=, ffn=, ...) work with target='channels' only")
+
+    @property
+    def check(self) -> str:
+        """``verify`` as one of ``"fast"``, ``"full"``, ``"off"``."""
+        if isinstance(self.verify, bool):
+            return "fast" if self.verify else "off"
+        return self.verify
 
     def ratio_for(self, kind: str) -> float:
         """The ratio that applies to groups of ``kind``."""

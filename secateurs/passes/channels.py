@@ -50,6 +50,7 @@ class PruneRecord:
     predicted_flops: float
     retries: int = 0
     compensated: tuple[int, int] = (0, 0)
+    check: str = ""
 
 
 def cost_as_predicted(before: Graph, result: PassResult) -> list[str]:
@@ -112,7 +113,8 @@ class PruneChannels(Pass):
         if per_group is None and opts.require:
             require_removal(info, opts, keep, exclude, frozen)
         if not keep:
-            return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt))
+            return PassResult(graph, False, PruneRecord(opts, [], frozen, *predict_cost(graph, info, {}), attempt,
+                                                        check="nothing to check: no channel removed"))
         kept_counts = {g: int(m.sum()) for g, m in keep.items()}
         predicted = predict_cost(graph, info, kept_counts)  # before the rewrite: it counts the module's params
         snap = transaction()  # the manager's, rolled back if anything after fails
@@ -121,7 +123,7 @@ class PruneChannels(Pass):
         overrides = _replaced_params(graph, snap)
         snap = apply_keep(graph, info, keep, snap)
         overrides = {**_replaced_params(graph, snap, unsliced=True), **overrides}
-        if not opts.verify:
+        if opts.check == "off":
             new_graph = self._recapture(graph, snap)
         else:
             checked, culprits, why = self._verify(graph, info, keep, kept_counts, snap, overrides)
@@ -131,7 +133,12 @@ class PruneChannels(Pass):
             new_graph = checked
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
                    for g, k in sorted(kept_counts.items())]
-        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated))
+        return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated,
+                                                       check_line(opts.check, new_graph.capture)))
+
+    def _method(self, graph: Graph) -> str:
+        """How the rewritten model is captured again: as the dense one was, by torch.export under ``"full"``."""
+        return "export" if self.options.check == "full" or graph.capture == "export" else "record"
 
     def _freeze(self, graph: Graph, info: DependencyInfo, culprits: set[int], why: str) -> None:
         """Leave ``culprits`` whole from the next attempt on (and the groups the same module code sizes)."""
@@ -151,7 +158,7 @@ class PruneChannels(Pass):
     @staticmethod
     def _recapture(graph: Graph, snap: Snapshot) -> Graph:
         try:
-            return capture_call(graph.module, graph.args, graph.kwargs)
+            return capture_call(graph.module, graph.args, graph.kwargs, "export" if graph.capture == "export" else "auto")
         except CaptureError as exc:
             snap.restore()
             raise VerificationError(f"the pruned model no longer captures; it was restored: {exc}") from exc
@@ -169,7 +176,7 @@ class PruneChannels(Pass):
 
         Returns the new capture when it agrees; otherwise restores the model and names the culprit groups.
         """
-        new, problem, partner = _shape_problem(graph, info, kept)
+        new, problem, partner = _shape_problem(graph, info, kept, self._method(graph))
         if problem is None:
             assert new is not None
             mismatch = masked_mismatch(graph, new, info, keep, partner, overrides)
@@ -201,7 +208,8 @@ class PruneChannels(Pass):
             sub = {g: keep[g] for g in ids}
             snap = apply_keep(graph, info, sub)
             try:
-                new, problem, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in sub.items()})
+                new, problem, partner = _shape_problem(graph, info, {g: int(m.sum()) for g, m in sub.items()},
+                                                       self._method(graph))
                 if problem is not None or not numeric:
                     return problem is not None
                 assert new is not None
@@ -280,17 +288,26 @@ def _replaced_params(graph: Graph, snap: Snapshot, unsliced: bool = False) -> di
     return out
 
 
+def check_line(check: str, capture: str) -> str:
+    """What the verification of a width rewrite did, for the report."""
+    if check == "off":
+        return "not verified (verify='off'): the rewritten model was only captured again"
+    how = ("a recorded forward of the pruned model" if capture == "record"
+           else "a torch.export capture of the pruned model")
+    return (f"{check}: {how}, every traced shape against the plan and every value against the masked dense model")
+
+
 def _shape_problem(
-    graph: Graph, info: DependencyInfo, kept: dict[int, int]
+    graph: Graph, info: DependencyInfo, kept: dict[int, int], method: str = "record"
 ) -> tuple[Graph | None, tuple[str, list[int], str] | None, dict[str, fx.Node]]:
-    """Capture the (already rewritten) module and compare every traced shape with the prediction.
+    """Capture the (already rewritten) module (``method``) and compare every traced shape with the prediction.
 
     Returns (new capture, None, partners) when they agree, else (capture or None, (node, atoms of the
     mismatching dims, description), partners); partners maps each dense node to the pruned node it lines up with.
     """
     partner: dict[str, fx.Node] = {}
     try:
-        new = capture_call(graph.module, graph.args, graph.kwargs)
+        new = capture_call(graph.module, graph.args, graph.kwargs, method, keep_values=True)
     except CaptureError as exc:
         return None, ("<capture>", [], str(exc).splitlines()[0]), partner
     old_nodes = [n for n in graph.nodes() if n.op in ("placeholder", "call_function")]

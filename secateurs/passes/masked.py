@@ -141,17 +141,17 @@ def _differs(want: torch.Tensor, got: torch.Tensor) -> float | None:
 
 
 def _flat_inputs(graph: Graph) -> list[Any]:
-    return list(graph.program._graph_module_flat_inputs(graph.args, graph.kwargs))
+    return graph.flat_inputs()
 
 
 class _Stop(Exception):
     """Ends the lockstep run at the first disagreement."""
 
 
-def _mutates(gm: fx.GraphModule) -> bool:
+def _mutates(graph: fx.Graph) -> bool:
     """Whether any node writes into a tensor (``fill_``, ``copy_``, ``index_put_``: code like ``h[:, :2] = 0``)."""
     return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in gm.graph.nodes if n.op == "call_function")
+               for n in graph.nodes if n.op == "call_function")
 
 
 class _Recorder(fx.Interpreter):
@@ -160,10 +160,10 @@ class _Recorder(fx.Interpreter):
     Copies are taken only when the graph writes into tensors (a later in-place op must not change a kept value).
     """
 
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
+    def __init__(self, graph: Graph, wanted: set[str]) -> None:
+        super().__init__(graph.interpreter_root(), graph=graph.fx_graph)
         self.values: dict[str, Any] = {}
-        self.wanted, self.copy = wanted, _mutates(gm)
+        self.wanted, self.copy = wanted, _mutates(graph.fx_graph)
 
     def run_node(self, n: fx.Node) -> Any:
         """Run one node and keep (a copy of) its tensors when a dense node lines up with it."""
@@ -190,9 +190,9 @@ class _Lockstep(fx.Interpreter):
     memory with the graph's inputs or constants (parameters, buffers) are never written: they get a copy.
     """
 
-    def __init__(self, gm: fx.GraphModule, info: DependencyInfo, masks: _Masks, pruned: dict[str, Any],
+    def __init__(self, graph: Graph, info: DependencyInfo, masks: _Masks, pruned: dict[str, Any],
                  partner: dict[str, fx.Node], skip: set[str]) -> None:
-        super().__init__(gm)
+        super().__init__(graph.interpreter_root(), graph=graph.fx_graph)
         self.info, self.masks, self.pruned, self.partner, self.skip = info, masks, pruned, partner, skip
         self.mismatch: Mismatch | None = None
         self.protected: set[int] = set()
@@ -280,14 +280,17 @@ def masked_mismatch(
         None when every aligned node agrees, else the first disagreement.
 
     """
-    recorder = _Recorder(new.program.graph_module, {p.name for p in partner.values()})
-    with torch.no_grad():
-        recorder.run(*_flat_inputs(new))
-    pruned = recorder.values
-    del recorder
+    if new.values is not None:  # recorded with its values: the forward that captured it computed them
+        pruned, new.values = new.values, None
+    else:
+        recorder = _Recorder(new, {p.name for p in partner.values()})
+        with torch.no_grad():
+            recorder.run(*_flat_inputs(new))
+        pruned = recorder.values
+        del recorder
     inputs = _flat_inputs(old)
     if overrides:
-        names = [n.name for n in old.program.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in old.fx_graph.nodes if n.op == "placeholder"]
         for i, name in enumerate(names[: len(inputs)]):
             fqn = old.params.get(name) or old.buffers.get(name)
             if fqn in overrides:
@@ -295,7 +298,7 @@ def masked_mismatch(
     masks = _Masks(info, keep)
     skip = {node for node, atoms in info.mixing.items()
             if any(leaf in keep for a in atoms for leaf in info.table.leaves(a))}
-    runner = _Lockstep(old.program.graph_module, info, masks, pruned, partner, skip)
+    runner = _Lockstep(old, info, masks, pruned, partner, skip)
     try:
         with torch.no_grad():
             runner.run(*inputs)
