@@ -159,3 +159,28 @@ def test_verify_takes_its_documented_values_only():
         sc.prune(models.ConvBN(), (torch.randn(1, 3, 4, 4),), ratio=0.3, verify="always")
     report = sc.prune(models.ConvBN().eval(), (torch.randn(1, 3, 4, 4),), ratio=0.5, round_to=1, verify="off")
     assert report.verification.startswith("not verified") and report.params_after < report.params_before
+
+
+def test_inspect_reads_no_weight_and_checks_the_stored_shapes(llama_dir, tmp_path):
+    """Oracle: the same groups after every weight byte is overwritten (only headers are read), and a stored shape
+    the config does not build is named."""
+    import json
+    import shutil
+    import struct
+
+    from secateurs.convert import inspect_checkpoint
+
+    want = inspect_checkpoint(llama_dir)
+    src = tmp_path / "garbage"
+    shutil.copytree(llama_dir, src)
+    path = src / "model.safetensors"
+    raw = path.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    path.write_bytes(raw[:start] + b"\xff" * (len(raw) - start))  # NaN bit patterns everywhere
+    assert inspect_checkpoint(src) == want
+    header = json.loads(raw[8:start])
+    header["lm_head.weight"]["shape"] = header["lm_head.weight"]["shape"][::-1]  # same bytes, wrong shape
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[start:])
+    with pytest.raises(sc.CheckpointError, match="'lm_head.weight' is stored as"):
+        inspect_checkpoint(src)

@@ -25,8 +25,9 @@ import dataclasses
 import inspect
 import operator
 import re
+import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.utils._pytree as pytree
@@ -100,8 +101,9 @@ class _Tape:
     def __init__(self, model: nn.Module, keep_values: bool = False) -> None:
         self.graph = fx.Graph()
         self.values: dict[str, Any] | None = {} if keep_values else None
-        self.bound: dict[int, tuple[torch.Tensor, fx.Node]] = {}  # the tensor kept alive: its id stays unique
-        self.pending: list[tuple[fx.Node, Any]] = []
+        # id -> (weak reference, node): an entry leaves when its tensor dies, so a reused id never aliases it and
+        # the forward keeps no more alive than an ordinary one
+        self.bound: dict[int, tuple[weakref.ref[torch.Tensor], fx.Node]] = {}
         self.protected: dict[int, str] = {}  # storage -> what it holds (parameters, buffers, inputs)
         self.constants: dict[str, str] = {}
         self.state: dict[str, torch.Tensor] = {}
@@ -125,11 +127,19 @@ class _Tape:
         return node
 
     def bind(self, tensor: torch.Tensor, node: fx.Node) -> None:
-        self.bound[id(tensor)] = (tensor, node)
+        key = id(tensor)
+        bound = self.bound
+
+        def gone(ref: weakref.ref[torch.Tensor]) -> None:
+            hit = bound.get(key)
+            if hit is not None and hit[0] is ref:
+                del bound[key]
+
+        bound[key] = (weakref.ref(tensor, gone), node)
 
     def node_for(self, tensor: torch.Tensor) -> fx.Node:
         hit = self.bound.get(id(tensor))
-        if hit is not None and hit[0] is tensor:
+        if hit is not None and hit[0]() is tensor:
             return hit[1]
         # a tensor no recorded op made: a module attribute or one built outside the dispatcher (``torch.tensor``)
         target = self.attr_names.get(id(tensor))
@@ -170,7 +180,14 @@ class _Tape:
                     if what is not None:
                         self.refuse(f"{func} writes into {what} during forward")
 
-    def refuse(self, why: str) -> None:
+    def meta(self, value: Any) -> Any:
+        """:func:`_meta` of an op's output; what it cannot describe stops the recording."""
+        try:
+            return _meta(value)
+        except RecordError as exc:
+            self.refuse(str(exc))
+
+    def refuse(self, why: str) -> NoReturn:
         """Stop the recording (kept even if the model's code catches the exception)."""
         self.refused = self.refused or why
         raise RecordError(why)
@@ -184,7 +201,7 @@ class _Tape:
         node = self.graph.create_node("call_function", func, self.arg(args), self.arg(kwargs),
                                       name=func.overloadpacket.__name__)
         node.meta["nn_module_stack"] = self.stack
-        self.pending.append((node, out))
+        node.meta["val"] = self.meta(out)
         if self.values is not None:  # copies: a later in-place op must not change what this node computed
             self.values[node.name] = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
         if isinstance(out, torch.Tensor):
@@ -194,7 +211,7 @@ class _Tape:
                 if isinstance(part, torch.Tensor):
                     item = self.graph.create_node("call_function", operator.getitem, (node, i), name="getitem")
                     item.meta["nn_module_stack"] = self.stack
-                    self.pending.append((item, part))
+                    item.meta["val"] = self.meta(part)
                     if self.values is not None:
                         self.values[item.name] = self.values[node.name][i]
                     self.bind(part, item)
@@ -312,8 +329,6 @@ def record_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                           f"({type(out).__name__})")
     results = [tape.node_for(v) if isinstance(v, torch.Tensor) else v for v in leaves]
     tape.graph.output(tuple(results))
-    for node, value in tape.pending:
-        node.meta["val"] = _meta(value)
     for node in list(tape.graph.nodes):
         if node.target is operator.getitem and not node.users:
             tape.graph.erase_node(node)

@@ -54,6 +54,9 @@ class AtomTable:
         self.where = "graph"
         self._mixed: list[tuple[int, str]] = []
         self._tags: list[tuple[int, str]] = []
+        # leaves / coords of a class change only when classes merge (unify): cached until then
+        self._leaves: dict[int, list[int]] = {}
+        self._coords: dict[tuple[int, int], np.ndarray | None] = {}
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -175,6 +178,8 @@ class AtomTable:
             return
         if self._size[ra] != self._size[rb]:
             raise RefinementConflict(f"sizes {self._size[ra]} and {self._size[rb]} differ")
+        self._leaves.clear()
+        self._coords.clear()
         fa, fb = self._refine.pop(ra, None), self._refine.pop(rb, None)
         self._parent[rb] = ra
         if fa is None:
@@ -248,22 +253,38 @@ class AtomTable:
     def leaves(self, atom: int) -> list[int]:
         """All leaf roots under ``atom`` (itself if it is a leaf), outermost first."""
         root = self.find(atom)
+        hit = self._leaves.get(root)
+        if hit is not None:
+            return list(hit)
         ref = self._refine.get(root)
         if ref is None:
             return [root]
         out: list[int] = []
+        seen: set[int] = set()
         for part in ref.parts:
             for leaf in self.leaves(part):
-                if leaf not in out:
+                if leaf not in seen:
+                    seen.add(leaf)
                     out.append(leaf)
-        return out
+        self._leaves[root] = out
+        return list(out)
 
     def coords(self, atom: int, leaf: int) -> np.ndarray | None:
         """For each flat index of ``atom``, the index along ``leaf`` (-1 where the leaf is absent).
 
-        Returns None when ``leaf`` is not under ``atom`` at all.
+        Returns None when ``leaf`` is not under ``atom`` at all. The array is read-only (it is cached).
         """
         root = self.find(atom)
+        key = (root, leaf)
+        if key in self._coords:
+            return self._coords[key]
+        out = self._coords_of(root, leaf)
+        if out is not None:
+            out.setflags(write=False)
+        self._coords[key] = out
+        return out
+
+    def _coords_of(self, root: int, leaf: int) -> np.ndarray | None:
         if root == leaf:
             return np.arange(self._size[root])
         ref = self._refine.get(root)
@@ -286,7 +307,7 @@ class AtomTable:
         view[k] = shape[k]
         sub = subs[k]
         assert sub is not None
-        return np.broadcast_to(sub.reshape(view), shape).reshape(-1)
+        return np.ascontiguousarray(np.broadcast_to(sub.reshape(view), shape).reshape(-1))
 
     def keep_mask(self, atom: int, keep: dict[int, np.ndarray]) -> np.ndarray:
         """Boolean mask over ``atom``'s flat indices, given per-leaf keep masks (missing = keep all)."""

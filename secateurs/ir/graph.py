@@ -131,11 +131,16 @@ class Graph:
         return list(self.program.graph.nodes)
 
     def node(self, name: str) -> fx.Node:
-        """The node called ``name``."""
-        for n in self.program.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
+        """The node called ``name`` (indexed on first use, again when the graph gained or renamed nodes)."""
+        index: dict[str, fx.Node] | None = self.__dict__.get("_node_index")
+        hit = index.get(name) if index is not None else None
+        if hit is None or hit.name != name:
+            index = {n.name: n for n in self.program.graph.nodes}
+            self.__dict__["_node_index"] = index
+            hit = index.get(name)
+            if hit is None:
+                raise KeyError(name)
+        return hit
 
     def state_tensor(self, name: str) -> torch.Tensor:
         """The tensor the capture holds for parameter or buffer ``name`` (the module may have replaced it since).
