@@ -15,7 +15,8 @@ Per model, in one process and interleaved (Torch-Pruning, secateurs, Torch-Pruni
   heads given as its examples give them, the output layer ignored), graph build + ``pruner.step()``; it verifies
   nothing.
 
-A call that raises or runs past ``--timeout`` (SIGALRM) counts as a failure of that tool. The table prints both
+A call that raises or runs past ``--timeout`` (SIGALRM, default 60 s) counts as a failure of that tool, which is
+then not called again on that model. The table prints both
 times and their ratio (secateurs / Torch-Pruning, below 1 means secateurs is faster); the summary the median and
 geometric mean of the ratios over the models both tools prune, and the largest. ``--profile`` splits
 secateurs' time into capture, analysis, scoring, planning, rewrite, verification and the report (the rest).

@@ -76,7 +76,11 @@ class _Masks:
     def split(self, atom: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(kept, removed) sorted flat indices of ``atom``, or None when it keeps everything."""
         if atom not in self._cache:
-            mask = self.info.table.keep_mask(atom, self.keep)
+            table = self.info.table
+            if not any(leaf in self.keep for leaf in table.leaves(atom)):  # no pruned leaf: keeps everything
+                self._cache[atom] = None
+                return None
+            mask = table.keep_mask(atom, self.keep)
             self._cache[atom] = None if mask.all() else (torch.from_numpy(np.flatnonzero(mask)),
                                                          torch.from_numpy(np.flatnonzero(~mask)))
         return self._cache[atom]
