@@ -154,7 +154,6 @@ def _refuse_flags(args: argparse.Namespace, path: str, what: str) -> dict[str, A
     unsupported = [f"--{f.replace('_', '-')}" for f, paths in _DRIVER_FLAGS.items()
                    if path not in paths and getattr(args, f) is not None]
     unsupported += [OPTIONS[o].flag or o for o in options if path not in OPTIONS[o].paths]
-    unsupported += ["--dry-run"] if args.dry_run and path == "stream" else []
     unsupported += ["--no-verify"] if args.no_verify and path == "onnx" else []
     unsupported += [f"--device {args.device}"] if args.device != "cpu" else []
     if unsupported:
@@ -208,8 +207,8 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     from secateurs.stream import StreamOptions
 
     given = _refuse_flags(args, "stream", "--stream")
-    if args.out is None:
-        raise BudgetError("--stream needs --out")
+    if args.out is None and not args.dry_run:
+        raise BudgetError("--stream needs --out (or --dry-run)")
     from secateurs.convert import _tokenizer
     from secateurs.stream import resolve_defaults
 
@@ -231,11 +230,11 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
                                seq_len=args.seq_len or 64, batch_size=min(8, args.calib_samples or 16))
     from secateurs.stream import prune_checkpoint as stream_prune
 
-    report = stream_prune(args.src, args.out, options, calib=batches, overwrite=args.overwrite)
+    report = stream_prune(args.src, args.out, options, calib=batches, overwrite=args.overwrite, dry_run=args.dry_run)
     if is_writer():
         _say(args, report.summary())
     data = dataclasses.asdict(report)
-    data["path"] = str(report.path)
+    data["path"] = None if report.path is None else str(report.path)
     return data
 
 

@@ -65,11 +65,12 @@ __all__ = ["STREAM_ALLOCATORS", "STREAM_IMPORTANCE", "StreamOptions", "StreamRep
 
 def prune_checkpoint(
     src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
     options: StreamOptions | None = None,
     *,
     calib: Iterable[Any] | None = None,
     overwrite: bool = False,
+    dry_run: bool = False,
     **kwargs: Any,
 ) -> StreamReport:
     """Prune the checkpoint folder ``src`` block by block into ``dst`` without loading the whole model.
@@ -77,12 +78,13 @@ def prune_checkpoint(
     Args:
         src: A Hugging Face checkpoint folder with safetensors weights (sharded or not) of a decoder-only
             architecture of ``transformers`` (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE, ...).
-        dst: The output folder; complete or absent after the call.
+        dst: The output folder; complete or absent after the call (None with ``dry_run``).
         options: What to do (:class:`StreamOptions`); ``kwargs`` are its fields as keywords instead.
         calib: Calibration batches of token ids (tensors, or dicts with ``input_ids`` and optionally
             ``attention_mask``) for depth, experts, the ``cfsp`` allocator, ``activation`` / ``flap`` importance
             and ``wanda`` / ``sparsegpt``.
         overwrite: Replace an existing ``dst`` (only once the new one is complete).
+        dry_run: Prune every block and report, one block in memory at a time, and write nothing.
         **kwargs: :class:`StreamOptions` fields (``ffn=0.25, heads=0.25, nm="2:4"``).
 
     Returns:
@@ -99,11 +101,14 @@ def prune_checkpoint(
     except TypeError as exc:
         raise BudgetError(f"prune_checkpoint(): {exc}") from exc
     opts = resolve_defaults(opts, calibrated=calib is not None)
-    guard_source(src, dst)
-    # before any pass over the weights, and on every rank (the others would wait for the writer forever)
-    taken = is_writer() and Path(dst).exists() and not overwrite
-    if all_reduce_sum({"output exists": int(taken)})["output exists"]:
-        raise CheckpointError(f"output folder '{dst}' exists; pass overwrite=True to replace it")
+    if dst is None and not dry_run:
+        raise BudgetError("an output folder is required (or dry_run=True)")
+    if dst is not None and not dry_run:
+        guard_source(src, dst)
+        # before any pass over the weights, and on every rank (the others would wait for the writer forever)
+        taken = is_writer() and Path(dst).exists() and not overwrite
+        if all_reduce_sum({"output exists": int(taken)})["output exists"]:
+            raise CheckpointError(f"output folder '{dst}' exists; pass overwrite=True to replace it")
     batches = None
     if calib is not None and opts.calibrated:
         everything = _batches(calib)
@@ -120,9 +125,11 @@ def prune_checkpoint(
         if opts.hidden:
             walker.plan_hidden()
         budget = walker.survey() if opts.surveys else None
-        widths, experts, sparsity, total, plain = walker.write(dst, overwrite, budget)
+        # with dry_run the writer is off: nothing is created, the path is never opened
+        widths, experts, sparsity, total, plain = walker.write(src if dst is None or dry_run else dst, overwrite,
+                                                               budget, dry_run)
     barrier()
-    return StreamReport(Path(dst), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,
+    return StreamReport(None if dry_run else Path(str(dst)), len(walker.order), tuple(widths), tuple(sparsity), walker.peak_weights,
                         walker.block_bytes, walker.model_bytes, walker.peak_acts, total, plain,
                         time.perf_counter() - start, tuple(experts), tuple(removed), tuple(depth_scores), walker.walks,
                         len(batches or []), getattr(walker, "expert_layout", None))

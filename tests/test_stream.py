@@ -619,3 +619,27 @@ def test_per_expert_sources_stream_and_are_written_back_per_expert(tmp_path, mon
     err = json.loads(capsys.readouterr().out)["error"]
     assert "model.layers.1" in err and "differs" in err, err
     assert not (tmp_path / "spoiled").exists()
+
+
+def test_a_streamed_dry_run_reports_what_the_run_does_and_writes_nothing(tmp_path, capsys):
+    """Oracle: the streamed run itself. The dry run's widths, removed blocks and sparsity equal the real run's,
+    and no file appears anywhere (through the CLI: exit 0 and no --out needed)."""
+    src = save_sharded(_llama(4), tmp_path / "src")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in Path(src).iterdir())
+    opts = {"calib": _fixed_calib(), "layers": 1, "ffn": 0.25, "heads": 0.5, "scope": "global", "nm": "2:4"}
+    dry = prune_checkpoint(src, None, dry_run=True, **opts)
+    assert dry.path is None and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in Path(src).iterdir()) == files
+    real = prune_checkpoint(src, tmp_path / "out", **opts)
+    assert (dry.widths, dry.removed_blocks, dry.sparsity) == (real.widths, real.removed_blocks, real.sparsity)
+    assert "dry run: nothing written" in dry.summary()
+    from secateurs.cli import main
+
+    code = main(["prune", str(src), "--stream", "--dry-run", "--ffn", "0.25", "--calib", "none", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["path"] is None and data["widths"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])
+    assert sorted(p.name for p in Path(src).iterdir()) == files  # nothing left in the source either
+    with pytest.raises(BudgetError, match="output folder is required"):
+        prune_checkpoint(src, None, ffn=0.25)

@@ -162,7 +162,7 @@ class StreamReport:
     """What :func:`prune_checkpoint` did and the memory it needed.
 
     Attributes:
-        path: The output folder.
+        path: The output folder (None for a dry run: nothing was written).
         blocks: How many decoder blocks were written.
         widths: ``(group, width before, width after)`` per pruned head / KV-group / FFN group.
         sparsity: ``(layer, fraction of zero weights)`` per sparsified layer.
@@ -182,7 +182,7 @@ class StreamReport:
 
     """
 
-    path: Path
+    path: Path | None
     blocks: int
     widths: tuple[tuple[str, int, int], ...]
     sparsity: tuple[tuple[str, float], ...]
@@ -203,7 +203,8 @@ class StreamReport:
     def summary(self) -> str:
         """A few lines for the console."""
         mib = 1 << 20
-        lines = [f"streamed {self.blocks} blocks into {self.path} ({self.shards} shards, {self.passes} "
+        into = f"into {self.path} ({self.shards} shards" if self.path is not None else "(dry run: nothing written"
+        lines = [f"streamed {self.blocks} blocks {into}, {self.passes} "
                  f"pass{'es' if self.passes > 1 else ''} over the weights) in {self.seconds:.1f} s",
                  f"peak weights loaded {self.peak_weight_bytes / mib:.1f} MiB (largest block "
                  f"{self.block_bytes / mib:.1f} MiB, model {self.model_bytes / mib:.1f} MiB); "

@@ -459,7 +459,7 @@ class _Walker:
             out.update({s.id: removed.get(s.id, 0) / s.size for s in slots if s.kind == kind})
         return out
 
-    def write(self, dst: str | os.PathLike[str], overwrite: bool,
-              budget: dict[int, dict[str, float]] | None) -> tuple[list[Any], list[Any], list[Any], int, bool]:
-        """The last pass: transform, sparsify and write every block, then copy the rest through."""
-        return write_blocks(self, dst, overwrite, budget)
+    def write(self, dst: str | os.PathLike[str], overwrite: bool, budget: dict[int, dict[str, float]] | None,
+              dry_run: bool = False) -> tuple[list[Any], list[Any], list[Any], int, bool]:
+        """The last pass: transform, sparsify and write every block (not with ``dry_run``), then the rest."""
+        return write_blocks(self, dst, overwrite, budget, dry_run)

@@ -82,8 +82,12 @@ def _sync_expert_count(walker: _Walker, changes: list[ExpertChange]) -> None:
 
 
 def write_blocks(walker: _Walker, dst: str | os.PathLike[str], overwrite: bool,
-                 budget: dict[int, dict[str, float]] | None) -> tuple[list[Any], list[Any], list[Any], int, bool]:
-    """The last pass: transform, sparsify and write every block, then copy the rest through."""
+                 budget: dict[int, dict[str, float]] | None,
+                 dry_run: bool = False) -> tuple[list[Any], list[Any], list[Any], int, bool]:
+    """The last pass: transform, sparsify and write every block, then copy the rest through.
+
+    With ``dry_run`` every block is pruned and reported the same way, and nothing is written.
+    """
     opts = walker.opts
     walker.walks += 1
     streams = walker.streams()
@@ -105,7 +109,7 @@ def write_blocks(walker: _Walker, dst: str | os.PathLike[str], overwrite: bool,
         "written": "per-expert" if per_expert else "fused",
         "why": "asked for" if opts.expert_layout != "source" else
         f"the source stores its experts {'one by one' if walker.per_expert_source else 'fused'}"}
-    with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer()) as writer:
+    with ShardedWriter(dst, overwrite=overwrite, enabled=is_writer() and not dry_run) as writer:
         for position in track(range(n), "streaming blocks"):
             prefix = f"{walker.blocks_name}.{position}."
             block = walker.load(position, walker.blocks.get_submodule(str(position)))
