@@ -22,6 +22,7 @@ from typing import Any
 
 from secateurs.errors import BudgetError, did_you_mean
 from secateurs.passes.allocate import ALLOCATORS, UNITS
+from secateurs.passes.channel_plan import check_verify
 from secateurs.passes.channels import SCOPES, TARGETS
 from secateurs.passes.criteria import (
     NEEDS,
@@ -356,8 +357,8 @@ class PruneSpec:
             raise BudgetError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if self.min_keep is not None and (not isinstance(self.min_keep, (int, float)) or not 0.0 <= self.min_keep <= 1.0):
             raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
-        if self.verify is not None and not (isinstance(self.verify, bool) or self.verify in ("fast", "full", "off")):
-            raise BudgetError(f"verify must be True, False, 'fast', 'full' or 'off', got {self.verify!r}")
+        if self.verify is not None:
+            check_verify(self.verify)
         if self.speedup is not None and (not isinstance(self.speedup, (int, float)) or not self.speedup > 1.0):
             raise BudgetError(f"speedup is a whole-model latency target > 1 (1.5 for 1.5x faster), got {self.speedup!r}")
         for name, opt in OPTIONS.items():

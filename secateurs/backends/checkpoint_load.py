@@ -173,14 +173,10 @@ def load_skeleton(path: str | os.PathLike[str], *, trust_remote_code: bool = Fal
     model = _assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code)
     _check_size(model, folder)
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
-        from secateurs.backends.sharded import ShardedSource
+        from secateurs.backends.sharded import ShardedSource, check_shapes
 
-        stored = ShardedSource(folder).tensors
-        for name, tensor in model.state_dict().items():
-            info = stored.get(name)
-            if info is not None and tuple(info.shape) != tuple(tensor.shape):
-                raise CheckpointError(f"the weights in '{folder}' do not match its config.json: '{name}' is stored "
-                                      f"as {list(info.shape)}, the config builds {list(tensor.shape)}")
+        check_shapes(ShardedSource(folder), {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     folder / "config.json")
     return model.eval()
 
 

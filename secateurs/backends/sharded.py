@@ -29,7 +29,7 @@ import torch
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.errors import CheckpointError
 
-__all__ = ["INDEX", "ShardedSource", "ShardedWriter", "TensorInfo", "shard_name"]
+__all__ = ["INDEX", "ShardedSource", "ShardedWriter", "TensorInfo", "check_shapes", "shard_name"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -110,6 +110,19 @@ def read_index(folder: Path) -> dict[str, str]:
             raise CheckpointError(f"'{index}': tensor '{name}' is in '{shard}', which is not a file inside the "
                                   "checkpoint folder; refused")
     return weight_map
+
+
+def check_shapes(source: ShardedSource, expected: dict[str, tuple[int, ...]], config: Path, hint: str = "") -> None:
+    """Refuse stored tensors whose shapes differ from the ones ``config`` builds (``expected``; others are not read).
+
+    Raises:
+        CheckpointError: The first such tensor, named with both shapes (and ``hint``).
+
+    """
+    for name, shape in expected.items():
+        if name in source and tuple(source.info(name).shape) != tuple(shape):
+            raise CheckpointError(f"'{config}' does not match the weights: '{name}' is stored as "
+                                  f"{list(source.info(name).shape)}, the config builds {list(shape)}{hint}")
 
 
 class ShardedSource:

@@ -108,14 +108,15 @@ class _Tape:
         self.constants: dict[str, str] = {}
         self.state: dict[str, torch.Tensor] = {}
         self.attr_names: dict[int, str] = {}  # plain tensor attributes of modules (export's CONSTANT_TENSOR)
+        self.paths: dict[int, str] = {}  # module -> its qualified name, for nn_module_stack
         for path, mod in model.named_modules():
+            self.paths[id(mod)] = path
             for key, value in vars(mod).items():
                 if isinstance(value, torch.Tensor) and not key.startswith("_"):
                     self.attr_names.setdefault(id(value), f"{path}.{key}" if path else key)
         self.anchor: fx.Node | None = None  # constants go before the first user input
         self.refused = ""
         self.stack: dict[str, tuple[str, str]] = {}
-        self.paths = {id(m): p for p, m in model.named_modules()}
 
     def placeholder(self, name: str, value: Any) -> fx.Node:
         node = self.graph.placeholder(name)

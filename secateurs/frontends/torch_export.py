@@ -102,9 +102,18 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"unknown capture method {method!r}; choose one of {', '.join(CAPTURE_METHODS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _record_or_export(model, args, kwargs, method, keep_values)
+    finally:
+        model.train(was_training)
+
+
+def _record_or_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], method: str,
+                      keep_values: bool) -> Graph:
+    """:func:`capture_call` on a module already in eval mode."""
     if method != "export":
-        was_training = model.training
-        model.eval()
         try:
             rec = record_call(model, args, kwargs, keep_values=keep_values)
         except RecordError as exc:
@@ -120,14 +129,10 @@ def capture_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             return Graph(module=model, program=rec.program, args=args, kwargs=kwargs, params=rec.params,
                          buffers=rec.buffers, constants=rec.constants, user_inputs=rec.user_inputs,
                          user_outputs=rec.user_outputs, capture="record", outputs=rec.outputs, values=rec.values)
-        finally:
-            model.train(was_training)
     return _export_call(model, args, kwargs)
 
 
 def _export_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Graph:
-    was_training = model.training
-    model.eval()
     # Fake-tensor failures are reported through CaptureError; torch would also log them at ERROR level.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
@@ -141,7 +146,6 @@ def _export_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         raise CaptureError(_explain(model, exc)) from exc
     finally:
         fake_log.setLevel(level)
-        model.train(was_training)
     sig = program.graph_signature
     params: dict[str, str] = {}
     buffers: dict[str, str] = {}

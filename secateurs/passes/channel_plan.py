@@ -21,10 +21,8 @@ from secateurs.errors import BudgetError, VerificationError
 from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGroup
 from secateurs.passes.base import cost_model
 
-VERIFY_MODES: tuple[bool | str, ...] = (True, False, "fast", "full", "off")
-"""The values of ``verify``: True is ``"fast"``, False is ``"off"``."""
-__all__ = ["KINDS", "SCOPES", "TARGETS", "ChannelOptions", "GroupChange", "eligible", "left_alone", "plan_keep",
-           "require_removal", "round_keep"]
+__all__ = ["KINDS", "SCOPES", "TARGETS", "VERIFY_MODES", "ChannelOptions", "GroupChange", "check_verify", "eligible",
+           "left_alone", "plan_keep", "require_removal", "round_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +30,21 @@ TARGETS = ("channels", "params", "flops")
 KINDS = ("heads", "kv_groups", "ffn", "hidden", "channels")
 SCOPES = ("local", "global")
 
+
+
+VERIFY_MODES = ("fast", "full", "off")
+"""The values of ``verify`` besides True (``"fast"``) and False (``"off"``)."""
+
+
+def check_verify(value: object) -> None:
+    """Refuse a ``verify`` that is neither a bool nor one of :data:`VERIFY_MODES`.
+
+    Raises:
+        BudgetError: The value, with the ones it can be.
+
+    """
+    if not (isinstance(value, bool) or value in VERIFY_MODES):
+        raise BudgetError(f"verify must be True, False, 'fast', 'full' or 'off', got {value!r}")
 
 @dataclasses.dataclass(frozen=True)
 class ChannelOptions:
@@ -98,9 +111,7 @@ class ChannelOptions:
                 raise BudgetError(f"unknown structure kind {kind!r}; choose from {KINDS}")
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
                 raise BudgetError(f"{kind} ratio must be in [0, 1), got {value!r}")
-        if self.verify not in VERIFY_MODES:
-            raise BudgetError(f"verify must be one of True, False, {', '.join(repr(m) for m in VERIFY_MODES[2:])}; "
-                              f"got {self.verify!r}")
+        check_verify(self.verify)
         if self.kind_ratios and self.target != "channels":
             raise BudgetError("per-structure ratios (heads=, ffn=, ...) work with target='channels' only")
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from secateurs.backends.checkpoint import MANIFEST
 from secateurs.backends.expert_layout import PerExpertSource, stores_experts_one_by_one
-from secateurs.backends.sharded import ShardedSource
+from secateurs.backends.sharded import ShardedSource, check_shapes
 from secateurs.distributed import all_reduce_sum
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
@@ -101,14 +101,9 @@ class _Walker:
         if opts.expert_layout == "per-expert" and not find_moe_blocks(self.model):
             raise BudgetError(f"expert_layout='per-expert': {type(self.model).__name__} has no mixture-of-experts "
                               "layer")
-        for name, shape in expected.items():
-            if name in source and tuple(source.info(name).shape) != shape:
-                hint = ("; the folder was pruned with per-layer sizes (secateurs.json), which streaming cannot "
-                        "read: stream the original checkpoint, or prune this one without --stream") \
-                    if (folder / MANIFEST).is_file() else ""
-                raise CheckpointError(
-                    f"'{folder / 'config.json'}' does not match the weights: it makes '{name}' {list(shape)}, the "
-                    f"checkpoint stores {list(source.info(name).shape)}{hint}")
+        hint = ("; the folder was pruned with per-layer sizes (secateurs.json), which streaming cannot read: stream "
+                "the original checkpoint, or prune this one without --stream") if (folder / MANIFEST).is_file() else ""
+        check_shapes(source, expected, folder / "config.json", hint)
         known = set(expected)
         skipped = sorted(n for n in source.tensors if n not in known)
         if skipped:
