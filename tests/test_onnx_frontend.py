@@ -7,6 +7,7 @@ channels are dead; typed errors and no file left behind on malformed input.
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -215,7 +216,12 @@ def test_a_latency_budget_on_an_onnx_file_is_timed_in_onnx_runtime(tmp_path, ber
                        latency_cache=str(cache))
     assert json.loads(cache.read_text()) == entries  # nothing new measured: the same layers, the same plan
     assert _sizes(again.changes) == _sizes(report.changes)
-    fast = prune_onnx(src, tmp_path / "fast.onnx", speedup=1.05, latency_cache=str(cache))
+    try:
+        fast = prune_onnx(src, tmp_path / "fast.onnx", speedup=1.01, latency_cache=str(cache))
+    except BudgetError as exc:  # this tiny model's prunable layers are a few % of its time: ask for half of that
+        prunable, total = map(float, re.search(r"take ([\d.]+) ms of ([\d.]+) ms", str(exc)).groups())
+        fast = prune_onnx(src, tmp_path / "fast.onnx", speedup=1 / (1 - 0.5 * prunable / total),
+                          latency_cache=str(cache))
     assert fast.latency_before and fast.latency_after and "ONNX Runtime CPU" in str(fast)
 
 

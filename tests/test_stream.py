@@ -643,3 +643,29 @@ def test_a_streamed_dry_run_reports_what_the_run_does_and_writes_nothing(tmp_pat
     assert sorted(p.name for p in Path(src).iterdir()) == files  # nothing left in the source either
     with pytest.raises(BudgetError, match="output folder is required"):
         prune_checkpoint(src, None, ffn=0.25)
+
+
+def test_a_kind_that_removes_nothing_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """As in memory: --kv-groups whose groups all round back to full size exits non-zero, naming the kind.
+
+    With blocks of one shape the first block decides (one block read); otherwise after the last block, before
+    the commit (every block read, no folder left)."""
+    from secateurs.streaming.walker import _Walker
+
+    src = save_sharded(_llama(4), tmp_path / "src")
+    loaded = []
+    original = _Walker.load
+    monkeypatch.setattr(_Walker, "load", lambda self, p, b: (loaded.append(p), original(self, p, b))[1])
+    with pytest.raises(BudgetError, match=r"kv_groups=0.5 \(--kv-groups\) removes no channel in the first block"):
+        prune_checkpoint(src, tmp_path / "out", kv_groups=0.5, round_to=100000)
+    assert loaded == [0] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    in_memory = sc.load_pretrained(src)
+    with pytest.raises(BudgetError, match=r"kv_groups=0.5 \(--kv-groups\) removes no channel"):
+        sc.prune(in_memory, {"input_ids": torch.zeros(1, 8, dtype=torch.long)}, kv_groups=0.5, round_to=100000)
+    loaded.clear()
+    monkeypatch.setattr(_Walker, "uniform_blocks", lambda self: False)
+    with pytest.raises(BudgetError, match="removes no channel in any of the 4 blocks: each of its 4 groups"):
+        prune_checkpoint(src, tmp_path / "out", kv_groups=0.5, ffn=0.25, round_to=100000)
+    assert loaded == [0, 1, 2, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    out = prune_checkpoint(src, tmp_path / "out", kv_groups=0.5)  # a ratio that removes something still runs
+    assert [(before, after) for _, before, after in out.widths] == [(2, 1)] * 4, out.widths  # 2 KV groups -> 1

@@ -22,7 +22,7 @@ from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGro
 from secateurs.passes.base import cost_model
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "VERIFY_MODES", "ChannelOptions", "GroupChange", "check_verify", "eligible",
-           "left_alone", "plan_keep", "require_removal", "round_keep"]
+           "left_alone", "plan_keep", "require_removal", "round_keep", "rounded_away"]
 
 log = logging.getLogger(__name__)
 
@@ -230,11 +230,16 @@ def require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, 
             reasons = sorted(left) + sorted({f.reason for f in frozen} - left)
             raise BudgetError(f"{what} selects no prunable group in this model"
                               + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""))
-        smallest = min(g.size for g in selected)
-        raise BudgetError(f"{what} removes no channel: each of its {len(selected)} groups keeps every channel "
-                          f"after rounding to multiples of round_to={opts.round_to} (--round-to) and the "
-                          f"min_keep={opts.min_keep:g} floor (smallest group: {smallest} channels); ask for more or "
-                          "lower round_to")
+        raise rounded_away(what, len(selected), min(g.size for g in selected), opts)
+
+
+def rounded_away(what: str, selected: int, smallest: int, opts: ChannelOptions, where: str = "") -> BudgetError:
+    """The error for a kind whose ``selected`` groups all keep every channel after rounding (``where``: in what)."""
+    each = f"each of its {selected} groups keeps" if selected > 1 else "its one group keeps"
+    return BudgetError(f"{what} removes no channel{where}: {each} every channel "
+                       f"after rounding to multiples of round_to={opts.round_to} (--round-to) and the "
+                       f"min_keep={opts.min_keep:g} floor (smallest group: {smallest} channels); ask for more or "
+                       "lower round_to")
 
 
 def plan_keep(

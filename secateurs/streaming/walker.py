@@ -19,11 +19,12 @@ from secateurs.backends.sharded import ShardedSource, check_shapes
 from secateurs.distributed import all_reduce_sum
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.frontends.torch_export import capture
-from secateurs.ir.depgraph import DependencyInfo
+from secateurs.ir.depgraph import FLAGS, DependencyInfo
 from secateurs.ir.graph import Graph
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
+from secateurs.passes.channel_plan import rounded_away
 from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, eligible
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
@@ -145,6 +146,7 @@ class _Walker:
                                       kind_ratios=opts.kind_ratios + hidden,
                                       bias_compensation=bool(opts.bias_compensation), require=False)
         self.removed: list[str] = []
+        self.kinds: dict[str, tuple[int, int, bool]] = {}  # kind -> groups selected, smallest, any channel removed
         self.hidden: _HiddenPlan | None = None
 
     def prefix(self, position: int) -> str:
@@ -357,9 +359,52 @@ class _Walker:
             return experts, []
         passes = [_GivenBudget({k[len(sub):]: v for k, v in budget.items()}, opts.allocate or "global",
                                opts.budget_unit)] if budget is not None else []
+        info = graph.analysis(DependencyInfo)
         result = PassManager([*passes, PruneChannels(self.options)])(graph)
         record: PruneRecord | None = result.record(PruneRecord)
-        return experts, [(prefix + sub + c.name, c.before, c.after) for c in (record.changes if record else [])]
+        changes = record.changes if record else []
+        self.tally(info, changes)
+        return experts, [(prefix + sub + c.name, c.before, c.after) for c in changes]
+
+    def tally(self, info: DependencyInfo, changes: list[Any]) -> None:
+        """Count, per kind asked for, the groups one block's plan selected, the smallest, and whether any lost one."""
+        removed = {c.kind for c in changes if c.after < c.before}
+        for kind, ratio in self.options.kind_ratios:
+            if ratio <= 0 or kind == "hidden":  # the hidden size is planned over the whole model (plan_hidden)
+                continue
+            sizes = [g.size for g in info.iter_groups() if g.kind == kind and eligible(g, self.options)]
+            n, smallest, hit = self.kinds.get(kind, (0, 0, False))
+            self.kinds[kind] = (n + len(sizes), min([smallest, *sizes]) if n else min(sizes, default=0),
+                                hit or kind in removed)
+
+    def uniform_blocks(self) -> bool:
+        """Whether every block stores the same tensors with the same shapes (then one block's plan is every one's)."""
+        def shapes(position: int) -> list[tuple[str, tuple[int, ...]]]:
+            prefix, keys = self.prefix(position), self.keys[self.order[position]]
+            return [(k, tuple(self.source.info(prefix + k).shape)) for k in keys]
+
+        first = shapes(0)
+        types = getattr(self.config, "layer_types", None)
+        return (not isinstance(types, list) or len(set(types)) <= 1) and all(
+            shapes(p) == first for p in range(1, len(self.order)))
+
+    def require_removal(self, blocks: str) -> None:
+        """Refuse a run in which a kind asked for removed nothing in ``blocks`` (never exit 0 with less done).
+
+        Raises:
+            BudgetError: Naming the kind, as the in-memory path does (:func:`require_removal`).
+
+        """
+        for kind, ratio in self.options.kind_ratios:
+            if ratio <= 0 or kind == "hidden":
+                continue
+            n, smallest, hit = self.kinds.get(kind, (0, 0, False))
+            if hit:
+                continue
+            what = f"{kind}={ratio:g} ({FLAGS.get(kind, kind)})"
+            if not n:
+                raise BudgetError(f"{what} selects no prunable group in {blocks}")
+            raise rounded_away(what, n, smallest, self.options, f" in {blocks}")
 
     def plan_hidden(self) -> None:
         """Find the hidden-size group: capture the whole (depth-pruned) model on ``meta`` and analyse it."""

@@ -90,6 +90,7 @@ def write_blocks(walker: _Walker, dst: str | os.PathLike[str], overwrite: bool,
     """
     opts = walker.opts
     walker.walks += 1
+    walker.kinds = {}
     streams = walker.streams()
     sparsifier = (SparsifyWeights(opts.sparsity or 0.0, nm=opts.nm, criterion=opts.sparsity_criterion,  # type: ignore[arg-type]
                                   keep_masks=False, block=opts.block, damp=opts.damp) if opts.sparse else None)
@@ -138,6 +139,9 @@ def write_blocks(walker: _Walker, dst: str | os.PathLike[str], overwrite: bool,
                 del state
             block.to("meta")
             _release_memory()
+            if position == 0 and n > 1 and budget is None and walker.uniform_blocks():
+                walker.require_removal("the first block (and every block has its shapes)")  # refused at once
+        walker.require_removal(f"any of the {n} blocks")  # before anything is committed
         streams.clear()
         outside = _outside_cuts(walker)
         for j, group in enumerate(track(groups, "copying embeddings and head")):
