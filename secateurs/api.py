@@ -156,7 +156,8 @@ def sparsity_lines(record: SparsityRecord, limit: int = 10) -> list[str]:
 
 def change_lines(changes: Sequence[GroupChange], limit: int = 20) -> list[str]:
     """Report lines for pruned groups (the first ``limit``)."""
-    lines = [f"  {c.name}: {c.before} -> {c.after}" for c in changes[:limit]]
+    lines = [f"  {c.name}: {c.before} -> {c.after}{f' (set by {c.bound})' if c.bound else ''}"
+             for c in changes[:limit]]
     if len(changes) > limit:
         lines.append(f"  ... {len(changes) - limit} more")
     return lines
@@ -260,6 +261,9 @@ def plan_passes(
         target: What ``ratio`` is a fraction of: ``"channels"`` (default), ``"params"`` or ``"flops"``.
         min_keep: Per-group floor as a fraction of its channels (default 0.1).
         round_to: Keep every sliced dim a multiple of this (default 8; 1 disables).
+        tensor_parallel: Keep every pruned layer shardable over this many tensor-parallel ranks, as serving
+            engines shard it (``--tp``): query heads and FFN width multiples of it, KV groups a multiple or a
+            divisor of it; planned under the constraint, with every allocator. Default 1 (no constraint).
         ignore: Module names (or prefixes ending in ``.``) whose groups and weights are left alone (width and
             sparsity); each must name a module of ``model``.
         hidden: Also prune channels that enter a cross-channel normalisation (a transformer's hidden size):
@@ -345,6 +349,7 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         min_keep=0.1 if spec.min_keep is None else spec.min_keep, round_to=8 if spec.round_to is None else spec.round_to,
         ignore=tuple(ignore), leave=leave, hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
         bias_compensation=bool(spec.bias_compensation), verify=True if spec.verify is None else spec.verify,
+        tensor_parallel=spec.tensor_parallel or 1,
     )
     passes: list[Pass] = []
     table: LatencyTable | None = None

@@ -22,6 +22,10 @@ from secateurs.cli_parser import _parser
 __all__ = ["main"]
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_INTERRUPTED = 0, 2, 3, 130
+LOADS_WITH = {"from_pretrained": "loads with: plain from_pretrained (every layer the same size: transformers, vLLM, "
+                                 "SGLang, TensorRT-LLM; docs/deploying.md)",
+              "load_pretrained": "loads with: secateurs.load_pretrained (per-layer sizes recorded in secateurs.json; "
+                                 "serving engines cannot read it: docs/deploying.md)"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,6 +198,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
                                     min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
                                     expert_layout=args.expert_layout or "source")
     _say(args, str(report))
+    _say(args, LOADS_WITH[data["loads_with"]])
     _say(args, "dry run: nothing written" if args.dry_run else
          f"wrote {args.out} (report: {Path(args.out) / 'report.html'})")
     return data

@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
                    "ranking across layers (global)")
     g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")
+    g.add_argument("--tp", type=_positive, metavar="N", help="keep every pruned layer shardable over N "
+                   "tensor-parallel ranks: query heads and FFN width multiples of N, KV groups a multiple or a "
+                   "divisor of N")
     g.add_argument("--recover", type=_positive, metavar="STEPS",
                    help="then train the pruned model against the dense one on the calibration text for STEPS steps")
     g.add_argument("--recover-mode", choices=("full", "lora"), help="recovery training of all weights or LoRA "

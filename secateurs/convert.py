@@ -212,6 +212,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                                 "device": device}, source, recipe=recipe)
     if report.drift is not None:
         check_drift(report.drift, min_cosine=min_cosine, max_rel_error=max_rel_error)
+    layout_now = describe(model)
+    data["loads_with"] = "from_pretrained" if layout_now.plain_loadable else "load_pretrained"
     from secateurs.distributed import is_writer
 
     if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes
@@ -227,7 +229,7 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         def finish(tmp: Path) -> None:
             write_report(tmp, data)
             if verify:  # what is renamed into place must reload as the model that was verified
-                check_reload(tmp, model, example, describe(model).plain_loadable,
+                check_reload(tmp, model, example, layout_now.plain_loadable,
                              trust_remote_code=trust_remote_code)
 
         save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish,

@@ -335,8 +335,9 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
     changes = data.get("changes") or []
     if changes:
         out.append(_img(plots, "kept.png", "kept fraction per layer"))
-        out.append(_table(["group", "kind", "before", "after"],
-                          [(c["name"], c.get("kind", ""), c["before"], c["after"]) for c in changes], numeric=(2, 3)))
+        out.append(_table(["group", "kind", "before", "after", "size set by"],
+                          [(c["name"], c.get("kind", ""), c["before"], c["after"], c.get("bound") or "the plan")
+                           for c in changes], numeric=(2, 3)))
     else:
         out.append("<p class='muted'>no channel groups were pruned</p>")
     out.append("</section><section id='removed'><h2>Removed layers</h2>")

@@ -22,7 +22,7 @@ from typing import Any
 
 from secateurs.errors import BudgetError, did_you_mean
 from secateurs.passes.allocate import ALLOCATORS, UNITS
-from secateurs.passes.channel_plan import check_verify
+from secateurs.passes.channel_plan import check_tensor_parallel, check_verify
 from secateurs.passes.channels import SCOPES, TARGETS
 from secateurs.passes.criteria import (
     NEEDS,
@@ -91,6 +91,7 @@ OPTIONS: dict[str, Option] = {
     "target": Option("width", _MO, None, {"memory": TARGETS}),
     "min_keep": Option("width", _ALL),
     "round_to": Option("width", _ALL, "--round-to"),
+    "tensor_parallel": Option("width", _ALL, "--tp"),
     "loss_fn": Option("width", ("memory",)),
     "bias_compensation": Option("width", _MS, "--bias-compensation"),
     "allocate": Option("width", _ALL, "--allocate", {"memory": ALLOCATORS, "stream": ("global", "lamp", "owl", "dp",
@@ -197,6 +198,7 @@ class PruneSpec:
     target: str | None = None
     min_keep: float | None = None
     round_to: int | None = None
+    tensor_parallel: int | None = None
     loss_fn: Callable[[Any], Any] | None = None
     bias_compensation: bool | None = None
     allocate: str | None = None
@@ -355,6 +357,8 @@ class PruneSpec:
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise BudgetError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        if self.tensor_parallel is not None:
+            check_tensor_parallel(self.tensor_parallel)
         if self.min_keep is not None and (not isinstance(self.min_keep, (int, float)) or not 0.0 <= self.min_keep <= 1.0):
             raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
         if self.verify is not None:

@@ -824,3 +824,13 @@ def test_gather_nd_and_multi_tensor_indexing_decode_onto_one_family(tmp_path):
     onnx_report = prune_onnx(tmp_path / "nd.onnx", tmp_path / "pruned.onnx", importance="l2", round_to=1, ffn=0.5)
     assert _sizes(onnx_report.changes) == _sizes(report.changes) == [(32, 16)]
     _assert_same(_run(tmp_path / "pruned.onnx", (x,)), _torch(twin, (x,)))
+
+
+def test_tensor_parallel_sizes_on_an_onnx_file(tmp_path, bert_onnx):
+    """As in memory: heads and FFN neurons planned shardable over the ranks, and the report says tp bound them."""
+    _, _, src = bert_onnx
+    plain = prune_onnx(src, None, heads=0.3, ffn=0.3, round_to=1)
+    report = prune_onnx(src, None, heads=0.3, ffn=0.3, round_to=1, tensor_parallel=2)
+    assert all(c.after % 2 for c in plain.changes), plain.changes  # 4 -> 3 heads, 96 -> 67 neurons
+    assert report.changes and all(c.after % 2 == 0 for c in report.changes), report.changes
+    assert {c.bound for c in report.changes} == {"tp=2"}

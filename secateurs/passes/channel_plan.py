@@ -22,7 +22,8 @@ from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGro
 from secateurs.passes.base import cost_model
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "VERIFY_MODES", "ChannelOptions", "GroupChange", "check_verify", "eligible",
-           "left_alone", "plan_keep", "require_removal", "round_keep", "rounded_away"]
+           "SHARDED", "attention_pairs", "check_tensor_parallel", "left_alone", "plan_keep", "require_removal", "round_keep",
+           "rounded_away", "shard_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ def check_verify(value: object) -> None:
     """
     if not (isinstance(value, bool) or value in VERIFY_MODES):
         raise BudgetError(f"verify must be True, False, 'fast', 'full' or 'off', got {value!r}")
+
+def check_tensor_parallel(value: object) -> None:
+    """Refuse a ``tensor_parallel`` that is not a whole number of ranks >= 1.
+
+    Raises:
+        BudgetError: Naming the option and its flag.
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BudgetError(f"tensor_parallel (--tp) must be a whole number of ranks >= 1, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChannelOptions:
@@ -77,6 +89,10 @@ class ChannelOptions:
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
         require: Refuse a structure ratio that selects or removes nothing (off for one block of a streamed model,
             where the whole-model check already ran and a block may lack a kind).
+        tensor_parallel: Keep every pruned size shardable over this many ranks, as serving engines shard them:
+            each attention's query heads a multiple of it, its KV groups a multiple of it or a divisor of it
+            (engines replicate KV heads then), FFN width and hidden size multiples of it (with ``round_to``).
+            1 (default) adds no constraint.
 
     """
 
@@ -93,6 +109,7 @@ class ChannelOptions:
     verify: bool | str = True
     max_retries: int = 8
     require: bool = True
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         """Validate every option with a message naming it."""
@@ -106,6 +123,7 @@ class ChannelOptions:
             raise BudgetError(f"min_keep must be in [0, 1], got {self.min_keep!r}")
         if int(self.round_to) < 1:
             raise BudgetError(f"round_to must be >= 1, got {self.round_to!r}")
+        check_tensor_parallel(self.tensor_parallel)
         for kind, value in self.kind_ratios:
             if kind not in KINDS:
                 raise BudgetError(f"unknown structure kind {kind!r}; choose from {KINDS}")
@@ -135,6 +153,7 @@ class GroupChange:
     before: int
     after: int
     kind: str = "channels"
+    bound: str = ""  # the constraint that set ``after`` when it is not the plan's own count (round_to, tp, ...)
 
 
 def _align(group: ChannelGroup, round_to: int) -> int:
@@ -142,19 +161,129 @@ def _align(group: ChannelGroup, round_to: int) -> int:
     return math.lcm(*(round_to // math.gcd(round_to, stride) for stride in group.strides))
 
 
-def round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions) -> int:
-    """``kept`` channels of ``group`` moved onto the options' alignment (``round_to``) and floor (``min_keep``)."""
+SHARDED = ("heads", "kv_groups", "ffn", "hidden")
+"""The kinds tensor-parallel serving shards over its ranks (``tensor_parallel``)."""
+
+
+def round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions, bounds: dict[int, str] | None = None) -> int:
+    """``kept`` channels of ``group`` moved onto the options' alignment (``round_to``) and floor (``min_keep``).
+
+    FFN and hidden sizes are also kept multiples of ``tensor_parallel`` (heads and KV groups:
+    :func:`shard_attention`). ``bounds`` gets the group's binding constraint when it moved the count.
+    """
     n = group.size
     align = _align(group, opts.round_to)
+    tp = opts.tensor_parallel if group.kind in ("ffn", "hidden") else 1
+    step = math.lcm(align, tp)
     floor = max(1, math.ceil(n * opts.min_keep))
-    kept = max(kept, floor)
-    if align > 1:
-        if n <= align:
-            return n
-        kept = max(align, int(math.floor(kept / align + 0.5)) * align)
-        while kept < floor:
-            kept += align
-    return min(n, kept)
+    out = max(kept, floor)
+    if step > 1:
+        if n <= step:
+            out = n
+        else:
+            out = max(step, int(math.floor(out / step + 0.5)) * step)
+            while out < floor:
+                out += step
+    out = min(n, out)
+    if bounds is not None and out != kept:
+        floored = min(n, max(kept, floor))
+        plain = round_keep(group, kept, dataclasses.replace(opts, tensor_parallel=1)) if tp > 1 else out
+        bounds[group.id] = (f"tp={tp}" if out != plain else f"round_to={opts.round_to}" if plain != floored
+                            else "min_keep")
+    return out
+
+
+def _choices(group: ChannelGroup, opts: ChannelOptions) -> list[int]:
+    """Every count :func:`round_keep` can give ``group`` (without ``tensor_parallel``), its full size included."""
+    n, align = group.size, _align(group, opts.round_to)
+    floor = max(1, math.ceil(n * opts.min_keep))
+    if n <= align:
+        return [n]
+    return sorted({*(k for k in range(align, n + 1, align) if k >= floor), n})
+
+
+def attention_pairs(info: DependencyInfo) -> dict[int, int]:
+    """KV group id -> the heads group of the same attention (query heads per KV group), by their shared modules."""
+    heads = [(g.id, set(g.module_names())) for g in info.iter_groups() if g.kind == "heads"]
+    out: dict[int, int] = {}
+    for g in info.iter_groups():
+        if g.kind == "kv_groups":
+            mods = set(g.module_names())
+            hit = next((h for h, hm in heads if hm & mods), None)
+            if hit is not None:
+                out[g.id] = hit
+    return out
+
+
+def _nearest(want: int, size: int) -> Callable[[int], tuple[int, bool, int]]:
+    """Sort key: nearest ``want``.
+
+    On a tie the larger count, unless it keeps the whole group (then the one that still removes something: a
+    ratio asked for is honoured).
+    """
+    return lambda k: (abs(k - want), k == size and want < size, -k)
+
+
+def _pair_cost(pick: tuple[int, int], want: tuple[int, int], size: tuple[int, int]) -> tuple[int, float, int]:
+    """Sort key of a (KV groups, heads per group) pair.
+
+    Fewest asked-for removals dropped, then nearest the plan (relative to each size), then most query heads kept.
+    """
+    dropped = sum(p == n and w < n for p, w, n in zip(pick, want, size, strict=True))
+    return dropped, sum(abs(p - w) / n for p, w, n in zip(pick, want, size, strict=True)), -pick[0] * pick[1]
+
+
+def shard_attention(info: DependencyInfo, kept: dict[int, int], free: set[int], opts: ChannelOptions,
+                    pairs: dict[int, int], bounds: dict[int, str] | None = None) -> dict[int, int]:
+    """``kept`` with every attention's heads and KV groups shardable over ``opts.tensor_parallel`` ranks.
+
+    Per attention (a KV group with its heads group): the KV groups ``g`` a multiple or a divisor of ``tp``, the
+    query heads ``g x h`` a multiple of ``tp``; the pair nearest the plan's counts (more kept on ties) among the
+    sizes :func:`round_keep` allows. Only groups in ``free`` change. A heads group without KV groups (multi-head
+    attention) and KV groups without a heads group keep multiples of ``tp``.
+
+    Raises:
+        BudgetError: No size of an attention that the options allow is shardable; names the group.
+
+    """
+    tp = opts.tensor_parallel
+    if tp <= 1:
+        return kept
+    out = dict(kept)
+    paired = {*pairs, *pairs.values()}
+    for kv_id, h_id in pairs.items():
+        if kv_id not in free and h_id not in free:
+            continue
+        kv, h = info.groups[kv_id], info.groups[h_id]
+        want = (out.get(kv_id, kv.size), out.get(h_id, h.size))
+        kvs = _choices(kv, opts) if kv_id in free else [kv.size]
+        hs = _choices(h, opts) if h_id in free else [h.size]
+        fits = [(a, b) for a in kvs if a % tp == 0 or tp % a == 0 for b in hs if (a * b) % tp == 0]
+        pick = min(fits, key=lambda ab: _pair_cost(ab, want, (kv.size, h.size)), default=None)
+        if pick is None:
+            raise BudgetError(f"tensor_parallel={tp} (--tp): no size of attention '{kv.name}' ({kv.size} KV groups "
+                              f"of {h.size} query heads) that round_to={opts.round_to} and min_keep={opts.min_keep:g} "
+                              f"allow is shardable over {tp} ranks (KV groups a multiple or divisor of {tp}, query "
+                              "heads a multiple of it)")
+        for gid, value, old in ((kv_id, pick[0], want[0]), (h_id, pick[1], want[1])):
+            if gid in free:
+                out[gid] = value
+                if bounds is not None and value != old:
+                    bounds[gid] = f"tp={tp}"
+    for gid in sorted(free - paired):
+        g = info.groups[gid]
+        if g.kind not in ("heads", "kv_groups"):
+            continue
+        asked = out.get(gid, g.size)
+        sizes = [k for k in _choices(g, opts) if k % tp == 0]
+        if not sizes:
+            raise BudgetError(f"tensor_parallel={tp} (--tp): '{g.name}' has {g.size} {g.kind} and no size that "
+                              f"round_to={opts.round_to} and min_keep={opts.min_keep:g} allow is a multiple of {tp}")
+        count = min(sizes, key=_nearest(asked, g.size))
+        out[gid] = count
+        if bounds is not None and count != asked:
+            bounds[gid] = f"tp={tp}"
+    return out
 
 
 def _ignored(group: ChannelGroup, ignore: Sequence[str]) -> bool:
@@ -236,10 +365,12 @@ def require_removal(info: DependencyInfo, opts: ChannelOptions, keep: dict[int, 
 def rounded_away(what: str, selected: int, smallest: int, opts: ChannelOptions, where: str = "") -> BudgetError:
     """The error for a kind whose ``selected`` groups all keep every channel after rounding (``where``: in what)."""
     each = f"each of its {selected} groups keeps" if selected > 1 else "its one group keeps"
+    tp = (f", the sizes tensor_parallel={opts.tensor_parallel} (--tp) ranks shard"
+          if opts.tensor_parallel > 1 else "")
     return BudgetError(f"{what} removes no channel{where}: {each} every channel "
-                       f"after rounding to multiples of round_to={opts.round_to} (--round-to) and the "
+                       f"after rounding to multiples of round_to={opts.round_to} (--round-to){tp} and the "
                        f"min_keep={opts.min_keep:g} floor (smallest group: {smallest} channels); ask for more or "
-                       "lower round_to")
+                       f"lower round_to{' or tp' if tp else ''}")
 
 
 def plan_keep(
@@ -250,10 +381,13 @@ def plan_keep(
     exclude: set[int] | None = None,
     per_group: dict[int, float] | None = None,
     cost: Callable[[dict[int, int]], tuple[float, float]] | None = None,
+    bounds: dict[int, str] | None = None,
 ) -> dict[int, np.ndarray]:
     """Choose the channels to keep in every group.
 
     ``per_group`` (from a budget allocator) gives each listed group its own ratio; other groups stay whole.
+    Every count is planned under the rounding, the floor and ``tensor_parallel`` (a budget is met with the
+    constrained sizes); ``bounds`` gets, per group, the constraint that moved its count.
     ``cost`` gives (parameters, FLOPs) when each group ``g`` keeps ``kept[g]`` channels, for the ``params`` and
     ``flops`` targets: by default the :class:`~secateurs.ir.cost.CostModel` of ``graph`` (a captured PyTorch
     graph or an ONNX one), so both dialects meet a budget the same way.
@@ -270,6 +404,11 @@ def plan_keep(
     if not groups:
         return {}
     order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
+    pairs = attention_pairs(info) if opts.tensor_parallel > 1 else {}
+    free = {g.id for g in groups}
+
+    def shard(kept: dict[int, int], bounds: dict[int, str] | None = None) -> dict[int, int]:
+        return shard_attention(info, kept, free, opts, pairs, bounds)
 
     def masks_for(kept: dict[int, int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -281,9 +420,10 @@ def plan_keep(
                 out[g.id] = m
         return out
 
-    def local(scale: float) -> dict[int, int]:
+    def local(scale: float, bounds: dict[int, str] | None = None) -> dict[int, int]:
         """Every group loses ``scale`` x its kind's ratio (scale 1 for channel targets)."""
-        return {g.id: round_keep(g, g.size - int(round(g.size * ratio_of(g) * scale)), opts) for g in groups}
+        return shard({g.id: round_keep(g, g.size - int(round(g.size * ratio_of(g) * scale)), opts, bounds)
+                      for g in groups}, bounds)
 
     # Global ranking: scores normalised per group, lowest first; one ranking per structure kind.
     ranked: list[tuple[float, int]] = []
@@ -299,22 +439,24 @@ def plan_keep(
         for lst in by_kind.values():
             lst.sort(key=lambda t: t[0])
 
-    def global_(count: int, pool: list[tuple[float, int]] | None = None) -> dict[int, int]:
+    def global_(count: int, pool: list[tuple[float, int]] | None = None, bounds: dict[int, str] | None = None,
+                sharded: bool = True) -> dict[int, int]:
         removed: dict[int, int] = {}
         for _, gid in (ranked if pool is None else pool)[:count]:
             removed[gid] = removed.get(gid, 0) + 1
-        return {g.id: round_keep(g, g.size - removed.get(g.id, 0), opts) for g in groups}
+        out = {g.id: round_keep(g, g.size - removed.get(g.id, 0), opts, bounds) for g in groups}
+        return shard(out, bounds) if sharded else out
 
     if per_group is not None:
-        return masks_for(local(1.0))
+        return masks_for(local(1.0, bounds))
     if opts.target == "channels":
         if opts.scope == "local":
-            return masks_for(local(1.0))
+            return masks_for(local(1.0, bounds))
         kept: dict[int, int] = {}
         for kind, pool in by_kind.items():
-            counts = global_(int(round(len(pool) * opts.ratio_for(kind))), pool)
+            counts = global_(int(round(len(pool) * opts.ratio_for(kind))), pool, bounds, sharded=False)
             kept.update({gid: k for gid, k in counts.items() if info.groups[gid].kind == kind})
-        return masks_for(kept)
+        return masks_for(shard(kept, bounds))
 
     if cost is None:
         if graph is None:
@@ -332,7 +474,7 @@ def plan_keep(
         for _ in range(24):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if reached(local(mid)) else (mid, hi)
-        best = local(hi)
+        best = local(hi, bounds)
     else:
         lo_i, hi_i = 0, len(ranked)
         while lo_i < hi_i:
@@ -341,7 +483,7 @@ def plan_keep(
                 hi_i = mid_i
             else:
                 lo_i = mid_i + 1
-        best = global_(lo_i)
+        best = global_(lo_i, bounds=bounds)
     if not reached(best):
         p, f = cost(best)
         got = 1 - (p / params0 if opts.target == "params" else f / max(flops0, 1.0))

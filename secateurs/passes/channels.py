@@ -109,7 +109,8 @@ class PruneChannels(Pass):
         per_group = budget.ratios if budget is not None else None
         if per_group is None and opts.require:
             require_kinds(info, opts.kind_ratios)
-        keep = plan_keep(graph, info, scores, opts, exclude, per_group)
+        bounds: dict[int, str] = {}
+        keep = plan_keep(graph, info, scores, opts, exclude, per_group, bounds=bounds)
         if per_group is None and opts.require:
             require_removal(info, opts, keep, exclude, frozen)
         if not keep:
@@ -131,7 +132,8 @@ class PruneChannels(Pass):
                 self._freeze(graph, info, culprits, why)
                 raise Retry(why)
             new_graph = checked
-        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
+        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind,
+                               bounds.get(g, ""))
                    for g, k in sorted(kept_counts.items())]
         return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated,
                                                        check_line(opts.check, new_graph.capture)))

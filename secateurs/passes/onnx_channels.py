@@ -105,7 +105,8 @@ class PruneOnnxChannels(OnnxPass):
         per_group = budget.ratios if budget is not None else None
         if per_group is None and opts.require:  # a structure that selects or removes nothing is refused
             require_kinds(info, opts.kind_ratios)
-        keep = plan_keep(graph, info, scores, opts, per_group=per_group, cost=costs.predict)
+        bounds: dict[int, str] = {}
+        keep = plan_keep(graph, info, scores, opts, per_group=per_group, cost=costs.predict, bounds=bounds)
         if per_group is None and opts.require:
             require_removal(info, opts, keep, set(), frozen)
         if not keep:
@@ -124,7 +125,8 @@ class PruneOnnxChannels(OnnxPass):
         _Rewriter(graph, info, keep).apply()
         propagate_shapes(graph, input_shapes=inputs)
         _check(graph, info, kept)
-        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind)
+        changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind,
+                               bounds.get(g, ""))
                    for g, k in sorted(kept.items())]
         record = OnnxPruneRecord(opts, changes, frozen, params_before, params_after, flops_before, flops_after,
                                  masks, any(info.groups[g].mixed_at is not None for g in keep), cuts)

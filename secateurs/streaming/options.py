@@ -41,6 +41,8 @@ class StreamOptions:
         bias_compensation: Fold removed inputs' calibration means into the consumers' biases (FLAP). Default
             (None): on with ``flap``.
         round_to: Keep every width a multiple of this.
+        tensor_parallel: Keep every block's heads, KV groups, FFN width (and the hidden size) shardable over this
+            many ranks (as :func:`secateurs.prune`).
         min_keep: Keep at least this fraction of every group.
         experts: Fraction of the experts of every mixture-of-experts block to remove.
         expert_neurons: Fraction of the neurons inside every expert to remove.
@@ -70,6 +72,7 @@ class StreamOptions:
     budget_unit: str = "channels"
     bias_compensation: bool | None = None
     round_to: int = 8
+    tensor_parallel: int = 1
     min_keep: float = 0.1
     experts: float | None = None
     expert_neurons: float | None = None

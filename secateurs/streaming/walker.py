@@ -143,6 +143,7 @@ class _Walker:
         self.width_state = int(bool(opts.experts)) + int(bool(opts.expert_neurons))
         hidden = (("hidden", float(opts.hidden)),) if opts.hidden else ()
         self.options = ChannelOptions(ratio=0.0, round_to=opts.round_to, min_keep=opts.min_keep,
+                                      tensor_parallel=opts.tensor_parallel,
                                       kind_ratios=opts.kind_ratios + hidden,
                                       bias_compensation=bool(opts.bias_compensation), require=False)
         self.removed: list[str] = []
