@@ -25,7 +25,9 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_INTERRUPTED = 0, 2, 3, 130
 LOADS_WITH = {"from_pretrained": "loads with: plain from_pretrained (every layer the same size: transformers, vLLM, "
                                  "SGLang, TensorRT-LLM; docs/deploying.md)",
               "load_pretrained": "loads with: secateurs.load_pretrained (per-layer sizes recorded in secateurs.json; "
-                                 "serving engines cannot read it: docs/deploying.md)"}
+                                 "serving engines cannot read it: --format decilm, docs/deploying.md)",
+              "decilm": "loads with: DeciLM / Nemotron-NAS loaders (block_configs: vLLM, SGLang, TensorRT-LLM) and "
+                        "secateurs.load_pretrained (docs/deploying.md)"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,7 +145,7 @@ def _structure_flags() -> set[str]:
 _DRIVER_FLAGS = {"recipe": ("memory",), "low_rank": ("memory",), "recover": ("memory",), "recover_mode": ("memory",),
                  "min_cosine": ("memory",), "max_rel_error": ("memory",), "calib": ("memory", "stream"),
                  "calib_samples": ("memory", "stream"), "seq_len": ("memory", "stream"), "seed": ("memory",),
-                 "expert_layout": ("memory", "stream")}
+                 "expert_layout": ("memory", "stream"), "format": ("memory",)}
 
 
 def _refuse_flags(args: argparse.Namespace, path: str, what: str) -> dict[str, Any]:
@@ -196,7 +198,7 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
                                     seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
                                     dry_run=args.dry_run, device=args.device, verify=not args.no_verify,
                                     min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
-                                    expert_layout=args.expert_layout or "source")
+                                    expert_layout=args.expert_layout or "source", format=args.format or "hf")
     _say(args, str(report))
     _say(args, LOADS_WITH[data["loads_with"]])
     _say(args, "dry run: nothing written" if args.dry_run else

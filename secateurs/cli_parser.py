@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                     f"time ({' '.join(f for o in path_options('stream') if (f := OPTIONS[o].flag))} --calib)")
     pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pr.add_argument("--format", choices=("hf", "decilm"), help="checkpoint format: hf (default; per-layer sizes "
+                    "in secateurs.json) or decilm (Nemotron-NAS block_configs: per-layer KV groups, FFN widths and "
+                    "removed sublayers, which vLLM, SGLang and TensorRT-LLM load; Llama-family decoders)")
     pr.add_argument("--expert-layout", choices=("source", "fused", "per-expert"),
                     help="how MoE experts are written: as the source stores them (default; per-expert needs a "
                     "pruning plain from_pretrained can load), fused (one tensor per layer), or per-expert "

@@ -20,6 +20,7 @@ from torch import nn
 from secateurs.api import Report, run_passes
 from secateurs.backends.checkpoint import (
     EXPERT_LAYOUTS,
+    SAVE_FORMATS,
     TOKENIZER_FILES,
     check_reload,
     describe,
@@ -28,6 +29,7 @@ from secateurs.backends.checkpoint import (
     save_pretrained,
     stores_per_expert,
 )
+from secateurs.backends.decilm import DECILM_ARCHITECTURES, decilm_layout
 from secateurs.backends.files import guard_source
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.passes.drift import check_drift, check_thresholds
@@ -145,7 +147,7 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                      *, calib: str | None = None, samples: int | None = None, seq_len: int | None = None,
                      seed: int | None = None, overwrite: bool = False, dry_run: bool = False, device: str = "cpu",
                      verify: bool = True, min_cosine: float | None = None, max_rel_error: float | None = None,
-                     trust_remote_code: bool = False, expert_layout: str = "source",
+                     trust_remote_code: bool = False, expert_layout: str = "source", format: str = "hf",  # noqa: A002
                      **options: Any) -> tuple[Report, dict[str, Any]]:
     """Prune the checkpoint in ``src`` with a recipe (or :func:`secateurs.prune` ``options``) and save it to ``dst``.
 
@@ -156,7 +158,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     ``min_cosine`` / ``max_rel_error`` refuse a model that drifted further (nothing is written then). Returns
     the report and its JSON. ``expert_layout`` is how MoE experts are written: ``"source"`` (the layout ``src``
     stores them in, per-expert when the pruning allows plain ``from_pretrained``), ``"fused"`` or
-    ``"per-expert"``.
+    ``"per-expert"``. ``format`` is the checkpoint format: ``"hf"`` or ``"decilm"`` (Nemotron-NAS, per-layer sizes
+    that serving engines load; Llama-family decoders; see :func:`secateurs.save_pretrained`).
 
     Raises:
         CheckpointError: ``src`` is missing or unreadable, or ``dst`` exists without ``overwrite``.
@@ -169,6 +172,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     check_thresholds(min_cosine, max_rel_error)
     if expert_layout not in ("source", *EXPERT_LAYOUTS):
         raise BudgetError(f"unknown expert layout {expert_layout!r}; choose source, {', '.join(EXPERT_LAYOUTS)}")
+    if format not in SAVE_FORMATS:
+        raise BudgetError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     source = Path(src)
     if not source.is_dir():
         raise CheckpointError(f"source '{source}' is not a checkpoint folder")
@@ -193,6 +198,9 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                           if device.startswith("cuda") else f"unknown device '{device}'; use cpu or cuda")
     with stage("loading checkpoint"):
         model = load_pretrained(source, trust_remote_code=trust_remote_code).to(device)
+    if format == "decilm" and type(model).__name__ not in DECILM_ARCHITECTURES:
+        raise CheckpointError(f"format='decilm' (--format decilm) covers {', '.join(DECILM_ARCHITECTURES)}, not "
+                              f"{type(model).__name__}; use --format hf")
     example, batches = example_and_calib(model, source, calib, samples, seq_len, seed)
     example = {k: v.to(device) for k, v in example.items()}
     if batches is not None:
@@ -213,7 +221,11 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     if report.drift is not None:
         check_drift(report.drift, min_cosine=min_cosine, max_rel_error=max_rel_error)
     layout_now = describe(model)
-    data["loads_with"] = "from_pretrained" if layout_now.plain_loadable else "load_pretrained"
+    if format == "decilm":
+        decilm_layout(model)  # what the format cannot express is refused before anything is written
+        data["loads_with"] = "decilm"
+    else:
+        data["loads_with"] = "from_pretrained" if layout_now.plain_loadable else "load_pretrained"
     from secateurs.distributed import is_writer
 
     if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes
@@ -229,11 +241,11 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         def finish(tmp: Path) -> None:
             write_report(tmp, data)
             if verify:  # what is renamed into place must reload as the model that was verified
-                check_reload(tmp, model, example, layout_now.plain_loadable,
+                check_reload(tmp, model, example, layout_now.plain_loadable and format == "hf",
                              trust_remote_code=trust_remote_code)
 
         save_pretrained(model, Path(dst), source=source, overwrite=overwrite, extra=finish,
-                        expert_layout=layout["written"] if layout is not None else "fused")
+                        expert_layout=layout["written"] if layout is not None else "fused", format=format)
     return report, data
 
 

@@ -39,6 +39,7 @@ from secateurs.backends.checkpoint_load import (
     load_pretrained,
     load_skeleton,
 )
+from secateurs.backends.decilm import decilm_layout, decilm_state
 from secateurs.backends.expert_layout import per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.errors import CheckpointError
@@ -63,6 +64,7 @@ TOKENIZER_FILES = (
 
 
 EXPERT_LAYOUTS = ("fused", "per-expert")
+SAVE_FORMATS = ("hf", "decilm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +275,7 @@ def save_pretrained(
     overwrite: bool = False,
     extra: Callable[[Path], Any] | None = None,
     expert_layout: str = "fused",
+    format: str = "hf",  # noqa: A002 - the option's documented name
 ) -> SaveResult:
     """Save a (pruned) Hugging Face model so :func:`load_pretrained` restores it exactly.
 
@@ -288,6 +291,11 @@ def save_pretrained(
         expert_layout: ``"fused"`` (the module's own names: one tensor per MoE layer's experts) or
             ``"per-expert"`` (``experts.N.w1.weight``, as transformers' own ``save_pretrained`` and published
             Mixtral / Qwen2-MoE checkpoints store them; plain-loadable prunings only).
+        format: ``"hf"`` (default: the model's own config, with ``secateurs.json`` for per-layer sizes) or
+            ``"decilm"``: a Llama-family decoder as a Nemotron-NAS / DeciLM checkpoint (``block_configs``: per-layer
+            KV groups, FFN widths and no-op sublayers), which serving engines load natively
+            (:mod:`secateurs.backends.decilm`); what that format cannot express is refused before anything is
+            written.
 
     Returns:
         Where it went, and whether plain ``from_pretrained`` loads it too.
@@ -310,9 +318,12 @@ def save_pretrained(
         )
     if expert_layout not in EXPERT_LAYOUTS:
         raise CheckpointError(f"unknown expert layout {expert_layout!r}; choose one of {', '.join(EXPERT_LAYOUTS)}")
+    if format not in SAVE_FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     out = Path(path)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder '{out}' exists; pass overwrite=True to replace it")
+    deci = decilm_layout(model) if format == "decilm" else None  # refused here, before anything is written
     layout = describe(model)
     per_expert = _per_expert_state(model, layout) if expert_layout == "per-expert" else {}
     made = make_parents(out)
@@ -328,21 +339,26 @@ def save_pretrained(
         from safetensors.torch import save_file, save_model
 
         try:
-            if expert_layout == "per-expert":
+            if deci is not None:
+                save_file(decilm_state(model, deci), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            elif expert_layout == "per-expert":
                 save_file(per_expert, str(tmp / "model.safetensors"), metadata={"format": "pt"})
                 layout.manifest["expert_layout"] = "per-expert"
             else:
                 save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         except SafetensorError as exc:  # a full disk while writing, for one: not an OSError
             raise OSError(str(exc)) from exc
-        config_out = copy.copy(layout.config)
-        if not getattr(config_out, "architectures", None):  # as Hugging Face's own save_pretrained records it
-            config_out.architectures = [type(model).__name__]
-        config_out.save_pretrained(tmp)
+        if deci is not None:  # the format describes itself: no secateurs.json
+            (tmp / "config.json").write_text(json.dumps(deci.config, indent=2, sort_keys=True, default=str))
+        else:
+            config_out = copy.copy(layout.config)
+            if not getattr(config_out, "architectures", None):  # as Hugging Face's own save_pretrained records it
+                config_out.architectures = [type(model).__name__]
+            config_out.save_pretrained(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
         generation: Any = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(layout.manifest, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         elif source is not None:
@@ -362,7 +378,7 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         remove_made(made)
         raise
-    return SaveResult(out, layout.plain_loadable, layout.changed_tensors)
+    return SaveResult(out, layout.plain_loadable and deci is None, layout.changed_tensors)
 
 
 def stores_per_expert(folder: str | os.PathLike[str]) -> bool:

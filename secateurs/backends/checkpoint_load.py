@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.backends.decilm import decilm_base, is_decilm
 from secateurs.errors import CheckpointError
 from secateurs.modeling.hf_attributes import sync_module
 from secateurs.modeling.layers import ZeroSublayer
@@ -136,7 +137,7 @@ def load_pretrained(
     except RuntimeError as exc:  # size mismatches: the config (or manifest) does not describe these weights
         detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
         raise CheckpointError(f"the weights in '{folder}' do not match its config.json: {detail}") from exc
-    tied = _tied_names(model)
+    tied = _tied_names(model) | set(manifest.get("absent", ()))  # absent: norms of a DeciLM folder's no-op sublayers
     missing = [k for k in result.missing_keys if k not in tied]
     # Older checkpoints also store buffers that newer code keeps non-persistent (BERT's position_ids).
     buffers = dict(model.named_buffers())
@@ -152,6 +153,12 @@ def load_pretrained(
         raise CheckpointError(
             f"weights in '{folder}' do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    with torch.no_grad():  # a no-op sublayer's norm feeds nothing; it holds ones, as a fresh norm does
+        for name in manifest.get("absent", ()):
+            owner, _, leaf = name.rpartition(".")
+            param = model.get_submodule(owner)._parameters.get(leaf)
+            if param is not None and name in result.missing_keys:
+                param.fill_(1.0)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -186,6 +193,17 @@ def _read_config(folder: Path, trust_remote_code: bool) -> tuple[Any, dict[str, 
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"'{folder}' has no config.json")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"'{folder / 'config.json'}' could not be read: {exc}") from exc
+    if isinstance(raw, dict) and is_decilm(raw):  # per-layer sizes in block_configs: built as a Llama
+        try:
+            llama, recorded, absent = decilm_base(raw, str(folder / "config.json"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"'{folder / 'config.json'}' is not a readable DeciLM config: {exc}") from exc
+        _check_manifest(recorded, folder / "config.json")
+        return llama, {**recorded, "absent": sorted(absent)}
     manifest: dict[str, Any] = {}
     if (folder / MANIFEST).is_file():
         try:
