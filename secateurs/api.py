@@ -261,6 +261,8 @@ def plan_passes(
         target: What ``ratio`` is a fraction of: ``"channels"`` (default), ``"params"`` or ``"flops"``.
         min_keep: Per-group floor as a fraction of its channels (default 0.1).
         round_to: Keep every sliced dim a multiple of this (default 8; 1 disables).
+        uniform: Keep every layer's sizes alike (an allocator's per-layer ratios are equalised per structure), so
+            the result loads with plain ``from_pretrained`` and every engine (``--uniform``).
         tensor_parallel: Keep every pruned layer shardable over this many tensor-parallel ranks, as serving
             engines shard it (``--tp``): query heads and FFN width multiples of it, KV groups a multiple or a
             divisor of it; planned under the constraint, with every allocator. Default 1 (no constraint).
@@ -349,7 +351,7 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         min_keep=0.1 if spec.min_keep is None else spec.min_keep, round_to=8 if spec.round_to is None else spec.round_to,
         ignore=tuple(ignore), leave=leave, hidden=spec.hidden is True, kind_ratios=spec.kind_ratios,
         bias_compensation=bool(spec.bias_compensation), verify=True if spec.verify is None else spec.verify,
-        tensor_parallel=spec.tensor_parallel or 1,
+        tensor_parallel=spec.tensor_parallel or 1, uniform=bool(spec.uniform),
     )
     passes: list[Pass] = []
     table: LatencyTable | None = None

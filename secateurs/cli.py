@@ -25,7 +25,7 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_INTERRUPTED = 0, 2, 3, 130
 LOADS_WITH = {"from_pretrained": "loads with: plain from_pretrained (every layer the same size: transformers, vLLM, "
                                  "SGLang, TensorRT-LLM; docs/deploying.md)",
               "load_pretrained": "loads with: secateurs.load_pretrained (per-layer sizes recorded in secateurs.json; "
-                                 "serving engines cannot read it: --format decilm, docs/deploying.md)",
+                                 "serving engines cannot read it: docs/deploying.md)",
               "decilm": "loads with: DeciLM / Nemotron-NAS loaders (block_configs: vLLM, SGLang, TensorRT-LLM) and "
                         "secateurs.load_pretrained (docs/deploying.md)"}
 
@@ -200,7 +200,9 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
                                     min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
                                     expert_layout=args.expert_layout or "source", format=args.format or "hf")
     _say(args, str(report))
-    _say(args, LOADS_WITH[data["loads_with"]])
+    _say(args, LOADS_WITH[data["loads_with"]] + (" (--format decilm would write it in a format serving engines load)"
+                                                  if data["loads_with"] == "load_pretrained"
+                                                  and data["decilm_loadable"] else ""))
     _say(args, "dry run: nothing written" if args.dry_run else
          f"wrote {args.out} (report: {Path(args.out) / 'report.html'})")
     return data

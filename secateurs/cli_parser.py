@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
                    "ranking across layers (global)")
     g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")
+    g.add_argument("--uniform", action="store_true", default=None, help="keep every layer's sizes alike (an "
+                   "allocator's per-layer ratios equalised per structure), so plain from_pretrained and every "
+                   "engine load the result")
     g.add_argument("--tp", type=_positive, metavar="N", help="keep every pruned layer shardable over N "
                    "tensor-parallel ranks: query heads and FFN width multiples of N, KV groups a multiple or a "
                    "divisor of N")

@@ -226,6 +226,12 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
         data["loads_with"] = "decilm"
     else:
         data["loads_with"] = "from_pretrained" if layout_now.plain_loadable else "load_pretrained"
+    data["plain_loadable"] = layout_now.plain_loadable
+    try:
+        decilm_layout(model)
+        data["decilm_loadable"] = True
+    except CheckpointError:
+        data["decilm_loadable"] = False
     from secateurs.distributed import is_writer
 
     if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes

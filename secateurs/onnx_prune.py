@@ -125,6 +125,7 @@ def prune_onnx(
     min_keep: float | None = None,
     round_to: int | None = None,
     tensor_parallel: int | None = None,
+    uniform: bool | None = None,
     ignore: Sequence[str] | None = None,
     allocate: str | None = None,
     budget_unit: str | None = None,
@@ -155,6 +156,7 @@ def prune_onnx(
         min_keep: Per-group floor as a fraction of its channels (default 0.1).
         round_to: Keep every sliced dim a multiple of this (default 8, as :func:`secateurs.prune`; 1 disables).
         tensor_parallel: Keep every pruned size shardable over this many ranks (as :func:`secateurs.prune`).
+        uniform: Equalise an allocator's per-layer ratios per structure (as :func:`secateurs.prune`).
         ignore: Names (or prefixes ending in ``.``) of the modules / initializers whose groups stay whole.
         allocate: Spread the budget over the groups with an allocator (``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``), as :func:`secateurs.prune` does, costed on the ONNX graph.
@@ -180,7 +182,8 @@ def prune_onnx(
     """
     spec = PruneSpec.parse({"ratio": ratio, "heads": heads, "kv_groups": kv_groups, "ffn": ffn, "channels": channels,
                             "hidden": hidden, "importance": importance, "scope": scope, "target": target,
-                            "min_keep": min_keep, "round_to": round_to, "tensor_parallel": tensor_parallel, "ignore": ignore, "allocate": allocate,
+                            "min_keep": min_keep, "round_to": round_to, "tensor_parallel": tensor_parallel, "uniform": uniform,
+                            "ignore": ignore, "allocate": allocate,
                             "budget_unit": budget_unit, "speedup": speedup, "latency_cache": latency_cache,
                             "latency_backend": latency_backend},
                            path="onnx", where="prune_onnx()").resolved(calibrated=False, path="onnx")
@@ -188,7 +191,7 @@ def prune_onnx(
                              min_keep=0.1 if spec.min_keep is None else spec.min_keep,
                              round_to=8 if spec.round_to is None else spec.round_to, ignore=tuple(spec.ignore or ()),
                              hidden=spec.hidden is True, kind_ratios=spec.kind_ratios, verify=False,
-                             tensor_parallel=spec.tensor_parallel or 1)
+                             tensor_parallel=spec.tensor_parallel or 1, uniform=bool(spec.uniform))
     scorer = ScoreOnnxChannels(spec.importance or "l2")  # resolved: never None
     pruner = PruneOnnxChannels(options)
     budget, table = budget_pass(spec, options.min_keep, backend="onnxruntime")

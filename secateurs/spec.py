@@ -92,6 +92,7 @@ OPTIONS: dict[str, Option] = {
     "min_keep": Option("width", _ALL),
     "round_to": Option("width", _ALL, "--round-to"),
     "tensor_parallel": Option("width", _ALL, "--tp"),
+    "uniform": Option("width", _ALL, "--uniform"),
     "loss_fn": Option("width", ("memory",)),
     "bias_compensation": Option("width", _MS, "--bias-compensation"),
     "allocate": Option("width", _ALL, "--allocate", {"memory": ALLOCATORS, "stream": ("global", "lamp", "owl", "dp",
@@ -117,7 +118,7 @@ OPTIONS: dict[str, Option] = {
 }
 """Every option: which step reads it, which paths take it, its CLI flag and its values."""
 
-_SWITCHES = ("sequential", "owl", "reconstruct")  # False is the same as not given
+_SWITCHES = ("sequential", "owl", "reconstruct", "uniform")  # False is the same as not given
 _STEP_NAME = {"width": "width pruning (ratio= or heads= / kv_groups= / ffn= / channels= / hidden=; --heads --ffn ...)",
               "sparse": "weight sparsity (sparsity= / nm=; --sparsity --nm)",
               "depth": "depth pruning (layers= / sublayers=; --layers --sublayers)",
@@ -199,6 +200,7 @@ class PruneSpec:
     min_keep: float | None = None
     round_to: int | None = None
     tensor_parallel: int | None = None
+    uniform: bool | None = None
     loss_fn: Callable[[Any], Any] | None = None
     bias_compensation: bool | None = None
     allocate: str | None = None
@@ -457,6 +459,12 @@ class PruneSpec:
         if ((self.latency_cache is not None or self.latency_backend is not None) and self.budget_unit != "latency"
                 and self.speedup is None):
             raise BudgetError("latency_cache= / latency_backend= are read only with budget_unit='latency' or speedup=")
+        if self.uniform and self.scope == "global":
+            raise BudgetError("uniform=True (--uniform) gives every layer the same sizes, and scope='global' "
+                              "(--scope global) ranks across layers to make them differ: use one")
+        if self.uniform and self.sublayers:
+            raise BudgetError("uniform=True (--uniform) keeps every layer alike, and sublayers= (--sublayers) "
+                              "removes the attention or MLP of some layers only: use one")
         if path == "stream" and self.hidden is not None:
             if isinstance(importance, str) and not isinstance(channel_criterion(importance), WeightCriterion):
                 raise BudgetError(f"the hidden size streams with weight criteria "

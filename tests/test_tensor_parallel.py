@@ -1,4 +1,5 @@
-"""tensor_parallel= / --tp: every pruned layer stays shardable over N ranks, as serving engines shard it.
+"""Serving-friendly sizes. tensor_parallel= / --tp: every pruned layer stays shardable over N ranks, as serving
+engines shard it; uniform= / --uniform: every layer keeps the same sizes, so plain from_pretrained loads it.
 
 Oracle: the engines' own rule, checked on the pruned modules' real sizes in every layer: query heads and FFN
 width multiples of N, KV heads a multiple or a divisor of N (vLLM replicates KV heads when N exceeds them).
@@ -123,3 +124,41 @@ def test_the_cli_flag(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and any(c.get("bound") == "tp=4" for c in data["changes"]), data["changes"]
     assert _shardable(_sizes(sc.load_pretrained(tmp_path / "out")), 4)
+
+
+# --uniform: an allocator's per-layer ratios equalised per structure, so every engine loads the result.
+
+@pytest.mark.parametrize("allocate", ["dp", "lamp", "owl"])
+def test_uniform_equalises_an_allocator_and_loads_with_plain_from_pretrained(tmp_path, allocate):
+    from secateurs.backends.checkpoint import describe
+
+    free = _llama()
+    sc.prune(free, INPUTS, ffn=0.3, kv_groups=0.5, allocate=allocate, round_to=1)
+    model = _llama()
+    sc.prune(model, INPUTS, ffn=0.3, kv_groups=0.5, allocate=allocate, round_to=1, uniform=True)
+    sizes = _sizes(model)
+    assert len(set(sizes)) == 1 and sizes[0][2] < 200, sizes
+    total = sum(f for _, _, f in _sizes(free))
+    assert abs(3 * sizes[0][2] - total) <= 3, (sizes, _sizes(free))  # the allocator's budget, spread evenly
+    assert describe(model).plain_loadable
+    result = sc.save_pretrained(model, tmp_path / "out")
+    assert result.plain_loadable and json.loads((tmp_path / "out" / "secateurs.json").read_text())["shapes"] == {}
+    import transformers as tf
+
+    plain = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**INPUTS).logits, model(**INPUTS).logits)
+
+
+def test_uniform_refusals_and_the_streamed_path(tmp_path):
+    with pytest.raises(BudgetError, match=r"uniform=True \(--uniform\).*scope='global'"):
+        sc.prune(_llama(), INPUTS, ffn=0.3, scope="global", uniform=True)
+    with pytest.raises(BudgetError, match=r"uniform=True \(--uniform\).*sublayers="):
+        sc.prune(_llama(), INPUTS, ffn=0.3, sublayers=1, uniform=True)
+    with pytest.raises(BudgetError, match="read only by width pruning"):
+        sc.prune(_llama(), INPUTS, layers=1, uniform=True)
+    src = tmp_path / "src"
+    sc.save_pretrained(_llama(), src)
+    prune_checkpoint(src, tmp_path / "out", ffn=0.3, allocate="dp", round_to=1, uniform=True)
+    sizes = _sizes(sc.load_pretrained(tmp_path / "out"))
+    assert len(set(sizes)) == 1 and sizes[0][2] < 200, sizes

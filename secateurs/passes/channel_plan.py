@@ -23,7 +23,7 @@ from secateurs.passes.base import cost_model
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "VERIFY_MODES", "ChannelOptions", "GroupChange", "check_verify", "eligible",
            "SHARDED", "attention_pairs", "check_tensor_parallel", "left_alone", "plan_keep", "require_removal", "round_keep",
-           "rounded_away", "shard_attention"]
+           "rounded_away", "shard_attention", "uniform_ratios"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class ChannelOptions:
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
         require: Refuse a structure ratio that selects or removes nothing (off for one block of a streamed model,
             where the whole-model check already ran and a block may lack a kind).
+        uniform: Give every group of a kind the same ratio: an allocator's per-group ratios are replaced by their
+            size-weighted mean per kind, so every layer keeps the same sizes (what a plain config expresses).
         tensor_parallel: Keep every pruned size shardable over this many ranks, as serving engines shard them:
             each attention's query heads a multiple of it, its KV groups a multiple of it or a divisor of it
             (engines replicate KV heads then), FFN width and hidden size multiples of it (with ``round_to``).
@@ -110,6 +112,7 @@ class ChannelOptions:
     max_retries: int = 8
     require: bool = True
     tensor_parallel: int = 1
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         """Validate every option with a message naming it."""
@@ -200,6 +203,20 @@ def _choices(group: ChannelGroup, opts: ChannelOptions) -> list[int]:
     if n <= align:
         return [n]
     return sorted({*(k for k in range(align, n + 1, align) if k >= floor), n})
+
+
+def uniform_ratios(ratios: dict[int, float], groups: Sequence[Any]) -> dict[int, float]:
+    """``ratios`` (group id -> ratio) with every group of a kind given the kind's size-weighted mean ratio.
+
+    ``groups`` have ``id``, ``kind`` and ``size`` (channel groups, or the streamed path's per-block slots).
+    """
+    total: dict[str, list[float]] = {}
+    for g in groups:
+        if g.id in ratios:
+            acc = total.setdefault(g.kind, [0.0, 0.0])
+            acc[0] += ratios[g.id] * g.size
+            acc[1] += g.size
+    return {g.id: total[g.kind][0] / total[g.kind][1] for g in groups if g.id in ratios and total[g.kind][1] > 0}
 
 
 def attention_pairs(info: DependencyInfo) -> dict[int, int]:
@@ -397,6 +414,10 @@ def plan_keep(
 
     """
     exclude = exclude or set()
+    if per_group is not None and opts.uniform:  # the allocator's split between kinds, the same in every layer
+        per_group = uniform_ratios(per_group, [g for g in info.iter_groups() if g.id in per_group
+                                               and g.id not in exclude and eligible(g, opts)])
+
     def ratio_of(g: ChannelGroup) -> float:
         return per_group.get(g.id, 0.0) if per_group is not None else opts.ratio_for(g.kind)
 

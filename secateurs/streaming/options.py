@@ -41,6 +41,7 @@ class StreamOptions:
         bias_compensation: Fold removed inputs' calibration means into the consumers' biases (FLAP). Default
             (None): on with ``flap``.
         round_to: Keep every width a multiple of this.
+        uniform: Equalise the allocator's per-block ratios per structure (every block keeps the same sizes).
         tensor_parallel: Keep every block's heads, KV groups, FFN width (and the hidden size) shardable over this
             many ranks (as :func:`secateurs.prune`).
         min_keep: Keep at least this fraction of every group.
@@ -73,6 +74,7 @@ class StreamOptions:
     bias_compensation: bool | None = None
     round_to: int = 8
     tensor_parallel: int = 1
+    uniform: bool = False
     min_keep: float = 0.1
     experts: float | None = None
     expert_neurons: float | None = None

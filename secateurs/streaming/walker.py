@@ -24,7 +24,7 @@ from secateurs.ir.graph import Graph
 from secateurs.modeling.rewrite import Snapshot
 from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager, PassResult
-from secateurs.passes.channel_plan import rounded_away
+from secateurs.passes.channel_plan import rounded_away, uniform_ratios
 from secateurs.passes.channels import ChannelOptions, PruneChannels, PruneRecord, eligible
 from secateurs.passes.dependencies import AnalyzeDependencies
 from secateurs.passes.depth import RemoveBlocks, angular_distance, mean_cosine
@@ -472,6 +472,8 @@ class _Walker:
             allocator = AllocateBudget(0.0, opts.allocate, unit=opts.budget_unit, min_keep=opts.min_keep,
                                        kind_ratios=dict(opts.kind_ratios))
             ratios = allocator.allocate(slots, scores, weights, importance, {s.id: s.kind for s in slots})
+            if opts.uniform:
+                ratios = uniform_ratios(ratios, slots)
         else:
             ratios = self._global_ranking(slots, scores)
         out: dict[int, dict[str, float]] = {}
