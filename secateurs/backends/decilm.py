@@ -179,11 +179,14 @@ def decilm_base(config: dict[str, Any], where: str) -> tuple[Any, dict[str, Any]
                 raise CheckpointError(f"'{where}': block_configs[{i}].ffn needs an integer intermediate_size "
                                       f"(got {width!r}; ffn_mult is not supported)")
             widths.append(width)
-    first_g = next((g for g in groups if g is not None), 1)
     first_w = next((w for w in widths if w is not None), 1)
     fields = {k: v for k, v in config.items() if k not in (*_DROPPED, "block_configs")}
-    llama = LlamaConfig(**{**fields, "num_key_value_heads": heads // first_g, "intermediate_size": first_w,
-                           "num_hidden_layers": len(blocks), "head_dim": head_dim})
+    # transformers' LlamaConfig wants hidden_size a multiple of its head count, which a pruned model with an
+    # explicit head_dim need not be (6 heads of 16 in a 128-wide model): the config gets a head count it accepts
+    # and every attention its real projections below (the forward reads the head count from their sizes)
+    stand_in = next(h for h in range(heads, 0, -1) if hidden % h == 0)
+    llama = LlamaConfig(**{**fields, "num_attention_heads": stand_in, "num_key_value_heads": stand_in,
+                           "intermediate_size": first_w, "num_hidden_layers": len(blocks), "head_dim": head_dim})
     shapes: dict[str, list[int]] = {}
     attributes: dict[str, dict[str, Any]] = {}
     zeroed: dict[str, int] = {}
@@ -195,16 +198,19 @@ def decilm_base(config: dict[str, Any], where: str) -> tuple[Any, dict[str, Any]
             absent.add(prefix + "input_layernorm.weight")
         else:
             kv = heads // g
-            for name in ("k_proj", "v_proj"):
-                shapes[f"{prefix}self_attn.{name}.weight"] = [kv * head_dim, hidden]
+            for name, rows, cols in (("q_proj", heads * head_dim, hidden), ("k_proj", kv * head_dim, hidden),
+                                     ("v_proj", kv * head_dim, hidden), ("o_proj", hidden, heads * head_dim)):
+                shapes[f"{prefix}self_attn.{name}.weight"] = [rows, cols]
+                attributes[f"{prefix}self_attn.{name}"] = {"out_features": rows, "in_features": cols}
             attributes[prefix + "self_attn"] = {"num_key_value_groups": g}
         if width is None:
             zeroed[prefix + "mlp"] = 0
             absent.add(prefix + "post_attention_layernorm.weight")
         else:
-            shapes[prefix + "mlp.gate_proj.weight"] = [width, hidden]
-            shapes[prefix + "mlp.up_proj.weight"] = [width, hidden]
-            shapes[prefix + "mlp.down_proj.weight"] = [hidden, width]
+            for name, rows, cols in (("gate_proj", width, hidden), ("up_proj", width, hidden),
+                                     ("down_proj", hidden, width)):
+                shapes[f"{prefix}mlp.{name}.weight"] = [rows, cols]
+                attributes[f"{prefix}mlp.{name}"] = {"out_features": rows, "in_features": cols}
             attributes[prefix + "mlp"] = {"intermediate_size": width}
     manifest = {"architecture": "LlamaForCausalLM", "zeroed": zeroed, "shapes": shapes, "attributes": attributes}
     return llama, manifest, absent
