@@ -168,3 +168,21 @@ def test_the_cli_writes_and_reloads_it(tmp_path, llama_dir, capsys):
     code = main(["prune", str(llama_dir), "--out", str(tmp_path / "s"), "--ffn", "0.3", "--stream", "--format",
                  "decilm", "--calib", "none"])
     assert code == 2 and "--format" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_the_config_class_written_alongside_gives_engines_attribute_access(tmp_path):
+    """Loaders of the format read ``block_configs`` as objects through the config class the folder ships."""
+    from transformers import AutoConfig
+
+    model = _llama()
+    sc.prune(model, INPUTS, kv_groups=0.25, ffn=0.3, allocate="owl")  # 6 query heads of 16 in a 128-wide model
+    sc.save_pretrained(model, tmp_path / "deci", format="decilm")
+    cfg = AutoConfig.from_pretrained(tmp_path / "deci", trust_remote_code=True)
+    assert type(cfg).__name__ == "DeciLMConfig" and cfg.num_attention_heads == 6 and cfg.head_dim == 16
+    for block, layer in zip(cfg.block_configs, model.model.layers, strict=True):
+        assert not block.attention.no_op and not block.ffn.no_op
+        assert cfg.num_attention_heads // block.attention.n_heads_in_group == layer.self_attn.k_proj.out_features // 16
+        assert block.ffn.intermediate_size == layer.mlp.up_proj.out_features and not hasattr(block.ffn, "ffn_mult")
+    cfg.save_pretrained(tmp_path / "again")  # transformers' own save: the same block_configs come back
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["block_configs"] == json.loads((tmp_path / "deci" / "config.json").read_text())["block_configs"]

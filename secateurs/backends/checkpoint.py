@@ -39,7 +39,7 @@ from secateurs.backends.checkpoint_load import (
     load_pretrained,
     load_skeleton,
 )
-from secateurs.backends.decilm import decilm_layout, decilm_state
+from secateurs.backends.decilm import CONFIG_CODE, CONFIG_FILE, decilm_layout, decilm_state
 from secateurs.backends.expert_layout import per_expert_state, stores_experts_one_by_one
 from secateurs.backends.files import make_parents, publish, remove_made, replace_into
 from secateurs.errors import CheckpointError
@@ -350,6 +350,7 @@ def save_pretrained(
             raise OSError(str(exc)) from exc
         if deci is not None:  # the format describes itself: no secateurs.json
             (tmp / "config.json").write_text(json.dumps(deci.config, indent=2, sort_keys=True, default=str))
+            (tmp / CONFIG_FILE).write_text(CONFIG_CODE)
         else:
             config_out = copy.copy(layout.config)
             if not getattr(config_out, "architectures", None):  # as Hugging Face's own save_pretrained records it

@@ -24,12 +24,17 @@ from torch import nn
 from secateurs.errors import CheckpointError
 from secateurs.modeling.layers import ZeroSublayer
 
-__all__ = ["DECILM_ARCHITECTURES", "DeciLayout", "decilm_base", "decilm_layout", "is_decilm"]
+__all__ = ["CONFIG_CODE", "CONFIG_FILE", "DECILM_ARCHITECTURES", "DeciLayout", "decilm_base", "decilm_layout", "is_decilm"]
 
 DECILM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 """The families written as DeciLM: Llama-style decoders (RMSNorm, SwiGLU MLP, rotary GQA attention, no biases)."""
 
 MODEL_TYPE = "nemotron-nas"
+CONFIG_FILE = "configuration_decilm.py"
+CONFIG_CODE = '"""The DeciLM / Nemotron-NAS config for transformers\' AutoConfig (written by secateurs next to the weights).\n\nblock_configs entries become objects with attributes (block.attention.no_op, block.ffn.intermediate_size), as\nthe loaders of this format read them. The query heads are head_dim wide and need not divide hidden_size.\n"""\n\nfrom transformers import LlamaConfig\n\n\nclass _Fields:\n    def __init__(self, fields):\n        self.__dict__.update(fields)\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        return dict(self.__dict__)\n\n\nclass _Block:\n    def __init__(self, entry):\n        self.attention = _Fields(entry["attention"])\n        self.ffn = _Fields({k: v for k, v in entry["ffn"].items()})\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}\n\n\nclass DeciLMConfig(LlamaConfig):\n    model_type = "nemotron-nas"\n\n    def __init__(self, block_configs=None, **kwargs):\n        self.block_configs = [b if isinstance(b, _Block) else _Block(b) for b in block_configs or []]\n        heads = kwargs.get("num_attention_heads")\n        hidden = kwargs.get("hidden_size")\n        if heads and hidden and hidden % heads:\n            # the heads are head_dim wide and need not divide the hidden size; LlamaConfig\'s check says otherwise\n            kwargs["num_attention_heads"] = next(h for h in range(heads, 0, -1) if hidden % h == 0)\n        super().__init__(**kwargs)\n        if heads:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        out = super().to_dict()\n        out["block_configs"] = [b.to_dict() for b in self.block_configs]\n        return out\n'
+"""The format's config class for transformers (``AutoConfig`` with ``trust_remote_code``), as the format's own
+checkpoints ship one: engines that read ``block_configs`` through it get attribute access. secateurs' own
+reader does not run it (it reads ``config.json``)."""
 _DROPPED = ("num_key_value_heads", "intermediate_size", "architectures", "model_type", "auto_map", "sliding_window",
             "max_window_layers", "use_sliding_window", "layer_types", "transformers_version")
 
@@ -114,7 +119,8 @@ def decilm_layout(model: nn.Module) -> DeciLayout:
     hidden = int(base.embed_tokens.embedding_dim)
     out = {k: v for k, v in cfg.to_dict().items() if k not in _DROPPED}
     out.update({"architectures": ["DeciLMForCausalLM"], "model_type": MODEL_TYPE, "hidden_size": hidden,
-                "num_hidden_layers": len(blocks), "block_configs": blocks})
+                "num_hidden_layers": len(blocks), "block_configs": blocks,
+                "auto_map": {"AutoConfig": f"{CONFIG_FILE[:-3]}.DeciLMConfig"}})
     if heads is not None:
         out.update({"num_attention_heads": heads, "head_dim": head_dim})
     return DeciLayout(out, tuple(skipped))
