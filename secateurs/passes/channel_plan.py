@@ -22,7 +22,7 @@ from secateurs.ir.depgraph import FLAGS, ChannelGroup, DependencyInfo, FrozenGro
 from secateurs.passes.base import cost_model
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "VERIFY_MODES", "ChannelOptions", "GroupChange", "check_verify", "eligible",
-           "SHARDED", "attention_pairs", "check_tensor_parallel", "left_alone", "plan_keep", "require_removal", "round_keep",
+           "attention_pairs", "check_tensor_parallel", "left_alone", "plan_keep", "require_removal", "round_keep",
            "rounded_away", "shard_attention", "uniform_ratios"]
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,6 @@ class GroupChange:
 def _align(group: ChannelGroup, round_to: int) -> int:
     """The kept count's step: every large member's sliced dim (count x its stride) is a multiple of ``round_to``."""
     return math.lcm(*(round_to // math.gcd(round_to, stride) for stride in group.strides))
-
-
-SHARDED = ("heads", "kv_groups", "ffn", "hidden")
-"""The kinds tensor-parallel serving shards over its ranks (``tensor_parallel``)."""
 
 
 def round_keep(group: ChannelGroup, kept: int, opts: ChannelOptions, bounds: dict[int, str] | None = None) -> int:
