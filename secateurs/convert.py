@@ -29,7 +29,7 @@ from secateurs.backends.checkpoint import (
     save_pretrained,
     stores_per_expert,
 )
-from secateurs.backends.decilm import DECILM_ARCHITECTURES, decilm_layout
+from secateurs.backends.decilm import check_family, decilm_layout
 from secateurs.backends.files import guard_source
 from secateurs.errors import BudgetError, CheckpointError
 from secateurs.passes.drift import check_drift, check_thresholds
@@ -198,9 +198,8 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
                           if device.startswith("cuda") else f"unknown device '{device}'; use cpu or cuda")
     with stage("loading checkpoint"):
         model = load_pretrained(source, trust_remote_code=trust_remote_code).to(device)
-    if format == "decilm" and type(model).__name__ not in DECILM_ARCHITECTURES:
-        raise CheckpointError(f"format='decilm' (--format decilm) covers {', '.join(DECILM_ARCHITECTURES)}, not "
-                              f"{type(model).__name__}; use --format hf")
+    if format == "decilm":
+        check_family(model)
     example, batches = example_and_calib(model, source, calib, samples, seq_len, seed)
     example = {k: v.to(device) for k, v in example.items()}
     if batches is not None:
@@ -221,17 +220,16 @@ def prune_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | 
     if report.drift is not None:
         check_drift(report.drift, min_cosine=min_cosine, max_rel_error=max_rel_error)
     layout_now = describe(model)
-    if format == "decilm":
-        decilm_layout(model)  # what the format cannot express is refused before anything is written
-        data["loads_with"] = "decilm"
-    else:
-        data["loads_with"] = "from_pretrained" if layout_now.plain_loadable else "load_pretrained"
-    data["plain_loadable"] = layout_now.plain_loadable
     try:
         decilm_layout(model)
         data["decilm_loadable"] = True
     except CheckpointError:
+        if format == "decilm":  # what the format cannot express is refused before anything is written
+            raise
         data["decilm_loadable"] = False
+    data["plain_loadable"] = layout_now.plain_loadable
+    data["loads_with"] = ("decilm" if format == "decilm" else
+                          "from_pretrained" if layout_now.plain_loadable else "load_pretrained")
     from secateurs.distributed import is_writer
 
     if dry_run or not is_writer():  # under torchrun every rank made the same decisions; one writes

@@ -24,14 +24,70 @@ from torch import nn
 from secateurs.errors import CheckpointError
 from secateurs.modeling.layers import ZeroSublayer
 
-__all__ = ["CONFIG_CODE", "CONFIG_FILE", "DECILM_ARCHITECTURES", "DeciLayout", "decilm_base", "decilm_layout", "is_decilm"]
+__all__ = ["CONFIG_CODE", "CONFIG_FILE", "DECILM_ARCHITECTURES", "DeciLayout", "check_family", "decilm_base",
+           "decilm_layout", "is_decilm"]
 
 DECILM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 """The families written as DeciLM: Llama-style decoders (RMSNorm, SwiGLU MLP, rotary GQA attention, no biases)."""
 
 MODEL_TYPE = "nemotron-nas"
 CONFIG_FILE = "configuration_decilm.py"
-CONFIG_CODE = '"""The DeciLM / Nemotron-NAS config for transformers\' AutoConfig (written by secateurs next to the weights).\n\nblock_configs entries become objects with attributes (block.attention.no_op, block.ffn.intermediate_size), as\nthe loaders of this format read them. The query heads are head_dim wide and need not divide hidden_size.\n"""\n\nfrom transformers import LlamaConfig\n\n\nclass _Fields:\n    def __init__(self, fields):\n        self.__dict__.update(fields)\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        return dict(self.__dict__)\n\n\nclass _Block:\n    def __init__(self, entry):\n        self.attention = _Fields(entry["attention"])\n        self.ffn = _Fields({k: v for k, v in entry["ffn"].items()})\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}\n\n\nclass DeciLMConfig(LlamaConfig):\n    model_type = "nemotron-nas"\n\n    def __init__(self, block_configs=None, **kwargs):\n        self.block_configs = [b if isinstance(b, _Block) else _Block(b) for b in block_configs or []]\n        heads = kwargs.get("num_attention_heads")\n        hidden = kwargs.get("hidden_size")\n        if heads and hidden and hidden % heads:\n            # the heads are head_dim wide and need not divide the hidden size; LlamaConfig\'s check says otherwise\n            kwargs["num_attention_heads"] = next(h for h in range(heads, 0, -1) if hidden % h == 0)\n        super().__init__(**kwargs)\n        if heads:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def validate(self):\n        heads, hidden = self.num_attention_heads, self.hidden_size\n        object.__setattr__(self, "num_attention_heads", next(h for h in range(heads, 0, -1) if hidden % h == 0))\n        try:\n            super().validate()\n        finally:\n            object.__setattr__(self, "num_attention_heads", heads)\n\n    def to_dict(self):\n        out = super().to_dict()\n        out["block_configs"] = [b.to_dict() for b in self.block_configs]\n        return out\n'
+CONFIG_CODE = '''"""The DeciLM / Nemotron-NAS config for transformers' AutoConfig (written by secateurs next to the weights).
+
+block_configs entries become objects with attributes (block.attention.no_op, block.ffn.intermediate_size), as
+the loaders of this format read them. The query heads are head_dim wide and need not divide hidden_size.
+"""
+
+from transformers import LlamaConfig
+
+
+def _divisor(heads, hidden):
+    """The largest head count up to ``heads`` that divides ``hidden`` (what LlamaConfig's own check accepts)."""
+    return next(h for h in range(heads, 0, -1) if hidden % h == 0)
+
+
+class _Fields:
+    def __init__(self, fields):
+        self.__dict__.update(fields)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+class _Block:
+    def __init__(self, entry):
+        self.attention = _Fields(entry["attention"])
+        self.ffn = _Fields(entry["ffn"])
+
+    def to_dict(self):
+        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}
+
+
+class DeciLMConfig(LlamaConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        self.block_configs = [b if isinstance(b, _Block) else _Block(b) for b in block_configs or []]
+        heads, hidden = kwargs.get("num_attention_heads"), kwargs.get("hidden_size")
+        if heads and hidden:
+            kwargs["num_attention_heads"] = _divisor(heads, hidden)
+        super().__init__(**kwargs)
+        if heads:
+            object.__setattr__(self, "num_attention_heads", heads)
+
+    def validate(self):
+        heads = self.num_attention_heads
+        object.__setattr__(self, "num_attention_heads", _divisor(heads, self.hidden_size))
+        try:
+            super().validate()
+        finally:
+            object.__setattr__(self, "num_attention_heads", heads)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["block_configs"] = [b.to_dict() for b in self.block_configs]
+        return out
+'''
 """The format's config class for transformers (``AutoConfig`` with ``trust_remote_code``), as the format's own
 checkpoints ship one: engines that read ``block_configs`` through it get attribute access. secateurs' own
 reader does not run it (it reads ``config.json``)."""
@@ -57,6 +113,18 @@ def _refuse(where: str, field: str, why: str) -> CheckpointError:
                            "format='hf' (read by secateurs.load_pretrained)")
 
 
+def check_family(model: nn.Module) -> None:
+    """Refuse a model whose family the format does not cover (before any pruning work is spent on it).
+
+    Raises:
+        CheckpointError: Naming the architecture and the ones covered.
+
+    """
+    arch = type(model).__name__
+    if arch not in DECILM_ARCHITECTURES:
+        raise _refuse(arch, "the architecture", f"is not one the format covers ({', '.join(DECILM_ARCHITECTURES)})")
+
+
 def decilm_layout(model: nn.Module) -> DeciLayout:
     """The DeciLM config of ``model`` and the state-dict names the format does not store.
 
@@ -65,9 +133,8 @@ def decilm_layout(model: nn.Module) -> DeciLayout:
             message names the layer and the field).
 
     """
+    check_family(model)
     arch = type(model).__name__
-    if arch not in DECILM_ARCHITECTURES:
-        raise _refuse(arch, "the architecture", f"is not one the format covers ({', '.join(DECILM_ARCHITECTURES)})")
     cfg: Any = model.config
     if getattr(cfg, "sliding_window", None) is not None and arch == "MistralForCausalLM":
         raise _refuse(arch, "sliding_window", "has no DeciLM field (its attention is global)")

@@ -47,6 +47,7 @@ def check_verify(value: object) -> None:
     if not (isinstance(value, bool) or value in VERIFY_MODES):
         raise BudgetError(f"verify must be True, False, 'fast', 'full' or 'off', got {value!r}")
 
+
 def check_tensor_parallel(value: object) -> None:
     """Refuse a ``tensor_parallel`` that is not a whole number of ranks >= 1.
 
