@@ -13,7 +13,6 @@ from torch import nn
 
 from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import ExampleInputs, capture
-from secateurs.ir.aten_cost import count_flops
 from secateurs.ir.depgraph import FrozenGroup
 from secateurs.modeling.latency import LatencyTable
 from secateurs.passes.allocate import AllocateBudget
@@ -296,9 +295,11 @@ def plan_passes(
             and ``allocate="dp"`` unless an allocator is given. The report holds the measured latencies.
         latency_cache: Latency cache file (default ``~/.cache/secateurs/latency.json``).
         latency_backend: Where latency is measured: ``"torch"`` (PyTorch CPU) or ``"onnxruntime"``.
-        verify: How each width rewrite is checked against the plan: ``"fast"`` (default, True): a recorded forward
-            of the pruned model, every traced shape and every value against the masked dense model; ``"full"``:
-            the same on a ``torch.export`` capture (slower; proves the result still exports); ``"off"`` (False).
+        verify: How each width rewrite is checked against the plan: ``"fast"`` (default, True): one forward of the
+            pruned model replayed against the dense recording, every traced shape against the plan and the
+            outputs against the masked dense model (node by node on any doubt); ``"full"``: a ``torch.export``
+            capture, every shape and every value node by node (slower; proves the result still exports);
+            ``"off"`` (False).
 
     Returns:
         The passes, the latency table they share (or None) and whether to measure whole-model latency.
@@ -409,8 +410,8 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         dense_outputs = ([t.clone() for t in graph.outputs] if graph.outputs is not None
                          else snapshot_outputs(model, graph.args, graph.kwargs))
     params_before = graph.param_count()
-    flops_before = count_flops(graph)
     layers_before = costs_by_layer(graph)
+    flops_before = sum(flops for _, flops in layers_before.values())  # every op's FLOPs fall in one layer
     identities = layer_identities(model, layers_before)
     latency_before = latency.model_latency(graph) if latency is not None and measure_latency else None
     result = PassManager(passes)(graph)
@@ -419,7 +420,10 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         latency.save()
         if latency_before is not None:
             latency_after = latency.model_latency(result.graph)
-    drift = measure_drift(model, graph.args, graph.kwargs, dense_outputs) if dense_outputs is not None else None
+    # a derived graph is the last pass's (another pass would have captured it again): its outputs are the model's
+    ran = result.graph.outputs if result.graph.derived else None
+    drift = measure_drift(model, graph.args, graph.kwargs, dense_outputs, ran) if dense_outputs is not None else None
+    layers_after = costs_by_layer(result.graph, identities)
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)
     depth = [r.record for name, r, _ in result.results if isinstance(r.record, DepthRecord) and r.modified]
@@ -429,7 +433,7 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         params_before=params_before,
         params_after=result.graph.param_count(),
         flops_before=flops_before,
-        flops_after=count_flops(result.graph),
+        flops_after=sum(flops for _, flops in layers_after.values()),
         frozen=record.frozen if record else [],
         changes=_original_names(model, identities, [c for _, r, _ in result.results if isinstance(r.record, PruneRecord)
                                                     for c in r.record.changes]),
@@ -441,7 +445,7 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         sparsity=result.record(SparsityRecord),
         latency_before=latency_before,
         latency_after=latency_after,
-        layers=layer_costs(layers_before, costs_by_layer(result.graph, identities)),
+        layers=layer_costs(layers_before, layers_after),
         passes=[(name, elapsed) for name, _, elapsed in result.results],
         drift=drift,
         recovery=result.record(RecoverRecord),

@@ -228,6 +228,14 @@ def _prune_stream(args: argparse.Namespace) -> dict[str, Any]:
     if not (options.width or options.hidden or options.experts or options.layers or options.sparse):
         raise BudgetError("nothing to prune: give at least one of --heads --kv-groups --ffn --hidden --experts "
                           "--layers --sparsity --nm")
+    if options.experts or options.expert_neurons:  # the option that selects nothing is the error to report first
+        from secateurs.modeling.structure import find_moe_blocks
+        from secateurs.streaming.blocks import _meta_model
+
+        skeleton = _meta_model(Path(args.src))[0]
+        if not find_moe_blocks(skeleton):
+            raise BudgetError(f"--experts selects nothing: {type(skeleton).__name__} has no mixture-of-experts "
+                              "block")
     batches = None
     if options.calibrated:
         from secateurs.data import text_batches

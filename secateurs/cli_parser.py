@@ -170,9 +170,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(experts.N.w1.weight)")
     pr.add_argument("--no-verify", action="store_true", help="skip the final output check (shapes and drift)")
     pr.add_argument("--verify-rewrite", choices=("fast", "full", "off"),
-                    help="how each width rewrite is checked against the plan: fast (default: a recorded forward, "
-                    "every traced shape and value), full (the same on a torch.export capture: slower, proves the "
-                    "result still exports), off")
+                    help="how each width rewrite is checked against the plan: fast (default: one forward of the "
+                    "pruned model replayed against the dense recording, every traced shape and the outputs against the "
+                    "masked dense model, node by node on any doubt), full (a torch.export capture, every shape and "
+                    "value node by node: slower, proves the result still exports), off")
     pr.add_argument("--min-cosine", type=_cosine, help="fail (exit 3) if the outputs' cosine to the dense model is "
                     "lower (in [-1, 1])")
     pr.add_argument("--max-rel-error", type=_rel_error, help="fail (exit 3) if the outputs' relative error is higher")

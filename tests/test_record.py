@@ -146,12 +146,12 @@ def test_fast_and_full_verification_catch_the_same_hard_coded_size():
     fast, full = models.HardCodedView().eval(), models.HardCodedView().eval()
     r_fast = sc.prune(fast, x, ratio=0.5, round_to=1)
     r_full = sc.prune(full, x, ratio=0.5, round_to=1, verify="full")
-    assert r_fast.capture == "record" and r_fast.verification.startswith("fast: a recorded forward")
+    assert r_fast.capture == "record" and r_fast.verification.startswith("fast: one forward of the pruned model")
     assert r_full.verification.startswith("full: a torch.export capture")
     for report in (r_fast, r_full):
         assert report.retries >= 1 and any("hard-coded" in f.reason for f in report.frozen)
     assert (fast.conv1.out_channels, fast.conv2.out_channels) == (full.conv1.out_channels, full.conv2.out_channels)
-    assert "verified (fast: a recorded forward" in str(r_fast)
+    assert "verified (fast: one forward of the pruned model replayed" in str(r_fast)
 
 
 def test_verify_takes_its_documented_values_only():

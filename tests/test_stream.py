@@ -669,3 +669,16 @@ def test_a_kind_that_removes_nothing_is_refused_and_nothing_is_written(tmp_path,
     assert loaded == [0, 1, 2, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     out = prune_checkpoint(src, tmp_path / "out", kv_groups=0.5)  # a ratio that removes something still runs
     assert [(before, after) for _, before, after in out.widths] == [(2, 1)] * 4, out.widths  # 2 KV groups -> 1
+
+
+def test_experts_on_a_dense_checkpoint_name_the_missing_experts_before_the_calibration(tmp_path, capsys):
+    """`--experts` on a model without experts selects nothing: that is the error, even with --calib none (which
+    experts' scoring would also need); nothing is written."""
+    from secateurs.cli import main
+
+    src = save_sharded(_llama(2), tmp_path / "src")
+    code = main(["prune", str(src), "--out", str(tmp_path / "out"), "--stream", "--experts", "0.5", "--calib", "none",
+                 "--json"])
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert code == 2 and "has no mixture-of-experts block" in err and "LlamaForCausalLM" in err, err
+    assert not (tmp_path / "out").exists()

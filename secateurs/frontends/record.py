@@ -26,7 +26,7 @@ import inspect
 import operator
 import re
 import weakref
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from secateurs.ir.graph import RecordedProgram
 
-__all__ = ["RecordError", "Recorded", "record_call"]
+__all__ = ["Diverged", "RecordError", "Recorded", "LAYOUT_ONLY", "Replayed", "record_call", "replay_call"]
 
 
 class RecordError(Exception):
@@ -338,3 +338,90 @@ def record_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     program = RecordedProgram(tape.graph, {n: tape.state[n] for n in order}, in_spec)
     outputs = [v.detach() for v in leaves if isinstance(v, torch.Tensor)]
     return Recorded(program, params, buffers, dict(tape.constants), user_inputs, user_outputs, outputs, tape.values)
+
+
+LAYOUT_ONLY = {
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+    torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+}
+"""Ops that only relayout their input: a code path may drop one where a size becomes 1 (``repeat_kv``)."""
+
+
+class Diverged(RecordError):
+    """A replayed forward ran an op the recorded graph does not have at that point."""
+
+
+@dataclasses.dataclass
+class Replayed:
+    """What one replay produced: per call of the recorded graph its ``(args, kwargs)`` and output, and the outputs."""
+
+    calls: list[tuple[tuple[Any, ...], dict[str, Any], Any] | None]
+    outputs: list[Any]
+
+
+class _Replay(TorchDispatchMode):
+    """Runs a forward and lines each ATen op up with the next call of a recorded graph (no graph is built)."""
+
+    def __init__(self, expect: list[Any], copies: Container[int]) -> None:
+        super().__init__()
+        self.expect, self.copies = expect, copies
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any], Any] | None] = []
+        self.refused = ""
+
+    def stop(self, why: str) -> NoReturn:
+        self.refused = self.refused or why
+        raise Diverged(why)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default:
+            return func(*args, **kwargs)
+        if func in _DATA_DEPENDENT:
+            self.stop(f"the forward reads tensor values into Python ({func})")
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.detach.default and isinstance(args[0], torch.Tensor):
+            return out
+        if func is torch.ops.aten.lift_fresh.default:
+            func = torch.ops.aten.lift_fresh_copy.default
+        k = len(self.calls)
+        while k < len(self.expect) and self.expect[k] is not func and self.expect[k] in LAYOUT_ONLY:
+            self.calls.append(None)  # a relayout the recording ran and this forward skips
+            k += 1
+        if k >= len(self.expect) or self.expect[k] is not func:
+            self.stop(f"op #{k} is {func}, the recorded graph has "
+                      f"{self.expect[k] if k < len(self.expect) else 'no more ops'}")
+        # a copy where a later in-place op could change what this call computed and the caller reads it
+        self.calls.append((args, kwargs, pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
+                           if k in self.copies else out))
+        return out
+
+
+def replay_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], expect: list[Any],
+                copies: Container[int] = ()) -> Replayed:
+    """Run ``model(*args, **kwargs)`` as :func:`record_call` would, checking its ops against ``expect``.
+
+    ``expect`` is the op of every call node of an earlier recording (``operator.getitem`` nodes left out), in
+    order. A relayout of :data:`LAYOUT_ONLY` the forward skips has None as its call. The forward runs under the
+    same flags as a recording, keeps each op's arguments and output (a copy
+    for the calls in ``copies``, which a later in-place op may overwrite), and builds no graph: the cheap way to
+    see that a rewritten model runs the recorded program with other sizes.
+
+    Raises:
+        Diverged: An op differs from the recording's at the same position, the forward reads tensor values into
+            Python, or the op count differs (the caller records the model instead).
+        Exception: Whatever the model's own forward raises.
+
+    """
+    mode = _Replay(expect, copies)
+    with torch.random.fork_rng(devices=[]), _exporting(), torch._C._AutoDispatchBelowAutograd(), mode:
+        out = model(*args, **kwargs)
+    if mode.refused:  # the model's code caught the exception and went on
+        raise Diverged(mode.refused)
+    while len(mode.calls) < len(expect) and expect[len(mode.calls)] in LAYOUT_ONLY:
+        mode.calls.append(None)
+    if len(mode.calls) != len(expect):
+        raise Diverged(f"the forward ran {len(mode.calls)} ops, the recorded graph has {len(expect)}")
+    return Replayed(mode.calls, pytree.tree_leaves(out))

@@ -86,6 +86,10 @@ class Graph:
             final check compares with, without another forward.
         values: Node name -> the value it computed in the recorded forward, when the capture was asked to keep
             them (a verification's capture of the pruned model: its check then runs no second forward).
+        derived: Derived from an earlier capture by replaying the rewritten model against it
+            (:mod:`secateurs.frontends.derive`) rather than recorded: every node's traced value and literals are
+            the replay's, a constant tensor made inside the forward is the earlier capture's. A pass manager
+            captures the model again before another pass reads such a graph.
 
     """
 
@@ -103,6 +107,7 @@ class Graph:
     capture: str = "export"
     outputs: list[torch.Tensor] | None = None
     values: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    derived: bool = False
 
     @property
     def fx_graph(self) -> fx.Graph:

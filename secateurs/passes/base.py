@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import PassContractError, VerificationError
+from secateurs.frontends.derive import recapture
 from secateurs.ir.aten_cost import aten_costs
 from secateurs.ir.cost import CostModel
 from secateurs.ir.depgraph import DependencyInfo
@@ -372,6 +373,8 @@ class PassManager:
         dialect = dialect_of(graph)
         for p in track(self.passes, "passes"):
             start = time.perf_counter()
+            if isinstance(graph, Graph) and graph.derived:  # a faithful copy for the report, not for another pass
+                graph = recapture(graph)
             result = self._run(dialect, p, graph) if p.transforms else p(graph)
             elapsed = time.perf_counter() - start
             log.info("%s: modified=%s (%.2fs)", p.name, result.modified, elapsed)

@@ -83,10 +83,13 @@ class ChannelOptions:
         bias_compensation: Fold the calibration mean of every removed input channel into its consumer's bias
             (FLAP); needs ``activation`` or ``flap`` scores. Consumers without a bias are skipped. Default (None):
             on when the scores are ``flap`` with calibration statistics.
-        verify: How the rewritten model is checked against the plan: ``"fast"`` (or True, the default) records
-            one forward of it and compares every traced shape and, node by node, every value with the masked
-            dense model's; ``"full"`` does the same on a ``torch.export`` capture (tens of times slower, and
-            proves the pruned model still exports); ``"off"`` (or False) only captures it again.
+        verify: How the rewritten model is checked against the plan: ``"fast"`` (or True, the default) replays
+            one forward of it against the dense recording (no second recording) and compares every traced shape
+            with the plan and its outputs with the masked dense model's; a doubt (the forward departs from the
+            recording, an output differs) runs the per-node check, which names the culprit. ``"full"`` records
+            the pruned model with ``torch.export`` and compares every shape and, node by node, every value (tens
+            of times slower, and proves the pruned model still exports); ``"off"`` (or False) only captures it
+            again.
         max_retries: How many times a group that breaks the model's own code is frozen and the plan redone.
         require: Refuse a structure ratio that selects or removes nothing (off for one block of a streamed model,
             where the whole-model check already ran and a block may lack a kind).

@@ -12,10 +12,12 @@ import torch
 from torch import fx, nn
 
 from secateurs.errors import BudgetError, CaptureError, VerificationError
+from secateurs.frontends.derive import derive_capture
+from secateurs.frontends.record import LAYOUT_ONLY
 from secateurs.frontends.torch_export import capture_call
 from secateurs.ir.aten_cost import predict_cost
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, FrozenGroup, require_kinds
-from secateurs.ir.graph import Graph, is_dead, tensor_shape
+from secateurs.ir.graph import Graph, RecordedProgram, is_dead, tensor_shape
 from secateurs.modeling.rewrite import Snapshot, apply_keep, compensate_biases
 from secateurs.passes.allocate import LayerBudget
 from secateurs.passes.base import Pass, PassResult, Retry, transaction
@@ -32,7 +34,7 @@ from secateurs.passes.channel_plan import (
     round_keep,
 )
 from secateurs.passes.importance import ChannelScores
-from secateurs.passes.masked import masked_mismatch
+from secateurs.passes.masked import _mutates, adopted_nodes, masked_mismatch, masked_outputs, outputs_differ
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible",
            "left_alone", "plan_keep", "require_removal", "round_keep"]
@@ -135,8 +137,9 @@ class PruneChannels(Pass):
         changes = [GroupChange(info.groups[g].name, info.groups[g].size, k, info.groups[g].kind,
                                bounds.get(g, ""))
                    for g, k in sorted(kept_counts.items())]
+        how = "replay" if new_graph.derived else new_graph.capture
         return PassResult(new_graph, True, PruneRecord(opts, changes, frozen, *predicted, attempt, compensated,
-                                                       check_line(opts.check, new_graph.capture)))
+                                                       check_line(opts.check, how)))
 
     def _method(self, graph: Graph) -> str:
         """How the rewritten model is captured again: as the dense one was, by torch.export under ``"full"``."""
@@ -177,7 +180,13 @@ class PruneChannels(Pass):
         """Check the rewritten model against the plan: every traced shape, then every value (masked check).
 
         Returns the new capture when it agrees; otherwise restores the model and names the culprit groups.
+        Under ``"fast"`` on a recorded graph the pruned forward is replayed against the dense recording and only
+        the outputs are compared with the masked dense model's; anything else, or any doubt (the forward departs
+        from the recording, an output differs), runs the per-node check, which also names the culprit.
         """
+        fast = self._fast(graph, info, keep, kept, overrides)
+        if fast is not None:
+            return fast, set(), ""
         new, problem, partner = _shape_problem(graph, info, kept, self._method(graph))
         if problem is None:
             assert new is not None
@@ -198,6 +207,36 @@ class PruneChannels(Pass):
             # after a literal range is harmless, before it is not): narrow down among them.
             culprits = self._bisect(graph, info, keep, numeric, sorted(culprits) or None)
         return None, culprits, why
+
+    def _fast(self, graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray], kept: dict[int, int],
+              overrides: dict[str, torch.Tensor] | None) -> Graph | None:
+        """The cheap check: one replayed forward, its traced shapes against the plan, its outputs against the masked model.
+
+        Returns the derived capture when all agree, else None (the caller checks node by node).
+        """
+        if self.options.check != "fast" or graph.capture != "record" or not isinstance(graph.program, RecordedProgram):
+            return None
+        # in a graph that writes into tensors, a later in-place op could change what the masked run adopts
+        adopted = adopted_nodes(graph, info, keep) if _mutates(graph.fx_graph) else set()
+        try:
+            derived = derive_capture(graph, copy=adopted)
+        except Exception as exc:  # the forward departs from the recording or fails: the full check says why
+            log.debug("replaying the pruned model failed (%s); recording it", exc)
+            return None
+        new, memo = derived.graph, dict[int, int]()
+        for name, node in derived.partner.items():
+            old = graph.node(name)
+            if not is_dead(old) and _compare_node(info, kept, memo, old, node) is not None:
+                return None
+        try:
+            why = outputs_differ(masked_outputs(graph, info, keep, new.values or {}, overrides), derived.outputs)
+        except Exception as exc:  # the masked run failed: the node-by-node check says where
+            why = f"the masked dense run failed ({exc})"
+        if why is not None:
+            log.debug("cheap check: %s; checking node by node", why)
+            return None
+        new.values = None
+        return new
 
     def _bisect(self, graph: Graph, info: DependencyInfo, keep: dict[int, np.ndarray], numeric: bool,
                 among: list[int] | None = None) -> set[int]:
@@ -294,6 +333,9 @@ def check_line(check: str, capture: str) -> str:
     """What the verification of a width rewrite did, for the report."""
     if check == "off":
         return "not verified (verify='off'): the rewritten model was only captured again"
+    if capture == "replay":
+        return (f"{check}: one forward of the pruned model replayed against the dense recording, every traced shape "
+                "against the plan and the outputs against the masked dense model")
     how = ("a recorded forward of the pruned model" if capture == "record"
            else "a torch.export capture of the pruned model")
     return (f"{check}: {how}, every traced shape against the plan and every value against the masked dense model")
@@ -322,7 +364,7 @@ def _shape_problem(
         if tag != "equal":
             # Code paths may legitimately drop or add layout-only ops (``repeat_kv`` disappears when a KV group
             # keeps one query head); anything that computes must line up.
-            odd = [n for n in old_nodes[i1:i2] + new_nodes[j1:j2] if n.target not in _LAYOUT_ONLY]
+            odd = [n for n in old_nodes[i1:i2] + new_nodes[j1:j2] if n.target not in LAYOUT_ONLY]
             if odd:
                 return new, (odd[0].name, [], f"the traced graph changed structure at node '{odd[0].name}'"), partner
             continue
@@ -336,12 +378,6 @@ def _shape_problem(
     return new, None, partner
 
 
-_LAYOUT_ONLY = {
-    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
-    torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
-    torch.ops.aten._assert_tensor_metadata.default,
-}
 
 
 def _compare_node(

@@ -25,7 +25,7 @@ from torch import fx
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph, is_dead
 
-__all__ = ["Mismatch", "masked_mismatch"]
+__all__ = ["Mismatch", "adopted_nodes", "masked_mismatch", "masked_outputs", "outputs_differ"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,29 +72,38 @@ class _Masks:
     def __init__(self, info: DependencyInfo, keep: dict[int, np.ndarray]) -> None:
         self.info, self.keep = info, keep
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._dims: dict[tuple[Any, ...], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
     def split(self, atom: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(kept, removed) sorted flat indices of ``atom``, or None when it keeps everything."""
-        if atom not in self._cache:
-            table = self.info.table
-            if not any(leaf in self.keep for leaf in table.leaves(atom)):  # no pruned leaf: keeps everything
-                self._cache[atom] = None
+        table = self.info.table
+        root = table.find(atom)  # unified atoms share their channels: one computation per class
+        if root not in self._cache:
+            if not any(leaf in self.keep for leaf in table.leaves(root)):  # no pruned leaf: keeps everything
+                self._cache[root] = None
                 return None
-            mask = table.keep_mask(atom, self.keep)
-            self._cache[atom] = None if mask.all() else (torch.from_numpy(np.flatnonzero(mask)),
+            mask = table.keep_mask(root, self.keep)
+            self._cache[root] = None if mask.all() else (torch.from_numpy(np.flatnonzero(mask)),
                                                          torch.from_numpy(np.flatnonzero(~mask)))
-        return self._cache[atom]
+        return self._cache[root]
 
-    def dims(self, key: tuple[str, int], value: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(dim, kept, removed)`` index tensors for each dim of ``value`` that loses channels."""
+    def dims(self, key: tuple[str, int], value: torch.Tensor,
+             device: torch.device | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(dim, kept, removed)`` index tensors (on ``device``, default ``value``'s) for each dim that loses channels."""
         atoms = self.info.values.get(key)
         if atoms is None or len(atoms) != value.dim():
             return []
+        where = device or value.device
+        memo = (key, tuple(value.shape), where)
+        hit = self._dims.get(memo)
+        if hit is not None:
+            return hit
         out = []
         for d, atom in enumerate(atoms):
             parts = self.split(atom)
             if parts is not None and value.shape[d] == len(parts[0]) + len(parts[1]):
-                out.append((d, parts[0].to(value.device), parts[1].to(value.device)))
+                out.append((d, parts[0].to(where), parts[1].to(where)))
+        self._dims[memo] = out
         return out
 
 
@@ -144,6 +153,10 @@ def _differs(want: torch.Tensor, got: torch.Tensor) -> float | None:
     return err / scale if scale > 0 else math.inf
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def _flat_inputs(graph: Graph) -> list[Any]:
     return graph.flat_inputs()
 
@@ -180,10 +193,6 @@ class _Recorder(fx.Interpreter):
             self.values[n.name] = torch.utils._pytree.tree_map(
                 lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
         return out
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 class _Lockstep(fx.Interpreter):
@@ -292,13 +301,7 @@ def masked_mismatch(
             recorder.run(*_flat_inputs(new))
         pruned = recorder.values
         del recorder
-    inputs = _flat_inputs(old)
-    if overrides:
-        names = [n.name for n in old.fx_graph.nodes if n.op == "placeholder"]
-        for i, name in enumerate(names[: len(inputs)]):
-            fqn = old.params.get(name) or old.buffers.get(name)
-            if fqn in overrides:
-                inputs[i] = overrides[fqn]
+    inputs = _inputs_with(old, overrides)
     masks = _Masks(info, keep)
     skip = {node for node, atoms in info.mixing.items()
             if any(leaf in keep for a in atoms for leaf in info.table.leaves(a))}
@@ -309,3 +312,124 @@ def masked_mismatch(
     except _Stop:
         pass
     return runner.mismatch
+
+
+def adopted_nodes(old: Graph, info: DependencyInfo, keep: dict[int, np.ndarray]) -> set[str]:
+    """Dense nodes whose pruned value the masked run takes instead of computing it.
+
+    Where a pruned hidden size enters a normalisation (its statistics change by design) and ops whose values are
+    arbitrary (uninitialised memory, random numbers).
+    """
+    out = {node for node, atoms in info.mixing.items()
+           if any(leaf in keep for a in atoms for leaf in info.table.leaves(a))}
+    out.update(n.name for n in old.fx_graph.nodes if n.op == "call_function" and _undefined(n))
+    return out
+
+
+def masked_outputs(
+    old: Graph,
+    info: DependencyInfo,
+    keep: dict[int, np.ndarray],
+    pruned: dict[str, Any],
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> list[Any]:
+    """The dense graph's outputs under the plan's meaning: every removed channel zeroed everywhere, then sliced away.
+
+    The cheap check's reference (one run of the dense graph, no per-node comparison): the nodes of
+    :func:`adopted_nodes` take their pruned value from ``pruned`` (dense node name -> value), zero-padded. In a
+    graph that writes into tensors (``relu_``, ``h[:, :2] = 0`` as ``slice`` + ``fill_``) masks and adopted values
+    are written into the dense value itself, so that a view stays the view a later write goes through (never
+    into what shares memory with a parameter, buffer or input: that gets a copy).
+    """
+    masks = _Masks(info, keep)
+    adopt = adopted_nodes(old, info, keep)
+    inputs = _inputs_with(old, overrides)
+    inplace = _mutates(old.fx_graph)
+    protected = {_storage(t) for t in inputs if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    feed = iter(inputs)
+    env: dict[fx.Node, Any] = {}
+    result: list[Any] = []
+
+    def writable(value: torch.Tensor, like: torch.Tensor) -> bool:
+        return inplace and value.dtype == like.dtype and _storage(value) not in protected
+
+    def masked(key: tuple[str, int], value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        dims = masks.dims(key, value)
+        if not dims:
+            return value
+        zeroed = _zeroed(value, dims)
+        return put(value, zeroed)
+
+    def put(value: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        if not writable(value, replacement):
+            return replacement
+        try:
+            value.copy_(replacement)
+        except RuntimeError:  # an expanded or otherwise overlapping view cannot be written: keep the copy
+            return replacement
+        return value
+
+    def run(n: fx.Node) -> Any:
+        fn: Any = n.target
+        return fn(*fx.node.map_arg(n.args, env.__getitem__), **fx.node.map_arg(n.kwargs, env.__getitem__))
+
+    with torch.no_grad():
+        for n in old.fx_graph.nodes:
+            if n.op == "placeholder":
+                value = next(feed)  # parameters, buffers and inputs: a masked copy, never written
+                env[n] = _zeroed(value, masks.dims((n.name, -1), value)) if isinstance(value, torch.Tensor) else value
+            elif n.op == "call_function":
+                if is_dead(n):
+                    continue
+                small = pruned.get(n.name)
+                if n.name in adopt and isinstance(small, torch.Tensor):
+                    full = n.meta["val"]
+                    padded = _padded(small, full.shape, masks.dims((n.name, -1), full, small.device))
+                    if inplace:  # computed all the same, so that a view stays a view
+                        out = run(n)
+                        env[n] = put(out, padded) if isinstance(out, torch.Tensor) else padded
+                    else:
+                        env[n] = padded
+                    continue
+                out = run(n)
+                if isinstance(out, (list, tuple)):
+                    out = type(out)(masked((n.name, k), v) for k, v in enumerate(out))
+                else:
+                    out = masked((n.name, -1), out)
+                env[n] = out
+            elif n.op == "output":
+                for r in torch.utils._pytree.tree_leaves(n.args):
+                    v = env[r] if isinstance(r, fx.Node) else r
+                    result.append(_sliced(v, masks.dims((r.name, -1), v))
+                                  if isinstance(r, fx.Node) and isinstance(v, torch.Tensor) else v)
+            else:
+                raise ValueError(f"cannot run node '{n.name}' ({n.op}) of a recorded graph")
+    return result
+
+
+def _inputs_with(old: Graph, overrides: dict[str, torch.Tensor] | None) -> list[Any]:
+    """The dense graph's placeholder values, with ``overrides`` (name -> tensor) for parameters and buffers."""
+    inputs = _flat_inputs(old)
+    if overrides:
+        names = [n.name for n in old.fx_graph.nodes if n.op == "placeholder"]
+        for i, name in enumerate(names[: len(inputs)]):
+            fqn = old.params.get(name) or old.buffers.get(name)
+            if fqn in overrides:
+                inputs[i] = overrides[fqn]
+    return inputs
+
+
+def outputs_differ(want: list[Any], got: list[Any]) -> str | None:
+    """Why the pruned outputs ``got`` are not the masked dense outputs ``want`` (None when they agree)."""
+    if len(want) != len(got):
+        return f"the pruned model returns {len(got)} values, the masked dense model {len(want)}"
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            err = _differs(a, b)
+            if err is not None:
+                return f"output #{i} differs from the masked dense model's (relative error {err:.3g})"
+        elif a != b:
+            return f"output #{i} is {b!r}, the masked dense model's {a!r}"
+    return None
