@@ -153,7 +153,8 @@ def derive_capture(graph: Graph, *, copy: Collection[str] = ()) -> Derived:
     outputs = [v.detach() for v in replayed.outputs if isinstance(v, torch.Tensor)]
     derived = Graph(module=module, program=program, args=graph.args, kwargs=graph.kwargs, params=dict(graph.params),
                     buffers=dict(graph.buffers), constants=dict(graph.constants),
-                    user_inputs=list(graph.user_inputs), user_outputs=list(graph.user_outputs), capture="record",
+                    user_inputs=list(graph.user_inputs), capture="record",
+                    user_outputs=[remap[graph.node(name)].name for name in graph.user_outputs],
                     outputs=outputs, values=values, derived=True)
     partner = {n.name: remap[n] for n in dense.nodes
                if n.op in ("placeholder", "call_function") and live.get(n, ()) is not None}

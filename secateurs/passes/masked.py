@@ -108,8 +108,12 @@ class _Masks:
 
 
 def _zeroed(value: torch.Tensor, dims: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A copy of ``value`` with the removed channels zeroed (one copy, then only those channels are written)."""
+    if not dims:
+        return value
+    value = value.clone()
     for d, _, removed in dims:
-        value = value.index_fill(d, removed, False if value.dtype == torch.bool else 0)
+        value.index_fill_(d, removed, False if value.dtype == torch.bool else 0)
     return value
 
 
@@ -337,9 +341,10 @@ def masked_outputs(
 
     The cheap check's reference (one run of the dense graph, no per-node comparison): the nodes of
     :func:`adopted_nodes` take their pruned value from ``pruned`` (dense node name -> value), zero-padded. In a
-    graph that writes into tensors (``relu_``, ``h[:, :2] = 0`` as ``slice`` + ``fill_``) masks and adopted values
-    are written into the dense value itself, so that a view stays the view a later write goes through (never
-    into what shares memory with a parameter, buffer or input: that gets a copy).
+    graph that writes into tensors (``relu_``, ``h[:, :2] = 0`` as ``slice`` + ``fill_``) adopted values are written
+    into the dense value itself, so that a view stays the view a later write goes through; masks are written in
+    place in every graph (only the removed channels, and a view of a masked value is masked the same way). Never
+    into what shares memory with a parameter, buffer or input: that gets a copy.
     """
     masks = _Masks(info, keep)
     adopt = adopted_nodes(old, info, keep)
@@ -350,8 +355,8 @@ def masked_outputs(
     env: dict[fx.Node, Any] = {}
     result: list[Any] = []
 
-    def writable(value: torch.Tensor, like: torch.Tensor) -> bool:
-        return inplace and value.dtype == like.dtype and _storage(value) not in protected
+    def writable(value: torch.Tensor) -> bool:
+        return value.device.type != "meta" and _storage(value) not in protected
 
     def masked(key: tuple[str, int], value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -359,11 +364,19 @@ def masked_outputs(
         dims = masks.dims(key, value)
         if not dims:
             return value
-        zeroed = _zeroed(value, dims)
-        return put(value, zeroed)
+        # in place: only the removed channels are written, and a view stays a view; not through a broadcast
+        # (``expand`` of a KV head to its query heads: one element stands for several)
+        if writable(value) and all(st != 0 or sz < 2 for st, sz in zip(value.stride(), value.shape, strict=True)):
+            try:
+                for d, _, removed in dims:
+                    value.index_fill_(d, removed, False if value.dtype == torch.bool else 0)
+                return value
+            except RuntimeError:  # an expanded or otherwise overlapping view cannot be written
+                pass
+        return _zeroed(value, dims)
 
     def put(value: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        if not writable(value, replacement):
+        if value.dtype != replacement.dtype or not writable(value):
             return replacement
         try:
             value.copy_(replacement)
@@ -379,7 +392,11 @@ def masked_outputs(
         for n in old.fx_graph.nodes:
             if n.op == "placeholder":
                 value = next(feed)  # parameters, buffers and inputs: a masked copy, never written
-                env[n] = _zeroed(value, masks.dims((n.name, -1), value)) if isinstance(value, torch.Tensor) else value
+                if isinstance(value, torch.Tensor):
+                    dims = masks.dims((n.name, -1), value)
+                    if dims and not _mask_is_redundant(n, info, {d for d, _, _ in dims}):
+                        value = _zeroed(value, dims)
+                env[n] = value
             elif n.op == "call_function":
                 if is_dead(n):
                     continue
@@ -407,6 +424,39 @@ def masked_outputs(
             else:
                 raise ValueError(f"cannot run node '{n.name}' ({n.op}) of a recorded graph")
     return result
+
+
+_CHANNEL_DIM = {torch.ops.aten.linear.default: -1, torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 1,
+                torch.ops.aten.conv3d.default: 1, torch.ops.aten.convolution.default: 1}
+"""Ops ``op(input, weight, bias, ...)`` whose weight is ``[out, in, ...]``, and the channel dim of input / output."""
+
+
+def _mask_is_redundant(node: fx.Node, info: DependencyInfo, pruned: set[int]) -> bool:
+    """Whether zeroing the removed channels (of dims ``pruned``) of placeholder ``node`` cannot change the masked run.
+
+    So for a weight / bias used only by linear layers and convolutions whose output channels are its rows (masked
+    after the op) and whose input channels are its columns (zero in the masked input): proved from the analysis'
+    classes, per dim; anything else is masked.
+    """
+    find = info.table.find
+    mine = info.values.get((node.name, -1))
+    if not mine or not node.users:
+        return False
+    for user in node.users:
+        dim = _CHANNEL_DIM.get(user.target)  # type: ignore[call-overload]
+        x = user.args[0] if user.args else None
+        if dim is None or not isinstance(x, fx.Node) or x is node or node not in user.args[1:3]:
+            return False
+        out, inp = info.values.get((user.name, -1)), info.values.get((x.name, -1))
+        if not out or not inp:
+            return False
+        if user.args[1] is node:
+            if len(mine) < 2 or not pruned <= {0, 1} or find(mine[0]) != find(out[dim]) or (
+                    1 in pruned and find(mine[1]) != find(inp[dim])):
+                return False
+        elif len(mine) != 1 or find(mine[0]) != find(out[dim]):
+            return False
+    return True
 
 
 def _inputs_with(old: Graph, overrides: dict[str, torch.Tensor] | None) -> list[Any]:
