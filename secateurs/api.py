@@ -420,9 +420,8 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         latency.save()
         if latency_before is not None:
             latency_after = latency.model_latency(result.graph)
-    # a derived graph is the last pass's (another pass would have captured it again): its outputs are the model's
-    ran = result.graph.outputs if result.graph.derived else None
-    drift = measure_drift(model, graph.args, graph.kwargs, dense_outputs, ran) if dense_outputs is not None else None
+    # an eager forward of its own: the code path users run (fused fast paths skipped while capturing included)
+    drift = measure_drift(model, graph.args, graph.kwargs, dense_outputs) if dense_outputs is not None else None
     layers_after = costs_by_layer(result.graph, identities)
     record: PruneRecord | None = result.record(PruneRecord)
     deps: DependencyRecord | None = result.record(DependencyRecord)

@@ -4,7 +4,8 @@ masked dense model.
 Oracles: the capture derived from the replay equals a fresh recording of the pruned model node by node (targets,
 traced shapes, literal arguments, parameters); a correct rewrite passes with one recording in all (the dense
 one); a tampered rewrite and a literal channel range are caught by the cheap check alone, before the per-node
-check names the culprit; the outputs the check ran are the drift's, equal to a new forward's.
+check names the culprit, also before a norm whose input the plan changes (adopted from the pruned model); the drift is
+an eager forward's.
 """
 
 import copy
@@ -164,7 +165,37 @@ def test_a_model_that_writes_in_place_is_checked_on_the_replayed_values(recordin
     assert len(recordings) == 1 and model.a.out_features == 16
 
 
-def test_the_drift_reuses_the_checked_forward_and_equals_a_new_one():
+@pytest.mark.parametrize("family", ["gpt2", "vit", "opt"])
+def test_what_comes_before_an_adopted_norm_is_checked_too(family, monkeypatch):
+    """With the hidden size pruned every LayerNorm over it is adopted from the pruned model (its statistics change
+    by design), and every path to the output goes through one: a wrong kept weight in the first block must still
+    be found by the cheap check, which compares what an adopted node reads."""
+    model, inputs = build(family)
+    seen = []
+    real = channels.PruneChannels._fast
+
+    def tampered(self, graph, *args):
+        if seen:
+            return real(self, graph, *args)
+        first = next(p for n, p in graph.module.named_parameters() if ".0." in n and n.endswith("weight")
+                     and p.dim() == 2)
+        with torch.no_grad():
+            first[0, 0] += 1.0  # a kept weight the plan did not change, for the cheap check only
+        try:
+            seen.append(real(self, graph, *args))
+        finally:
+            with torch.no_grad():
+                first[0, 0] -= 1.0
+        return seen[-1]
+
+    monkeypatch.setattr(channels.PruneChannels, "_fast", tampered)
+    report = sc.prune(model, inputs, hidden=0.25, round_to=1)
+    assert seen == [None]  # the cheap check doubted the tampered rewrite: the per-node check then verified it
+    assert report.verification.startswith("fast: a recorded forward"), report.verification
+    assert any(c.kind == "hidden" and c.after < c.before for c in report.changes)
+
+
+def test_the_drift_is_measured_on_an_eager_forward_of_the_pruned_model():
     model, inputs = build("bert")
     dense = copy.deepcopy(model).eval()
     report = sc.prune(model, inputs, ratio=0.3)

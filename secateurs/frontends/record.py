@@ -95,6 +95,17 @@ def _meta(value: Any) -> Any:
     return value
 
 
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The (non-meta) tensors ``func`` writes into, by its schema."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = kwargs.get(a.name, args[i] if i < len(args) and not a.kwarg_only else None)
+        for t in pytree.tree_leaves(value):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                yield t
+
+
 class _Tape:
     """The graph under construction and the tensor -> node binding of one recording."""
 
@@ -170,16 +181,10 @@ class _Tape:
 
     def check_writes(self, func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Refuse an op that would write into a parameter, buffer or input (before it runs)."""
-        schema = func._schema
-        for i, a in enumerate(schema.arguments):
-            if a.alias_info is None or not a.alias_info.is_write:
-                continue
-            value = kwargs.get(a.name, args[i] if i < len(args) and not a.kwarg_only else None)
-            for t in pytree.tree_leaves(value):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    what = self.protected.get(t.untyped_storage().data_ptr())
-                    if what is not None:
-                        self.refuse(f"{func} writes into {what} during forward")
+        for t in _written(func, args, kwargs):
+            what = self.protected.get(t.untyped_storage().data_ptr())
+            if what is not None:
+                self.refuse(f"{func} writes into {what} during forward")
 
     def meta(self, value: Any) -> Any:
         """:func:`_meta` of an op's output; what it cannot describe stops the recording."""
@@ -364,9 +369,9 @@ class Replayed:
 class _Replay(TorchDispatchMode):
     """Runs a forward and lines each ATen op up with the next call of a recorded graph (no graph is built)."""
 
-    def __init__(self, expect: list[Any], copies: Container[int]) -> None:
+    def __init__(self, expect: list[Any], copies: Container[int], protected: Container[int]) -> None:
         super().__init__()
-        self.expect, self.copies = expect, copies
+        self.expect, self.copies, self.protected = expect, copies, protected
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any], Any] | None] = []
         self.refused = ""
 
@@ -381,6 +386,8 @@ class _Replay(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in _DATA_DEPENDENT:
             self.stop(f"the forward reads tensor values into Python ({func})")
+        if func._schema.is_mutable and _writes_into(func, args, kwargs, self.protected):
+            self.stop(f"{func} writes into a parameter, buffer or input")
         out = func(*args, **kwargs)
         if func is torch.ops.aten.detach.default and isinstance(args[0], torch.Tensor):
             return out
@@ -399,6 +406,11 @@ class _Replay(TorchDispatchMode):
         return out
 
 
+def _writes_into(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], storages: Container[int]) -> bool:
+    """Whether ``func`` would write into a tensor whose storage is in ``storages``."""
+    return any(t.untyped_storage().data_ptr() in storages for t in _written(func, args, kwargs))
+
+
 def replay_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], expect: list[Any],
                 copies: Container[int] = ()) -> Replayed:
     """Run ``model(*args, **kwargs)`` as :func:`record_call` would, checking its ops against ``expect``.
@@ -411,11 +423,15 @@ def replay_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 
     Raises:
         Diverged: An op differs from the recording's at the same position, the forward reads tensor values into
-            Python, or the op count differs (the caller records the model instead).
+            Python or would write into a parameter, buffer or input (refused before the write), or the op count
+            differs (the caller records the model instead).
         Exception: Whatever the model's own forward raises.
 
     """
-    mode = _Replay(expect, copies)
+    protected = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
+                                                          *pytree.tree_leaves((args, kwargs))]
+                 if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    mode = _Replay(expect, copies, protected)
     with torch.random.fork_rng(devices=[]), _exporting(), torch._C._AutoDispatchBelowAutograd(), mode:
         out = model(*args, **kwargs)
     if mode.refused:  # the model's code caught the exception and went on

@@ -34,7 +34,15 @@ from secateurs.passes.channel_plan import (
     round_keep,
 )
 from secateurs.passes.importance import ChannelScores
-from secateurs.passes.masked import _mutates, adopted_nodes, masked_mismatch, masked_outputs, outputs_differ
+from secateurs.passes.masked import (
+    Disagreement,
+    _mutates,
+    adopted_nodes,
+    checkpoints,
+    masked_mismatch,
+    masked_outputs,
+    outputs_differ,
+)
 
 __all__ = ["KINDS", "SCOPES", "TARGETS", "ChannelOptions", "GroupChange", "PruneChannels", "PruneRecord", "eligible",
            "left_alone", "plan_keep", "require_removal", "round_keep"]
@@ -75,7 +83,8 @@ class PruneChannels(Pass):
     Python code contradicts (a hard-coded size, a stale attribute) is frozen and the pass asks the manager for a
     :class:`~secateurs.passes.base.Retry`: the manager restores the model and runs it again, which plans
     without the frozen groups (up to ``max_retries`` times). Guarantees: output shapes are unchanged and the
-    graph is a fresh capture of the rewritten module.
+    graph is a capture of the rewritten module (derived from the dense one by the cheap check, ``derived`` set, or
+    a fresh recording).
     """
 
     requires = (DependencyInfo, ChannelScores)
@@ -216,10 +225,13 @@ class PruneChannels(Pass):
         """
         if self.options.check != "fast" or graph.capture != "record" or not isinstance(graph.program, RecordedProgram):
             return None
-        # in a graph that writes into tensors, a later in-place op could change what the masked run adopts
-        adopted = adopted_nodes(graph, info, keep) if _mutates(graph.fx_graph) else set()
+        # in a graph that writes into tensors, a later in-place op could change what the masked run reads
+        copies: set[str] = set()
+        if _mutates(graph.fx_graph):
+            adopted = adopted_nodes(graph, info, keep)
+            copies = adopted | checkpoints(graph) | {i.name for a in adopted for i in graph.node(a).all_input_nodes}
         try:
-            derived = derive_capture(graph, copy=adopted)
+            derived = derive_capture(graph, copy=copies)
         except Exception as exc:  # the forward departs from the recording or fails: the full check says why
             log.debug("replaying the pruned model failed (%s); recording it", exc)
             return None
@@ -229,7 +241,10 @@ class PruneChannels(Pass):
             if not is_dead(old) and _compare_node(info, kept, memo, old, node) is not None:
                 return None
         try:
-            why = outputs_differ(masked_outputs(graph, info, keep, new.values or {}, overrides), derived.outputs)
+            want = masked_outputs(graph, info, keep, new.values or {}, overrides, checkpoints(graph, derived.partner))
+            why = outputs_differ(want, derived.outputs)
+        except Disagreement as exc:
+            why = str(exc)
         except Exception as exc:  # the masked run failed: the node-by-node check says where
             why = f"the masked dense run failed ({exc})"
         if why is not None:

@@ -46,17 +46,15 @@ class OutputDrift:
 
 
 def measure_drift(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  dense: list[torch.Tensor], pruned: list[torch.Tensor] | None = None) -> OutputDrift:
+                  dense: list[torch.Tensor]) -> OutputDrift:
     """Run the pruned ``model`` and compare its outputs with the ``dense`` snapshot.
-
-    ``pruned``: the pruned model's outputs on these inputs when a check already ran it (not run again).
 
     Raises:
         VerificationError: The model fails to run, or an output's count, shape or dtype changed.
 
     """
     try:
-        pruned = snapshot_outputs(model, args, kwargs) if pruned is None else pruned
+        pruned = snapshot_outputs(model, args, kwargs)
     except Exception as exc:  # any failure of the rewritten model is a verification failure
         raise VerificationError(f"the pruned model no longer runs on the example inputs: {exc}") from exc
     if any(not bool(torch.isfinite(t).all()) for t in dense if t.is_floating_point()):

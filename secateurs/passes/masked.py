@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import fx
 from secateurs.ir.depgraph import DependencyInfo
 from secateurs.ir.graph import Graph, is_dead
 
-__all__ = ["Mismatch", "adopted_nodes", "masked_mismatch", "masked_outputs", "outputs_differ"]
+__all__ = ["POSITIONAL", "Disagreement", "Mismatch", "adopted_nodes", "checkpoints", "masked_mismatch", "masked_outputs", "outputs_differ"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,17 +331,51 @@ def adopted_nodes(old: Graph, info: DependencyInfo, keep: dict[int, np.ndarray])
     return out
 
 
+class Disagreement(Exception):
+    """The masked dense run disagrees with a pruned value at a node it compares (the message says where)."""
+
+
+POSITIONAL = {torch.ops.aten.slice.Tensor, torch.ops.aten.narrow.default, torch.ops.aten.select.int,
+              torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
+              torch.ops.aten.unbind.int, torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
+              torch.ops.aten.gather.default, torch.ops.aten.take.default, torch.ops.aten.roll.default,
+              torch.ops.aten.unfold.default, torch.ops.aten.as_strided.default, torch.ops.aten.diagonal.default}
+"""Ops that read fixed positions of a dim: where a literal range meets pruned channels."""
+
+
+def checkpoints(old: Graph, partner: dict[str, fx.Node] | None = None) -> set[str]:
+    """Dense nodes the cheap check compares one by one, besides the outputs.
+
+    Ops that read fixed positions (and the parts of their outputs), and, with ``partner`` (dense node name ->
+    the pruned graph's node), every call whose constant arguments changed (a size-dependent literal: a reshape to
+    fewer heads, or a scale ``1 / sqrt(width)``).
+    """
+    out: set[str] = set()
+    for n in old.fx_graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in POSITIONAL or (n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+                                      and n.args[0].target in POSITIONAL):
+            out.add(n.name)
+        elif partner is not None and n.name in partner and _literals(n) != _literals(partner[n.name]):
+            out.add(n.name)
+    return out
+
+
 def masked_outputs(
     old: Graph,
     info: DependencyInfo,
     keep: dict[int, np.ndarray],
     pruned: dict[str, Any],
     overrides: dict[str, torch.Tensor] | None = None,
+    compare: set[str] | frozenset[str] = frozenset(),
 ) -> list[Any]:
     """The dense graph's outputs under the plan's meaning: every removed channel zeroed everywhere, then sliced away.
 
-    The cheap check's reference (one run of the dense graph, no per-node comparison): the nodes of
-    :func:`adopted_nodes` take their pruned value from ``pruned`` (dense node name -> value), zero-padded. In a
+    The cheap check's reference (one run of the dense graph): the nodes of :func:`adopted_nodes` take their pruned
+    value from ``pruned`` (dense node name -> value), zero-padded, once their inputs are found equal to the pruned
+    ones (so that what comes before an adopted norm is checked too); the nodes in ``compare`` are compared with
+    their pruned values as they are computed. A disagreement raises :class:`Disagreement`. In a
     graph that writes into tensors (``relu_``, ``h[:, :2] = 0`` as ``slice`` + ``fill_``) adopted values are written
     into the dense value itself, so that a view stays the view a later write goes through; masks are written in
     place in every graph (only the removed channels, and a view of a masked value is masked the same way). Never
@@ -388,6 +423,15 @@ def masked_outputs(
         fn: Any = n.target
         return fn(*fx.node.map_arg(n.args, env.__getitem__), **fx.node.map_arg(n.kwargs, env.__getitem__))
 
+    def check(n: fx.Node, why: str) -> None:
+        value, small = env.get(n), pruned.get(n.name)
+        if not isinstance(value, torch.Tensor) or not isinstance(small, torch.Tensor):
+            return
+        err = _differs(_sliced(value, masks.dims((n.name, -1), value)), small)
+        if err is not None:
+            how = f"relative error {err:.3g}" if math.isfinite(err) else "different shapes or values"
+            raise Disagreement(f"node '{n.name}' ({n.target}, {why}) differs from the masked dense model's ({how})")
+
     with torch.no_grad():
         for n in old.fx_graph.nodes:
             if n.op == "placeholder":
@@ -402,8 +446,11 @@ def masked_outputs(
                     continue
                 small = pruned.get(n.name)
                 if n.name in adopt and isinstance(small, torch.Tensor):
+                    for i in n.all_input_nodes:
+                        check(i, f"read by the adopted '{n.name}'")
                     full = n.meta["val"]
                     padded = _padded(small, full.shape, masks.dims((n.name, -1), full, small.device))
+                    padded = padded.clone() if padded is small else padded  # the pruned value is never written
                     if inplace:  # computed all the same, so that a view stays a view
                         out = run(n)
                         env[n] = put(out, padded) if isinstance(out, torch.Tensor) else padded
@@ -416,6 +463,8 @@ def masked_outputs(
                 else:
                     out = masked((n.name, -1), out)
                 env[n] = out
+                if n.name in compare:
+                    check(n, "compared one by one")
             elif n.op == "output":
                 for r in torch.utils._pytree.tree_leaves(n.args):
                     v = env[r] if isinstance(r, fx.Node) else r
@@ -447,6 +496,8 @@ def _mask_is_redundant(node: fx.Node, info: DependencyInfo, pruned: set[int]) ->
         x = user.args[0] if user.args else None
         if dim is None or not isinstance(x, fx.Node) or x is node or node not in user.args[1:3]:
             return False
+        if user.target is torch.ops.aten.convolution.default and (len(user.args) < 7 or user.args[6] is not False):
+            return False  # transposed: the weight is [in, out / groups, ...]
         out, inp = info.values.get((user.name, -1)), info.values.get((x.name, -1))
         if not out or not inp:
             return False
