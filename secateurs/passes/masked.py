@@ -162,6 +162,20 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _write_back(value: torch.Tensor, replacement: torch.Tensor, protected: set[int]) -> torch.Tensor:
+    """``replacement`` written into ``value`` when that is allowed (it may be a view), else returned.
+
+    Never into what shares memory with ``protected`` storages (parameters, buffers, inputs).
+    """
+    if value.dtype != replacement.dtype or value.device.type == "meta" or _storage(value) in protected:
+        return replacement
+    try:
+        value.copy_(replacement)
+    except RuntimeError:  # an expanded or otherwise overlapping view cannot be written: keep the copy
+        return replacement
+    return value
+
+
 def _flat_inputs(graph: Graph) -> list[Any]:
     return graph.flat_inputs()
 
@@ -233,14 +247,7 @@ class _Lockstep(fx.Interpreter):
         return self._put(value, _padded(new, value.shape, dims))
 
     def _put(self, value: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        """``replacement`` written into ``value`` when that is allowed (it may be a view), else returned."""
-        if value.dtype != replacement.dtype or _storage(value) in self.protected:
-            return replacement
-        try:
-            value.copy_(replacement)
-        except RuntimeError:  # an expanded or otherwise overlapping view cannot be written: keep the copy
-            return replacement
-        return value
+        return _write_back(value, replacement, self.protected)
 
     def _explain(self, node: fx.Node, err: float) -> Mismatch:
         names = {v.name for v in [*node.all_input_nodes, node]}
@@ -411,13 +418,7 @@ def masked_outputs(
         return _zeroed(value, dims)
 
     def put(value: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        if value.dtype != replacement.dtype or not writable(value):
-            return replacement
-        try:
-            value.copy_(replacement)
-        except RuntimeError:  # an expanded or otherwise overlapping view cannot be written: keep the copy
-            return replacement
-        return value
+        return _write_back(value, replacement, protected)
 
     def run(n: fx.Node) -> Any:
         fn: Any = n.target
