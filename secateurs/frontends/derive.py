@@ -5,12 +5,15 @@ other shapes (and other size literals: ``view(b, t, 8, 64)`` becomes ``view(b, t
 recording it again, the dense graph is copied node by node while the pruned forward is replayed against it
 (:func:`secateurs.frontends.record.replay_call`): each copied node takes the replayed op's output as its traced
 value and the replayed call's literals as its constant arguments. Parameters and buffers are the module's
-current tensors. The result is what a new recording would give for every node, without building a graph during
-the forward. Where the forward departs from the recorded program (another op, another op count, another
-argument structure), :class:`~secateurs.frontends.record.Diverged` tells the caller to record it instead.
+current tensors. For every node that gives the op, traced value and literals a new recording would give, without
+building a graph during the forward (``tests/test_cheap_check.py`` compares the two node by node). Where the
+forward departs from the recorded program (another op, another op count, another argument structure),
+:class:`~secateurs.frontends.record.Diverged` tells the caller to record it instead.
 
-What it does not see: a constant tensor created inside the forward (``torch.tensor(...)`` of a size) keeps its
-recorded value in the derived program; such a graph is marked ``derived`` and a pass manager captures the model
+What it does not see: the data flow is the recording's (which earlier op produced each argument is not checked
+again; the caller's masked run checks what the values mean), node names stay the dense graph's where a skipped
+relayout would renumber a new recording's, and a constant tensor created inside the forward (``torch.tensor(...)``
+of a size) keeps its recorded value. Such a graph is marked ``derived``, and a pass manager captures the model
 again before another pass reads it.
 """
 
