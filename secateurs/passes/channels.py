@@ -189,9 +189,10 @@ class PruneChannels(Pass):
         """Check the rewritten model against the plan: every traced shape, then every value (masked check).
 
         Returns the new capture when it agrees; otherwise restores the model and names the culprit groups.
-        Under ``"fast"`` on a recorded graph the pruned forward is replayed against the dense recording and only
-        the outputs are compared with the masked dense model's; anything else, or any doubt (the forward departs
-        from the recording, an output differs), runs the per-node check, which also names the culprit.
+        Under ``"fast"`` on a recorded graph the pruned forward is replayed against the dense recording and the
+        outputs, with the nodes of :func:`~secateurs.passes.masked.checkpoints` and what adopted nodes read, are
+        compared with the masked dense model's; anything else, or any doubt (the forward departs from the
+        recording, a compared value differs), runs the per-node check, which also names the culprit.
         """
         fast = self._fast(graph, info, keep, kept, overrides)
         if fast is not None:
