@@ -2,6 +2,7 @@
 
     python benchmarks/bench_inspect.py            # 7b and 70b
     python benchmarks/bench_inspect.py --shape 7b
+    python benchmarks/bench_inspect.py --shape 7b --dry-run   # also `secateurs prune DIR --ffn 0.3 --dry-run`
 
 Each checkpoint is a folder with Llama-2's config and sharded bf16 safetensors (``model.safetensors.index.json``
 plus 5 GB shards), written as sparse files: the headers are real and the tensor data are holes, so a 140 GB
@@ -9,7 +10,9 @@ checkpoint takes no disk space. That is enough for inspect, which reads no weigh
 meta device, checks every stored shape against it (the headers), records one forward on meta inputs and
 analyses it. ``secateurs inspect DIR --json`` runs in a child process; its wall time and peak RSS
 (``ru_maxrss`` of the child) are printed with the number of groups it found. Targets (issue 19): 7B under 15 s
-and 2 GiB, 70B under 60 s.
+and 2 GiB, 70B under 60 s. With ``--dry-run``, ``secateurs prune DIR --ffn 0.3 --calib none --dry-run --json``
+is timed the same way: the checkpoint does not fit in memory, so it is planned block by block (every weight is
+read once; the holes read as zeros).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def make_checkpoint(folder: Path, shape: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: all")
+    parser.add_argument("--dry-run", action="store_true", help="also time an in-memory `prune --dry-run`")
     args = parser.parse_args()
     for shape in args.shape or ["7b", "70b"]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +117,20 @@ def main() -> int:
             print(f"{shape}: {params / 1e9:.1f}B parameters (bf16, {2 * params / 2**30:.0f} GiB sparse shards): "
                   f"inspect {wall:.1f} s, peak RSS {rss:.2f} GiB (largest child so far), {len(data['groups'])} "
                   f"groups, {len(data['frozen'])} frozen, params {data['params']:,}", flush=True)
+            if args.dry_run:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "secateurs", "prune", str(folder), "--ffn", "0.3",
+                                       "--calib", "none", "--dry-run", "--json"], capture_output=True, text=True,
+                                      check=False)
+                wall = time.perf_counter() - start
+                rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
+                if done.returncode != 0:
+                    print(f"{shape}: dry run failed ({done.returncode}): {done.stdout[-400:]}{done.stderr[-400:]}")
+                    return 1
+                data = json.loads(done.stdout)
+                print(f"{shape}: prune --ffn 0.3 --dry-run {wall:.1f} s, peak RSS {rss:.2f} GiB (largest child so "
+                      f"far), {len(data['widths'])} groups planned, peak weights in memory "
+                      f"{data['peak_weight_bytes'] / 2**30:.2f} GiB", flush=True)
     return 0
 
 

@@ -180,6 +180,16 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
                           "(--seq-len)")
     if args.stream:
         return _prune_stream(args)
+    if args.dry_run and not args.recipe and Path(args.src).is_dir():
+        from secateurs.backends.checkpoint_load import load_shortfall
+
+        short = load_shortfall(args.src)
+        if short is not None:  # a checkpoint larger than memory is planned the way it can be pruned: streamed
+            _say(args, f"{short}: planned one block at a time, as --stream --dry-run plans it")
+            try:
+                return {**_prune_stream(args), "streamed_because": short}
+            except BudgetError as exc:
+                raise BudgetError(f"{short}, and --stream cannot plan this run: {exc}") from exc
     if args.recipe:
         from secateurs.spec import OPTIONS, from_flags
 

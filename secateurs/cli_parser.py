@@ -159,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pr.add_argument("--stream", action="store_true", help="out-of-core: load, prune and write one decoder block at a "
                     f"time ({' '.join(f for o in path_options('stream') if (f := OPTIONS[o].flag))} --calib)")
-    pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    pr.add_argument("--dry-run", action="store_true", help="plan and report, write nothing (block by block, as --stream does, when the "
+                    "checkpoint does not fit in memory)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pr.add_argument("--format", choices=("hf", "decilm"), help="checkpoint format: hf (default; per-layer sizes "
                     "in secateurs.json) or decilm (Nemotron-NAS block_configs: per-layer KV groups, FFN widths and "

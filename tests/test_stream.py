@@ -682,3 +682,42 @@ def test_experts_on_a_dense_checkpoint_name_the_missing_experts_before_the_calib
     err = json.loads(capsys.readouterr().out)["error"]
     assert code == 2 and "has no mixture-of-experts block" in err and "LlamaForCausalLM" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_larger_than_memory_is_refused_in_memory_and_its_dry_run_is_streamed(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Oracle: the memory the load would take (the float32 model plus the stored weights, from file sizes and
+    the meta skeleton) against a memory limit set just below it. In memory: exit 2 before any weight is read,
+    naming both sizes and --stream, nothing written. ``--dry-run`` plans it as ``--stream --dry-run`` does (the
+    same widths); a flag the streamed path does not take is refused with the reason. Above the limit the
+    in-memory run goes ahead."""
+    from secateurs.backends import checkpoint_load
+    from secateurs.cli import main
+
+    src = save_sharded(_llama(4), tmp_path / "src")
+    skeleton = checkpoint_load.load_skeleton(src)
+    wanted, stored = checkpoint_load.load_memory(skeleton, Path(src))
+    assert wanted == 4 * sum(p.numel() for p in skeleton.state_dict().values()) and stored > 0
+    monkeypatch.setattr(checkpoint_load, "available_memory", lambda: wanted + stored - 1)
+    read = []
+    monkeypatch.setattr(checkpoint_load, "_read_state", lambda folder: read.append(folder))
+    argv = ["prune", str(src), "--ffn", "0.25", "--calib", "none", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert f"{(wanted + stored) / (1 << 30):,.1f} GiB" in err and "--stream" in err and "available" in err, err
+    assert not read and not (tmp_path / "out").exists()
+    assert main([*argv, "--dry-run"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert "needs about" in planned["streamed_because"]
+    assert main(["prune", str(src), "--stream", "--dry-run", "--ffn", "0.25", "--calib", "none", "--json"]) == 0
+    assert planned["widths"] == json.loads(capsys.readouterr().out)["widths"] and planned["path"] is None
+    assert main(["prune", str(src), "--ffn", "0.25", "--calib", "none", "--dry-run"]) == 0
+    assert "planned one block at a time" in capsys.readouterr().out
+    assert main([*argv, "--dry-run", "--low-rank", "0.5"]) == 2
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert "cannot plan this run" in err and "--low-rank" in err, err
+    assert not read and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    monkeypatch.undo()  # the weights are read again; the memory is just enough
+    monkeypatch.setattr(checkpoint_load, "available_memory", lambda: wanted + stored)
+    assert main(["prune", str(src), "--ffn", "0.25", "--calib", "none", "--dry-run"]) == 0
+    assert "planned one block" not in capsys.readouterr().out

@@ -73,14 +73,60 @@ def _build(make: Callable[[], Any], name: str | None, meta: bool) -> nn.Module:
                               [:400]) from exc
 
 
-def _check_size(meta_model: nn.Module, folder: Path) -> None:
-    """Refuse a config that describes a model far larger than the weights stored (before allocating it)."""
-    stored = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
-    wanted = sum(t.numel() * 4 for t in meta_model.state_dict().values())  # built in float32
+def _check_size(meta_model: nn.Module, folder: Path, *, loading: bool) -> None:
+    """Refuse a config far larger than the weights stored, or (``loading``) a load that cannot fit in memory.
+
+    Both before anything is allocated: the model is built in float32 and the stored weights are read whole
+    before they are copied in, so a load needs both at once (:func:`load_memory`).
+    """
+    wanted, stored = load_memory(meta_model, folder)
     if wanted > 4 * stored + (1 << 30):
         raise CheckpointError(f"'{folder / 'config.json'}' describes a model of {wanted / 4:,.0f} parameters "
                               f"({wanted / (1 << 30):,.1f} GiB in float32) but the folder stores "
                               f"{stored / (1 << 30):,.2f} GiB of weights: the config does not match the weights")
+    problem = memory_shortfall(wanted, stored, folder) if loading else None
+    if problem is not None:
+        raise CheckpointError(f"{problem}: `secateurs prune --stream` prunes it one block at a time (`--stream "
+                              "--dry-run` plans it) and `secateurs inspect` analyses it on the meta device")
+
+
+def load_memory(meta_model: nn.Module, folder: Path) -> tuple[int, int]:
+    """Bytes of the model built in float32 and of the weight files ``folder`` stores."""
+    stored = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    return sum(t.numel() * 4 for t in meta_model.state_dict().values()), stored
+
+
+def load_shortfall(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> str | None:
+    """Why :func:`load_pretrained` of ``path`` would not fit in memory (built on meta to tell), or None."""
+    folder = Path(path)
+    config, manifest = _read_config(folder, trust_remote_code)
+    model = _assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code)
+    return memory_shortfall(*load_memory(model, folder), folder)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: ``MemAvailable``, or less under a cgroup limit; None if unknown."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return min(found) if found else None
+
+
+def memory_shortfall(wanted: int, stored: int, folder: Path) -> str | None:
+    """Why loading ``folder`` in memory cannot fit (model ``wanted`` + stored ``stored`` bytes), or None."""
+    free = available_memory()
+    if free is None or wanted + stored <= free:
+        return None
+    gib = 1 << 30
+    return (f"loading '{folder}' in memory needs about {(wanted + stored) / gib:,.1f} GiB (the model in float32, "
+            f"{wanted / gib:,.1f} GiB, and its stored weights, {stored / gib:,.1f} GiB) but {free / gib:,.1f} GiB "
+            "are available")
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -122,14 +168,17 @@ def load_pretrained(
     differ. The model is returned in eval mode.
 
     Raises:
-        CheckpointError: The folder, config or weights are missing, corrupt or do not match each other.
+        CheckpointError: The folder, config or weights are missing, corrupt or do not match each other, or the
+            model and its stored weights cannot fit in the memory available (checked before anything is
+            allocated; the message says how much each needs).
 
     """
     folder = Path(path)
     config, manifest = _read_config(folder, trust_remote_code)
     # The recorded structure is built on the meta device first: a config or manifest asking for far more than
     # the folder stores is refused before anything is allocated.
-    _check_size(_assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code), folder)
+    _check_size(_assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code), folder,
+                loading=True)
     model = _assemble(config, manifest, folder, meta=False, trust_remote_code=trust_remote_code)
     state = _read_state(folder)
     try:
@@ -178,7 +227,7 @@ def load_skeleton(path: str | os.PathLike[str], *, trust_remote_code: bool = Fal
     folder = Path(path)
     config, manifest = _read_config(folder, trust_remote_code)
     model = _assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code)
-    _check_size(model, folder)
+    _check_size(model, folder, loading=False)
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         from secateurs.backends.sharded import ShardedSource, check_shapes
 

@@ -63,8 +63,20 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def _literals(node: fx.Node) -> list[Any]:
     """The non-node leaves of a node's arguments (sizes, bounds, scales traced as constants)."""
-    leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
-    return [v for v in leaves if not isinstance(v, fx.Node)]
+    out: list[Any] = []
+    _collect_literals((node.args, node.kwargs), out)
+    return out
+
+
+def _collect_literals(value: Any, out: list[Any]) -> None:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _collect_literals(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect_literals(v, out)
+    elif not isinstance(value, fx.Node):
+        out.append(value)
 
 
 class _Masks:
