@@ -32,6 +32,7 @@ from secateurs.passes.experts import (
 from secateurs.passes.importance import ChannelScores, ScoreChannels
 from secateurs.passes.recover import ReconstructLayers
 from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
+from secateurs.passes.unipruning import UniSearch
 from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
 from secateurs.spec import WEIGHT_DEFAULT, PruneSpec
 
@@ -142,6 +143,8 @@ def sparsity_lines(record: SparsityRecord, limit: int = 10) -> list[str]:
     mean = sum(v for _, v in done) / max(len(done), 1)
     lines = [f"weight sparsity {record.pattern} by {record.criterion}: {len(done)} of {len(done) + len(left)} "
              f"layers, mean {mean:.1%} zeros"]
+    if record.search is not None:
+        lines.append("  " + search_line(record.search))
     if left:
         lines.append(f"  left dense ({len(left)}):")
         by_reason: dict[str, list[str]] = {}
@@ -151,6 +154,15 @@ def sparsity_lines(record: SparsityRecord, limit: int = 10) -> list[str]:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             lines.append(f"    {', '.join(names[:3])}{more}: {why}")
     return lines
+
+
+def search_line(search: UniSearch) -> str:
+    """One line of a UniPruning search: its steps and time, the losses, the spread of the layer sparsities."""
+    ratios = [v for _, v in search.layer_ratios]
+    spread = f"layer sparsity {min(ratios):.1%} to {max(ratios):.1%}" if ratios else "no layer"
+    return (f"unipruning search: {search.steps} steps in {search.seconds:.2f} s; loss against the dense outputs "
+            f"{search.anchor_loss:.4g} with the anchor alone -> {search.measured_loss:.4g} measured "
+            f"({search.estimated_loss:.4g} estimated); {spread}")
 
 
 def change_lines(changes: Sequence[GroupChange], limit: int = 20) -> list[str]:
@@ -276,19 +288,23 @@ def plan_passes(
             with ``flap``, off otherwise.
         sparsity: Unstructured weight sparsity per linear / conv layer, after any structural pruning.
         nm: N:M weight sparsity, ``(2, 4)`` or ``"2:4"``, along input channels (TensorRT / cuSPARSELt layout).
-        sparsity_criterion: ``"magnitude"`` (default), ``"wanda"``, ``"sparsegpt"`` (these two use ``calib``) or
-            ``"global_magnitude"``.
+        sparsity_criterion: ``"magnitude"`` (default; ``"wanda"`` with the ``unipruning`` allocator), ``"wanda"``,
+            ``"sparsegpt"`` (these two use ``calib``) or ``"global_magnitude"``.
         sequential: Calibrate sparsity block by block on the pruned blocks' outputs (LLM style; bounded memory).
         owl: Outlier-weighted layer-wise sparsity (OWL) for unstructured ``sparsity``: layers with more Wanda
             outliers are pruned less, the total stays ``sparsity``.
         sparsity_allocate: Spread unstructured ``sparsity`` over the layers: ``"global"``, ``"lamp"``, ``"owl"``
-            or ``"dp"`` (each layer capped at 95%).
+            or ``"dp"`` (each layer capped at 95%), or ``"unipruning"`` (unstructured or ``nm``): the
+            ``sparsity_criterion``'s saliency (``wanda`` or ``magnitude``) anchors 16 feedback steps on ``calib``
+            against the dense model's outputs, and a mirror-descent controller spreads the budget (each layer
+            within ``sparsity +- 0.1``); no weight changes (:mod:`secateurs.passes.unipruning`).
         reconstruct: After sparsity, refit kept weights by least squares against the dense model, shift biases
             and re-estimate BatchNorm statistics on ``calib`` (keeps a dense copy while pruning).
         allocate: Spread the budget over the groups with a budget allocator: ``"global"``, ``"lamp"``, ``"owl"``,
             ``"dp"``, ``"ecoflap"`` or ``"cfsp"`` (see :mod:`secateurs.passes.allocate`); sizes then differ. The
             budget is each per-structure ratio (``ffn``, ``heads``, ...) over that structure's groups when any is
-            given, else ``ratio`` over all FFN, head and conv-channel groups together.
+            given, else ``ratio`` over all FFN, head and conv-channel groups together. ``"unipruning"`` allocates
+            the weight sparsity (``sparsity`` / ``nm``) instead, as ``sparsity_allocate`` does.
         budget_unit: What the allocator's ``ratio`` is a fraction of: ``"channels"``, ``"params"``, ``"flops"``
             or ``"latency"`` (measured on PyTorch CPU and cached in ``latency_cache``).
         speedup: A whole-model latency target (e.g. 1.5 for "1.5x faster"); implies ``budget_unit="latency"``
@@ -320,7 +336,7 @@ def budget_pass(spec: PruneSpec, min_keep: float, *, calib: Iterable[Any] | None
     Both drivers of a width step build it here: in memory and for an ONNX file (``backend`` is where latency is
     measured by default: PyTorch for a module, ONNX Runtime for a file).
     """
-    allocate, unit = spec.allocate, spec.budget_unit or "channels"
+    allocate, unit = spec.width_allocator, spec.budget_unit or "channels"
     if spec.speedup is not None:
         allocate, unit = allocate or "dp", "latency"
     if allocate is None:
@@ -371,9 +387,9 @@ def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any]
         passes.append(PruneChannels(options))
     if spec.sparse:
         passes += [AnalyzeDependencies(), SparsifyWeights(spec.sparsity or 0.0, nm=spec.pattern,
-                                                          criterion=spec.sparsity_criterion or "magnitude",
+                                                          criterion=spec.sparse_criterion,
                                                           calib=calib, sequential=bool(spec.sequential),
-                                                          owl=bool(spec.owl), allocate=spec.sparsity_allocate,
+                                                          owl=bool(spec.owl), allocate=spec.sparsity_allocator,
                                                           ignore=tuple(ignore))]
         if spec.reconstruct:
             if model is None:

@@ -132,11 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--low-rank", type=_fraction, help="factorize linear layers keeping this fraction of energy")
     g.add_argument("--criterion", help=f"width importance: {', '.join(criteria_names())} (default: flap with "
                    "calibration text, l2 with --calib none or without a tokenizer)")
-    g.add_argument("--sparsity-criterion", help=", ".join(step_criteria("sparsity")) + " (default magnitude)")
+    g.add_argument("--sparsity-criterion", help=", ".join(step_criteria("sparsity")) + " (default magnitude; wanda with "
+                   "--allocate unipruning)")
     g.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="fold the removed channels' calibration means into the next layers' biases (FLAP; default "
                    "on with --criterion flap, which is the default when there is calibration text)")
-    g.add_argument("--allocate", help=f"width budget allocator: {', '.join(ALLOCATORS)}")
+    g.add_argument("--allocate", help=f"width budget allocator: {', '.join(ALLOCATORS)}; weight sparsity "
+                   "(--sparsity / --nm): unipruning")
     g.add_argument("--scope", choices=("local", "global"), help="width ranking per layer (local, default) or one "
                    "ranking across layers (global)")
     g.add_argument("--round-to", type=_positive, help="keep sizes multiples of this (default 8)")

@@ -358,6 +358,13 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
         total = len(sparsity["layers"]) + len(sparsity.get("skipped") or ())
         out.append(f"<p>{_e(sparsity['pattern'])} by {_e(sparsity['criterion'])}: {len(sparsity['layers'])} of "
                    f"{total} linear / conv layers</p>")
+        search = sparsity.get("search")
+        if search:
+            out.append(f"<p>UniPruning search: {search['steps']} feedback steps in {search['seconds']:.2f} s. Loss "
+                       f"against the dense outputs: {search['anchor_loss']:.4g} with the anchor's masks alone, "
+                       f"{search['measured_loss']:.4g} measured with the chosen masks ({search['estimated_loss']:.4g} "
+                       f"estimated to first order); per step: "
+                       f"{_e(', '.join(f'{v:.3g}' for v in search['losses']))}</p>")
         out.append(_table(["layer", "zeros"], [(n, f"{v:.1%}") for n, v in sparsity["layers"]], numeric=(1,)))
         if sparsity.get("skipped"):
             out.append("<p>Left dense:</p>" + _table(["layer", "why"], sparsity["skipped"]))

@@ -33,6 +33,7 @@ from secateurs.passes.criteria import (
     step_criteria,
     step_criterion,
 )
+from secateurs.passes.sparsity import SPARSITY_ALLOCATORS
 
 __all__ = ["OPTIONS", "PATHS", "WEIGHT_DEFAULT", "Option", "PruneSpec", "from_flags", "path_options", "spell"]
 
@@ -73,6 +74,7 @@ class Option:
     fraction: bool = False
 
 
+_SPARSE_ONLY = tuple(a for a in SPARSITY_ALLOCATORS if a not in ALLOCATORS)  # allocate= values only sparsity reads
 OPTIONS: dict[str, Option] = {
     "ratio": Option("structure", _MO, fraction=True),
     "heads": Option("structure", _ALL, "--heads", fraction=True),
@@ -95,11 +97,11 @@ OPTIONS: dict[str, Option] = {
     "uniform": Option("width", _ALL, "--uniform"),
     "loss_fn": Option("width", ("memory",)),
     "bias_compensation": Option("width", _MS, "--bias-compensation"),
-    "allocate": Option("width", _ALL, "--allocate", {"memory": ALLOCATORS, "stream": ("global", "lamp", "owl", "dp",
-                                                                                       "cfsp"),
+    "allocate": Option("width", _ALL, "--allocate", {"memory": (*ALLOCATORS, *_SPARSE_ONLY),
+                                                      "stream": ("global", "lamp", "owl", "dp", "cfsp"),
                                                       "onnx": ("global", "lamp", "owl", "dp")},
-                       {"stream": "ecoflap needs the whole model's loss",
-                        "onnx": "ecoflap and cfsp run the model (its loss, its blocks' activations)"}),
+                       {"stream": "ecoflap and unipruning need the whole model's loss (unipruning backpropagates it)",
+                        "onnx": "ecoflap, cfsp and unipruning run the model (its loss, its blocks' activations)"}),
     "budget_unit": Option("width", _ALL, None, {"memory": UNITS, "stream": ("channels", "params"), "onnx": UNITS},
                           {"stream": "flops and latency are measured on the whole model"}),
     "speedup": Option("width", _MO),
@@ -112,7 +114,7 @@ OPTIONS: dict[str, Option] = {
     "sparsity_criterion": Option("sparse", _MS, "--sparsity-criterion", criteria="sparsity"),
     "sequential": Option("sparse", ("memory",)),
     "owl": Option("sparse", ("memory",)),
-    "sparsity_allocate": Option("sparse", ("memory",), None, {"memory": ("global", "lamp", "owl", "dp")}),
+    "sparsity_allocate": Option("sparse", ("memory",), None, {"memory": SPARSITY_ALLOCATORS}),
     "reconstruct": Option("sparse", ("memory",)),
     "verify": Option("run", ("memory",), "--verify-rewrite"),
 }
@@ -281,6 +283,21 @@ class PruneSpec:
         return self.sparsity is not None or self.nm is not None
 
     @property
+    def sparsity_allocator(self) -> str | None:
+        """The allocator of the sparsity step: ``sparsity_allocate``, or ``allocate`` when only sparsity takes it."""
+        return self.sparsity_allocate or (self.allocate if self.allocate in _SPARSE_ONLY else None)
+
+    @property
+    def sparse_criterion(self) -> str:
+        """``sparsity_criterion``, or its default: ``wanda`` under ``unipruning`` (its anchor), else ``magnitude``."""
+        return self.sparsity_criterion or ("wanda" if self.sparsity_allocator == "unipruning" else "magnitude")
+
+    @property
+    def width_allocator(self) -> str | None:
+        """The allocator of the width step (``allocate`` unless it names a sparsity-only allocator)."""
+        return self.allocate if self.allocate not in _SPARSE_ONLY else None
+
+    @property
     def pattern(self) -> tuple[int, int] | None:
         """``nm`` as ``(n, m)`` (a string spelling is normalised when the spec is made)."""
         return self.nm if isinstance(self.nm, tuple) else None
@@ -430,6 +447,8 @@ class PruneSpec:
                 continue
             if option == "hidden" and value is True:
                 step = "width"
+            if option == "allocate" and value in _SPARSE_ONLY:
+                step = "sparse"
             if runs[step]:
                 continue
             message = (f"{spell(option, value if isinstance(value, str) else None)} is read only by "
@@ -448,14 +467,19 @@ class PruneSpec:
         if self.loss_fn is not None and importance != "taylor":
             raise BudgetError(f"loss_fn is read only by importance='taylor'; importance is "
                               f"{_name(importance) if importance is not None else 'the default'!r}")
-        if self.sequential and (self.sparsity_criterion or "magnitude") == "magnitude":
+        if self.sequential and self.sparse_criterion == "magnitude":
             raise BudgetError("sequential=True calibrates 'wanda' / 'sparsegpt' block by block; magnitude sparsity "
                               "needs no calibration (set sparsity_criterion)")
-        if self.allocate is not None and (self.target is not None or self.scope is not None):
+        if self.allocate in _SPARSE_ONLY and self.sparsity_allocate is not None:
+            raise BudgetError(f"allocate={self.allocate!r} and sparsity_allocate={self.sparsity_allocate!r} both "
+                              "allocate the sparsity: give one")
+        if self.width_allocator is not None and (self.target is not None or self.scope is not None):
             raise BudgetError(f"{'target' if self.target is not None else 'scope'}= is for the uniform or global plan; "
                               "with allocate= the budget is set by budget_unit= (and the per-structure ratios)")
-        if self.budget_unit is not None and self.allocate is None and self.speedup is None:
-            raise BudgetError("budget_unit= is read by the budget allocator only: give allocate= too")
+        if self.budget_unit is not None and self.width_allocator is None and self.speedup is None:
+            raise BudgetError("budget_unit= is read by the budget allocator only: give allocate= too"
+                              + (f" ({self.allocate} allocates weight sparsity, whose budget is its fraction of "
+                                 "the weights)" if self.allocate in _SPARSE_ONLY else ""))
         if ((self.latency_cache is not None or self.latency_backend is not None) and self.budget_unit != "latency"
                 and self.speedup is None):
             raise BudgetError("latency_cache= / latency_backend= are read only with budget_unit='latency' or speedup=")

@@ -56,13 +56,17 @@ from secateurs.passes.sparse_masks import (
     check_nm,
     sparsity_of,
 )
+from secateurs.passes.unipruning import UniSearch, search_masks
 from secateurs.progress import track
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm", "remove_masks", "sparsity_of"]
+__all__ = ["SPARSITY_ALLOCATORS", "SPARSITY_CRITERIA", "SparsifyWeights", "SparsityRecord", "check_nm",
+           "remove_masks", "sparsity_of"]
 
 SPARSITY_CRITERIA = step_criteria("sparsity")  # registered in secateurs.passes.criteria
+SPARSITY_ALLOCATORS = ("global", "lamp", "owl", "dp", "unipruning")
+"""Per-layer allocators of a sparsity budget; ``unipruning`` also takes N:M (:mod:`secateurs.passes.unipruning`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,8 @@ class SparsityRecord:
     ``peak_statistics_bytes`` is the most calibration state (input norms / Hessians, plus block inputs in
     sequential mode) alive at once: sequential calibration keeps it at one block's worth. ``skipped`` lists every
     linear / conv layer left dense, with the reason: an output head, a weight tied to the input embedding,
-    ignored by the user, or (under N:M) input channels that are not a multiple of M.
+    ignored by the user, or (under N:M) input channels that are not a multiple of M. ``search`` is the
+    UniPruning search (``allocate="unipruning"``): per-step losses, estimated against measured loss, time.
     """
 
     criterion: str
@@ -80,6 +85,7 @@ class SparsityRecord:
     layers: tuple[tuple[str, float], ...]
     peak_statistics_bytes: int = 0
     skipped: tuple[tuple[str, str], ...] = ()
+    search: UniSearch | None = None
 
 
 def nm_pattern_holds(before: Graph, result: PassResult) -> list[str]:
@@ -122,6 +128,7 @@ class SparsifyWeights(Pass):
         owl_lambda: float = 0.08,
         owl_m: float = 5.0,
         allocate: str | None = None,
+        unipruning_steps: int = 16,
     ) -> None:
         """Create the pass.
 
@@ -145,7 +152,11 @@ class SparsifyWeights(Pass):
             allocate: Spread an unstructured ``ratio`` over the layers with an allocator of the depth issue:
                 ``"global"`` (one magnitude threshold, like ``global_magnitude``), ``"lamp"`` (LAMP scores ranked
                 globally), ``"owl"`` (same as ``owl=True``) or ``"dp"`` (least squared magnitude removed);
-                every layer is capped at ``max_layer_sparsity``.
+                every layer is capped at ``max_layer_sparsity``. ``"unipruning"`` (unstructured or N:M): the
+                criterion's saliency (``wanda`` or ``magnitude``) anchors a search driven by the masked model's
+                distance to the dense outputs on ``calib``, with a mirror-descent controller spreading the budget
+                (each layer within ``ratio +- 0.1``; see :mod:`secateurs.passes.unipruning`); no weight changes.
+            unipruning_steps: Feedback steps of ``allocate="unipruning"`` (one calibration batch each).
             sequential: Calibrate block by block (LLM style): block ``i``'s statistics come from the outputs of
                 the already pruned blocks before it, and only one block's statistics live at a time.
 
@@ -168,15 +179,27 @@ class SparsifyWeights(Pass):
         self.owl, self.owl_lambda, self.owl_m = owl, owl_lambda, owl_m
         self._layer_ratios: dict[str, float] = dict(layer_ratios or {})
         self._snap = Snapshot()  # the transaction of the running call (see run)
+        self._chosen: dict[str, torch.Tensor] = {}  # masks a search chose (unipruning), by layer
         for name, value in self._layer_ratios.items():
             if not 0.0 <= value < 1.0:
                 raise BudgetError(f"layer ratio of '{name}' must be in [0, 1), got {value!r}")
-        if allocate not in (None, "global", "lamp", "owl", "dp"):
-            raise BudgetError(f"sparsity allocator must be global, lamp, owl or dp, got {allocate!r}")
+        if allocate is not None and allocate not in SPARSITY_ALLOCATORS:
+            raise BudgetError(f"sparsity allocator must be one of {', '.join(SPARSITY_ALLOCATORS)}, got {allocate!r}")
         self.allocate = allocate
         self.owl = owl or allocate == "owl"
-        if (self.owl or layer_ratios or allocate) and nm is not None:
-            raise BudgetError("per-layer ratios and allocators are for unstructured sparsity, not N:M")
+        self.unipruning_steps = unipruning_steps
+        if (self.owl or layer_ratios or allocate not in (None, "unipruning")) and nm is not None:
+            raise BudgetError("per-layer ratios and allocators are for unstructured sparsity, not N:M (unipruning "
+                              "takes N:M)")
+        if allocate == "unipruning":
+            if criterion not in ("wanda", "magnitude"):
+                raise BudgetError(f"unipruning anchors its search on a saliency and changes no weight: its criterion "
+                                  f"is wanda or magnitude, not {criterion!r}")
+            if sequential or owl or layer_ratios:
+                raise BudgetError("unipruning sets every layer's sparsity itself from the whole model's outputs: "
+                                  "drop sequential, owl and layer_ratios")
+            if not isinstance(unipruning_steps, int) or unipruning_steps < 1:
+                raise BudgetError(f"unipruning_steps must be an integer >= 1, got {unipruning_steps!r}")
         if criterion == "global_magnitude" and nm is not None:
             raise BudgetError("global_magnitude is unstructured; use magnitude, wanda or sparsegpt for N:M")
         self._peak = 0
@@ -269,24 +292,43 @@ class SparsifyWeights(Pass):
         skipped = left + skipped
         layers: list[tuple[str, float]] = []
         self._peak = 0
-        if self.owl:
+        self._chosen = {}
+        search = None
+        if self.allocate == "unipruning":
+            search = self._unipruning(graph, targets)
+        elif self.owl:
             self._layer_ratios.update(self._owl_ratios(graph, targets))
         elif self.allocate in ("global", "lamp", "dp"):
             self._layer_ratios.update(self._allocated(targets))
         if self.criterion == "global_magnitude":
             self._global(targets, layers)
+        elif search is not None:
+            self._apply(targets, {}, layers)
         elif self.sequential and self.criterion != "magnitude":
             self._sequential(graph, targets, layers)
         else:
             stats = self._statistics(graph, targets) if self.criterion in ("wanda", "sparsegpt") else {}
             self._peak = sum(t.numel() * t.element_size() for t in stats.values())
             self._apply(targets, stats, layers)
-        record = SparsityRecord(self.criterion, self._pattern(), tuple(layers), self._peak, tuple(skipped))
+        record = SparsityRecord(self.criterion, self._pattern(), tuple(layers), self._peak, tuple(skipped), search)
         if not layers:
             return PassResult(graph, False, record)
         # Attached masks rename ``weight`` to ``weight_orig`` (+ ``weight_mask``): capture the model again.
         new = capture_call(graph.module, graph.args, graph.kwargs) if self.keep_masks else graph
         return PassResult(new, True, record)
+
+    def _unipruning(self, graph: Graph, targets: list[tuple[str, nn.Module]]) -> UniSearch:
+        """The UniPruning search: its masks go to :meth:`_apply` through ``self._chosen``."""
+        norms = self._statistics(graph, targets) if self.criterion == "wanda" else {}
+        self._peak = sum(t.numel() * t.element_size() for t in norms.values())
+        anchors = {}
+        for name, mod in targets:
+            score = _as_rows(_weight(mod).detach(), mod).float().abs()
+            anchors[name] = score * norms[name].reshape(1, -1).float() if name in norms else score
+        calls = shard(calibration_calls(graph, self.calib))
+        self._chosen, search = search_masks(graph.module, targets, anchors, calls, ratio=self.ratio, nm=self.nm,
+                                            steps=self.unipruning_steps, cap=self.max_layer_sparsity)
+        return search
 
     def _allocated(self, targets: list[tuple[str, nn.Module]]) -> dict[str, float]:
         """Per-layer ratios from a global ranking of magnitude / LAMP scores, or the DP allocator."""
@@ -298,7 +340,23 @@ class SparsifyWeights(Pass):
             groups = [ChannelGroup(i, m.numel(), (), 1) for i, m in enumerate(mags)]
             alloc = AllocateBudget(self.ratio, "dp", min_keep=1 - self.max_layer_sparsity)
             ratios = alloc.allocate(groups, {i: m.numpy() for i, m in enumerate(mags)}, {g.id: 1.0 for g in groups})
-            return {name: ratios[i] for i, (name, _) in enumerate(targets)}
+            # the DP's levels and its per-layer rounding of the budget land near it: meet it exactly in whole
+            # weights, the difference spread over the layers by size within their caps
+            sizes = [m.numel() for m in mags]
+            removed = [round(ratios[i] * n) for i, n in enumerate(sizes)]
+            caps = [int(n * self.max_layer_sparsity) for n in sizes]
+            want = int(round(sum(sizes) * self.ratio))
+            short = want - sum(removed)
+            exact = [short * n / sum(sizes) for n in sizes]
+            shares = [int(math.trunc(x)) for x in exact]
+            for i in sorted(range(len(sizes)), key=lambda i: -abs(exact[i] - shares[i]))[:abs(short - sum(shares))]:
+                shares[i] += 1 if short > 0 else -1
+            order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+            for left in ([shares[i] for i in order], None):  # the shares, then what the caps left over
+                for k, i in enumerate(order):
+                    step = left[k] if left is not None else want - sum(removed)
+                    removed[i] += min(step, caps[i] - removed[i]) if step > 0 else max(step, -removed[i])
+            return {name: removed[i] / sizes[i] for i, (name, _) in enumerate(targets)}
         keys = []
         for m in mags:
             sq = torch.sort(m).values ** 2
@@ -385,7 +443,9 @@ class SparsifyWeights(Pass):
                 weight = _weight(mod)
                 w = weight.detach()
                 rows = _as_rows(w, mod).double()
-                if self.criterion == "sparsegpt":
+                if name in self._chosen:
+                    keep = self._chosen[name]
+                elif self.criterion == "sparsegpt":
                     ratio = self._layer_ratios.get(name, self.ratio)
                     new_rows, keep = _sparsegpt(rows, stats[name], ratio, self.nm, self.block, self.damp)
                     self._snap.record_values(weight)
