@@ -15,7 +15,7 @@ from secateurs.errors import BudgetError
 from secateurs.frontends.torch_export import ExampleInputs, capture
 from secateurs.ir.depgraph import FrozenGroup
 from secateurs.modeling.latency import LatencyTable
-from secateurs.passes.allocate import AllocateBudget
+from secateurs.passes.allocate import AllocateBudget, LayerBudget
 from secateurs.passes.base import Pass, PassManager
 from secateurs.passes.channels import ChannelOptions, GroupChange, PruneChannels, PruneRecord
 from secateurs.passes.dependencies import AnalyzeDependencies, DependencyRecord
@@ -32,6 +32,7 @@ from secateurs.passes.experts import (
 from secateurs.passes.importance import ChannelScores, ScoreChannels
 from secateurs.passes.recover import ReconstructLayers
 from secateurs.passes.sparsity import SparsifyWeights, SparsityRecord
+from secateurs.passes.tyr import TyrSearch
 from secateurs.passes.unipruning import UniSearch
 from secateurs.report import LayerCost, costs_by_layer, layer_costs, layer_identities, layer_of, layer_renames
 from secateurs.spec import WEIGHT_DEFAULT, PruneSpec
@@ -68,6 +69,7 @@ class Report:
         capture: How the model was captured: ``"record"`` (one recorded forward) or ``"export"``
             (``torch.export``, where recording refused the model).
         verification: Which check verified the width rewrite (``verify=``), or ``""`` without one.
+        allocation: What a search allocator of the width budget did (``allocate="tyr"``), or None.
 
     """
 
@@ -92,6 +94,7 @@ class Report:
     width_criterion: str | None = None
     capture: str = ""
     verification: str = ""
+    allocation: TyrSearch | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -118,6 +121,8 @@ class Report:
             lines.insert(2, f"latency {1e3 * self.latency_before:.2f} ms -> {1e3 * self.latency_after:.2f} ms "
                             f"({self.latency_before / self.latency_after:.2f}x, PyTorch CPU)")
         lines += change_lines(self.changes)
+        if self.allocation is not None:
+            lines.append(tyr_line(self.allocation))
         if self.sparsity is not None:
             lines += sparsity_lines(self.sparsity)
         for d in self.depth:
@@ -154,6 +159,15 @@ def sparsity_lines(record: SparsityRecord, limit: int = 10) -> list[str]:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             lines.append(f"    {', '.join(names[:3])}{more}: {why}")
     return lines
+
+
+def tyr_line(search: TyrSearch) -> str:
+    """One line of a Týr allocation search: rounds, evaluations, time, and the losses it estimated and measured."""
+    ratios = [v for _, v in search.choices]
+    spread = f"group ratios {min(ratios):.1%} to {max(ratios):.1%}" if ratios else "no group"
+    return (f"tyr allocation search: {len(search.rounds)} rounds, {search.evaluations} evaluations in "
+            f"{search.seconds:.1f} s; loss against the dense outputs {search.uniform_loss:.4g} uniform -> "
+            f"{search.measured_loss:.4g} measured ({search.estimated_loss:.4g} estimated); {spread}")
 
 
 def search_line(search: UniSearch) -> str:
@@ -343,7 +357,8 @@ def budget_pass(spec: PruneSpec, min_keep: float, *, calib: Iterable[Any] | None
         return None, None
     table = LatencyTable(spec.latency_backend or backend, cache=spec.latency_cache) if unit == "latency" else None
     return AllocateBudget(spec.default_ratio, allocate, unit=unit, min_keep=min_keep, calib=calib, latency=table,
-                          speedup=spec.speedup, kind_ratios=spec.kind_ratios), table
+                          speedup=spec.speedup, kind_ratios=spec.kind_ratios,
+                          bias_compensation=spec.bias_compensation), table
 
 
 def passes_for(model: nn.Module | None, spec: PruneSpec, *, calib: Iterable[Any] | None = None,
@@ -467,4 +482,5 @@ def run_passes(model: nn.Module, example_inputs: ExampleInputs, passes: Sequence
         width_criterion=scores.criterion if (scores := result.record(ChannelScores)) is not None else None,
         capture=graph.capture,
         verification=record.check if record else "",
+        allocation=budget.search if (budget := result.record(LayerBudget)) is not None else None,
     )

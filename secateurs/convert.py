@@ -108,6 +108,7 @@ def report_dict(report: Report, options: dict[str, Any], src: Path, *, recipe: R
         "depth": plain(report.depth),
         "experts": plain(report.experts),
         "sparsity": plain(report.sparsity),
+        "allocation": plain(report.allocation),
         "unsupported_ops": report.unsupported_ops,
         "retries": report.retries,
         "width_criterion": report.width_criterion,

@@ -352,6 +352,14 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, bytes] | None = Non
                           [(e["block"], e["before"], e["after"], e["what"]) for e in experts]))
     if not depth and not experts:
         out.append("<p class='muted'>no layers or experts were removed</p>")
+    allocation = data.get("allocation")
+    if allocation:
+        out.append("</section><section id='allocation'><h2>Allocation search (Týr)</h2>")
+        out.append(f"<p>{len(allocation['rounds'])} rounds, {allocation['evaluations']} evaluations in "
+                   f"{allocation['seconds']:.1f} s. Loss against the dense outputs: {allocation['uniform_loss']:.4g} "
+                   f"with every group at the uniform ratio, {allocation['measured_loss']:.4g} measured with the "
+                   f"chosen ratios ({allocation['estimated_loss']:.4g} estimated).</p>")
+        out.append(_table(["group", "ratio"], [(n, f"{v:.1%}") for n, v in allocation["choices"]], numeric=(1,)))
     sparsity = data.get("sparsity")
     if sparsity:
         out.append("</section><section id='sparsity'><h2>Weight sparsity</h2>")

@@ -100,8 +100,9 @@ OPTIONS: dict[str, Option] = {
     "allocate": Option("width", _ALL, "--allocate", {"memory": (*ALLOCATORS, *_SPARSE_ONLY),
                                                       "stream": ("global", "lamp", "owl", "dp", "cfsp"),
                                                       "onnx": ("global", "lamp", "owl", "dp")},
-                       {"stream": "ecoflap and unipruning need the whole model's loss (unipruning backpropagates it)",
-                        "onnx": "ecoflap, cfsp and unipruning run the model (its loss, its blocks' activations)"}),
+                       {"stream": "ecoflap, tyr and unipruning need the whole model's loss (unipruning backpropagates "
+                                  "it)",
+                        "onnx": "ecoflap, cfsp, tyr and unipruning run the model (its loss, its blocks' activations)"}),
     "budget_unit": Option("width", _ALL, None, {"memory": UNITS, "stream": ("channels", "params"), "onnx": UNITS},
                           {"stream": "flops and latency are measured on the whole model"}),
     "speedup": Option("width", _MO),

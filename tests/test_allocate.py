@@ -53,11 +53,13 @@ def test_budget_is_met_within_rounding(allocator, unit):
     assert budget.spent(info) == pytest.approx(0.4, abs=1.5 / 32)
 
 
-@pytest.mark.parametrize("allocator", ["global", "dp"])
+@pytest.mark.parametrize("allocator", ["global", "dp", "tyr"])
 def test_redundant_layer_is_pruned_most(allocator):
-    _, _, by_layer = _budget(allocator)
+    budget, _, by_layer = _budget(allocator)
     assert by_layer["fcs.1.weight"] == max(by_layer.values())
     assert by_layer["fcs.1.weight"] > 0.4
+    if allocator == "tyr":  # its search measured the choice: less loss than the uniform ratios
+        assert budget.search is not None and budget.search.measured_loss < budget.search.uniform_loss
 
 
 def test_lamp_is_scale_invariant_per_layer():

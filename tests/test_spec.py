@@ -93,7 +93,8 @@ def test_unknown_options_name_the_closest_one():
                                 r"heads \(--heads\)"),
     ("onnx", {"ffn": 0.3, "importance": "flap"}, r"importance 'flap' needs calibration batches"),
     ("onnx", {"ffn": 0.3, "bias_compensation": True}, r"bias_compensation \(--bias-compensation\) does not apply"),
-    ("memory", {"ffn": 0.3, "allocate": "tyr"}, r"unknown allocate \(--allocate\) 'tyr'; choose from global"),
+    ("memory", {"ffn": 0.3, "allocate": "tyrr"}, r"unknown allocate \(--allocate\) 'tyrr'.*did you mean 'tyr'.*; "
+                                                 r"choose from global"),
 ])
 def test_each_path_refuses_what_it_cannot_do_with_the_reason(path, options, message):
     with pytest.raises(BudgetError, match=message):

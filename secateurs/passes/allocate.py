@@ -24,30 +24,37 @@ Allocators:
     ``dp``: dynamic programming over discrete per-group ratios minimising the summed per-group distortion
         (the squared scores of the removed channels, an output-energy proxy that adds up across layers) under
         the budget.
+    ``tyr``: Týr-the-Pruner's search (:mod:`secateurs.passes.tyr`): every group's candidate ratios, coarse to
+        fine, measured as the increase of the masked model's distance to the dense outputs with every other
+        group pruned at its current ratio (errors accumulated), and the same knapsack over those measured
+        losses; the search is recorded in ``LayerBudget.search``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from secateurs.distributed import shard
 from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo, require_kinds
 from secateurs.ir.graph import Graph
 from secateurs.modeling.latency import LatencyTable
+from secateurs.modeling.rewrite import Snapshot, compensate_biases
 from secateurs.passes.base import Pass, PassResult, cost_model
 from secateurs.passes.depth import block_influence, find_blocks
 from secateurs.passes.hooks import calibration_calls
 from secateurs.passes.importance import ChannelScores, default_loss
+from secateurs.passes.tyr import TyrSearch, search_ratios
 
 __all__ = ["ALLOCATORS", "AllocateBudget", "BudgetSlot", "LayerBudget"]
 
-ALLOCATORS = ("global", "lamp", "owl", "dp", "ecoflap", "cfsp")
+ALLOCATORS = ("global", "lamp", "owl", "dp", "ecoflap", "cfsp", "tyr")
 UNITS = ("channels", "params", "flops", "latency")
 
 
@@ -69,7 +76,8 @@ class LayerBudget:
 
     ``weights`` is what one channel of each group is worth in the budget's unit (1, its parameters, or its
     FLOPs on the example inputs). ``model_latency``: with a ``speedup`` target, the whole model's measured
-    seconds the budget was derived from.
+    seconds the budget was derived from. ``search``: what a search allocator did (:class:`TyrSearch` for
+    ``tyr``), else None.
     """
 
     allocator: str
@@ -78,6 +86,7 @@ class LayerBudget:
     ratios: dict[int, float]
     weights: dict[int, float]
     model_latency: float | None = None
+    search: TyrSearch | None = None
 
     def spent(self, info: DependencyInfo) -> float:
         """The fraction of the budget unit these ratios remove (channels rounded as the pruning pass does)."""
@@ -108,6 +117,7 @@ class AllocateBudget(Pass):
         latency: LatencyTable | None = None,
         speedup: float | None = None,
         kind_ratios: Mapping[str, float] | Sequence[tuple[str, float]] = (),
+        bias_compensation: bool | None = None,
     ) -> None:
         """Create the pass.
 
@@ -126,6 +136,8 @@ class AllocateBudget(Pass):
                 derived from the measured model latency and the time the prunable layers take.
             kind_ratios: Per structure kind, its own budget (``{"ffn": 0.3, "heads": 0.25}``): each kind's
                 groups share that kind's fraction, allocated separately; ``ratio`` and ``kinds`` are then unused.
+            bias_compensation: Whether the pruning pass compensates biases, for ``tyr`` to measure its candidates
+                as they will be pruned (None: as the pass decides by default, with ``flap`` scores).
 
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
@@ -144,6 +156,7 @@ class AllocateBudget(Pass):
             raise BudgetError(f"speedup needs unit='latency' and a value > 1, got {speedup!r}")
         self.latency, self.speedup = latency, speedup
         self.kind_ratios = {k: float(v) for k, v in dict(kind_ratios).items()}
+        self.bias_compensation = bias_compensation
         for kind, value in self.kind_ratios.items():
             if not 0.0 <= value < 1.0 or math.isnan(value):
                 raise BudgetError(f"budget ratio of {kind!r} must be in [0, 1), got {value!r}")
@@ -155,7 +168,7 @@ class AllocateBudget(Pass):
 
     def run(self, graph: Any) -> PassResult:
         """Compute per-group ratios (on a captured PyTorch graph or an ONNX one: both are costed the same way)."""
-        if self.allocator in ("ecoflap", "cfsp") and not isinstance(graph, Graph):
+        if self.allocator in ("ecoflap", "cfsp", "tyr") and not isinstance(graph, Graph):
             raise BudgetError(f"the {self.allocator} allocator runs the model (its loss or its blocks' "
                               "activations); an ONNX file takes global, lamp, owl or dp")
         info = graph.analysis(DependencyInfo)
@@ -185,12 +198,24 @@ class AllocateBudget(Pass):
         else:
             self._w = {g.id: float(g.params_per_channel) if self.unit == "params" else 1.0 for g in groups}
         importance = None
+        search = None
         if self.allocator == "ecoflap":
             importance = self._zeroth_order(graph, groups)
         elif self.allocator == "cfsp":
             importance = self._block_influence(graph, groups)
-        ratios = self.allocate(groups, scores, self._w, importance)
-        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w), total)
+        if self.allocator == "tyr":
+            budgets = ([([i for i, g in enumerate(groups) if g.kind == kind], r) for kind, r in self.kind_ratios.items()
+                        if r > 0] if self.kind_ratios else [(list(range(len(groups))), self.ratio)])
+            budgets = [(idx, r) for idx, r in budgets if r > 0]
+            ratios, search = {g.id: 0.0 for g in groups}, None
+        if self.allocator == "tyr" and budgets:
+            ratios, search = search_ratios(graph.module, info, groups, scores,
+                                           shard(calibration_calls(graph, self.calib)), budgets,
+                                           cap=lambda g: 1 - self._floor(g) / g.size, knapsack=self._knapsack,
+                                           recentre=self._recentre, compensate=self._compensator(graph, info))
+        elif self.allocator != "tyr":
+            ratios = self.allocate(groups, scores, self._w, importance)
+        budget = LayerBudget(self.allocator, self.ratio, self.unit, ratios, dict(self._w), total, search)
         graph.analyses[LayerBudget] = budget
         return PassResult(graph, False, budget)
 
@@ -210,6 +235,9 @@ class AllocateBudget(Pass):
 
         """
         self._w = dict(weights)
+        if self.allocator == "tyr":
+            raise BudgetError("the tyr allocator measures the whole model's loss for every candidate; it allocates "
+                              "on a captured model (AllocateBudget.run), not from gathered groups")
         if self.allocator in ("ecoflap", "cfsp") and (importance is None or len(importance) != len(groups)):
             raise BudgetError(f"the {self.allocator} allocator needs one importance value per group")
         if not self.kind_ratios:
@@ -232,6 +260,22 @@ class AllocateBudget(Pass):
             return self._by_importance(groups, importance, ratio)
         method = {"global": self._ranked, "lamp": self._ranked, "owl": self._owl, "dp": self._dp}[self.allocator]
         return method(groups, scores, ratio)
+
+    def _compensator(self, graph: Graph, info: DependencyInfo) -> Callable[[dict[int, np.ndarray]],
+                                                                          Callable[[], None]] | None:
+        """The bias compensation the pruning pass will apply (FLAP's default rule, or ``bias_compensation``)."""
+        scored = graph.analysis(ChannelScores)
+        wanted = (scored.criterion == "flap" if self.bias_compensation is None else self.bias_compensation)
+        if not wanted or not scored.inputs:
+            return None
+        means = {k: v.mean for k, v in scored.inputs.items()}
+
+        def apply(keep: dict[int, np.ndarray]) -> Callable[[], None]:
+            snap = Snapshot()
+            compensate_biases(graph, info, keep, means, snap)
+            return snap.restore
+
+        return apply
 
     def _floor(self, g: BudgetSlot) -> int:
         return max(1, math.ceil(g.size * self.min_keep))
@@ -351,22 +395,27 @@ class AllocateBudget(Pass):
 
     def _dp(self, groups: list[BudgetSlot], scores: Mapping[int, np.ndarray], ratio: float) -> dict[int, float]:
         """Knapsack over discrete ratios: least total distortion for at least the budget's removal."""
-        bins = 1000
-        total_w = sum(self._w[g.id] * g.size for g in groups)
-        need = int(math.ceil(ratio * bins - 1e-9))
         options = []
         for g in groups:
             s = np.sort(np.asarray(scores[g.id], dtype=np.float64))
             energy = np.concatenate([[0.0], np.cumsum(s**2)])
-            opts = []
             top = g.size - self._floor(g)
             # every channel count for small groups, dp_levels evenly spaced counts for large ones
             counts = range(top + 1) if top <= 64 else sorted({int(round(x)) for x in np.linspace(0, top, self.dp_levels)})
-            for k in counts:
-                cost = float(energy[k])  # output-energy proxy of the removed channels (absolute, additive)
-                gain = int(round(bins * self._w[g.id] * k / total_w))
-                opts.append((cost, gain, k))
-            options.append(sorted(set(opts), key=lambda t: t[2]))
+            # output-energy proxy of the removed channels (absolute, additive)
+            options.append([(float(energy[k]), k) for k in counts])
+        return self._knapsack(groups, options, ratio)
+
+    def _knapsack(self, groups: Sequence[BudgetSlot], candidates: Sequence[Sequence[tuple[float, int]]],
+                  ratio: float) -> dict[int, float]:
+        """One ``(cost, channels removed)`` candidate per group: the least total cost removing the budget."""
+        bins = 1000
+        total_w = sum(self._w[g.id] * g.size for g in groups)
+        need = int(math.ceil(ratio * bins - 1e-9))
+        options = []
+        for g, cands in zip(groups, candidates, strict=True):
+            found = {(cost, int(round(bins * self._w[g.id] * k / total_w)), k) for cost, k in cands}
+            options.append(sorted(found, key=lambda t: t[2]))
         inf = float("inf")
         best = np.full(need + 1, inf)
         best[0] = 0.0

@@ -1,0 +1,207 @@
+"""Týr-the-Pruner's allocation search for width budgets: candidates per group, measured losses, a knapsack.
+
+After "Týr-the-Pruner: Structural Pruning of LLMs by Global Sparsity Distribution Optimization" (2025), on
+secateurs' channel groups and without its supernet of re-fitted layers:
+
+* **Candidates.** Every group (an attention's heads, an FFN, a conv's channels) is considered at several
+  ratios around its current one: a coarse grid first (``+-0.2``, ``+-0.1``), then a finer one around the
+  choice (``+-0.05``, ``+-0.025``). A candidate removes the group's lowest-scored channels (the width
+  criterion's scores), applied by zeroing every parameter slice of those channels, with the bias
+  compensation the pruning pass will apply (FLAP's: each consumer's bias takes the calibration mean of its
+  removed inputs) folded in, so a candidate is measured as it will be pruned.
+* **Expectation-error accumulation.** A candidate's effect is measured with every other group already pruned
+  at its current ratio, so its error is the one it adds to what the earlier (and later) layers have
+  already done: the increase of the loss ``L`` (the masked model's distance to the dense outputs on the
+  calibration batches: KL of the next-token distributions for logits, else relative squared error).
+* **Search.** A knapsack (dynamic programming) picks one candidate per group with the least summed loss
+  increase that removes at least the budget (per structure kind when each has its own); the choice, shifted
+  by one constant onto the budget exactly, is measured and becomes the next round's current ratios. The
+  result is the best allocation measured, the uniform one included.
+
+:class:`TyrSearch` records the rounds (the estimated loss of each round's choice), the measured loss of the
+final allocation against the uniform one, the per-group ratios, the number of model evaluations and the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.distributed import all_reduce_sum
+from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
+from secateurs.passes.unipruning import distill_loss
+
+__all__ = ["COARSE_TO_FINE", "TyrSearch", "search_ratios"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+COARSE_TO_FINE = ((-0.2, -0.1, 0.1, 0.2), (-0.05, -0.025, 0.025, 0.05))
+"""The candidate offsets from each group's current ratio, one tuple per round."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TyrSearch:
+    """What the Týr search did.
+
+    Attributes:
+        rounds: Per round, the loss its choice was estimated to reach (the round's measured base plus the
+            summed increases of the chosen candidates).
+        uniform_loss: The loss with every group at the uniform ratio.
+        estimated_loss: The last round's estimate.
+        measured_loss: The loss of the final allocation, measured: the best of the uniform one and each round's
+            choice (shifted onto the budget exactly).
+        choices: ``(group name, ratio)`` per group.
+        evaluations: Forward passes over the calibration batches.
+        seconds: Wall time.
+
+    """
+
+    rounds: tuple[float, ...]
+    uniform_loss: float
+    estimated_loss: float
+    measured_loss: float
+    choices: tuple[tuple[str, float], ...]
+    evaluations: int
+    seconds: float
+
+
+class _Masker:
+    """The model's parameters with some groups' lowest-scored channels zeroed (applied functionally)."""
+
+    def __init__(self, model: nn.Module, info: DependencyInfo, groups: Sequence[ChannelGroup],
+                 scores: dict[int, np.ndarray]) -> None:
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.groups = groups
+        self.order = {g.id: np.argsort(np.asarray(scores[g.id], dtype=np.float64), kind="stable") for g in groups}
+        self.positions = {(g.id, m.name, m.dim): torch.from_numpy(np.array(info.channel_positions(m, g.id)))
+                          for g in groups for m in g.members if m.is_param and m.name in self.params}
+
+    def keep(self, counts: dict[int, int]) -> dict[int, np.ndarray]:
+        """Per group, its keep mask over channels with its ``counts[g]`` lowest-scored channels removed."""
+        out = {}
+        for g in self.groups:
+            mask = np.ones(g.size, dtype=bool)
+            mask[self.order[g.id][:counts.get(g.id, 0)]] = False
+            out[g.id] = mask
+        return out
+
+    def weights(self, counts: dict[int, int]) -> dict[str, torch.Tensor]:
+        """Parameters with ``counts[g]`` lowest-scored channels of every group zeroed (only those it changes)."""
+        keep: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            k = counts.get(g.id, 0)
+            if k <= 0:
+                continue
+            removed = torch.from_numpy(self.order[g.id][:k])
+            for m in g.members:
+                pos = self.positions.get((g.id, m.name, m.dim))
+                if pos is None:
+                    continue
+                p = self.params[m.name]
+                hit = torch.isin(pos, removed)  # positions of the removed channels along the member's dim
+                shape = [1] * p.dim()
+                shape[m.dim] = -1
+                mask = (~hit).view(shape).expand_as(p)
+                keep[m.name] = keep[m.name] & mask if m.name in keep else mask
+        # read each parameter now: a compensation replaces bias parameters
+        current = {name: self.model.get_parameter(name).detach() for name in keep}
+        return {name: current[name] * mask.to(current[name].dtype) for name, mask in keep.items()}
+
+
+def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[ChannelGroup],
+                  scores: dict[int, np.ndarray], calls: Sequence[Call], budgets: Sequence[tuple[list[int], float]],
+                  *, cap: Callable[[ChannelGroup], float],
+                  knapsack: Callable[[list[Any], list[list[tuple[float, int]]], float], dict[int, float]],
+                  recentre: Callable[[list[Any], np.ndarray, float], dict[int, float]],
+                  compensate: Callable[[dict[int, np.ndarray]], Callable[[], None]] | None = None,
+                  rounds: Sequence[Sequence[float]] = COARSE_TO_FINE) -> tuple[dict[int, float], TyrSearch]:
+    """Per-group ratios by the search of the module docstring.
+
+    Args:
+        model: The dense model (left unchanged: candidates are applied functionally).
+        info: Its dependency analysis.
+        groups: The groups sharing the budgets.
+        scores: Channel scores per group id (lowest removed first).
+        calls: This rank's calibration calls.
+        budgets: ``(indices into groups, ratio)`` per budget (one, or one per structure kind).
+        cap: The largest ratio of a group (its floor).
+        knapsack: The allocator's DP: ``(groups, options (loss, channels) per group, ratio) -> ratios``.
+        recentre: The allocator's exact budget shift: ``(groups, ratios, ratio) -> ratios``.
+        compensate: When the pruning pass compensates biases: applies that compensation for per-group keep masks
+            (in place) and returns what undoes it.
+        rounds: Candidate offsets per round.
+
+    Returns:
+        The ratio per group id, and the record of the search.
+
+    """
+    start = time.perf_counter()
+    masker = _Masker(model, info, groups, scores)
+    evaluations = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            teacher = [model(*args, **kwargs) for args, kwargs in calls]
+
+        def loss(ratios: dict[int, float]) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            counts = {g.id: int(round(g.size * ratios[g.id])) for g in groups}
+            undo = compensate(masker.keep(counts)) if compensate is not None else None
+            total = 0.0
+            try:
+                eff = masker.weights(counts)  # after the compensation: a compensated bias may also be zeroed
+                with torch.no_grad():
+                    for (args, kwargs), ref in zip(calls, teacher, strict=True):
+                        total += float(distill_loss(torch.func.functional_call(model, eff, args, kwargs), ref))
+            finally:
+                if undo is not None:
+                    undo()
+            summed = all_reduce_sum({"loss": total, "n": float(len(calls))})
+            return float(summed["loss"]) / max(1.0, float(summed["n"]))
+
+        current = {g.id: 0.0 for g in groups}
+        for idx, ratio in budgets:
+            current.update({groups[i].id: min(ratio, cap(groups[i])) for i in idx})
+        uniform = base = loss(current)
+        best, best_loss = dict(current), uniform
+        estimates = []
+        for offsets in rounds:
+            options: dict[int, list[tuple[float, int]]] = {}
+            for g in groups:
+                opts = {int(round(g.size * current[g.id])): 0.0}
+                for d in offsets:
+                    r = min(max(current[g.id] + d, 0.0), cap(g))
+                    k = int(round(g.size * r))
+                    if k not in opts:
+                        opts[k] = loss({**current, g.id: k / g.size}) - base
+                options[g.id] = sorted((cost, k) for k, cost in opts.items())
+            estimate = base
+            chosen = dict(current)
+            for idx, ratio in budgets:
+                sub = [groups[i] for i in idx]
+                picked = knapsack(sub, [options[g.id] for g in sub], ratio)
+                estimate += sum(next(c for c, k in options[g.id] if k == int(round(g.size * picked[g.id])))
+                                for g in sub)
+                # the knapsack's channel counts land on or just past the budget: shift them onto it exactly
+                chosen.update(recentre(sub, np.asarray([picked[g.id] for g in sub]), ratio))
+            estimates.append(estimate)
+            current = chosen
+            base = loss(current)
+            if base < best_loss:  # the search keeps the best allocation it measured (the uniform one included)
+                best, best_loss = dict(current), base
+        final, measured = best, best_loss
+    finally:
+        model.train(was_training)
+    record = TyrSearch(tuple(estimates), uniform, estimates[-1] if estimates else uniform, measured,
+                       tuple((g.name, final.get(g.id, 0.0)) for g in groups), evaluations,
+                       time.perf_counter() - start)
+    return final, record
