@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SHAPES = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -96,6 +97,18 @@ def make_checkpoint(folder: Path, shape: str) -> int:
     return total
 
 
+def _child(shape: str, what: str, argv: list[str]) -> tuple[dict[str, Any], float, float] | None:
+    """Run ``secateurs ARGV`` in a child process: its JSON, wall seconds and the children's peak RSS in GiB."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "secateurs", *argv], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)  # KiB -> GiB
+    if done.returncode != 0:
+        print(f"{shape}: {what} failed ({done.returncode}): {done.stdout[-400:]}{done.stderr[-400:]}")
+        return None
+    return json.loads(done.stdout), wall, rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: all")
@@ -105,29 +118,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / shape
             params = make_checkpoint(folder, shape)
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "secateurs", "inspect", str(folder), "--json"],
-                                  capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - start
-            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)  # KiB -> GiB
-            if done.returncode != 0:
-                print(f"{shape}: inspect failed ({done.returncode}): {done.stdout[-400:]}{done.stderr[-400:]}")
+            found = _child(shape, "inspect", ["inspect", str(folder), "--json"])
+            if found is None:
                 return 1
-            data = json.loads(done.stdout)
+            data, wall, rss = found
             print(f"{shape}: {params / 1e9:.1f}B parameters (bf16, {2 * params / 2**30:.0f} GiB sparse shards): "
                   f"inspect {wall:.1f} s, peak RSS {rss:.2f} GiB (largest child so far), {len(data['groups'])} "
                   f"groups, {len(data['frozen'])} frozen, params {data['params']:,}", flush=True)
             if args.dry_run:
-                start = time.perf_counter()
-                done = subprocess.run([sys.executable, "-m", "secateurs", "prune", str(folder), "--ffn", "0.3",
-                                       "--calib", "none", "--dry-run", "--json"], capture_output=True, text=True,
-                                      check=False)
-                wall = time.perf_counter() - start
-                rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
-                if done.returncode != 0:
-                    print(f"{shape}: dry run failed ({done.returncode}): {done.stdout[-400:]}{done.stderr[-400:]}")
+                found = _child(shape, "dry run", ["prune", str(folder), "--ffn", "0.3", "--calib", "none",
+                                                  "--dry-run", "--json"])
+                if found is None:
                     return 1
-                data = json.loads(done.stdout)
+                data, wall, rss = found
                 print(f"{shape}: prune --ffn 0.3 --dry-run {wall:.1f} s, peak RSS {rss:.2f} GiB (largest child so "
                       f"far), {len(data['widths'])} groups planned, peak weights in memory "
                       f"{data['peak_weight_bytes'] / 2**30:.2f} GiB", flush=True)

@@ -219,14 +219,16 @@ def test_explicit_layer_ratios():
     assert per["fc1"] == pytest.approx(0.8, abs=1e-3) and per["fc2"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
 @pytest.mark.parametrize("allocate", ["global", "lamp", "dp"])
-def test_depth_issue_allocators_spread_unstructured_sparsity(allocate):
+def test_depth_issue_allocators_spread_unstructured_sparsity(allocate, criterion):
     torch.manual_seed(0)
     model = Net().eval()
     with torch.no_grad():
         model.fc2.weight.mul_(1e-3)  # a near-zero layer: magnitude-based allocators prune it hardest
     x = (torch.randn(4, 4, 4, 4),)
-    result = _run(model, x, ratio=0.5, allocate=allocate, max_layer_sparsity=0.9)
+    kw = {"calib": [x]} if criterion == "wanda" else {}
+    result = _run(model, x, ratio=0.5, allocate=allocate, max_layer_sparsity=0.9, criterion=criterion, **kw)
     per = dict(result.record.layers)
     weights = {n: model.get_submodule(n).weight for n in per}
     zeros = sum(int((w == 0).sum()) for w in weights.values())

@@ -117,6 +117,13 @@ def test_what_unipruning_cannot_do_is_refused(options, match):
         sc.prune(_llama(), _batches(1)[0], **options)
 
 
+def test_its_step_count_is_refused_with_another_allocator():
+    from secateurs.passes.sparsity import SparsifyWeights
+
+    with pytest.raises(BudgetError, match="unipruning_steps=8 is read by allocate='unipruning' only"):
+        SparsifyWeights(0.5, allocate="owl", unipruning_steps=8)
+
+
 def test_a_layer_that_already_carries_a_mask_is_named():
     from torch.nn.utils import prune as torch_prune
 

@@ -91,8 +91,11 @@ def _check_size(meta_model: nn.Module, folder: Path, *, loading: bool) -> None:
 
 
 def load_memory(meta_model: nn.Module, folder: Path) -> tuple[int, int]:
-    """Bytes of the model built in float32 and of the weight files ``folder`` stores."""
-    stored = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    """Bytes of the model built in float32 and of the weight files a load reads (:func:`_weight_files`)."""
+    try:
+        stored = sum(f.stat().st_size for f in _weight_files(folder))
+    except CheckpointError:  # no weights: the load itself says so
+        stored = 0
     return sum(t.numel() * 4 for t in meta_model.state_dict().values()), stored
 
 
@@ -105,23 +108,40 @@ def load_shortfall(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
 
 
 def available_memory() -> int | None:
-    """Bytes this process may still allocate: ``MemAvailable``, or less under a cgroup limit; None if unknown."""
+    """Bytes this process may still allocate: ``MemAvailable``, or less under a cgroup limit; None if unknown.
+
+    Under a cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) the limit minus the usage, with the
+    reclaimable page cache (``inactive_file``) counted as free.
+    """
     found: list[int] = []
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    for folder, limit_file, usage_file, cache_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(folder, limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a huge number)
+                continue
+            stat = dict(line.split() for line in Path(folder, "memory.stat").read_text().splitlines()
+                        if len(line.split()) == 2)
+            cache = int(stat.get(cache_key, 0))
+            found.append(int(limit) - int(Path(folder, usage_file).read_text()) + cache)
     return min(found) if found else None
 
 
 def memory_shortfall(wanted: int, stored: int, folder: Path) -> str | None:
-    """Why loading ``folder`` in memory cannot fit (model ``wanted`` + stored ``stored`` bytes), or None."""
+    """Why loading ``folder`` in memory cannot fit (model ``wanted`` + stored ``stored`` bytes), or None.
+
+    Not judged under ``torchrun`` (every rank would judge its own free memory at its own moment and they could
+    disagree); there each rank loads its copy as before.
+    """
+    from secateurs.distributed import world_size
+
     free = available_memory()
-    if free is None or wanted + stored <= free:
+    if free is None or wanted + stored <= free or world_size() > 1:
         return None
     gib = 1 << 30
     return (f"loading '{folder}' in memory needs about {(wanted + stored) / gib:,.1f} GiB (the model in float32, "
@@ -129,27 +149,32 @@ def memory_shortfall(wanted: int, stored: int, folder: Path) -> str | None:
             "are available")
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files a load reads: ``model.safetensors``, the shards of its index, or ``pytorch_model.bin``."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        from secateurs.backends.sharded import read_index
+
+        return sorted({folder / f for f in read_index(folder).values()})
+    if (folder / "pytorch_model.bin").is_file():
+        return [folder / "pytorch_model.bin"]
+    raise CheckpointError(f"no model.safetensors (or index) in '{folder}'")
+
+
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    files: list[Path]
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        from secateurs.backends.sharded import read_index
-
-        files = sorted({folder / f for f in read_index(folder).values()})
-    elif (folder / "pytorch_model.bin").is_file():
-        f = folder / "pytorch_model.bin"
+    files = _weight_files(folder)
+    if files[0].suffix == ".bin":
+        f = files[0]
         try:
             return dict(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as exc:  # torch raises UnpicklingError / RuntimeError for unsafe or corrupt files
             raise CheckpointError(f"'{f}' could not be read safely (weights_only=True): {exc}") from exc
-    else:
-        raise CheckpointError(f"no model.safetensors (or index) in '{folder}'")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -160,17 +185,19 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(
-    path: str | os.PathLike[str], *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+    path: str | os.PathLike[str], *, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+    check_memory: bool = True,
 ) -> nn.Module:
     """Load a model written by :func:`save_pretrained` (or any Hugging Face checkpoint folder).
 
     Every recorded shape and size attribute is restored before the weights load, so per-layer sizes may
-    differ. The model is returned in eval mode.
+    differ. The model is returned in eval mode. ``check_memory=False`` skips the memory check below (the
+    reload check of a folder just written skips it: the model it compares with is still in memory).
 
     Raises:
         CheckpointError: The folder, config or weights are missing, corrupt or do not match each other, or the
             model and its stored weights cannot fit in the memory available (checked before anything is
-            allocated; the message says how much each needs).
+            allocated; the message says how much each needs; not under ``torchrun``).
 
     """
     folder = Path(path)
@@ -178,7 +205,7 @@ def load_pretrained(
     # The recorded structure is built on the meta device first: a config or manifest asking for far more than
     # the folder stores is refused before anything is allocated.
     _check_size(_assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code), folder,
-                loading=True)
+                loading=check_memory)
     model = _assemble(config, manifest, folder, meta=False, trust_remote_code=trust_remote_code)
     state = _read_state(folder)
     try:
@@ -418,7 +445,8 @@ def check_reload(folder: Path, model: nn.Module, example: dict[str, Any], plain:
             reloaded: nn.Module = type(model).from_pretrained(  # type: ignore[attr-defined]
                 folder, local_files_only=True, trust_remote_code=trust_remote_code)
         else:
-            reloaded = load_pretrained(folder, trust_remote_code=trust_remote_code)
+            # the pruned model is still in memory: a shortfall here is for the load to meet, not a --stream hint
+            reloaded = load_pretrained(folder, trust_remote_code=trust_remote_code, check_memory=False)
     except Exception as exc:  # any failure to load what was just written means the output is not what was verified
         raise VerificationError(f"the written checkpoint does not reload with {how}: {exc}") from exc
     reloaded = reloaded.to(next(model.parameters()).device).eval()

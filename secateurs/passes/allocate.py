@@ -211,7 +211,8 @@ class AllocateBudget(Pass):
         if self.allocator == "tyr" and budgets:
             ratios, search = search_ratios(graph.module, info, groups, scores,
                                            shard(calibration_calls(graph, self.calib)), budgets,
-                                           cap=lambda g: 1 - self._floor(g) / g.size, knapsack=self._knapsack,
+                                           weights=self._w, cap=lambda g: 1 - self._floor(g) / g.size,
+                                           knapsack=self._knapsack,
                                            recentre=self._recentre, compensate=self._compensator(graph, info))
         elif self.allocator != "tyr":
             ratios = self.allocate(groups, scores, self._w, importance)
@@ -272,7 +273,11 @@ class AllocateBudget(Pass):
 
         def apply(keep: dict[int, np.ndarray]) -> Callable[[], None]:
             snap = Snapshot()
-            compensate_biases(graph, info, keep, means, snap)
+            try:
+                compensate_biases(graph, info, keep, means, snap)
+            except BaseException:  # what was compensated before the failure is put back
+                snap.restore()
+                raise
             return snap.restore
 
         return apply

@@ -77,6 +77,25 @@ def _unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool) -> torc
     return mask.reshape(score.shape)
 
 
+def _row_mask(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Remove exactly ``count`` entries, split over the rows as evenly as possible, lowest ``score`` first.
+
+    Every row loses ``count // rows``; the remaining ones go to the rows whose next candidate scores lowest.
+    """
+    rows, cols = score.shape
+    base, extra = divmod(count, rows)
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if not count:
+        return mask
+    values, order = score.topk(base + (1 if extra else 0), dim=1, largest=False)  # sorted, lowest first
+    if base:
+        mask.scatter_(1, order[:, :base], False)
+    if extra:
+        pick = values[:, base].argsort()[:extra]
+        mask[pick, order[pick, base]] = False
+    return mask
+
+
 def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: tuple[int, int] | None,
                block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on ``w`` ``[rows, in]`` with ``hessian`` ``[in, in]``: (updated weights, keep mask)."""

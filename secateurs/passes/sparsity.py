@@ -50,6 +50,7 @@ from secateurs.passes.sparse_masks import (
     _in_dim,
     _is_target,
     _nm_mask,
+    _row_mask,
     _sparsegpt,
     _unstructured_mask,
     _weight,
@@ -191,6 +192,9 @@ class SparsifyWeights(Pass):
         if (self.owl or layer_ratios or allocate not in (None, "unipruning")) and nm is not None:
             raise BudgetError("per-layer ratios and allocators are for unstructured sparsity, not N:M (unipruning "
                               "takes N:M)")
+        if unipruning_steps != 16 and allocate != "unipruning":
+            raise BudgetError(f"unipruning_steps={unipruning_steps!r} is read by allocate='unipruning' only, and the "
+                              f"allocator is {allocate!r}")
         if allocate == "unipruning":
             if criterion not in ("wanda", "magnitude"):
                 raise BudgetError(f"unipruning anchors its search on a saliency and changes no weight: its criterion "
@@ -303,7 +307,10 @@ class SparsifyWeights(Pass):
         if self.criterion == "global_magnitude":
             self._global(targets, layers)
         elif search is not None:
-            self._apply(targets, {}, layers)
+            try:
+                self._apply(targets, {}, layers)
+            finally:
+                self._chosen = {}  # one bool per targeted weight: not kept past the call
         elif self.sequential and self.criterion != "magnitude":
             self._sequential(graph, targets, layers)
         else:
@@ -454,9 +461,14 @@ class SparsifyWeights(Pass):
                     score = rows.abs()
                     if self.criterion == "wanda":
                         score = score * stats[name].reshape(1, -1)
-                    keep = (_nm_mask(score, *self.nm) if self.nm is not None
-                            else _unstructured_mask(score, self._layer_ratios.get(name, self.ratio),
-                                                    per_row=self.criterion == "wanda"))
+                    layer_ratio = self._layer_ratios.get(name)
+                    if self.nm is not None:
+                        keep = _nm_mask(score, *self.nm)
+                    elif layer_ratio is not None and self.criterion == "wanda":  # a layer's own count, exactly,
+                        keep = _row_mask(score, int(round(score.numel() * layer_ratio)))  # split over its rows
+                    else:
+                        keep = _unstructured_mask(score, self.ratio if layer_ratio is None else layer_ratio,
+                                                  per_row=self.criterion == "wanda")
                 mask = _from_rows(keep, w, mod).to(w.dtype)
                 self._mask(mod, weight, mask)
                 layers.append((name, float(1 - mask.mean())))

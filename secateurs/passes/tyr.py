@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from secateurs.distributed import all_reduce_sum
+from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
 from secateurs.passes.unipruning import distill_loss
 
@@ -117,7 +118,7 @@ class _Masker:
 
 def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[ChannelGroup],
                   scores: dict[int, np.ndarray], calls: Sequence[Call], budgets: Sequence[tuple[list[int], float]],
-                  *, cap: Callable[[ChannelGroup], float],
+                  *, weights: dict[int, float], cap: Callable[[ChannelGroup], float],
                   knapsack: Callable[[list[Any], list[list[tuple[float, int]]], float], dict[int, float]],
                   recentre: Callable[[list[Any], np.ndarray, float], dict[int, float]],
                   compensate: Callable[[dict[int, np.ndarray]], Callable[[], None]] | None = None,
@@ -131,6 +132,7 @@ def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[Chann
         scores: Channel scores per group id (lowest removed first).
         calls: This rank's calibration calls.
         budgets: ``(indices into groups, ratio)`` per budget (one, or one per structure kind).
+        weights: What one channel of each group is worth in the budget's unit.
         cap: The largest ratio of a group (its floor).
         knapsack: The allocator's DP: ``(groups, options (loss, channels) per group, ratio) -> ratios``.
         recentre: The allocator's exact budget shift: ``(groups, ratios, ratio) -> ratios``.
@@ -151,13 +153,13 @@ def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[Chann
         with torch.no_grad():
             teacher = [model(*args, **kwargs) for args, kwargs in calls]
 
-        def loss(ratios: dict[int, float]) -> float:
+        def loss(counts: dict[int, int]) -> float:
             nonlocal evaluations
             evaluations += 1
-            counts = {g.id: int(round(g.size * ratios[g.id])) for g in groups}
-            undo = compensate(masker.keep(counts)) if compensate is not None else None
             total = 0.0
+            undo = None
             try:
+                undo = compensate(masker.keep(counts)) if compensate is not None else None
                 eff = masker.weights(counts)  # after the compensation: a compensated bias may also be zeroed
                 with torch.no_grad():
                     for (args, kwargs), ref in zip(calls, teacher, strict=True):
@@ -168,37 +170,62 @@ def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[Chann
             summed = all_reduce_sum({"loss": total, "n": float(len(calls))})
             return float(summed["loss"]) / max(1.0, float(summed["n"]))
 
-        current = {g.id: 0.0 for g in groups}
+        top = {g.id: int(g.size * cap(g) + 1e-9) for g in groups}
+
+        def whole(sub: list[ChannelGroup], ratios: dict[int, float], ratio: float) -> dict[int, int]:
+            # whole channels per group for ``ratios``: rounded down, then the largest remainders (and any group
+            # with room) get one more until the budget is spent; every compared allocation spends it so
+            need = ratio * sum(weights[g.id] * g.size for g in sub) - 1e-9
+            counts = {g.id: min(int(g.size * ratios[g.id] + 1e-9), top[g.id]) for g in sub}
+            order = sorted(sub, key=lambda g: -(g.size * ratios[g.id] - counts[g.id]))
+            while sum(weights[g.id] * counts[g.id] for g in sub) < need:
+                grew = False
+                for g in order:
+                    if counts[g.id] < top[g.id] and sum(weights[h.id] * counts[h.id] for h in sub) < need:
+                        counts[g.id] += 1
+                        grew = True
+                if not grew:
+                    raise BudgetError(f"the {ratio:.0%} budget cannot be met within the per-group floors")
+            return counts
+
+        current: dict[int, int] = {g.id: 0 for g in groups}
         for idx, ratio in budgets:
-            current.update({groups[i].id: min(ratio, cap(groups[i])) for i in idx})
+            sub = [groups[i] for i in idx]
+            current.update(whole(sub, {g.id: min(ratio, cap(g)) for g in sub}, ratio))
         uniform = base = loss(current)
         best, best_loss = dict(current), uniform
         estimates = []
         for offsets in rounds:
             options: dict[int, list[tuple[float, int]]] = {}
             for g in groups:
-                opts = {int(round(g.size * current[g.id])): 0.0}
-                for d in offsets:
-                    r = min(max(current[g.id] + d, 0.0), cap(g))
-                    k = int(round(g.size * r))
-                    if k not in opts:
-                        opts[k] = loss({**current, g.id: k / g.size}) - base
+                here = current[g.id]
+                opts = {here: 0.0}
+                near = {here - 1, here + 1} | {int(round(here + d * g.size)) for d in offsets}  # whole neighbours too
+                for k in sorted(k for k in near if 0 <= k <= top[g.id] and k != here):
+                    opts[k] = loss({**current, g.id: k}) - base
                 options[g.id] = sorted((cost, k) for k, cost in opts.items())
             estimate = base
             chosen = dict(current)
             for idx, ratio in budgets:
                 sub = [groups[i] for i in idx]
-                picked = knapsack(sub, [options[g.id] for g in sub], ratio)
-                estimate += sum(next(c for c, k in options[g.id] if k == int(round(g.size * picked[g.id])))
+                try:
+                    picked = knapsack(sub, [options[g.id] for g in sub], ratio)
+                except BudgetError:  # the knapsack's bins could not meet this budget with these candidates
+                    continue
+                estimate += sum(dict((k, c) for c, k in options[g.id])[int(round(g.size * picked[g.id]))]
                                 for g in sub)
-                # the knapsack's channel counts land on or just past the budget: shift them onto it exactly
-                chosen.update(recentre(sub, np.asarray([picked[g.id] for g in sub]), ratio))
+                # shifted onto the budget, then back to whole channels that spend it
+                shifted = recentre(sub, np.asarray([picked[g.id] for g in sub]), ratio)
+                chosen.update(whole(sub, shifted, ratio))
             estimates.append(estimate)
+            if chosen == current:
+                continue
             current = chosen
             base = loss(current)
             if base < best_loss:  # the search keeps the best allocation it measured (the uniform one included)
                 best, best_loss = dict(current), base
-        final, measured = best, best_loss
+        final = {g.id: best[g.id] / g.size for g in groups}
+        measured = best_loss
     finally:
         model.train(was_training)
     record = TyrSearch(tuple(estimates), uniform, estimates[-1] if estimates else uniform, measured,

@@ -41,7 +41,7 @@ from torch import nn
 
 from secateurs.distributed import all_reduce_sum, world_size
 from secateurs.errors import BudgetError
-from secateurs.passes.sparse_masks import _as_rows, _from_rows, _nm_mask, _weight
+from secateurs.passes.sparse_masks import _as_rows, _from_rows, _nm_mask, _row_mask, _weight
 
 __all__ = ["UniSearch", "search_masks"]
 
@@ -107,25 +107,6 @@ class _Layer:
         self.size = rows.numel()
 
 
-def _row_mask(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Remove exactly ``count`` entries, split over the rows as evenly as possible, lowest ``score`` first.
-
-    Every row loses ``count // rows``; the remaining ones go to the rows whose next candidate scores lowest.
-    """
-    rows, cols = score.shape
-    base, extra = divmod(count, rows)
-    mask = torch.ones_like(score, dtype=torch.bool)
-    if not count:
-        return mask
-    values, order = score.topk(base + (1 if extra else 0), dim=1, largest=False)  # sorted, lowest first
-    if base:
-        mask.scatter_(1, order[:, :base], False)
-    if extra:
-        pick = values[:, base].argsort()[:extra]
-        mask[pick, order[pick, base]] = False
-    return mask
-
-
 def _counts(layers: Sequence[_Layer], theta: torch.Tensor, ratio: float, band: float, cap: float) -> list[int]:
     """Removed weights per layer: ``ratio * exp(theta + mu)`` clipped to the band, summing to the budget exactly."""
     sizes = torch.tensor([float(x.size) for x in layers], dtype=torch.float64)
@@ -151,12 +132,12 @@ def _counts(layers: Sequence[_Layer], theta: torch.Tensor, ratio: float, band: f
     counts = [min(max(int(math.floor(float(r))), f), c) for r, f, c in zip(raw, floor, ceil, strict=True)]
     frac = [float(r) - c for r, c in zip(raw, counts, strict=True)]
     short = want - sum(counts)
-    for i in sorted(range(len(layers)), key=lambda i: -frac[i] if short > 0 else frac[i]):
-        if short == 0:  # largest remainders get the missing weights, smallest give back the extra ones
-            break
-        step = min(short, ceil[i] - counts[i]) if short > 0 else max(short, floor[i] - counts[i])
-        counts[i] += step
-        short -= step
+    order = sorted(range(len(layers)), key=lambda i: -frac[i] if short > 0 else frac[i])
+    while short:  # one weight at a time: largest remainders get the missing ones, smallest give back the extra
+        for i in order:
+            if short and (ceil[i] > counts[i] if short > 0 else floor[i] < counts[i]):
+                counts[i] += 1 if short > 0 else -1
+                short += -1 if short > 0 else 1
     return counts
 
 
@@ -261,7 +242,7 @@ def search_masks(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], anc
                                     inplace=True)
             last = float(summed["__loss__"]) / max(1.0, float(summed["__n__"]))
             losses.append(last)
-            values = [summed[x.name] for x in layers]
+            values = [summed[x.name] / max(1.0, float(summed["__n__"])) for x in layers]  # a mean, as the loss
             costs = []
             for i, (x, v) in enumerate(zip(layers, values, strict=True)):
                 scale = float(v.abs().mean())
