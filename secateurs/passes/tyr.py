@@ -33,14 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateurs.distributed import all_reduce_sum
 from secateurs.errors import BudgetError
 from secateurs.ir.depgraph import ChannelGroup, DependencyInfo
-from secateurs.passes.unipruning import distill_loss
+from secateurs.passes.hooks import Call
+from secateurs.passes.unipruning import masked_distance
 
 __all__ = ["COARSE_TO_FINE", "TyrSearch", "search_ratios"]
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 COARSE_TO_FINE = ((-0.2, -0.1, 0.1, 0.2), (-0.05, -0.025, 0.025, 0.05))
 """The candidate offsets from each group's current ratio, one tuple per round."""
@@ -156,19 +154,14 @@ def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[Chann
         def loss(counts: dict[int, int]) -> float:
             nonlocal evaluations
             evaluations += 1
-            total = 0.0
             undo = None
             try:
                 undo = compensate(masker.keep(counts)) if compensate is not None else None
-                eff = masker.weights(counts)  # after the compensation: a compensated bias may also be zeroed
-                with torch.no_grad():
-                    for (args, kwargs), ref in zip(calls, teacher, strict=True):
-                        total += float(distill_loss(torch.func.functional_call(model, eff, args, kwargs), ref))
+                # the weights after the compensation: a compensated bias may also be zeroed
+                return masked_distance(model, masker.weights(counts), calls, teacher)
             finally:
                 if undo is not None:
                     undo()
-            summed = all_reduce_sum({"loss": total, "n": float(len(calls))})
-            return float(summed["loss"]) / max(1.0, float(summed["n"]))
 
         top = {g.id: int(g.size * cap(g) + 1e-9) for g in groups}
 
@@ -177,12 +170,14 @@ def search_ratios(model: nn.Module, info: DependencyInfo, groups: Sequence[Chann
             # with room) get one more until the budget is spent; every compared allocation spends it so
             need = ratio * sum(weights[g.id] * g.size for g in sub) - 1e-9
             counts = {g.id: min(int(g.size * ratios[g.id] + 1e-9), top[g.id]) for g in sub}
+            spent = sum(weights[g.id] * counts[g.id] for g in sub)
             order = sorted(sub, key=lambda g: -(g.size * ratios[g.id] - counts[g.id]))
-            while sum(weights[g.id] * counts[g.id] for g in sub) < need:
+            while spent < need:
                 grew = False
                 for g in order:
-                    if counts[g.id] < top[g.id] and sum(weights[h.id] * counts[h.id] for h in sub) < need:
+                    if counts[g.id] < top[g.id] and spent < need:
                         counts[g.id] += 1
+                        spent += weights[g.id]
                         grew = True
                 if not grew:
                     raise BudgetError(f"the {ratio:.0%} budget cannot be met within the per-group floors")

@@ -41,12 +41,10 @@ from torch import nn
 
 from secateurs.distributed import all_reduce_sum, world_size
 from secateurs.errors import BudgetError
+from secateurs.passes.hooks import Call
 from secateurs.passes.sparse_masks import _as_rows, _from_rows, _nm_mask, _row_mask, _weight
 
-__all__ = ["UniSearch", "search_masks"]
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-
+__all__ = ["UniSearch", "distill_loss", "masked_distance", "search_masks"]
 
 @dataclasses.dataclass(frozen=True)
 class UniSearch:
@@ -82,7 +80,7 @@ def distill_loss(out: Any, ref: Any) -> torch.Tensor:
                         log_target=True, reduction="batchmean")
     outs, refs = _floats(out), _floats(ref)
     if not outs or len(outs) != len(refs):
-        raise BudgetError("unipruning compares the masked model's outputs with the dense ones and needs "
+        raise BudgetError("the search compares the masked model's outputs with the dense ones and needs "
                           "floating-point outputs; this model returned none")
     num = sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(outs, refs, strict=True))
     den = sum((r.float() ** 2).sum() for r in refs)
@@ -156,15 +154,17 @@ def _effective(layers: Sequence[_Layer], masks: list[torch.Tensor], grad: bool) 
     return out
 
 
-def _measure(model: nn.Module, layers: Sequence[_Layer], masks: list[torch.Tensor], calls: Sequence[Call],
-             teacher: Sequence[Any]) -> float:
-    """The loss of ``masks`` averaged over every calibration call (summed over the ranks under torchrun)."""
-    eff = _effective(layers, masks, grad=False)
+def masked_distance(model: nn.Module, params: dict[str, torch.Tensor], calls: Sequence[Call],
+                    teacher: Sequence[Any]) -> float:
+    """:func:`distill_loss` of ``model`` run with ``params`` replaced, averaged over every calibration call.
+
+    ``teacher`` holds the dense outputs of ``calls``; under ``torchrun`` the mean is over every rank's calls.
+    """
     total = 0.0
     with torch.no_grad():
         for (args, kwargs), ref in zip(calls, teacher, strict=True):
-            total += float(distill_loss(torch.func.functional_call(model, eff, args, kwargs), ref))
-    summed = all_reduce_sum({"loss": total, "n": len(calls)})
+            total += float(distill_loss(torch.func.functional_call(model, params, args, kwargs), ref))
+    summed = all_reduce_sum({"loss": total, "n": float(len(calls))})
     return float(summed["loss"]) / max(1.0, float(summed["n"]))
 
 
@@ -263,8 +263,8 @@ def search_masks(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], anc
         # first order from the last step: removing a kept weight adds v, restoring a removed one takes v away
         estimated = last + sum(float((v * (m_old.float() - m_new.float())).sum())
                                for v, m_old, m_new in zip(values, masks, final, strict=True))
-        measured = _measure(model, layers, final, calls, teacher)
-        anchor_loss = _measure(model, layers, anchor_masks, calls, teacher)
+        measured = masked_distance(model, _effective(layers, final, grad=False), calls, teacher)
+        anchor_loss = masked_distance(model, _effective(layers, anchor_masks, grad=False), calls, teacher)
     finally:
         model.train(was_training)
     ratios = tuple((x.name, 1.0 - float(m.float().mean())) for x, m in zip(layers, final, strict=True))
