@@ -180,16 +180,6 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
                           "(--seq-len)")
     if args.stream:
         return _prune_stream(args)
-    if args.dry_run and not args.recipe and Path(args.src).is_dir():
-        from secateurs.backends.checkpoint_load import load_shortfall
-
-        short = load_shortfall(args.src)
-        if short is not None:  # a checkpoint larger than memory is planned the way it can be pruned: streamed
-            _say(args, f"{short}: planned one block at a time, as --stream --dry-run plans it")
-            try:
-                return {**_prune_stream(args), "streamed_because": short}
-            except BudgetError as exc:
-                raise BudgetError(f"{short}, and --stream cannot plan this run: {exc}") from exc
     if args.recipe:
         from secateurs.spec import OPTIONS, from_flags
 
@@ -203,12 +193,23 @@ def _prune(args: argparse.Namespace) -> dict[str, Any]:
         recipe = parse_recipe({"seed": args.seed or 0, "calib": {},
                                "passes": ([{"prune": options}] if options else []) + extra}, "flags")
     from secateurs.convert import prune_checkpoint
+    from secateurs.errors import MemoryShortfall
 
-    report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
-                                    seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
-                                    dry_run=args.dry_run, device=args.device, verify=not args.no_verify,
-                                    min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
-                                    expert_layout=args.expert_layout or "source", format=args.format or "hf")
+    try:
+        report, data = prune_checkpoint(args.src, args.out, recipe, calib=args.calib, samples=args.calib_samples,
+                                        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
+                                        dry_run=args.dry_run, device=args.device, verify=not args.no_verify,
+                                        min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
+                                        expert_layout=args.expert_layout or "source", format=args.format or "hf")
+    except MemoryShortfall as exc:  # refused before any weight was read
+        if not args.dry_run or args.recipe:
+            raise
+        # a checkpoint larger than memory is planned the way it can be pruned: streamed
+        _say(args, f"{exc.reason}: planned one block at a time, as --stream --dry-run plans it")
+        try:
+            return {**_prune_stream(args), "streamed_because": exc.reason}
+        except BudgetError as stream_exc:
+            raise BudgetError(f"{exc.reason}, and --stream cannot plan this run: {stream_exc}") from stream_exc
     _say(args, str(report))
     _say(args, LOADS_WITH[data["loads_with"]] + (" (--format decilm would write it in a format serving engines load)"
                                                   if data["loads_with"] == "load_pretrained"

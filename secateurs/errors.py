@@ -13,6 +13,7 @@ __all__ = [
     "BudgetError",
     "CaptureError",
     "CheckpointError",
+    "MemoryShortfall",
     "PassContractError",
     "RecipeError",
     "RecoveryError",
@@ -49,6 +50,17 @@ class VerificationError(SecateursError):
 
 class CheckpointError(SecateursError):
     """A checkpoint file is missing, corrupt or does not match its configuration."""
+
+
+class MemoryShortfall(CheckpointError):
+    """Loading a checkpoint in memory cannot fit; raised before anything is allocated.
+
+    ``reason`` says how much the load needs and how much is available (the message adds what to do instead).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PassContractError(SecateursError):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from secateurs.backends.decilm import decilm_base, is_decilm
-from secateurs.errors import CheckpointError
+from secateurs.errors import CheckpointError, MemoryShortfall
 from secateurs.modeling.hf_attributes import sync_module
 from secateurs.modeling.layers import ZeroSublayer
 from secateurs.modeling.rewrite import embed_scale_for, set_embed_scale
@@ -86,8 +86,8 @@ def _check_size(meta_model: nn.Module, folder: Path, *, loading: bool) -> None:
                               f"{stored / (1 << 30):,.2f} GiB of weights: the config does not match the weights")
     problem = memory_shortfall(wanted, stored, folder) if loading else None
     if problem is not None:
-        raise CheckpointError(f"{problem}: `secateurs prune --stream` prunes it one block at a time (`--stream "
-                              "--dry-run` plans it) and `secateurs inspect` analyses it on the meta device")
+        raise MemoryShortfall(f"{problem}: `secateurs prune --stream` prunes it one block at a time (`--stream "
+                              "--dry-run` plans it) and `secateurs inspect` analyses it on the meta device", problem)
 
 
 def load_memory(meta_model: nn.Module, folder: Path) -> tuple[int, int]:
@@ -97,14 +97,6 @@ def load_memory(meta_model: nn.Module, folder: Path) -> tuple[int, int]:
     except CheckpointError:  # no weights: the load itself says so
         stored = 0
     return sum(t.numel() * 4 for t in meta_model.state_dict().values()), stored
-
-
-def load_shortfall(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> str | None:
-    """Why :func:`load_pretrained` of ``path`` would not fit in memory (built on meta to tell), or None."""
-    folder = Path(path)
-    config, manifest = _read_config(folder, trust_remote_code)
-    model = _assemble(config, manifest, folder, meta=True, trust_remote_code=trust_remote_code)
-    return memory_shortfall(*load_memory(model, folder), folder)
 
 
 def available_memory() -> int | None:
